@@ -1,0 +1,43 @@
+//! Tollgate's replicated state.
+//!
+//! - [`schema`] and [`error`]: the entity model and the Admin API error shape; usable
+//!   without the storage half (the client builds with `default-features = false`).
+//! - [`command`], [`state`], [`declarative`]: the deterministic state machine.
+//! - [`store`], [`codec`]: openraft log and state-machine storage on redb.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod schema;
+
+#[cfg(feature = "storage")]
+pub mod codec;
+#[cfg(feature = "storage")]
+pub mod command;
+#[cfg(feature = "storage")]
+pub mod declarative;
+#[cfg(feature = "storage")]
+pub mod json;
+#[cfg(feature = "storage")]
+pub mod state;
+#[cfg(feature = "storage")]
+pub mod store;
+
+pub use error::{ApiError, ErrorCode};
+pub use schema::EntityKind;
+
+/// Node ids are stable u64s chosen by the operator (`--node-id`).
+pub type NodeId = u64;
+
+#[cfg(feature = "storage")]
+use std::io::Cursor;
+
+#[cfg(feature = "storage")]
+openraft::declare_raft_types!(
+    /// Tollgate's openraft type configuration.
+    pub TypeConfig:
+        D = command::Command,
+        R = command::CommandResponse,
+);
+
+#[cfg(feature = "storage")]
+pub type Raft = openraft::Raft<TypeConfig>;
