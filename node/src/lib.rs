@@ -1,1 +1,16 @@
+//! The Tollgate node: cluster wiring, Admin API and publish path.
+//!
+//! Lifecycle documents live beside the code: [`cluster`] (leader path), [`publish`]
+//! (compiled snapshots), `raft-store`'s `store` module (storage).
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod clock;
+pub mod cluster;
+pub mod config;
+pub mod dev;
+pub mod echo;
+pub mod node;
+pub mod publish;
+
+pub use tollgate_raft_store::NodeId;

@@ -1,1 +1,176 @@
-fn main() {}
+//! `tollgate`: `run` a node, start the `dev` cluster, or serve the `echo` upstream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tollgate_node::config::{self, FileConfig, NodeConfig};
+use tollgate_node::dev::{self, DevOptions};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "A distributed API gateway whose cluster is its own database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a node.
+    Run(RunArgs),
+    /// Start a three-node cluster on loopback with a demo upstream and a sample config.
+    Dev {
+        #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data/dev")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        echo_listen: SocketAddr,
+    },
+    /// Serve the demo upstream: answers every request with what it received, as JSON.
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+/// Every flag also reads `TOLLGATE_<FLAG>`; `--config FILE` (TOML) holds the same keys
+/// with `_` for `-`. Flags win over variables, variables over the file.
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_NODE_ID")]
+    node_id: Option<u64>,
+    #[arg(long, env = "TOLLGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_PROXY_LISTEN")]
+    proxy_listen: Option<SocketAddr>,
+    #[arg(long, env = "TOLLGATE_PROXY_TLS_LISTEN")]
+    proxy_tls_listen: Option<SocketAddr>,
+    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    #[arg(long, env = "TOLLGATE_CLUSTER_LISTEN")]
+    cluster_listen: Option<SocketAddr>,
+    #[arg(long, env = "TOLLGATE_ADVERTISE")]
+    advertise: Option<String>,
+    #[arg(long, env = "TOLLGATE_INITIAL_CLUSTER")]
+    initial_cluster: Option<String>,
+    #[arg(long, env = "TOLLGATE_JOIN")]
+    join: Option<String>,
+    #[arg(long, env = "TOLLGATE_WORKERS")]
+    workers: Option<usize>,
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[arg(long, env = "TOLLGATE_RAFT_HEARTBEAT_MS")]
+    raft_heartbeat_ms: Option<u64>,
+    #[arg(long, env = "TOLLGATE_RAFT_ELECTION_MIN_MS")]
+    raft_election_min_ms: Option<u64>,
+    #[arg(long, env = "TOLLGATE_RAFT_ELECTION_MAX_MS")]
+    raft_election_max_ms: Option<u64>,
+    #[arg(long, env = "TOLLGATE_SNAPSHOT_LOGS")]
+    snapshot_logs: Option<u64>,
+    #[arg(long, env = "TOLLGATE_SNAPSHOT_KEEP_LOGS")]
+    snapshot_keep_logs: Option<u64>,
+    #[arg(long, env = "TOLLGATE_ADMIN_BODY_BYTES_MAX")]
+    admin_body_bytes_max: Option<usize>,
+    #[arg(long, env = "TOLLGATE_WRITE_LEADER_WAIT_MS")]
+    write_leader_wait_ms: Option<u64>,
+}
+
+impl RunArgs {
+    fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let node_id = self.node_id.or(file.node_id).context("--node-id (TOLLGATE_NODE_ID) is required")?;
+        let data_dir =
+            self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("./tollgate-data/{node_id}")));
+        let mut config = NodeConfig::new(node_id, data_dir);
+        macro_rules! pick {
+            ($field:ident) => {
+                if let Some(value) = self.$field.or(file.$field) {
+                    config.$field = value;
+                }
+            };
+        }
+        pick!(proxy_listen);
+        pick!(admin_listen);
+        pick!(cluster_listen);
+        pick!(workers);
+        pick!(raft_heartbeat_ms);
+        pick!(raft_election_min_ms);
+        pick!(raft_election_max_ms);
+        pick!(snapshot_logs);
+        pick!(snapshot_keep_logs);
+        pick!(admin_body_bytes_max);
+        pick!(write_leader_wait_ms);
+        config.proxy_tls_listen = self.proxy_tls_listen.or(file.proxy_tls_listen);
+        config.admin_token = self.admin_token.or(file.admin_token);
+        config.advertise = self.advertise.or(file.advertise).unwrap_or_else(|| config.cluster_listen.to_string());
+        config::check_host_port("advertise", &config.advertise)?;
+        if let Some(members) = self.initial_cluster.or(file.initial_cluster) {
+            config.initial_cluster = config::parse_initial_cluster(&members)?;
+        }
+        if let Some(seeds) = self.join.or(file.join) {
+            config.join = seeds.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
+            for seed in &config.join {
+                config::check_host_port("join", seed)?;
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let config = args.resolve()?;
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
+            runtime.block_on(run(config))
+        }
+        Command::Dev { data_dir, echo_listen } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(dev::run(DevOptions { data_dir, echo_listen }))
+        }
+        Command::Echo { listen } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+                eprintln!("echo listening on http://{}", listener.local_addr()?);
+                let (stop, stop_rx) = tokio::sync::watch::channel(false);
+                let server = tokio::spawn(tollgate_node::echo::serve(listener, stop_rx));
+                tokio::signal::ctrl_c().await?;
+                let _ = stop.send(true);
+                let _ = server.await;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    let node = tollgate_node::node::start(config, Some(handle)).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("stopping");
+    node.shutdown().await;
+    Ok(())
+}

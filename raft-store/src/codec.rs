@@ -58,10 +58,7 @@ mod tests {
 
     #[test]
     fn unknown_version_and_garbage_are_errors() {
-        assert!(matches!(
-            decode::<Command>(&[9, 1, 2]),
-            Err(CodecError::Version { found: 9 })
-        ));
+        assert!(matches!(decode::<Command>(&[9, 1, 2]), Err(CodecError::Version { found: 9 })));
         assert!(matches!(decode::<Command>(&[]), Err(CodecError::Empty)));
         assert!(decode::<Command>(&[FORMAT_VERSION, 0xff, 0xff, 0xff]).is_err());
     }

@@ -30,34 +30,14 @@ pub struct Parent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// `POST /{collection}`: `id` is used unless the body names one.
-    Create {
-        kind: EntityKind,
-        id: Uuid,
-        parent: Option<Parent>,
-        body: JsonValue,
-    },
+    Create { kind: EntityKind, id: Uuid, parent: Option<Parent>, body: JsonValue },
     /// `PUT /{collection}/{key}`: create or replace. `id` is used when `key` is not a
     /// uuid and no entity has that endpoint key yet.
-    Upsert {
-        kind: EntityKind,
-        key: String,
-        id: Uuid,
-        parent: Option<Parent>,
-        body: JsonValue,
-    },
+    Upsert { kind: EntityKind, key: String, id: Uuid, parent: Option<Parent>, body: JsonValue },
     /// `PATCH /{collection}/{key}`.
-    Patch {
-        kind: EntityKind,
-        key: String,
-        parent: Option<Parent>,
-        body: JsonValue,
-    },
+    Patch { kind: EntityKind, key: String, parent: Option<Parent>, body: JsonValue },
     /// `DELETE /{collection}/{key}`.
-    Delete {
-        kind: EntityKind,
-        key: String,
-        parent: Option<Parent>,
-    },
+    Delete { kind: EntityKind, key: String, parent: Option<Parent> },
     /// `POST /config`: replace the whole configuration with a declarative document.
     /// Entities without an id get one derived from `id_seed` and their position.
     ReplaceAll { document: JsonValue, id_seed: u128 },

@@ -36,10 +36,7 @@ struct Pending {
 /// Children a nested entity may carry, and the kind they become.
 fn nested_tables(kind: EntityKind) -> &'static [(&'static str, EntityKind)] {
     match kind {
-        EntityKind::Service => &[
-            ("routes", EntityKind::Route),
-            ("plugins", EntityKind::Plugin),
-        ],
+        EntityKind::Service => &[("routes", EntityKind::Route), ("plugins", EntityKind::Plugin)],
         EntityKind::Route => &[("plugins", EntityKind::Plugin)],
         EntityKind::Consumer => &[
             ("keyauth_credentials", EntityKind::KeyAuth),
@@ -82,22 +79,14 @@ fn generated_id(seed: u128, position: usize) -> Uuid {
 /// Builds the state a declarative document describes.
 pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, ApiError> {
     let Some(document) = document.as_object() else {
-        return Err(declarative_error(
-            "@document",
-            ApiError::new(ErrorCode::DeclarativeConfig, "expected an object"),
-        ));
+        return Err(declarative_error("@document", ApiError::new(ErrorCode::DeclarativeConfig, "expected an object")));
     };
     match document.get("_format_version").and_then(Value::as_str) {
         Some(version) if FORMAT_VERSIONS.contains(&version) => {}
         _ => {
-            let mut error = ApiError::new(
-                ErrorCode::DeclarativeConfig,
-                "declarative config is invalid: _format_version",
-            );
-            error.fields.insert(
-                "_format_version".into(),
-                format!("expected one of: {}", FORMAT_VERSIONS.join(", ")),
-            );
+            let mut error =
+                ApiError::new(ErrorCode::DeclarativeConfig, "declarative config is invalid: _format_version");
+            error.fields.insert("_format_version".into(), format!("expected one of: {}", FORMAT_VERSIONS.join(", ")));
             return Err(error);
         }
     }
@@ -116,15 +105,7 @@ pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, 
             error.fields.insert(table.clone(), "unknown field".into());
             return Err(error);
         };
-        flatten(
-            kind,
-            items,
-            table,
-            None,
-            id_seed,
-            &mut generated,
-            &mut pending,
-        )?;
+        flatten(kind, items, table, None, id_seed, &mut generated, &mut pending)?;
     }
     if pending.len() > DOCUMENT_ENTITIES_MAX {
         return Err(ApiError::new(
@@ -139,16 +120,9 @@ pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, 
     for item in pending {
         let command = Command {
             now_s,
-            op: Op::Create {
-                kind: item.kind,
-                id: item.id,
-                parent: None,
-                body: Value::Object(item.body).into(),
-            },
+            op: Op::Create { kind: item.kind, id: item.id, parent: None, body: Value::Object(item.body).into() },
         };
-        state
-            .apply(&command)
-            .map_err(|error| declarative_error(&item.path, error))?;
+        state.apply(&command).map_err(|error| declarative_error(&item.path, error))?;
     }
     Ok(state)
 }
@@ -163,10 +137,7 @@ fn flatten(
     pending: &mut Vec<Pending>,
 ) -> Result<(), ApiError> {
     let Some(items) = items.as_array() else {
-        return Err(declarative_error(
-            path,
-            ApiError::new(ErrorCode::DeclarativeConfig, "expected an array"),
-        ));
+        return Err(declarative_error(path, ApiError::new(ErrorCode::DeclarativeConfig, "expected an array")));
     };
     for (position, item) in items.iter().enumerate() {
         let item_path = format!("{path}[{position}]");
@@ -195,9 +166,7 @@ fn flatten(
             Some(given) => given
                 .as_str()
                 .and_then(|s| Uuid::parse_str(s).ok())
-                .ok_or_else(|| {
-                    declarative_error(&item_path, ApiError::field("id", "expected a valid uuid"))
-                })?,
+                .ok_or_else(|| declarative_error(&item_path, ApiError::field("id", "expected a valid uuid")))?,
             None => {
                 *generated += 1;
                 let id = generated_id(id_seed, *generated);
@@ -228,22 +197,9 @@ fn flatten(
                 .map(|(field, _, _)| field)
                 .expect("nested tables reference their parent");
             let child_path = format!("{item_path}.{child_table}");
-            flatten(
-                *child_kind,
-                &children,
-                &child_path,
-                Some((field, id)),
-                id_seed,
-                generated,
-                pending,
-            )?;
+            flatten(*child_kind, &children, &child_path, Some((field, id)), id_seed, generated, pending)?;
         }
-        pending.push(Pending {
-            kind,
-            id,
-            body,
-            path: item_path,
-        });
+        pending.push(Pending { kind, id, body, path: item_path });
     }
     Ok(())
 }
@@ -280,10 +236,7 @@ mod tests {
         });
         let error = load(&document, 1, 1).unwrap_err();
         assert_eq!(error.code, ErrorCode::DeclarativeConfig);
-        assert!(
-            error.fields.contains_key("services[1].routes[0].paths"),
-            "{error:?}"
-        );
+        assert!(error.fields.contains_key("services[1].routes[0].paths"), "{error:?}");
         let error = load(&json!({"services": []}), 1, 1).unwrap_err();
         assert!(error.fields.contains_key("_format_version"));
     }

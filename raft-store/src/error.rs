@@ -92,33 +92,19 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-            fields: BTreeMap::new(),
-        }
+        ApiError { code, message: message.into(), fields: BTreeMap::new() }
     }
 
     /// A schema violation naming the fields; the message lists them as Kong does.
     pub fn schema(fields: BTreeMap<String, String>) -> ApiError {
-        debug_assert!(
-            !fields.is_empty(),
-            "a schema violation names at least one field"
-        );
-        let listed: Vec<String> = fields
-            .iter()
-            .map(|(name, why)| format!("{name}: {why}"))
-            .collect();
+        debug_assert!(!fields.is_empty(), "a schema violation names at least one field");
+        let listed: Vec<String> = fields.iter().map(|(name, why)| format!("{name}: {why}")).collect();
         let message = if listed.len() == 1 {
             format!("schema violation ({})", listed[0])
         } else {
             format!("{} schema violations ({})", listed.len(), listed.join("; "))
         };
-        ApiError {
-            code: ErrorCode::SchemaViolation,
-            message,
-            fields,
-        }
+        ApiError { code: ErrorCode::SchemaViolation, message, fields }
     }
 
     pub fn field(name: impl Into<String>, why: impl Into<String>) -> ApiError {
@@ -148,36 +134,18 @@ impl ApiError {
     /// Parses an Admin API error body (the inverse of [`ApiError::to_json`]).
     pub fn from_json(body: &serde_json::Value) -> Option<ApiError> {
         let number = body.get("code")?.as_u64()?;
-        let code = ALL_CODES
-            .iter()
-            .copied()
-            .find(|c| u64::from(c.number()) == number)?;
-        let message = body
-            .get("message")
-            .and_then(|m| m.as_str())
-            .unwrap_or_default()
-            .to_string();
+        let code = ALL_CODES.iter().copied().find(|c| u64::from(c.number()) == number)?;
+        let message = body.get("message").and_then(|m| m.as_str()).unwrap_or_default().to_string();
         let fields = body
             .get("fields")
             .and_then(|f| f.as_object())
             .map(|f| {
                 f.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            v.as_str()
-                                .map(str::to_string)
-                                .unwrap_or_else(|| v.to_string()),
-                        )
-                    })
+                    .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
                     .collect()
             })
             .unwrap_or_default();
-        Some(ApiError {
-            code,
-            message,
-            fields,
-        })
+        Some(ApiError { code, message, fields })
     }
 }
 
@@ -205,10 +173,7 @@ mod tests {
         let error = ApiError::field("host", "required field missing");
         let parsed = ApiError::from_json(&error.to_json()).expect("parses");
         assert_eq!(parsed, error);
-        assert_eq!(
-            error.to_json()["message"],
-            "schema violation (host: required field missing)"
-        );
+        assert_eq!(error.to_json()["message"], "schema violation (host: required field missing)");
         assert_eq!(error.http_status(), 400);
     }
 }

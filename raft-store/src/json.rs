@@ -27,9 +27,7 @@ impl<'de> Deserialize<'de> for JsonValue {
             Value::deserialize(deserializer).map(JsonValue)
         } else {
             let text = String::deserialize(deserializer)?;
-            serde_json::from_str(&text)
-                .map(JsonValue)
-                .map_err(D::Error::custom)
+            serde_json::from_str(&text).map(JsonValue).map_err(D::Error::custom)
         }
     }
 }

@@ -102,15 +102,11 @@ impl EntityKind {
     }
 
     pub fn from_path(segment: &str) -> Option<EntityKind> {
-        EntityKind::ALL
-            .into_iter()
-            .find(|kind| kind.path() == segment)
+        EntityKind::ALL.into_iter().find(|kind| kind.path() == segment)
     }
 
     pub fn from_table(name: &str) -> Option<EntityKind> {
-        EntityKind::ALL
-            .into_iter()
-            .find(|kind| kind.table() == name)
+        EntityKind::ALL.into_iter().find(|kind| kind.table() == name)
     }
 
     pub fn schema(self) -> &'static EntitySchema {
@@ -121,11 +117,7 @@ impl EntityKind {
     pub fn is_credential(self) -> bool {
         matches!(
             self,
-            EntityKind::KeyAuth
-                | EntityKind::BasicAuth
-                | EntityKind::Jwt
-                | EntityKind::HmacAuth
-                | EntityKind::Acl
+            EntityKind::KeyAuth | EntityKind::BasicAuth | EntityKind::Jwt | EntityKind::HmacAuth | EntityKind::Acl
         )
     }
 }
@@ -228,21 +220,11 @@ pub struct Field {
 }
 
 const fn field(name: &'static str, ty: FieldType, default: DefaultValue) -> Field {
-    Field {
-        name,
-        ty,
-        required: false,
-        default,
-    }
+    Field { name, ty, required: false, default }
 }
 
 const fn required(name: &'static str, ty: FieldType) -> Field {
-    Field {
-        name,
-        ty,
-        required: true,
-        default: DefaultValue::Null,
-    }
+    Field { name, ty, required: true, default: DefaultValue::Null }
 }
 
 pub struct EntitySchema {
@@ -275,26 +257,11 @@ impl EntitySchema {
 
 const TAGS: Field = field(
     "tags",
-    FieldType::Strings {
-        rule: StrRule::Text(128),
-        max_items: TAGS_MAX,
-        unique: true,
-    },
+    FieldType::Strings { rule: StrRule::Text(128), max_items: TAGS_MAX, unique: true },
     DefaultValue::Null,
 );
 
-const PROTOCOLS: &[&str] = &[
-    "http",
-    "https",
-    "grpc",
-    "grpcs",
-    "tcp",
-    "tls",
-    "udp",
-    "tls_passthrough",
-    "ws",
-    "wss",
-];
+const PROTOCOLS: &[&str] = &["http", "https", "grpc", "grpcs", "tcp", "tls", "udp", "tls_passthrough", "ws", "wss"];
 const METHOD_CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 const TIMEOUT_MS_MAX: i64 = 2_147_483_646;
 
@@ -333,12 +300,8 @@ fn check_route(route: &Object, errors: &mut BTreeMap<String, String>) {
         .and_then(Value::as_array)
         .map(|list| list.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let is_http = protocols
-        .iter()
-        .any(|p| matches!(*p, "http" | "https" | "grpc" | "grpcs" | "ws" | "wss"));
-    let has_matcher = ["methods", "hosts", "paths", "headers", "snis"]
-        .iter()
-        .any(|name| is_set(route, name));
+    let is_http = protocols.iter().any(|p| matches!(*p, "http" | "https" | "grpc" | "grpcs" | "ws" | "wss"));
+    let has_matcher = ["methods", "hosts", "paths", "headers", "snis"].iter().any(|name| is_set(route, name));
     if is_http && !has_matcher {
         errors.insert(
             "@entity".into(),
@@ -349,50 +312,30 @@ fn check_route(route: &Object, errors: &mut BTreeMap<String, String>) {
     if let Some(methods) = route.get("methods").and_then(Value::as_array) {
         for method in methods.iter().filter_map(Value::as_str) {
             if method.is_empty() || !method.chars().all(|c| METHOD_CHARS.contains(c)) {
-                errors.insert(
-                    "methods".into(),
-                    format!("invalid method '{method}': must be upper case letters"),
-                );
+                errors.insert("methods".into(), format!("invalid method '{method}': must be upper case letters"));
             }
         }
     }
-    let https_only = !protocols.is_empty()
-        && protocols
-            .iter()
-            .all(|p| matches!(*p, "https" | "grpcs" | "tls" | "wss"));
-    if is_set(route, "snis")
-        && !https_only
-        && !protocols
-            .iter()
-            .any(|p| matches!(*p, "https" | "grpcs" | "tls"))
-    {
+    let https_only = !protocols.is_empty() && protocols.iter().all(|p| matches!(*p, "https" | "grpcs" | "tls" | "wss"));
+    if is_set(route, "snis") && !https_only && !protocols.iter().any(|p| matches!(*p, "https" | "grpcs" | "tls")) {
         errors.insert(
             "snis".into(),
-            "'snis' can only be set when 'protocols' is or includes 'https', 'tls' or 'grpcs'"
-                .into(),
+            "'snis' can only be set when 'protocols' is or includes 'https', 'tls' or 'grpcs'".into(),
         );
     }
 }
 
 fn check_consumer(consumer: &Object, errors: &mut BTreeMap<String, String>) {
     if !is_set(consumer, "username") && !is_set(consumer, "custom_id") {
-        errors.insert(
-            "@entity".into(),
-            "at least one of these fields must be non-empty: 'custom_id', 'username'".into(),
-        );
+        errors
+            .insert("@entity".into(), "at least one of these fields must be non-empty: 'custom_id', 'username'".into());
     }
 }
 
 fn check_service(service: &Object, errors: &mut BTreeMap<String, String>) {
-    let protocol = service
-        .get("protocol")
-        .and_then(Value::as_str)
-        .unwrap_or("http");
+    let protocol = service.get("protocol").and_then(Value::as_str).unwrap_or("http");
     if is_set(service, "path") && !matches!(protocol, "http" | "https") {
-        errors.insert(
-            "path".into(),
-            format!("value must be null when 'protocol' is '{protocol}'"),
-        );
+        errors.insert("path".into(), format!("value must be null when 'protocol' is '{protocol}'"));
     }
 }
 
@@ -401,35 +344,24 @@ fn check_plugin(plugin: &Object, errors: &mut BTreeMap<String, String>) {
         if !KNOWN_PLUGINS.contains(&name) {
             errors.insert(
                 "name".into(),
-                format!(
-                    "plugin '{name}' not enabled; add it to the 'plugins' configuration property"
-                ),
+                format!("plugin '{name}' not enabled; add it to the 'plugins' configuration property"),
             );
         }
     }
 }
 
 fn check_jwt(jwt: &Object, errors: &mut BTreeMap<String, String>) {
-    let algorithm = jwt
-        .get("algorithm")
-        .and_then(Value::as_str)
-        .unwrap_or("HS256");
+    let algorithm = jwt.get("algorithm").and_then(Value::as_str).unwrap_or("HS256");
     if (algorithm.starts_with("RS") || algorithm.starts_with("ES") || algorithm.starts_with("PS"))
         && !is_set(jwt, "rsa_public_key")
     {
-        errors.insert(
-            "rsa_public_key".into(),
-            format!("required field missing for algorithm '{algorithm}'"),
-        );
+        errors.insert("rsa_public_key".into(), format!("required field missing for algorithm '{algorithm}'"));
     }
 }
 
 fn check_certificate(certificate: &Object, errors: &mut BTreeMap<String, String>) {
     if is_set(certificate, "cert_alt") != is_set(certificate, "key_alt") {
-        errors.insert(
-            "@entity".into(),
-            "all or none of these fields must be set: 'cert_alt', 'key_alt'".into(),
-        );
+        errors.insert("@entity".into(), "all or none of these fields must be set: 'cert_alt', 'key_alt'".into());
     }
 }
 
@@ -454,10 +386,7 @@ static SCHEMAS: [EntitySchema; 13] = [
             required("name", FieldType::Str(StrRule::HostPattern)),
             Field {
                 name: "certificate",
-                ty: FieldType::Foreign {
-                    kind: EntityKind::Certificate,
-                    on_delete: OnDelete::Cascade,
-                },
+                ty: FieldType::Foreign { kind: EntityKind::Certificate, on_delete: OnDelete::Cascade },
                 required: true,
                 default: DefaultValue::Null,
             },
@@ -472,66 +401,22 @@ static SCHEMAS: [EntitySchema; 13] = [
         kind: EntityKind::Service,
         fields: &[
             field("name", FieldType::Str(StrRule::Name), DefaultValue::Null),
-            field(
-                "retries",
-                FieldType::Int { min: 0, max: 32767 },
-                DefaultValue::Int(5),
-            ),
-            field(
-                "protocol",
-                FieldType::Str(StrRule::OneOf(PROTOCOLS)),
-                DefaultValue::Str("http"),
-            ),
+            field("retries", FieldType::Int { min: 0, max: 32767 }, DefaultValue::Int(5)),
+            field("protocol", FieldType::Str(StrRule::OneOf(PROTOCOLS)), DefaultValue::Str("http")),
             required("host", FieldType::Str(StrRule::Host)),
-            field(
-                "port",
-                FieldType::Int { min: 0, max: 65535 },
-                DefaultValue::Int(80),
-            ),
+            field("port", FieldType::Int { min: 0, max: 65535 }, DefaultValue::Int(80)),
             field("path", FieldType::Str(StrRule::Path), DefaultValue::Null),
-            field(
-                "connect_timeout",
-                FieldType::Int {
-                    min: 1,
-                    max: TIMEOUT_MS_MAX,
-                },
-                DefaultValue::Int(60000),
-            ),
-            field(
-                "write_timeout",
-                FieldType::Int {
-                    min: 1,
-                    max: TIMEOUT_MS_MAX,
-                },
-                DefaultValue::Int(60000),
-            ),
-            field(
-                "read_timeout",
-                FieldType::Int {
-                    min: 1,
-                    max: TIMEOUT_MS_MAX,
-                },
-                DefaultValue::Int(60000),
-            ),
+            field("connect_timeout", FieldType::Int { min: 1, max: TIMEOUT_MS_MAX }, DefaultValue::Int(60000)),
+            field("write_timeout", FieldType::Int { min: 1, max: TIMEOUT_MS_MAX }, DefaultValue::Int(60000)),
+            field("read_timeout", FieldType::Int { min: 1, max: TIMEOUT_MS_MAX }, DefaultValue::Int(60000)),
             field(
                 "client_certificate",
-                FieldType::Foreign {
-                    kind: EntityKind::Certificate,
-                    on_delete: OnDelete::Restrict,
-                },
+                FieldType::Foreign { kind: EntityKind::Certificate, on_delete: OnDelete::Restrict },
                 DefaultValue::Null,
             ),
             field("tls_verify", FieldType::Bool, DefaultValue::Null),
-            field(
-                "tls_verify_depth",
-                FieldType::Int { min: 0, max: 64 },
-                DefaultValue::Null,
-            ),
-            field(
-                "ca_certificates",
-                FieldType::ForeignIds(EntityKind::Certificate),
-                DefaultValue::Null,
-            ),
+            field("tls_verify_depth", FieldType::Int { min: 0, max: 64 }, DefaultValue::Null),
+            field("ca_certificates", FieldType::ForeignIds(EntityKind::Certificate), DefaultValue::Null),
             field("enabled", FieldType::Bool, DefaultValue::Bool(true)),
             TAGS,
         ],
@@ -546,88 +431,42 @@ static SCHEMAS: [EntitySchema; 13] = [
             field("name", FieldType::Str(StrRule::Name), DefaultValue::Null),
             field(
                 "protocols",
-                FieldType::Strings {
-                    rule: StrRule::OneOf(PROTOCOLS),
-                    max_items: 10,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::OneOf(PROTOCOLS), max_items: 10, unique: true },
                 DefaultValue::Strs(&["http", "https"]),
             ),
             field(
                 "methods",
-                FieldType::Strings {
-                    rule: StrRule::Text(32),
-                    max_items: 32,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::Text(32), max_items: 32, unique: true },
                 DefaultValue::Null,
             ),
             field(
                 "hosts",
-                FieldType::Strings {
-                    rule: StrRule::HostPattern,
-                    max_items: ARRAY_ITEMS_MAX,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::HostPattern, max_items: ARRAY_ITEMS_MAX, unique: true },
                 DefaultValue::Null,
             ),
             field(
                 "paths",
-                FieldType::Strings {
-                    rule: StrRule::RoutePath,
-                    max_items: ARRAY_ITEMS_MAX,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::RoutePath, max_items: ARRAY_ITEMS_MAX, unique: true },
                 DefaultValue::Null,
             ),
             field("headers", FieldType::HeaderMap, DefaultValue::Null),
-            field(
-                "https_redirect_status_code",
-                FieldType::Int { min: 301, max: 426 },
-                DefaultValue::Int(426),
-            ),
-            field(
-                "regex_priority",
-                FieldType::Int {
-                    min: -2_147_483_648,
-                    max: 2_147_483_647,
-                },
-                DefaultValue::Int(0),
-            ),
+            field("https_redirect_status_code", FieldType::Int { min: 301, max: 426 }, DefaultValue::Int(426)),
+            field("regex_priority", FieldType::Int { min: -2_147_483_648, max: 2_147_483_647 }, DefaultValue::Int(0)),
             field("strip_path", FieldType::Bool, DefaultValue::Bool(true)),
-            field(
-                "path_handling",
-                FieldType::Str(StrRule::OneOf(&["v0", "v1"])),
-                DefaultValue::Str("v0"),
-            ),
+            field("path_handling", FieldType::Str(StrRule::OneOf(&["v0", "v1"])), DefaultValue::Str("v0")),
             field("preserve_host", FieldType::Bool, DefaultValue::Bool(false)),
-            field(
-                "request_buffering",
-                FieldType::Bool,
-                DefaultValue::Bool(true),
-            ),
-            field(
-                "response_buffering",
-                FieldType::Bool,
-                DefaultValue::Bool(true),
-            ),
+            field("request_buffering", FieldType::Bool, DefaultValue::Bool(true)),
+            field("response_buffering", FieldType::Bool, DefaultValue::Bool(true)),
             field(
                 "snis",
-                FieldType::Strings {
-                    rule: StrRule::HostPattern,
-                    max_items: ARRAY_ITEMS_MAX,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::HostPattern, max_items: ARRAY_ITEMS_MAX, unique: true },
                 DefaultValue::Null,
             ),
             field("sources", FieldType::Endpoints, DefaultValue::Null),
             field("destinations", FieldType::Endpoints, DefaultValue::Null),
             field(
                 "service",
-                FieldType::Foreign {
-                    kind: EntityKind::Service,
-                    on_delete: OnDelete::Restrict,
-                },
+                FieldType::Foreign { kind: EntityKind::Service, on_delete: OnDelete::Restrict },
                 DefaultValue::Null,
             ),
             TAGS,
@@ -640,16 +479,8 @@ static SCHEMAS: [EntitySchema; 13] = [
     EntitySchema {
         kind: EntityKind::Consumer,
         fields: &[
-            field(
-                "username",
-                FieldType::Str(StrRule::Text(STRING_LEN_MAX)),
-                DefaultValue::Null,
-            ),
-            field(
-                "custom_id",
-                FieldType::Str(StrRule::Text(STRING_LEN_MAX)),
-                DefaultValue::Null,
-            ),
+            field("username", FieldType::Str(StrRule::Text(STRING_LEN_MAX)), DefaultValue::Null),
+            field("custom_id", FieldType::Str(StrRule::Text(STRING_LEN_MAX)), DefaultValue::Null),
             TAGS,
         ],
         endpoint_keys: &["username", "custom_id"],
@@ -663,14 +494,7 @@ static SCHEMAS: [EntitySchema; 13] = [
             CONSUMER_REF,
             // The API layer generates a key when none is given (Kong does the same).
             required("key", FieldType::Str(StrRule::Text(STRING_LEN_MAX))),
-            field(
-                "ttl",
-                FieldType::Int {
-                    min: 0,
-                    max: 100_000_000,
-                },
-                DefaultValue::Null,
-            ),
+            field("ttl", FieldType::Int { min: 0, max: 100_000_000 }, DefaultValue::Null),
             TAGS,
         ],
         endpoint_keys: &["key"],
@@ -697,16 +521,12 @@ static SCHEMAS: [EntitySchema; 13] = [
             CONSUMER_REF,
             required("key", FieldType::Str(StrRule::Text(STRING_LEN_MAX))),
             required("secret", FieldType::Str(StrRule::Text(STRING_LEN_MAX))),
-            field(
-                "rsa_public_key",
-                FieldType::Str(StrRule::Pem),
-                DefaultValue::Null,
-            ),
+            field("rsa_public_key", FieldType::Str(StrRule::Pem), DefaultValue::Null),
             field(
                 "algorithm",
                 FieldType::Str(StrRule::OneOf(&[
-                    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384",
-                    "PS256", "PS384", "PS512", "EdDSA",
+                    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512",
+                    "EdDSA",
                 ])),
                 DefaultValue::Str("HS256"),
             ),
@@ -732,11 +552,7 @@ static SCHEMAS: [EntitySchema; 13] = [
     },
     EntitySchema {
         kind: EntityKind::Acl,
-        fields: &[
-            CONSUMER_REF,
-            required("group", FieldType::Str(StrRule::Text(STRING_LEN_MAX))),
-            TAGS,
-        ],
+        fields: &[CONSUMER_REF, required("group", FieldType::Str(StrRule::Text(STRING_LEN_MAX))), TAGS],
         endpoint_keys: &[],
         unique: &[&["consumer", "group"]],
         has_updated_at: false,
@@ -748,88 +564,25 @@ static SCHEMAS: [EntitySchema; 13] = [
             required("name", FieldType::Str(StrRule::Host)),
             field(
                 "algorithm",
-                FieldType::Str(StrRule::OneOf(&[
-                    "round-robin",
-                    "consistent-hashing",
-                    "least-connections",
-                    "latency",
-                ])),
+                FieldType::Str(StrRule::OneOf(&["round-robin", "consistent-hashing", "least-connections", "latency"])),
                 DefaultValue::Str("round-robin"),
             ),
-            field(
-                "hash_on",
-                FieldType::Str(StrRule::OneOf(HASH_ON)),
-                DefaultValue::Str("none"),
-            ),
-            field(
-                "hash_fallback",
-                FieldType::Str(StrRule::OneOf(HASH_ON)),
-                DefaultValue::Str("none"),
-            ),
-            field(
-                "hash_on_header",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_fallback_header",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_on_cookie",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_on_cookie_path",
-                FieldType::Str(StrRule::Path),
-                DefaultValue::Str("/"),
-            ),
-            field(
-                "hash_on_query_arg",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_fallback_query_arg",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_on_uri_capture",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "hash_fallback_uri_capture",
-                FieldType::Str(StrRule::Text(256)),
-                DefaultValue::Null,
-            ),
-            field(
-                "slots",
-                FieldType::Int {
-                    min: 10,
-                    max: 65536,
-                },
-                DefaultValue::Int(10000),
-            ),
-            field(
-                "healthchecks",
-                FieldType::Object,
-                DefaultValue::Healthchecks,
-            ),
-            field(
-                "host_header",
-                FieldType::Str(StrRule::Host),
-                DefaultValue::Null,
-            ),
+            field("hash_on", FieldType::Str(StrRule::OneOf(HASH_ON)), DefaultValue::Str("none")),
+            field("hash_fallback", FieldType::Str(StrRule::OneOf(HASH_ON)), DefaultValue::Str("none")),
+            field("hash_on_header", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_fallback_header", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_on_cookie", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_on_cookie_path", FieldType::Str(StrRule::Path), DefaultValue::Str("/")),
+            field("hash_on_query_arg", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_fallback_query_arg", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_on_uri_capture", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("hash_fallback_uri_capture", FieldType::Str(StrRule::Text(256)), DefaultValue::Null),
+            field("slots", FieldType::Int { min: 10, max: 65536 }, DefaultValue::Int(10000)),
+            field("healthchecks", FieldType::Object, DefaultValue::Healthchecks),
+            field("host_header", FieldType::Str(StrRule::Host), DefaultValue::Null),
             field(
                 "client_certificate",
-                FieldType::Foreign {
-                    kind: EntityKind::Certificate,
-                    on_delete: OnDelete::Restrict,
-                },
+                FieldType::Foreign { kind: EntityKind::Certificate, on_delete: OnDelete::Restrict },
                 DefaultValue::Null,
             ),
             field("use_srv_name", FieldType::Bool, DefaultValue::Bool(false)),
@@ -845,19 +598,12 @@ static SCHEMAS: [EntitySchema; 13] = [
         fields: &[
             Field {
                 name: "upstream",
-                ty: FieldType::Foreign {
-                    kind: EntityKind::Upstream,
-                    on_delete: OnDelete::Cascade,
-                },
+                ty: FieldType::Foreign { kind: EntityKind::Upstream, on_delete: OnDelete::Cascade },
                 required: true,
                 default: DefaultValue::Null,
             },
             required("target", FieldType::Str(StrRule::HostPort)),
-            field(
-                "weight",
-                FieldType::Int { min: 0, max: 65535 },
-                DefaultValue::Int(100),
-            ),
+            field("weight", FieldType::Int { min: 0, max: 65535 }, DefaultValue::Int(100)),
             TAGS,
         ],
         endpoint_keys: &["target"],
@@ -869,53 +615,33 @@ static SCHEMAS: [EntitySchema; 13] = [
         kind: EntityKind::Plugin,
         fields: &[
             required("name", FieldType::Str(StrRule::Text(128))),
-            field(
-                "instance_name",
-                FieldType::Str(StrRule::Name),
-                DefaultValue::Null,
-            ),
+            field("instance_name", FieldType::Str(StrRule::Name), DefaultValue::Null),
             field("config", FieldType::Object, DefaultValue::EmptyObject),
             field(
                 "protocols",
-                FieldType::Strings {
-                    rule: StrRule::OneOf(PROTOCOLS),
-                    max_items: 10,
-                    unique: true,
-                },
+                FieldType::Strings { rule: StrRule::OneOf(PROTOCOLS), max_items: 10, unique: true },
                 DefaultValue::Strs(&["grpc", "grpcs", "http", "https"]),
             ),
             field("enabled", FieldType::Bool, DefaultValue::Bool(true)),
             field(
                 "service",
-                FieldType::Foreign {
-                    kind: EntityKind::Service,
-                    on_delete: OnDelete::Cascade,
-                },
+                FieldType::Foreign { kind: EntityKind::Service, on_delete: OnDelete::Cascade },
                 DefaultValue::Null,
             ),
             field(
                 "route",
-                FieldType::Foreign {
-                    kind: EntityKind::Route,
-                    on_delete: OnDelete::Cascade,
-                },
+                FieldType::Foreign { kind: EntityKind::Route, on_delete: OnDelete::Cascade },
                 DefaultValue::Null,
             ),
             field(
                 "consumer",
-                FieldType::Foreign {
-                    kind: EntityKind::Consumer,
-                    on_delete: OnDelete::Cascade,
-                },
+                FieldType::Foreign { kind: EntityKind::Consumer, on_delete: OnDelete::Cascade },
                 DefaultValue::Null,
             ),
             TAGS,
         ],
         endpoint_keys: &["instance_name"],
-        unique: &[
-            &["instance_name"],
-            &["name", "service", "route", "consumer"],
-        ],
+        unique: &[&["instance_name"], &["name", "service", "route", "consumer"]],
         has_updated_at: true,
         check: check_plugin,
     },
@@ -923,24 +649,12 @@ static SCHEMAS: [EntitySchema; 13] = [
 
 const CONSUMER_REF: Field = Field {
     name: "consumer",
-    ty: FieldType::Foreign {
-        kind: EntityKind::Consumer,
-        on_delete: OnDelete::Cascade,
-    },
+    ty: FieldType::Foreign { kind: EntityKind::Consumer, on_delete: OnDelete::Cascade },
     required: true,
     default: DefaultValue::Null,
 };
 
-const HASH_ON: &[&str] = &[
-    "none",
-    "consumer",
-    "ip",
-    "header",
-    "cookie",
-    "path",
-    "query_arg",
-    "uri_capture",
-];
+const HASH_ON: &[&str] = &["none", "consumer", "ip", "header", "cookie", "path", "query_arg", "uri_capture"];
 
 /// Kong's default `healthchecks` tree for upstreams (checks off: every interval and
 /// threshold that would enable them is 0).
@@ -991,12 +705,7 @@ pub enum Mode {
 /// field by field before the whole result is validated again.
 ///
 /// Foreign keys come back as `{"id": "<uuid or endpoint key>"}`, not yet resolved.
-pub fn validate(
-    kind: EntityKind,
-    input: &Value,
-    mode: Mode,
-    existing: Option<&Object>,
-) -> Result<Object, ApiError> {
+pub fn validate(kind: EntityKind, input: &Value, mode: Mode, existing: Option<&Object>) -> Result<Object, ApiError> {
     let schema = kind.schema();
     let Some(input) = input.as_object() else {
         return Err(ApiError::field("@entity", "expected a JSON object"));
@@ -1015,9 +724,7 @@ pub fn validate(
         let given = input.get(field.name);
         let value = match (given, mode, existing) {
             (Some(value), _, _) => value.clone(),
-            (None, Mode::Patch, Some(existing)) => {
-                existing.get(field.name).cloned().unwrap_or(Value::Null)
-            }
+            (None, Mode::Patch, Some(existing)) => existing.get(field.name).cloned().unwrap_or(Value::Null),
             (None, _, _) => field.default.to_value(),
         };
         if value.is_null() {
@@ -1070,11 +777,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
             Value::Bool(_) => Ok(value.clone()),
             _ => Err("expected a boolean".into()),
         },
-        FieldType::Strings {
-            rule,
-            max_items,
-            unique,
-        } => {
+        FieldType::Strings { rule, max_items, unique } => {
             let Some(items) = value.as_array() else {
                 return Err("expected an array".into());
             };
@@ -1098,9 +801,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
             };
             let key = match (reference.get("id"), reference.get("name"), reference.len()) {
                 (Some(Value::String(key)), None, 1) | (None, Some(Value::String(key)), 1) => key,
-                _ => {
-                    return Err("expected a record with exactly one string 'id' (or 'name')".into())
-                }
+                _ => return Err("expected a record with exactly one string 'id' (or 'name')".into()),
             };
             if key.is_empty() || key.len() > STRING_LEN_MAX {
                 return Err("reference must be a non-empty id or name".into());
@@ -1115,11 +816,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
                 return Err(format!("length must be at most {ARRAY_ITEMS_MAX}"));
             }
             for (position, item) in items.iter().enumerate() {
-                if item
-                    .as_str()
-                    .and_then(|s| Uuid::parse_str(s).ok())
-                    .is_none()
-                {
+                if item.as_str().and_then(|s| Uuid::parse_str(s).ok()).is_none() {
                     return Err(format!("[{}] expected a uuid", position + 1));
                 }
             }
@@ -1145,10 +842,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
                 if values.is_empty() || values.len() > ARRAY_ITEMS_MAX {
                     return Err(format!("'{name}': expected 1 to {ARRAY_ITEMS_MAX} values"));
                 }
-                if values
-                    .iter()
-                    .any(|v| v.as_str().is_none_or(|s| s.len() > STRING_LEN_MAX))
-                {
+                if values.iter().any(|v| v.as_str().is_none_or(|s| s.len() > STRING_LEN_MAX)) {
                     return Err(format!("'{name}': values must be strings"));
                 }
             }
@@ -1166,31 +860,21 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
                     return Err(format!("[{}] expected a record", position + 1));
                 };
                 if endpoint.keys().any(|k| k != "ip" && k != "port") {
-                    return Err(format!(
-                        "[{}] only 'ip' and 'port' are allowed",
-                        position + 1
-                    ));
+                    return Err(format!("[{}] only 'ip' and 'port' are allowed", position + 1));
                 }
                 if let Some(ip) = endpoint.get("ip") {
                     let Some(ip) = ip.as_str() else {
                         return Err(format!("[{}] ip: expected a string", position + 1));
                     };
-                    check_str(StrRule::Ip, ip)
-                        .map_err(|why| format!("[{}] ip: {why}", position + 1))?;
+                    check_str(StrRule::Ip, ip).map_err(|why| format!("[{}] ip: {why}", position + 1))?;
                 }
                 if let Some(port) = endpoint.get("port") {
                     if port.as_u64().is_none_or(|p| p > 65535) {
-                        return Err(format!(
-                            "[{}] port: expected an integer 0-65535",
-                            position + 1
-                        ));
+                        return Err(format!("[{}] port: expected an integer 0-65535", position + 1));
                     }
                 }
                 if endpoint.is_empty() {
-                    return Err(format!(
-                        "[{}] at least one of 'ip', 'port' is required",
-                        position + 1
-                    ));
+                    return Err(format!("[{}] at least one of 'ip', 'port' is required", position + 1));
                 }
             }
             Ok(value.clone())
@@ -1218,9 +902,7 @@ fn is_hostname(text: &str) -> bool {
     text.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !label.starts_with('-')
             && !label.ends_with('-')
     })
@@ -1244,39 +926,32 @@ fn check_str(rule: StrRule, text: &str) -> Result<(), String> {
             if text.len() > 128 {
                 return Err("length must be at most 128".into());
             }
-            if !text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-_~".contains(&b))
-            {
-                return Err(format!("invalid value '{text}': it must only contain alphanumeric and '., -, _, ~' characters"));
+            if !text.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_~".contains(&b)) {
+                return Err(format!(
+                    "invalid value '{text}': it must only contain alphanumeric and '., -, _, ~' characters"
+                ));
             }
         }
         StrRule::Host => {
-            let unbracketed = text
-                .strip_prefix('[')
-                .and_then(|t| t.strip_suffix(']'))
-                .unwrap_or(text);
+            let unbracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
             if !is_hostname(text) && !is_ip(unbracketed) {
                 return Err(format!("invalid hostname: {text}"));
             }
         }
         StrRule::HostPattern => {
             let stars = text.matches('*').count();
-            let body = text
-                .strip_prefix("*.")
-                .or_else(|| text.strip_suffix(".*"))
-                .unwrap_or(text);
-            let host_only = body.rsplit_once(':').map_or(body, |(host, port)| {
-                if port.parse::<u16>().is_ok() {
-                    host
-                } else {
-                    body
-                }
-            });
-            if stars > 1
-                || (stars == 1 && body == text)
-                || (!is_hostname(host_only) && !is_ip(host_only))
-            {
+            let body = text.strip_prefix("*.").or_else(|| text.strip_suffix(".*")).unwrap_or(text);
+            let host_only = body.rsplit_once(':').map_or(
+                body,
+                |(host, port)| {
+                    if port.parse::<u16>().is_ok() {
+                        host
+                    } else {
+                        body
+                    }
+                },
+            );
+            if stars > 1 || (stars == 1 && body == text) || (!is_hostname(host_only) && !is_ip(host_only)) {
                 return Err(format!("invalid wildcard: '{text}'; a hostname with at most one '*' at the start or end"));
             }
         }
@@ -1320,14 +995,9 @@ fn check_str(rule: StrRule, text: &str) -> Result<(), String> {
         }
         StrRule::HostPort => {
             let (host, port) = split_host_port(text);
-            let unbracketed = host
-                .strip_prefix('[')
-                .and_then(|t| t.strip_suffix(']'))
-                .unwrap_or(host);
+            let unbracketed = host.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(host);
             if !is_hostname(host) && !is_ip(unbracketed) {
-                return Err(format!(
-                    "invalid target '{text}': expected host or host:port"
-                ));
+                return Err(format!("invalid target '{text}': expected host or host:port"));
             }
             if let Some(port) = port {
                 if port.parse::<u16>().is_err() {
@@ -1336,9 +1006,7 @@ fn check_str(rule: StrRule, text: &str) -> Result<(), String> {
             }
         }
         StrRule::Ip => {
-            let (address, prefix) = text
-                .split_once('/')
-                .map_or((text, None), |(a, p)| (a, Some(p)));
+            let (address, prefix) = text.split_once('/').map_or((text, None), |(a, p)| (a, Some(p)));
             if !is_ip(address) {
                 return Err(format!("invalid ip or cidr range: '{text}'"));
             }
@@ -1378,10 +1046,7 @@ pub fn expand_service_url(body: &mut Object) -> Result<(), ApiError> {
         return Err(ApiError::field("url", "expected a string"));
     };
     let Some((protocol, rest)) = url.split_once("://") else {
-        return Err(ApiError::field(
-            "url",
-            "missing scheme: expected protocol://host[:port][/path]",
-        ));
+        return Err(ApiError::field("url", "missing scheme: expected protocol://host[:port][/path]"));
     };
     let (authority, path) = match rest.find('/') {
         Some(slash) => (&rest[..slash], Some(&rest[slash..])),
@@ -1389,9 +1054,7 @@ pub fn expand_service_url(body: &mut Object) -> Result<(), ApiError> {
     };
     let (host, port) = split_host_port(authority);
     let port: i64 = match port {
-        Some(port) => port
-            .parse()
-            .map_err(|_| ApiError::field("url", format!("invalid port in '{url}'")))?,
+        Some(port) => port.parse().map_err(|_| ApiError::field("url", format!("invalid port in '{url}'")))?,
         None if protocol == "https" || protocol == "grpcs" => 443,
         None => 80,
     };
@@ -1410,13 +1073,7 @@ mod tests {
 
     #[test]
     fn service_defaults_are_kongs() {
-        let service = validate(
-            EntityKind::Service,
-            &json!({"host": "example.com"}),
-            Mode::Create,
-            None,
-        )
-        .unwrap();
+        let service = validate(EntityKind::Service, &json!({"host": "example.com"}), Mode::Create, None).unwrap();
         assert_eq!(service["port"], 80);
         assert_eq!(service["protocol"], "http");
         assert_eq!(service["retries"], 5);
@@ -1427,67 +1084,30 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let error = validate(
-            EntityKind::Service,
-            &json!({"host": 5, "colour": "red"}),
-            Mode::Create,
-            None,
-        )
-        .unwrap_err();
+        let error =
+            validate(EntityKind::Service, &json!({"host": 5, "colour": "red"}), Mode::Create, None).unwrap_err();
         assert_eq!(error.fields["host"], "expected a string");
         assert_eq!(error.fields["colour"], "unknown field");
-        let error = validate(
-            EntityKind::Route,
-            &json!({"protocols": ["http"]}),
-            Mode::Create,
-            None,
-        )
-        .unwrap_err();
+        let error = validate(EntityKind::Route, &json!({"protocols": ["http"]}), Mode::Create, None).unwrap_err();
         assert!(error.fields["@entity"].contains("must set one of"));
-        let error = validate(
-            EntityKind::Route,
-            &json!({"paths": ["nope"]}),
-            Mode::Create,
-            None,
-        )
-        .unwrap_err();
+        let error = validate(EntityKind::Route, &json!({"paths": ["nope"]}), Mode::Create, None).unwrap_err();
         assert!(error.fields["paths"].contains("should start with"));
-        let error = validate(
-            EntityKind::Plugin,
-            &json!({"name": "no-such"}),
-            Mode::Create,
-            None,
-        )
-        .unwrap_err();
+        let error = validate(EntityKind::Plugin, &json!({"name": "no-such"}), Mode::Create, None).unwrap_err();
         assert!(error.fields["name"].contains("not enabled"));
     }
 
     #[test]
     fn patch_merges_onto_existing() {
-        let existing = validate(
-            EntityKind::Service,
-            &json!({"host": "a.com", "port": 81}),
-            Mode::Create,
-            None,
-        )
-        .unwrap();
-        let patched = validate(
-            EntityKind::Service,
-            &json!({"port": 82}),
-            Mode::Patch,
-            Some(&existing),
-        )
-        .unwrap();
+        let existing =
+            validate(EntityKind::Service, &json!({"host": "a.com", "port": 81}), Mode::Create, None).unwrap();
+        let patched = validate(EntityKind::Service, &json!({"port": 82}), Mode::Patch, Some(&existing)).unwrap();
         assert_eq!(patched["host"], "a.com");
         assert_eq!(patched["port"], 82);
     }
 
     #[test]
     fn url_shorthand_expands() {
-        let mut body = json!({"url": "https://api.example.com/v1"})
-            .as_object()
-            .unwrap()
-            .clone();
+        let mut body = json!({"url": "https://api.example.com/v1"}).as_object().unwrap().clone();
         expand_service_url(&mut body).unwrap();
         assert_eq!(body["port"], 443);
         assert_eq!(body["path"], "/v1");

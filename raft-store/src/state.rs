@@ -67,25 +67,9 @@ impl ConfigState {
     pub fn apply(&mut self, command: &Command) -> Result<Outcome, ApiError> {
         let now = command.now_s;
         match &command.op {
-            Op::Create {
-                kind,
-                id,
-                parent,
-                body,
-            } => self.create(*kind, *id, parent.as_ref(), &body.0, now),
-            Op::Upsert {
-                kind,
-                key,
-                id,
-                parent,
-                body,
-            } => self.upsert(*kind, key, *id, parent.as_ref(), &body.0, now),
-            Op::Patch {
-                kind,
-                key,
-                parent,
-                body,
-            } => self.patch(*kind, key, parent.as_ref(), &body.0, now),
+            Op::Create { kind, id, parent, body } => self.create(*kind, *id, parent.as_ref(), &body.0, now),
+            Op::Upsert { kind, key, id, parent, body } => self.upsert(*kind, key, *id, parent.as_ref(), &body.0, now),
+            Op::Patch { kind, key, parent, body } => self.patch(*kind, key, parent.as_ref(), &body.0, now),
             Op::Delete { kind, key, parent } => self.delete(*kind, key, parent.as_ref()),
             Op::ReplaceAll { document, id_seed } => {
                 let replacement = declarative::load(&document.0, *id_seed, now)?;
@@ -99,16 +83,9 @@ impl ConfigState {
     // ---- reads -------------------------------------------------------------------
 
     /// Finds an entity by id or endpoint key, within `parent` when given.
-    pub fn find(
-        &self,
-        kind: EntityKind,
-        key: &str,
-        parent: Option<&Parent>,
-    ) -> Result<Arc<Object>, ApiError> {
+    pub fn find(&self, kind: EntityKind, key: &str, parent: Option<&Parent>) -> Result<Arc<Object>, ApiError> {
         let scope = self.resolve_parent(kind, parent)?;
-        let found = self
-            .lookup(kind, key, scope)
-            .ok_or_else(ApiError::not_found)?;
+        let found = self.lookup(kind, key, scope).ok_or_else(ApiError::not_found)?;
         Ok(found)
     }
 
@@ -130,10 +107,7 @@ impl ConfigState {
             None => std::ops::Bound::Unbounded,
         };
         let mut next = None;
-        for entity in table
-            .range((start, std::ops::Bound::Unbounded))
-            .map(|(_, entity)| entity)
-        {
+        for entity in table.range((start, std::ops::Bound::Unbounded)).map(|(_, entity)| entity) {
             if let Some((field, parent_id)) = scope {
                 if foreign_id(entity, field) != Some(parent_id) {
                     continue;
@@ -154,11 +128,7 @@ impl ConfigState {
         let mut document = serde_json::Map::new();
         document.insert("_format_version".into(), json!("3.0"));
         for kind in EntityKind::ALL {
-            let entities: Vec<Value> = self
-                .table(kind)
-                .values()
-                .map(|e| Value::Object((**e).clone()))
-                .collect();
+            let entities: Vec<Value> = self.table(kind).values().map(|e| Value::Object((**e).clone())).collect();
             if !entities.is_empty() {
                 document.insert(kind.table().into(), Value::Array(entities));
             }
@@ -169,15 +139,7 @@ impl ConfigState {
     pub fn to_image(&self) -> StateImage {
         let tables = EntityKind::ALL
             .into_iter()
-            .map(|kind| {
-                (
-                    kind,
-                    self.table(kind)
-                        .values()
-                        .map(|e| Value::Object((**e).clone()).to_string())
-                        .collect(),
-                )
-            })
+            .map(|kind| (kind, self.table(kind).values().map(|e| Value::Object((**e).clone()).to_string()).collect()))
             .collect();
         StateImage { tables }
     }
@@ -186,8 +148,7 @@ impl ConfigState {
         let mut state = ConfigState::new();
         for (kind, entities) in &image.tables {
             for text in entities {
-                let entity: Object =
-                    serde_json::from_str(text).map_err(|e| format!("snapshot entity: {e}"))?;
+                let entity: Object = serde_json::from_str(text).map_err(|e| format!("snapshot entity: {e}"))?;
                 state.insert(*kind, Arc::new(entity));
             }
         }
@@ -249,32 +210,19 @@ impl ConfigState {
         if key_is_id.is_none() {
             // PUT /services/{name}: the name comes from the URL.
             let Some(endpoint_key) = kind.schema().endpoint_keys.first() else {
-                return Err(ApiError::field(
-                    "id",
-                    format!("expected a uuid, got '{key}'"),
-                ));
+                return Err(ApiError::field("id", format!("expected a uuid, got '{key}'")));
             };
             body.insert((*endpoint_key).into(), Value::from(key));
         }
         if let Some(given) = body.get("id") {
             let given = parse_id(given)?;
-            let expected = existing
-                .as_ref()
-                .map(|e| entity_id(e))
-                .or(key_is_id)
-                .unwrap_or(given);
+            let expected = existing.as_ref().map(|e| entity_id(e)).or(key_is_id).unwrap_or(given);
             if given != expected {
                 return Err(ApiError::field("id", "does not match the id in the URL"));
             }
         }
         let (id, created_at) = match &existing {
-            Some(entity) => (
-                entity_id(entity),
-                entity
-                    .get("created_at")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(now),
-            ),
+            Some(entity) => (entity_id(entity), entity.get("created_at").and_then(Value::as_i64).unwrap_or(now)),
             None => (key_is_id.unwrap_or(new_id), now),
         };
         let mut entity = schema::validate(kind, &Value::Object(body), Mode::Create, None)?;
@@ -300,9 +248,7 @@ impl ConfigState {
     ) -> Result<Outcome, ApiError> {
         let mut body = prepare_body(kind, body)?;
         let scope = self.resolve_parent(kind, parent)?;
-        let existing = self
-            .lookup(kind, key, scope)
-            .ok_or_else(ApiError::not_found)?;
+        let existing = self.lookup(kind, key, scope).ok_or_else(ApiError::not_found)?;
         let id = entity_id(&existing);
         if let Some(given) = body.remove("id") {
             if parse_id(&given)? != id {
@@ -311,12 +257,8 @@ impl ConfigState {
         }
         body.remove("created_at");
         body.remove("updated_at");
-        let created_at = existing
-            .get("created_at")
-            .and_then(Value::as_i64)
-            .unwrap_or(now);
-        let mut entity =
-            schema::validate(kind, &Value::Object(body), Mode::Patch, Some(&existing))?;
+        let created_at = existing.get("created_at").and_then(Value::as_i64).unwrap_or(now);
+        let mut entity = schema::validate(kind, &Value::Object(body), Mode::Patch, Some(&existing))?;
         self.finish(kind, &mut entity, id, created_at, now)?;
         let entity = Arc::new(entity);
         self.remove(kind, &existing);
@@ -324,12 +266,7 @@ impl ConfigState {
         Ok(Outcome::Updated(Value::Object((*entity).clone()).into()))
     }
 
-    fn delete(
-        &mut self,
-        kind: EntityKind,
-        key: &str,
-        parent: Option<&Parent>,
-    ) -> Result<Outcome, ApiError> {
+    fn delete(&mut self, kind: EntityKind, key: &str, parent: Option<&Parent>) -> Result<Outcome, ApiError> {
         let scope = self.resolve_parent(kind, parent)?;
         let Some(existing) = self.lookup(kind, key, scope) else {
             // Kong answers 204 for an entity that is not there: DELETE is idempotent.
@@ -361,9 +298,8 @@ impl ConfigState {
                                 ),
                             ));
                         }
-                        let already = doomed
-                            .iter()
-                            .any(|(k, e)| *k == referencing && entity_id(e) == entity_id(entity));
+                        let already =
+                            doomed.iter().any(|(k, e)| *k == referencing && entity_id(e) == entity_id(entity));
                         if !already {
                             doomed.push((referencing, entity.clone()));
                         }
@@ -392,10 +328,7 @@ impl ConfigState {
         for field in schema.fields {
             match field.ty {
                 FieldType::Foreign { kind: target, .. } => {
-                    let Some(reference) = entity
-                        .get(field.name)
-                        .and_then(|r| r.get("id"))
-                        .and_then(Value::as_str)
+                    let Some(reference) = entity.get(field.name).and_then(|r| r.get("id")).and_then(Value::as_str)
                     else {
                         continue;
                     };
@@ -409,29 +342,25 @@ impl ConfigState {
                         );
                         error.fields.insert(
                             field.name.into(),
-                            format!("the foreign key '{{id=\"{reference}\"}}' does not reference an existing '{}' entity.", target.path()),
+                            format!(
+                                "the foreign key '{{id=\"{reference}\"}}' does not reference an existing '{}' entity.",
+                                target.path()
+                            ),
                         );
                         error
                     })?;
-                    entity.insert(
-                        field.name.into(),
-                        json!({ "id": entity_id(&resolved).to_string() }),
-                    );
+                    entity.insert(field.name.into(), json!({ "id": entity_id(&resolved).to_string() }));
                 }
                 FieldType::ForeignIds(target) => {
                     let Some(ids) = entity.get(field.name).and_then(Value::as_array) else {
                         continue;
                     };
                     for reference in ids.iter().filter_map(Value::as_str) {
-                        let known = Uuid::parse_str(reference)
-                            .is_ok_and(|id| self.table(target).contains_key(&id));
+                        let known = Uuid::parse_str(reference).is_ok_and(|id| self.table(target).contains_key(&id));
                         if !known {
                             return Err(ApiError::field(
                                 field.name,
-                                format!(
-                                    "expected a known '{}' id, got '{reference}'",
-                                    target.path()
-                                ),
+                                format!("expected a known '{}' id, got '{reference}'", target.path()),
                             ));
                         }
                     }
@@ -448,35 +377,24 @@ impl ConfigState {
             let Some(value) = unique_value(entity, fields) else {
                 continue;
             };
-            let key = UniqueKey {
-                kind,
-                constraint: constraint as u8,
-                value,
-            };
+            let key = UniqueKey { kind, constraint: constraint as u8, value };
             if let Some(holder) = self.unique.get(&key) {
                 if *holder != id {
-                    let described: Vec<String> = fields
-                        .iter()
-                        .map(|f| format!("{f}={}", entity.get(*f).unwrap_or(&Value::Null)))
-                        .collect();
+                    let described: Vec<String> =
+                        fields.iter().map(|f| format!("{f}={}", entity.get(*f).unwrap_or(&Value::Null))).collect();
                     let mut error = ApiError::new(
                         ErrorCode::UniqueViolation,
                         format!("UNIQUE violation detected on '{{{}}}'", described.join(",")),
                     );
                     for field in *fields {
-                        error
-                            .fields
-                            .insert((*field).into(), "value already exists".into());
+                        error.fields.insert((*field).into(), "value already exists".into());
                     }
                     return Err(error);
                 }
             }
         }
         if self.entity_count >= ENTITIES_MAX && !self.table(kind).contains_key(&id) {
-            return Err(ApiError::new(
-                ErrorCode::SchemaViolation,
-                format!("at most {ENTITIES_MAX} entities"),
-            ));
+            return Err(ApiError::new(ErrorCode::SchemaViolation, format!("at most {ENTITIES_MAX} entities")));
         }
         Ok(())
     }
@@ -485,14 +403,7 @@ impl ConfigState {
         let id = entity_id(&entity);
         for (constraint, fields) in kind.schema().unique.iter().enumerate() {
             if let Some(value) = unique_value(&entity, fields) {
-                self.unique.insert(
-                    UniqueKey {
-                        kind,
-                        constraint: constraint as u8,
-                        value,
-                    },
-                    id,
-                );
+                self.unique.insert(UniqueKey { kind, constraint: constraint as u8, value }, id);
             }
         }
         if self.tables[kind.index()].insert(id, entity).is_none() {
@@ -504,11 +415,7 @@ impl ConfigState {
         let id = entity_id(entity);
         for (constraint, fields) in kind.schema().unique.iter().enumerate() {
             if let Some(value) = unique_value(entity, fields) {
-                let key = UniqueKey {
-                    kind,
-                    constraint: constraint as u8,
-                    value,
-                };
+                let key = UniqueKey { kind, constraint: constraint as u8, value };
                 if self.unique.get(&key) == Some(&id) {
                     self.unique.remove(&key);
                 }
@@ -534,22 +441,13 @@ impl ConfigState {
             .find(|(_, target, _)| *target == parent.kind)
             .map(|(field, _, _)| field)
             .ok_or_else(ApiError::not_found)?;
-        let parent_entity = self
-            .lookup(parent.kind, &parent.key, None)
-            .ok_or_else(ApiError::not_found)?;
+        let parent_entity = self.lookup(parent.kind, &parent.key, None).ok_or_else(ApiError::not_found)?;
         Ok(Some((field, entity_id(&parent_entity))))
     }
 
     /// Finds by id, then by each endpoint key; within the scope when given.
-    fn lookup(
-        &self,
-        kind: EntityKind,
-        key: &str,
-        scope: Option<(&'static str, Uuid)>,
-    ) -> Option<Arc<Object>> {
-        let in_scope = |entity: &Arc<Object>| {
-            scope.is_none_or(|(field, id)| foreign_id(entity, field) == Some(id))
-        };
+    fn lookup(&self, kind: EntityKind, key: &str, scope: Option<(&'static str, Uuid)>) -> Option<Arc<Object>> {
+        let in_scope = |entity: &Arc<Object>| scope.is_none_or(|(field, id)| foreign_id(entity, field) == Some(id));
         if let Ok(id) = Uuid::parse_str(key) {
             if let Some(entity) = self.table(kind).get(&id) {
                 return in_scope(entity).then(|| entity.clone());
@@ -557,30 +455,18 @@ impl ConfigState {
         }
         let schema = kind.schema();
         for endpoint_key in schema.endpoint_keys {
-            let indexed = schema
-                .unique
-                .iter()
-                .position(|fields| fields.len() == 1 && fields[0] == *endpoint_key);
+            let indexed = schema.unique.iter().position(|fields| fields.len() == 1 && fields[0] == *endpoint_key);
             let found = match indexed {
                 Some(constraint) => {
                     let value = Value::Array(vec![Value::from(key)]).to_string();
-                    let unique_key = UniqueKey {
-                        kind,
-                        constraint: constraint as u8,
-                        value,
-                    };
-                    self.unique
-                        .get(&unique_key)
-                        .and_then(|id| self.table(kind).get(id))
-                        .cloned()
+                    let unique_key = UniqueKey { kind, constraint: constraint as u8, value };
+                    self.unique.get(&unique_key).and_then(|id| self.table(kind).get(id)).cloned()
                 }
                 // Composite keys (a target within its upstream): scan the scope.
                 None => self
                     .table(kind)
                     .values()
-                    .find(|e| {
-                        in_scope(e) && e.get(*endpoint_key).and_then(Value::as_str) == Some(key)
-                    })
+                    .find(|e| in_scope(e) && e.get(*endpoint_key).and_then(Value::as_str) == Some(key))
                     .cloned(),
             };
             if let Some(entity) = found {
@@ -608,46 +494,30 @@ fn given_timestamp(body: &Object, field: &str) -> Result<Option<i64>, ApiError> 
         None | Some(Value::Null) => Ok(None),
         Some(value) => match value.as_i64() {
             Some(seconds) if seconds >= 0 => Ok(Some(seconds)),
-            _ => Err(ApiError::field(
-                field,
-                "expected a non-negative integer (seconds since the epoch)",
-            )),
+            _ => Err(ApiError::field(field, "expected a non-negative integer (seconds since the epoch)")),
         },
     }
 }
 
 fn parse_id(value: &Value) -> Result<Uuid, ApiError> {
-    value
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| ApiError::field("id", "expected a valid uuid"))
+    value.as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(|| ApiError::field("id", "expected a valid uuid"))
 }
 
 /// The id of a stored entity. Stored entities always have one.
 pub fn entity_id(entity: &Object) -> Uuid {
-    let id = entity
-        .get("id")
-        .and_then(Value::as_str)
-        .and_then(|s| Uuid::parse_str(s).ok());
+    let id = entity.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok());
     debug_assert!(id.is_some(), "stored entities have a uuid id");
     id.unwrap_or_default()
 }
 
 /// The id a stored entity's foreign key field points at.
 pub fn foreign_id(entity: &Object, field: &str) -> Option<Uuid> {
-    entity
-        .get(field)?
-        .get("id")?
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
+    entity.get(field)?.get("id")?.as_str().and_then(|s| Uuid::parse_str(s).ok())
 }
 
 /// The index value of a unique constraint, or `None` when all its fields are null.
 fn unique_value(entity: &Object, fields: &[&str]) -> Option<String> {
-    let values: Vec<Value> = fields
-        .iter()
-        .map(|f| entity.get(*f).cloned().unwrap_or(Value::Null))
-        .collect();
+    let values: Vec<Value> = fields.iter().map(|f| entity.get(*f).cloned().unwrap_or(Value::Null)).collect();
     if values.iter().all(Value::is_null) {
         return None;
     }
@@ -662,14 +532,9 @@ pub fn page_size(raw: Option<&str>) -> Result<usize, ApiError> {
     match raw.parse::<usize>() {
         Ok(size) if (1..=PAGE_SIZE_MAX).contains(&size) => Ok(size),
         _ => {
-            let mut error = ApiError::new(
-                ErrorCode::InvalidSize,
-                format!("size must be an integer between 1 and {PAGE_SIZE_MAX}"),
-            );
-            error.fields.insert(
-                "size".into(),
-                format!("must be an integer between 1 and {PAGE_SIZE_MAX}"),
-            );
+            let mut error =
+                ApiError::new(ErrorCode::InvalidSize, format!("size must be an integer between 1 and {PAGE_SIZE_MAX}"));
+            error.fields.insert("size".into(), format!("must be an integer between 1 and {PAGE_SIZE_MAX}"));
             Err(error)
         }
     }
@@ -677,10 +542,7 @@ pub fn page_size(raw: Option<&str>) -> Result<usize, ApiError> {
 
 /// Counts entities per kind, for `/status` and metrics.
 pub fn counts(state: &ConfigState) -> BTreeMap<&'static str, usize> {
-    EntityKind::ALL
-        .into_iter()
-        .map(|kind| (kind.path(), state.table(kind).len()))
-        .collect()
+    EntityKind::ALL.into_iter().map(|kind| (kind.path(), state.table(kind).len())).collect()
 }
 
 #[cfg(test)]
@@ -690,60 +552,30 @@ mod tests {
     fn create(state: &mut ConfigState, kind: EntityKind, body: Value) -> Result<Outcome, ApiError> {
         let command = Command {
             now_s: 1_700_000_000,
-            op: Op::Create {
-                kind,
-                id: Uuid::new_v4(),
-                parent: None,
-                body: body.into(),
-            },
+            op: Op::Create { kind, id: Uuid::new_v4(), parent: None, body: body.into() },
         };
         state.apply(&command)
     }
 
     fn delete(state: &mut ConfigState, kind: EntityKind, key: &str) -> Result<Outcome, ApiError> {
-        state.apply(&Command {
-            now_s: 1,
-            op: Op::Delete {
-                kind,
-                key: key.into(),
-                parent: None,
-            },
-        })
+        state.apply(&Command { now_s: 1, op: Op::Delete { kind, key: key.into(), parent: None } })
     }
 
     #[test]
     fn unique_names_and_references() {
         let mut state = ConfigState::new();
-        create(
-            &mut state,
-            EntityKind::Service,
-            json!({"name": "svc", "host": "a.com"}),
-        )
-        .unwrap();
-        let duplicate = create(
-            &mut state,
-            EntityKind::Service,
-            json!({"name": "svc", "host": "b.com"}),
-        )
-        .unwrap_err();
+        create(&mut state, EntityKind::Service, json!({"name": "svc", "host": "a.com"})).unwrap();
+        let duplicate = create(&mut state, EntityKind::Service, json!({"name": "svc", "host": "b.com"})).unwrap_err();
         assert_eq!(duplicate.code, ErrorCode::UniqueViolation);
         assert_eq!(duplicate.http_status(), 409);
 
-        let dangling = create(
-            &mut state,
-            EntityKind::Route,
-            json!({"paths": ["/"], "service": {"id": "nope"}}),
-        )
-        .unwrap_err();
+        let dangling =
+            create(&mut state, EntityKind::Route, json!({"paths": ["/"], "service": {"id": "nope"}})).unwrap_err();
         assert_eq!(dangling.code, ErrorCode::ForeignKeyViolation);
         assert!(dangling.fields.contains_key("service"));
 
-        create(
-            &mut state,
-            EntityKind::Route,
-            json!({"name": "r", "paths": ["/"], "service": {"name": "svc"}}),
-        )
-        .unwrap();
+        create(&mut state, EntityKind::Route, json!({"name": "r", "paths": ["/"], "service": {"name": "svc"}}))
+            .unwrap();
         let route = state.find(EntityKind::Route, "r", None).unwrap();
         let service = state.find(EntityKind::Service, "svc", None).unwrap();
         assert_eq!(foreign_id(&route, "service"), Some(entity_id(&service)));
@@ -761,32 +593,14 @@ mod tests {
     #[test]
     fn cascade_deletes_credentials_and_plugins() {
         let mut state = ConfigState::new();
-        create(
-            &mut state,
-            EntityKind::Consumer,
-            json!({"username": "alice"}),
-        )
-        .unwrap();
-        let parent = Some(Parent {
-            kind: EntityKind::Consumer,
-            key: "alice".into(),
-        });
+        create(&mut state, EntityKind::Consumer, json!({"username": "alice"})).unwrap();
+        let parent = Some(Parent { kind: EntityKind::Consumer, key: "alice".into() });
         let command = Command {
             now_s: 1,
-            op: Op::Create {
-                kind: EntityKind::KeyAuth,
-                id: Uuid::new_v4(),
-                parent,
-                body: json!({"key": "k1"}).into(),
-            },
+            op: Op::Create { kind: EntityKind::KeyAuth, id: Uuid::new_v4(), parent, body: json!({"key": "k1"}).into() },
         };
         state.apply(&command).unwrap();
-        create(
-            &mut state,
-            EntityKind::Plugin,
-            json!({"name": "rate-limiting", "consumer": {"id": "alice"}}),
-        )
-        .unwrap();
+        create(&mut state, EntityKind::Plugin, json!({"name": "rate-limiting", "consumer": {"id": "alice"}})).unwrap();
         assert_eq!(state.entity_count(), 3);
         delete(&mut state, EntityKind::Consumer, "alice").unwrap();
         assert_eq!(state.entity_count(), 0);
@@ -796,34 +610,19 @@ mod tests {
     #[test]
     fn image_round_trips() {
         let mut state = ConfigState::new();
-        create(
-            &mut state,
-            EntityKind::Service,
-            json!({"name": "svc", "host": "a.com"}),
-        )
-        .unwrap();
+        create(&mut state, EntityKind::Service, json!({"name": "svc", "host": "a.com"})).unwrap();
         let restored = ConfigState::from_image(&state.to_image()).unwrap();
         assert_eq!(restored.dump(), state.dump());
         // The unique index is rebuilt too.
         let mut restored = restored;
-        assert!(create(
-            &mut restored,
-            EntityKind::Service,
-            json!({"name": "svc", "host": "b.com"})
-        )
-        .is_err());
+        assert!(create(&mut restored, EntityKind::Service, json!({"name": "svc", "host": "b.com"})).is_err());
     }
 
     #[test]
     fn pagination_walks_everything_once() {
         let mut state = ConfigState::new();
         for n in 0..25 {
-            create(
-                &mut state,
-                EntityKind::Consumer,
-                json!({"username": format!("user{n}")}),
-            )
-            .unwrap();
+            create(&mut state, EntityKind::Consumer, json!({"username": format!("user{n}")})).unwrap();
         }
         let mut seen = Vec::new();
         let mut offset = None;

@@ -18,12 +18,13 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -106,11 +107,18 @@ fn write_meta<T: Serialize>(database: &Database, key: &str, value: &T) -> Result
 #[derive(Clone)]
 pub struct LogStore {
     database: Arc<Database>,
+    /// The last committed index saved, for `/status` (openraft's metrics lack it).
+    committed_index: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(database: Arc<Database>) -> LogStore {
-        LogStore { database }
+        LogStore { database, committed_index: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// A live view of the committed index this node has persisted.
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        self.committed_index.clone()
     }
 }
 
@@ -136,22 +144,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
-        let last_purged_log_id: Option<LogId<NodeId>> =
-            read_meta(&self.database, META_LAST_PURGED)?;
+        let last_purged_log_id: Option<LogId<NodeId>> = read_meta(&self.database, META_LAST_PURGED)?;
         let txn = self.database.begin_read().map_err(read_error)?;
         let table = txn.open_table(LOG).map_err(read_error)?;
         let last_log_id = match table.last().map_err(read_error)? {
-            Some((_, frame)) => Some(
-                codec::decode::<Entry<TypeConfig>>(frame.value())
-                    .map_err(read_error)?
-                    .log_id,
-            ),
+            Some((_, frame)) => Some(codec::decode::<Entry<TypeConfig>>(frame.value()).map_err(read_error)?.log_id),
             None => last_purged_log_id,
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -168,14 +168,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        blocking(&self.database, move |db| {
-            write_meta(db, META_COMMITTED, &committed)
-        })
-        .await
+        blocking(&self.database, move |db| write_meta(db, META_COMMITTED, &committed)).await?;
+        self.committed_index.fetch_max(committed.map_or(0, |id| id.index), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
-        Ok(read_meta::<Option<LogId<NodeId>>>(&self.database, META_COMMITTED)?.flatten())
+        let committed = read_meta::<Option<LogId<NodeId>>>(&self.database, META_COMMITTED)?.flatten();
+        self.committed_index.fetch_max(committed.map_or(0, |id| id.index), Ordering::Relaxed);
+        Ok(committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
@@ -215,9 +216,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let txn = db.begin_write().map_err(io_error)?;
             {
                 let mut table = txn.open_table(LOG).map_err(io_error)?;
-                table
-                    .retain_in(log_id.index.., |_, _| false)
-                    .map_err(io_error)?;
+                table.retain_in(log_id.index.., |_, _| false).map_err(io_error)?;
             }
             txn.commit().map_err(io_error)
         })
@@ -230,12 +229,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let txn = db.begin_write().map_err(io_error)?;
             {
                 let mut meta = txn.open_table(META).map_err(io_error)?;
-                meta.insert(META_LAST_PURGED, frame.as_slice())
-                    .map_err(io_error)?;
+                meta.insert(META_LAST_PURGED, frame.as_slice()).map_err(io_error)?;
                 let mut table = txn.open_table(LOG).map_err(io_error)?;
-                table
-                    .retain_in(..=log_id.index, |_, _| false)
-                    .map_err(io_error)?;
+                table.retain_in(..=log_id.index, |_, _| false).map_err(io_error)?;
             }
             txn.commit().map_err(io_error)
         })
@@ -287,11 +283,7 @@ impl StateMachineStore {
             None => Applied::default(),
         };
         let (publish, _) = watch::channel(applied.clone());
-        Ok(StateMachineStore {
-            database,
-            applied: Arc::new(RwLock::new(applied)),
-            publish: Arc::new(publish),
-        })
+        Ok(StateMachineStore { database, applied: Arc::new(RwLock::new(applied)), publish: Arc::new(publish) })
     }
 
     /// Every published state, latest first. The receiver always holds the newest.
@@ -313,20 +305,12 @@ fn load_snapshot(database: &Database) -> Result<Option<StoredSnapshot>> {
     codec::decode(frame.value()).map(Some).map_err(read_error)
 }
 
-fn applied_from_snapshot(
-    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: &[u8],
-) -> Result<Applied> {
-    let body: SnapshotBody = codec::decode(data)
-        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-    let state = ConfigState::from_image(&body.image).map_err(|e| {
-        StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e))
-    })?;
-    Ok(Applied {
-        state,
-        last_applied: meta.last_log_id,
-        membership: meta.last_membership.clone(),
-    })
+fn applied_from_snapshot(meta: &SnapshotMeta<NodeId, openraft::BasicNode>, data: &[u8]) -> Result<Applied> {
+    let body: SnapshotBody =
+        codec::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+    let state = ConfigState::from_image(&body.image)
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)))?;
+    Ok(Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() })
 }
 
 async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> Result<()> {
@@ -335,9 +319,7 @@ async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> R
         let txn = db.begin_write().map_err(io_error)?;
         {
             let mut table = txn.open_table(SNAPSHOT).map_err(io_error)?;
-            table
-                .insert(SNAPSHOT_CURRENT, frame.as_slice())
-                .map_err(io_error)?;
+            table.insert(SNAPSHOT_CURRENT, frame.as_slice()).map_err(io_error)?;
         }
         txn.commit().map_err(io_error)
     })
@@ -348,35 +330,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let (image, last_applied, membership) = {
             let applied = self.applied.read().await;
-            (
-                applied.state.to_image(),
-                applied.last_applied,
-                applied.membership.clone(),
-            )
+            (applied.state.to_image(), applied.last_applied, applied.membership.clone())
         };
         let data = codec::encode(&SnapshotBody { image }).map_err(io_error)?;
         let snapshot_id = match last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
             None => "empty".to_string(),
         };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        store_snapshot(
-            &self.database,
-            StoredSnapshot {
-                meta: meta.clone(),
-                data: data.clone(),
-            },
-        )
-        .await?;
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        store_snapshot(&self.database, StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
         tracing::info!(snapshot_id = %meta.snapshot_id, bytes = data.len(), "built snapshot");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -385,10 +349,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(
-        Option<LogId<NodeId>>,
-        StoredMembership<NodeId, openraft::BasicNode>,
-    )> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>)> {
         let applied = self.applied.read().await;
         Ok((applied.last_applied, applied.membership.clone()))
     }
@@ -402,9 +363,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut responses = Vec::new();
         for entry in entries {
             debug_assert!(
-                applied
-                    .last_applied
-                    .is_none_or(|last| last.index < entry.log_id.index),
+                applied.last_applied.is_none_or(|last| last.index < entry.log_id.index),
                 "entries are applied in log order, once"
             );
             applied.last_applied = Some(entry.log_id);
@@ -437,14 +396,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<()> {
         let data = snapshot.into_inner();
         let installed = applied_from_snapshot(meta, &data)?;
-        store_snapshot(
-            &self.database,
-            StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            },
-        )
-        .await?;
+        store_snapshot(&self.database, StoredSnapshot { meta: meta.clone(), data }).await?;
         let mut applied = self.applied.write().await;
         *applied = installed;
         self.publish(&applied);
@@ -455,17 +407,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
         let database = self.database.clone();
         let stored = blocking(&database, |db| load_snapshot(db)).await?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
 /// Opens both halves of a node's storage from its data directory.
-pub async fn open(
-    data_dir: &Path,
-) -> std::result::Result<(LogStore, StateMachineStore), StorageError<NodeId>> {
+pub async fn open(data_dir: &Path) -> std::result::Result<(LogStore, StateMachineStore), StorageError<NodeId>> {
     let database = open_database(data_dir).map_err(io_error)?;
     let state_machine = StateMachineStore::open(database.clone()).await?;
     Ok((LogStore::new(database), state_machine))

@@ -8,9 +8,7 @@ use tollgate_raft_store::{NodeId, TypeConfig};
 struct RedbBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for RedbBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (log, state_machine) = tollgate_raft_store::store::open(dir.path()).await?;
         Ok((dir, log, state_machine))

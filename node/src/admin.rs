@@ -1,0 +1,462 @@
+//! The Admin API: Kong's shape on every node.
+//!
+//! Writes become [`Op`]s sent through the leader ([`Cluster::write`]); the answer
+//! carries `Tollgate-Config-Version`. Reads are linearizable (ReadIndex through the
+//! leader) unless `?consistency=local`.
+//!
+//! Routes:
+//! - `/{collection}` and `/{collection}/{id or key}` for services, routes, consumers,
+//!   upstreams, plugins, certificates, snis;
+//! - nested: `/services/{s}/routes|plugins`, `/routes/{r}/plugins`,
+//!   `/consumers/{c}/plugins|key-auth|basic-auth|jwt|hmac-auth|acls`,
+//!   `/upstreams/{u}/targets`, `/certificates/{c}/snis`, and `/{nested}/{id}` below each;
+//! - `/status`, `/cluster`, `/cluster/members[/{id}]`, `/config`, `/metrics`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tollgate_raft_store::command::{Op, Outcome, Parent};
+use tollgate_raft_store::state::page_size;
+use tollgate_raft_store::store::Applied;
+use tollgate_raft_store::{ApiError, EntityKind, ErrorCode};
+use uuid::Uuid;
+
+use crate::node::Node;
+
+pub const CONFIG_VERSION_HEADER: &str = "tollgate-config-version";
+
+/// Top-level collections. Credentials and targets are reached through their parent.
+const TOP_LEVEL: [EntityKind; 7] = [
+    EntityKind::Service,
+    EntityKind::Route,
+    EntityKind::Consumer,
+    EntityKind::Upstream,
+    EntityKind::Plugin,
+    EntityKind::Certificate,
+    EntityKind::Sni,
+];
+
+fn nested_allowed(parent: EntityKind, child: EntityKind) -> bool {
+    matches!(
+        (parent, child),
+        (EntityKind::Service, EntityKind::Route | EntityKind::Plugin)
+            | (EntityKind::Route, EntityKind::Plugin)
+            | (
+                EntityKind::Consumer,
+                EntityKind::Plugin
+                    | EntityKind::KeyAuth
+                    | EntityKind::BasicAuth
+                    | EntityKind::Jwt
+                    | EntityKind::HmacAuth
+                    | EntityKind::Acl
+            )
+            | (EntityKind::Upstream, EntityKind::Target)
+            | (EntityKind::Certificate, EntityKind::Sni)
+    )
+}
+
+/// Serves the Admin API until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                continue;
+            }
+        };
+        let node = node.clone();
+        let mut connection_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let node = node.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&node, peer, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %peer, "admin connection ended");
+                    }
+                }
+                _ = connection_shutdown.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+}
+
+/// A parsed request: what the handlers need.
+struct AdminRequest {
+    method: Method,
+    segments: Vec<String>,
+    query: BTreeMap<String, String>,
+    content_type: String,
+    body: Bytes,
+}
+
+impl AdminRequest {
+    fn local(&self) -> bool {
+        self.query.get("consistency").is_some_and(|c| c == "local")
+    }
+}
+
+async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(token) = node.config.admin_token.as_deref() {
+        if !authorized(request.headers().get(AUTHORIZATION), token) {
+            let mut response =
+                error_response(&ApiError::new(ErrorCode::Unauthorized, "missing or invalid admin token"));
+            response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = parse_query(request.uri().query().unwrap_or(""));
+    let content_type =
+        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let limit = node.config.admin_body_bytes_max;
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            let mut error = ApiError::new(ErrorCode::BadRequest, format!("request body larger than {limit} bytes"));
+            error.fields.insert("@body".into(), format!("at most {limit} bytes (admin_body_bytes_max)"));
+            return with_status(error_response(&error), StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    };
+    let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(|s| percent_decode(s, false)).collect();
+    let request = AdminRequest { method, segments, query, content_type, body };
+    let started = tokio::time::Instant::now();
+    let response = route(node, &request).await.unwrap_or_else(|error| error_response(&error));
+    tracing::debug!(
+        %peer, method = %request.method, path, status = response.status().as_u16(),
+        elapsed_us = started.elapsed().as_micros() as u64, "admin request"
+    );
+    response
+}
+
+fn authorized(header: Option<&HeaderValue>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(given) = header.and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    // Constant time in the token's content; only its length can leak.
+    given.as_bytes().ct_eq(token.as_bytes()).into()
+}
+
+async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+    match (&request.method, segments.as_slice()) {
+        (&Method::GET, []) => Ok(json_response(StatusCode::OK, &node.info())),
+        (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &node.status())),
+        (&Method::GET, ["metrics"]) => Ok(text_response(node.metrics_text(), "text/plain; version=0.0.4")),
+        (&Method::GET, ["cluster"]) => Ok(json_response(StatusCode::OK, &node.cluster_view())),
+        (&Method::POST, ["cluster", "members"]) => add_member(node, request).await,
+        (&Method::DELETE, ["cluster", "members", id]) => {
+            let node_id: u64 = id.parse().map_err(|_| ApiError::field("id", "expected a node id (u64)"))?;
+            let version = node.cluster.remove_member(node_id).await?;
+            Ok(versioned(empty_response(StatusCode::NO_CONTENT), version))
+        }
+        (&Method::GET, ["config"]) => get_config(node, request).await,
+        (&Method::POST, ["config"]) => post_config(node, request).await,
+        (_, [collection]) => {
+            let kind = top_level(collection)?;
+            collection_route(node, request, kind, None).await
+        }
+        (_, [collection, key]) => {
+            let kind = top_level(collection)?;
+            entity_route(node, request, kind, key, None).await
+        }
+        (_, [parent_collection, parent_key, collection]) => {
+            let (parent, kind) = nested(parent_collection, parent_key, collection)?;
+            collection_route(node, request, kind, Some(parent)).await
+        }
+        (_, [parent_collection, parent_key, collection, key]) => {
+            let (parent, kind) = nested(parent_collection, parent_key, collection)?;
+            entity_route(node, request, kind, key, Some(parent)).await
+        }
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+fn top_level(collection: &str) -> Result<EntityKind, ApiError> {
+    EntityKind::from_path(collection).filter(|kind| TOP_LEVEL.contains(kind)).ok_or_else(ApiError::not_found)
+}
+
+fn nested(parent_collection: &str, parent_key: &str, collection: &str) -> Result<(Parent, EntityKind), ApiError> {
+    let parent_kind = top_level(parent_collection)?;
+    let kind = EntityKind::from_path(collection).ok_or_else(ApiError::not_found)?;
+    if !nested_allowed(parent_kind, kind) {
+        return Err(ApiError::not_found());
+    }
+    Ok((Parent { kind: parent_kind, key: parent_key.to_string() }, kind))
+}
+
+async fn read_state(node: &Node, request: &AdminRequest) -> Result<Applied, ApiError> {
+    if request.local() {
+        Ok(node.cluster.state())
+    } else {
+        node.cluster.read_barrier().await
+    }
+}
+
+async fn collection_route(
+    node: &Node,
+    request: &AdminRequest,
+    kind: EntityKind,
+    parent: Option<Parent>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    match request.method {
+        Method::GET => {
+            let size = page_size(request.query.get("size").map(String::as_str))?;
+            let offset = match request.query.get("offset") {
+                Some(offset) => Some(Uuid::parse_str(offset).map_err(|_| {
+                    let mut error =
+                        ApiError::new(ErrorCode::InvalidOffset, format!("'{offset}' is not a valid offset"));
+                    error.fields.insert("offset".into(), "expected an offset returned by a previous page".into());
+                    error
+                })?),
+                None => None,
+            };
+            let applied = read_state(node, request).await?;
+            let (page, next) = applied.state.list(kind, parent.as_ref(), offset, size)?;
+            let base = request.segments.join("/");
+            let next_path = next.map(|after| format!("/{base}?offset={after}&size={size}"));
+            let data: Vec<Value> = page.iter().map(|entity| Value::Object((**entity).clone())).collect();
+            let body = json!({ "data": data, "next": next_path, "offset": next.map(|after| after.to_string()) });
+            Ok(versioned(json_response(StatusCode::OK, &body), applied.version()))
+        }
+        Method::POST => {
+            let mut body = parse_json_body(request)?;
+            fill_generated_fields(kind, &mut body);
+            let op = Op::Create { kind, id: Uuid::new_v4(), parent, body: body.into() };
+            write(node, op).await
+        }
+        _ => Err(method_not_allowed()),
+    }
+}
+
+async fn entity_route(
+    node: &Node,
+    request: &AdminRequest,
+    kind: EntityKind,
+    key: &str,
+    parent: Option<Parent>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let key = key.to_string();
+    match request.method {
+        Method::GET => {
+            let applied = read_state(node, request).await?;
+            let entity = applied.state.find(kind, &key, parent.as_ref())?;
+            Ok(versioned(json_response(StatusCode::OK, &Value::Object((*entity).clone())), applied.version()))
+        }
+        Method::PUT => {
+            let mut body = parse_json_body(request)?;
+            fill_generated_fields(kind, &mut body);
+            write(node, Op::Upsert { kind, key, id: Uuid::new_v4(), parent, body: body.into() }).await
+        }
+        Method::PATCH => {
+            let body = parse_json_body(request)?;
+            write(node, Op::Patch { kind, key, parent, body: body.into() }).await
+        }
+        Method::DELETE => write(node, Op::Delete { kind, key, parent }).await,
+        _ => Err(method_not_allowed()),
+    }
+}
+
+/// Kong generates a key-auth key when none is given; so does Tollgate, before the
+/// write is proposed (the state machine never draws randomness).
+fn fill_generated_fields(kind: EntityKind, body: &mut Value) {
+    let Some(object) = body.as_object_mut() else { return };
+    if kind == EntityKind::KeyAuth && object.get("key").is_none_or(Value::is_null) {
+        object.insert("key".into(), Value::from(Uuid::new_v4().simple().to_string()));
+    }
+    if kind == EntityKind::Jwt {
+        if object.get("key").is_none_or(Value::is_null) {
+            object.insert("key".into(), Value::from(Uuid::new_v4().simple().to_string()));
+        }
+        if object.get("secret").is_none_or(Value::is_null) {
+            object.insert("secret".into(), Value::from(Uuid::new_v4().simple().to_string()));
+        }
+    }
+    if kind == EntityKind::HmacAuth && object.get("secret").is_none_or(Value::is_null) {
+        object.insert("secret".into(), Value::from(Uuid::new_v4().simple().to_string()));
+    }
+}
+
+async fn write(node: &Node, op: Op) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (outcome, version) = node.cluster.write(op).await?;
+    let response = match outcome {
+        Outcome::Created(entity) => json_response(StatusCode::CREATED, &entity.0),
+        Outcome::Updated(entity) => json_response(StatusCode::OK, &entity.0),
+        Outcome::Deleted => empty_response(StatusCode::NO_CONTENT),
+        Outcome::Replaced { entities } => json_response(StatusCode::CREATED, &json!({ "entities": entities })),
+        Outcome::Internal => empty_response(StatusCode::NO_CONTENT),
+    };
+    Ok(versioned(response, version))
+}
+
+async fn add_member(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = parse_json_body(request)?;
+    let node_id = body
+        .get("node_id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::field("node_id", "required: the new node's id (u64)"))?;
+    let address = body
+        .get("address")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::field("address", "required: the new node's cluster address host:port"))?;
+    crate::config::check_host_port("address", address).map_err(|e| ApiError::field("address", e.to_string()))?;
+    let version = node.cluster.add_member(node_id, address.to_string()).await?;
+    Ok(versioned(json_response(StatusCode::CREATED, &node.cluster_view()), version))
+}
+
+async fn get_config(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let applied = read_state(node, request).await?;
+    let document = applied.state.dump();
+    let response = if request.query.get("format").is_some_and(|f| f == "yaml") {
+        let yaml = serde_saphyr::to_string(&document)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("yaml encoding failed: {e}")))?;
+        text_response(yaml, "application/yaml")
+    } else {
+        json_response(StatusCode::OK, &document)
+    };
+    Ok(versioned(response, applied.version()))
+}
+
+async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let is_yaml = request.content_type.contains("yaml");
+    let document: Value = if is_yaml {
+        let text = std::str::from_utf8(&request.body).map_err(|_| body_error("the YAML body is not UTF-8"))?;
+        serde_saphyr::from_str(text).map_err(|e| body_error(&format!("cannot parse YAML body: {e}")))?
+    } else {
+        parse_json_body(request)?
+    };
+    // Validate here first so a bad document costs no Raft entry; the state machine
+    // validates again when it applies (it is the authority).
+    let id_seed = u128::from_be_bytes(*Uuid::new_v4().as_bytes());
+    tollgate_raft_store::declarative::load(&document, id_seed, 0)?;
+    write(node, Op::ReplaceAll { document: document.into(), id_seed }).await
+}
+
+fn parse_json_body(request: &AdminRequest) -> Result<Value, ApiError> {
+    if request.body.is_empty() {
+        return Ok(json!({}));
+    }
+    if !request.content_type.is_empty() && !request.content_type.contains("json") {
+        return Err(body_error(&format!("unsupported content type '{}': send application/json", request.content_type)));
+    }
+    serde_json::from_slice(&request.body).map_err(|e| body_error(&format!("Cannot parse JSON body: {e}")))
+}
+
+fn body_error(message: &str) -> ApiError {
+    let mut error = ApiError::new(ErrorCode::BadRequest, message);
+    error.fields.insert("@body".into(), message.to_string());
+    error
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, "Method not allowed")
+}
+
+fn versioned(mut response: Response<Full<Bytes>>, version: u64) -> Response<Full<Bytes>> {
+    response.headers_mut().insert(CONFIG_VERSION_HEADER, HeaderValue::from(version));
+    response
+}
+
+fn with_status(mut response: Response<Full<Bytes>>, status: StatusCode) -> Response<Full<Bytes>> {
+    *response.status_mut() = status;
+    response
+}
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    response
+}
+
+fn text_response(body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, &error.to_json())
+}
+
+fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name, true), percent_decode(value, true))
+        })
+        .collect()
+}
+
+/// Decodes `%XX` escapes and, in queries, `+`; invalid escapes are kept as they are.
+fn percent_decode(text: &str, plus_is_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut position = 0;
+    while position < bytes.len() {
+        let byte = bytes[position];
+        if byte == b'%' && position + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[position + 1..position + 3]).ok();
+            if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                decoded.push(value);
+                position += 3;
+                continue;
+            }
+        }
+        decoded.push(if plus_is_space && byte == b'+' { b' ' } else { byte });
+        position += 1;
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b", false), "a b");
+        assert_eq!(percent_decode("a+b", true), "a b");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+        assert_eq!(percent_decode("100%", false), "100%");
+        assert_eq!(percent_decode("%zz", false), "%zz");
+        assert_eq!(percent_decode("%41", false), "A");
+        assert_eq!(percent_decode("%4", false), "%4");
+    }
+
+    #[test]
+    fn bearer_token() {
+        assert!(authorized(Some(&HeaderValue::from_static("Bearer s3cret")), "s3cret"));
+        assert!(!authorized(Some(&HeaderValue::from_static("Bearer s3cre")), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+    }
+}

@@ -1,0 +1,385 @@
+//! Cluster wiring: the Raft instance, bootstrap and join, and the leader path for writes,
+//! linearizable reads and membership changes.
+//!
+//! Every write goes through [`Cluster::on_leader`]: run it here when this node leads,
+//! otherwise send it to the leader over the cluster port and return the leader's
+//! answer. A request that certainly did not reach a leader (connection refused, no
+//! leader yet) is retried until `write_leader_wait_ms`; one whose fate is unknown
+//! (timeout after sending) is answered with 503.
+
+pub mod network;
+pub mod transport;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tollgate_raft_store::command::{Command, Op, Outcome};
+use tollgate_raft_store::store::Applied;
+use tollgate_raft_store::{ApiError, ErrorCode, NodeId, Raft, TypeConfig};
+
+use self::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
+use self::transport::{FrameHandler, PeerClient, PeerError};
+use crate::clock::Clock;
+use crate::config::NodeConfig;
+
+/// A request for the leader, sent by a node that believes the receiver leads.
+const PATH_LEADER: &str = "/cluster/leader";
+/// A new node asking any member to add it; the member routes it to the leader.
+const PATH_JOIN: &str = "/cluster/join";
+/// How long one forwarded request may take before its outcome counts as unknown.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between attempts while no leader is reachable.
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Pause between attempts to join a running cluster.
+const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A request only the leader can answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Write(Command),
+    /// ReadIndex: the log index a linearizable read must wait for.
+    ReadIndex,
+    AddMember {
+        node_id: NodeId,
+        address: String,
+    },
+    RemoveMember {
+        node_id: NodeId,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderReply {
+    Write { result: Result<Outcome, ApiError>, log_index: u64 },
+    ReadIndex { log_index: u64 },
+    Membership { log_index: u64 },
+}
+
+/// Why the leader path did not produce an answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderError {
+    /// This node is not (or no longer) the leader; try again.
+    NotLeader,
+    /// The request failed in a way a retry would not fix.
+    Failed(ApiError),
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub applied: watch::Receiver<Applied>,
+    peers: PeerClient,
+    clock: Arc<dyn Clock>,
+    write_leader_wait: Duration,
+}
+
+/// openraft's configuration from the node's.
+pub fn raft_config(config: &NodeConfig) -> anyhow::Result<Arc<Config>> {
+    let raft_config = Config {
+        cluster_name: "tollgate".into(),
+        heartbeat_interval: config.raft_heartbeat_ms,
+        election_timeout_min: config.raft_election_min_ms,
+        election_timeout_max: config.raft_election_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        max_in_snapshot_log_to_keep: config.snapshot_keep_logs,
+        snapshot_max_chunk_size: 1024 * 1024,
+        install_snapshot_timeout: 2000,
+        ..Default::default()
+    };
+    Ok(Arc::new(raft_config.validate()?))
+}
+
+fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, message)
+}
+
+impl Cluster {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        applied: watch::Receiver<Applied>,
+        peers: PeerClient,
+        clock: Arc<dyn Clock>,
+        write_leader_wait: Duration,
+    ) -> Cluster {
+        Cluster { id, raft, applied, peers, clock, write_leader_wait }
+    }
+
+    /// The latest applied state (cheap: the maps are shared).
+    pub fn state(&self) -> Applied {
+        self.applied.borrow().clone()
+    }
+
+    /// Static bootstrap: initialise the cluster unless this node already has state.
+    /// Every listed node does this with the same members, which openraft allows.
+    pub async fn bootstrap(&self, members: &[(NodeId, String)]) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            tracing::info!("raft state found in the data dir; skipping bootstrap");
+            return Ok(());
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|(id, address)| (*id, BasicNode::new(address.clone()))).collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => tracing::info!(members = members.len(), "bootstrapped cluster"),
+            Err(RaftError::APIError(error)) => tracing::info!(%error, "bootstrap not needed"),
+            Err(error) => return Err(error.into()),
+        }
+        Ok(())
+    }
+
+    /// Asks the cluster, through any of `seeds`, to add this node; retries until it is
+    /// a voter or `stop` turns true.
+    pub async fn join(&self, seeds: Vec<String>, advertise: String, mut stop: watch::Receiver<bool>) {
+        let request = LeaderRequest::AddMember { node_id: self.id, address: advertise };
+        loop {
+            for seed in &seeds {
+                let answer: Result<Result<u64, ApiError>, PeerError> =
+                    self.peers.call(seed, PATH_JOIN, &request, FORWARD_TIMEOUT).await;
+                match answer {
+                    Ok(Ok(_)) => {
+                        tracing::info!(%seed, "joined the cluster");
+                        return;
+                    }
+                    Ok(Err(error)) => tracing::warn!(%seed, ?error, "join refused; retrying"),
+                    Err(error) => tracing::warn!(%seed, %error, "join failed; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(JOIN_RETRY_PAUSE) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Applies a write through the leader; returns the outcome and its log index.
+    pub async fn write(&self, op: Op) -> Result<(Outcome, u64), ApiError> {
+        // The id a create will store, to recognise it if a retry meets the first attempt.
+        let created = match &op {
+            Op::Create { kind, id, body, .. } => {
+                let given = body.0.get("id").and_then(|v| v.as_str()).map(str::to_string);
+                Some((*kind, given.unwrap_or_else(|| id.to_string())))
+            }
+            _ => None,
+        };
+        let command = Command { now_s: self.clock.now_s(), op };
+        let (reply, retried) = self.on_leader(LeaderRequest::Write(command)).await?;
+        let LeaderReply::Write { result, log_index } = reply else {
+            return Err(ApiError::new(ErrorCode::Internal, "leader answered a write with something else"));
+        };
+        let state = self.wait_applied(log_index).await?;
+        let outcome = match (result, created) {
+            // A create retried after an attempt of unknown fate may meet itself: its id is
+            // fixed before the first attempt, so finding it means that attempt succeeded.
+            (Err(error), Some((kind, id))) if retried && error.code == ErrorCode::PrimaryKeyViolation => {
+                let entity = state.state.find(kind, &id, None).map_err(|_| error)?;
+                Outcome::Created(serde_json::Value::Object((*entity).clone()).into())
+            }
+            (result, _) => result?,
+        };
+        Ok((outcome, log_index))
+    }
+
+    /// Waits until this node has applied `log_index` (bounded by the write wait).
+    pub async fn wait_applied(&self, log_index: u64) -> Result<Applied, ApiError> {
+        let mut applied = self.applied.clone();
+        let waited = tokio::time::timeout(self.write_leader_wait, applied.wait_for(|a| a.version() >= log_index)).await;
+        match waited {
+            Ok(Ok(state)) => Ok(state.clone()),
+            Ok(Err(_)) => Err(unavailable("node is shutting down")),
+            Err(_) => Err(unavailable(format!("this node has not applied index {log_index} yet"))),
+        }
+    }
+
+    /// Linearizable read barrier (ReadIndex through the leader): returns once this node
+    /// has applied everything committed before the call.
+    pub async fn read_barrier(&self) -> Result<Applied, ApiError> {
+        let (reply, _) = self.on_leader(LeaderRequest::ReadIndex).await?;
+        let LeaderReply::ReadIndex { log_index } = reply else {
+            return Err(ApiError::new(ErrorCode::Internal, "leader answered a read index with something else"));
+        };
+        self.wait_applied(log_index).await
+    }
+
+    pub async fn add_member(&self, node_id: NodeId, address: String) -> Result<u64, ApiError> {
+        match self.on_leader(LeaderRequest::AddMember { node_id, address }).await?.0 {
+            LeaderReply::Membership { log_index } => Ok(log_index),
+            _ => Err(ApiError::new(ErrorCode::Internal, "unexpected leader reply")),
+        }
+    }
+
+    pub async fn remove_member(&self, node_id: NodeId) -> Result<u64, ApiError> {
+        match self.on_leader(LeaderRequest::RemoveMember { node_id }).await?.0 {
+            LeaderReply::Membership { log_index } => Ok(log_index),
+            _ => Err(ApiError::new(ErrorCode::Internal, "unexpected leader reply")),
+        }
+    }
+
+    /// Runs `request` on the leader, here or remotely. Returns the reply and whether an
+    /// earlier attempt may have reached a leader.
+    async fn on_leader(&self, request: LeaderRequest) -> Result<(LeaderReply, bool), ApiError> {
+        let deadline = Instant::now() + self.write_leader_wait;
+        let mut metrics = self.raft.metrics();
+        let mut retried = false;
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            let attempt = match leader {
+                Some(leader) if leader == self.id => self.execute(request.clone()).await,
+                Some(leader) => self.forward(leader, &request).await,
+                None => Err(LeaderError::NotLeader),
+            };
+            match attempt {
+                Ok(reply) => return Ok((reply, retried)),
+                Err(LeaderError::Failed(error)) => return Err(error),
+                Err(LeaderError::NotLeader) => {}
+            }
+            retried |= leader.is_some();
+            if Instant::now() >= deadline {
+                return Err(unavailable(format!(
+                    "no leader reachable within {} ms; the cluster may have lost its quorum",
+                    self.write_leader_wait.as_millis()
+                )));
+            }
+            let _ = tokio::time::timeout(LEADER_RETRY_PAUSE, metrics.changed()).await;
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, request: &LeaderRequest) -> Result<LeaderReply, LeaderError> {
+        let address = {
+            let metrics = self.raft.metrics();
+            let borrowed = metrics.borrow();
+            borrowed.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
+        };
+        let Some(address) = address else { return Err(LeaderError::NotLeader) };
+        let answer: Result<Result<LeaderReply, LeaderError>, PeerError> =
+            self.peers.call(&address, PATH_LEADER, request, FORWARD_TIMEOUT).await;
+        match answer {
+            Ok(reply) => reply,
+            Err(error) if error.is_not_delivered() => {
+                tracing::debug!(%error, leader, "leader unreachable; retrying");
+                Err(LeaderError::NotLeader)
+            }
+            Err(error) => Err(LeaderError::Failed(unavailable(format!("forwarding to the leader failed: {error}")))),
+        }
+    }
+
+    /// Runs a leader request on this node, which believes it leads.
+    async fn execute(&self, request: LeaderRequest) -> Result<LeaderReply, LeaderError> {
+        match request {
+            LeaderRequest::Write(mut command) => {
+                // Time in the state machine is the leader's.
+                command.now_s = self.clock.now_s();
+                match self.raft.client_write(command).await {
+                    Ok(response) => {
+                        Ok(LeaderReply::Write { result: response.data.result, log_index: response.log_id.index })
+                    }
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(LeaderError::NotLeader),
+                    Err(error) => Err(LeaderError::Failed(unavailable(error.to_string()))),
+                }
+            }
+            LeaderRequest::ReadIndex => match self.raft.get_read_log_id().await {
+                Ok((read_log_id, _)) => Ok(LeaderReply::ReadIndex { log_index: read_log_id.map_or(0, |id| id.index) }),
+                Err(RaftError::APIError(_)) => Err(LeaderError::NotLeader),
+                Err(error) => Err(LeaderError::Failed(unavailable(error.to_string()))),
+            },
+            LeaderRequest::AddMember { node_id, address } => {
+                let is_voter = {
+                    let metrics = self.raft.metrics();
+                    let borrowed = metrics.borrow();
+                    borrowed.membership_config.membership().voter_ids().any(|id| id == node_id)
+                };
+                if is_voter {
+                    let log_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
+                    return Ok(LeaderReply::Membership { log_index });
+                }
+                self.raft.add_learner(node_id, BasicNode::new(address), true).await.map_err(membership_error)?;
+                let response = self
+                    .raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+                    .await
+                    .map_err(membership_error)?;
+                tracing::info!(node_id, "added voter");
+                Ok(LeaderReply::Membership { log_index: response.log_id.index })
+            }
+            LeaderRequest::RemoveMember { node_id } => {
+                let known = self.raft.metrics().borrow().membership_config.membership().get_node(&node_id).is_some();
+                if !known {
+                    return Err(LeaderError::Failed(ApiError::not_found()));
+                }
+                let response = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), false)
+                    .await
+                    .map_err(membership_error)?;
+                tracing::info!(node_id, "removed member");
+                Ok(LeaderReply::Membership { log_index: response.log_id.index })
+            }
+        }
+    }
+
+    /// A short description of this node's Raft state for `/status`.
+    pub fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+}
+
+fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> LeaderError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => LeaderError::NotLeader,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+            LeaderError::Failed(ApiError::new(ErrorCode::BadRequest, error.to_string()))
+        }
+        other => LeaderError::Failed(unavailable(other.to_string())),
+    }
+}
+
+/// Answers the cluster port.
+pub struct ClusterHandler {
+    pub cluster: Cluster,
+}
+
+fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    tollgate_raft_store::codec::encode(value).map_err(|e| e.to_string())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    tollgate_raft_store::codec::decode(body).map_err(|e| e.to_string())
+}
+
+impl FrameHandler for ClusterHandler {
+    async fn handle(&self, path: String, body: Bytes) -> Result<Vec<u8>, String> {
+        let raft = &self.cluster.raft;
+        match path.as_str() {
+            PATH_APPEND => {
+                let request: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body)?;
+                frame(&raft.append_entries(request).await)
+            }
+            PATH_VOTE => frame(&raft.vote(parse(&body)?).await),
+            PATH_SNAPSHOT => frame(&raft.install_snapshot(parse(&body)?).await),
+            PATH_LEADER => {
+                let request: LeaderRequest = parse(&body)?;
+                frame(&self.cluster.execute(request).await)
+            }
+            PATH_JOIN => match parse::<LeaderRequest>(&body)? {
+                LeaderRequest::AddMember { node_id, address } => {
+                    frame(&self.cluster.add_member(node_id, address).await)
+                }
+                _ => Err("join carries AddMember only".to_string()),
+            },
+            other => Err(format!("unknown cluster path {other}")),
+        }
+    }
+}

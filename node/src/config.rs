@@ -1,0 +1,206 @@
+//! Node configuration: flags, `TOLLGATE_*` variables and a TOML file, in that order of
+//! precedence, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::NodeId;
+
+/// Raft timing defaults. With these a leader killed with -9 is replaced in about one
+/// election timeout (0.6–1.2 s) plus one round of votes; see README "Failover".
+pub const RAFT_HEARTBEAT_MS_DEFAULT: u64 = 150;
+pub const RAFT_ELECTION_MIN_MS_DEFAULT: u64 = 600;
+pub const RAFT_ELECTION_MAX_MS_DEFAULT: u64 = 1200;
+/// A snapshot is built after this many applied entries; the log before it is purged.
+pub const SNAPSHOT_LOGS_DEFAULT: u64 = 5000;
+/// Entries kept behind a snapshot so a briefly lagging follower needs no snapshot.
+pub const SNAPSHOT_KEEP_LOGS_DEFAULT: u64 = 1000;
+/// Largest Admin API request body (a declarative config with ~20 000 routes fits).
+pub const ADMIN_BODY_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
+/// How long a write waits for a leader to appear before answering 503.
+pub const WRITE_LEADER_WAIT_MS_DEFAULT: u64 = 5000;
+
+/// Bounds on the keys above, checked by [`NodeConfig::validate`].
+const RAFT_HEARTBEAT_MS_RANGE: (u64, u64) = (10, 10_000);
+const RAFT_ELECTION_MS_RANGE: (u64, u64) = (50, 60_000);
+const SNAPSHOT_LOGS_RANGE: (u64, u64) = (100, 10_000_000);
+const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 256 * 1024 * 1024);
+const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
+
+/// A fully resolved node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub proxy_listen: SocketAddr,
+    pub proxy_tls_listen: Option<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub cluster_listen: SocketAddr,
+    /// What peers dial; defaults to `cluster_listen`.
+    pub advertise: String,
+    pub initial_cluster: Vec<(NodeId, String)>,
+    pub join: Vec<String>,
+    pub workers: usize,
+    pub admin_token: Option<String>,
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_min_ms: u64,
+    pub raft_election_max_ms: u64,
+    pub snapshot_logs: u64,
+    pub snapshot_keep_logs: u64,
+    pub admin_body_bytes_max: usize,
+    pub write_leader_wait_ms: u64,
+}
+
+impl NodeConfig {
+    /// A configuration with every default, for `node_id`, listening on the given ports.
+    pub fn new(node_id: NodeId, data_dir: PathBuf) -> NodeConfig {
+        let cluster_listen: SocketAddr = "127.0.0.1:8005".parse().expect("literal address");
+        NodeConfig {
+            node_id,
+            data_dir,
+            proxy_listen: "0.0.0.0:8000".parse().expect("literal address"),
+            proxy_tls_listen: None,
+            admin_listen: "127.0.0.1:8001".parse().expect("literal address"),
+            cluster_listen,
+            advertise: cluster_listen.to_string(),
+            initial_cluster: Vec::new(),
+            join: Vec::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            admin_token: None,
+            raft_heartbeat_ms: RAFT_HEARTBEAT_MS_DEFAULT,
+            raft_election_min_ms: RAFT_ELECTION_MIN_MS_DEFAULT,
+            raft_election_max_ms: RAFT_ELECTION_MAX_MS_DEFAULT,
+            snapshot_logs: SNAPSHOT_LOGS_DEFAULT,
+            snapshot_keep_logs: SNAPSHOT_KEEP_LOGS_DEFAULT,
+            admin_body_bytes_max: ADMIN_BODY_BYTES_MAX_DEFAULT,
+            write_leader_wait_ms: WRITE_LEADER_WAIT_MS_DEFAULT,
+        }
+    }
+
+    /// Checks every key against its bounds and the rules between keys.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_range("raft_heartbeat_ms", self.raft_heartbeat_ms, RAFT_HEARTBEAT_MS_RANGE)?;
+        check_range("raft_election_min_ms", self.raft_election_min_ms, RAFT_ELECTION_MS_RANGE)?;
+        check_range("raft_election_max_ms", self.raft_election_max_ms, RAFT_ELECTION_MS_RANGE)?;
+        if self.raft_election_min_ms >= self.raft_election_max_ms {
+            bail!("raft_election_min_ms must be below raft_election_max_ms");
+        }
+        if self.raft_heartbeat_ms * 2 > self.raft_election_min_ms {
+            bail!("raft_heartbeat_ms must be at most half of raft_election_min_ms");
+        }
+        check_range("snapshot_logs", self.snapshot_logs, SNAPSHOT_LOGS_RANGE)?;
+        check_range("snapshot_keep_logs", self.snapshot_keep_logs, (0, SNAPSHOT_LOGS_RANGE.1))?;
+        check_range("admin_body_bytes_max", self.admin_body_bytes_max, ADMIN_BODY_BYTES_RANGE)?;
+        check_range("write_leader_wait_ms", self.write_leader_wait_ms, WRITE_LEADER_WAIT_MS_RANGE)?;
+        check_range("workers", self.workers, (1, 1024))?;
+        if !self.admin_listen.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
+            bail!(
+                "admin_listen {} is not a loopback address: set --admin-token (TOLLGATE_ADMIN_TOKEN) to protect the Admin API",
+                self.admin_listen
+            );
+        }
+        if self.initial_cluster.iter().all(|(id, _)| *id != self.node_id) && !self.initial_cluster.is_empty() {
+            bail!("initial_cluster does not list this node's id {}", self.node_id);
+        }
+        if !self.initial_cluster.is_empty() && !self.join.is_empty() {
+            bail!("set either initial_cluster (bootstrap) or join (add to a running cluster), not both");
+        }
+        Ok(())
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(name: &str, value: T, (min, max): (T, T)) -> anyhow::Result<()> {
+    if value < min || value > max {
+        bail!("{name} = {value} is out of range [{min}, {max}]");
+    }
+    Ok(())
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(text: &str) -> anyhow::Result<Vec<(NodeId, String)>> {
+    let mut members = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, address) =
+            part.split_once('=').with_context(|| format!("initial_cluster: '{part}' is not id=host:port"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("initial_cluster: bad node id in '{part}'"))?;
+        if members.iter().any(|(known, _)| *known == id) {
+            bail!("initial_cluster: node id {id} appears twice");
+        }
+        check_host_port("initial_cluster", address.trim())?;
+        members.push((id, address.trim().to_string()));
+    }
+    Ok(members)
+}
+
+pub fn check_host_port(name: &str, text: &str) -> anyhow::Result<()> {
+    let (host, port) = text.rsplit_once(':').with_context(|| format!("{name}: '{text}' is not host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("{name}: '{text}' is not host:port");
+    }
+    Ok(())
+}
+
+/// The TOML file's keys: the flags' names with `_` for `-`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<NodeId>,
+    pub data_dir: Option<PathBuf>,
+    pub proxy_listen: Option<SocketAddr>,
+    pub proxy_tls_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub cluster_listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub initial_cluster: Option<String>,
+    pub join: Option<String>,
+    pub workers: Option<usize>,
+    pub admin_token: Option<String>,
+    pub raft_heartbeat_ms: Option<u64>,
+    pub raft_election_min_ms: Option<u64>,
+    pub raft_election_max_ms: Option<u64>,
+    pub snapshot_logs: Option<u64>,
+    pub snapshot_keep_logs: Option<u64>,
+    pub admin_body_bytes_max: Option<usize>,
+    pub write_leader_wait_ms: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parses_and_rejects() {
+        let members = parse_initial_cluster("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
+        assert_eq!(members, vec![(1, "127.0.0.1:7001".into()), (2, "127.0.0.1:7002".into())]);
+        assert!(parse_initial_cluster("1=a:1,1=b:2").is_err());
+        assert!(parse_initial_cluster("x=a:1").is_err());
+        assert!(parse_initial_cluster("1=nohost").is_err());
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let mut config = NodeConfig::new(1, "/tmp/x".into());
+        config.admin_listen = "0.0.0.0:8001".parse().unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--admin-token"), "{error}");
+        config.admin_token = Some("secret".into());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn timing_rules() {
+        let mut config = NodeConfig::new(1, "/tmp/x".into());
+        config.raft_election_min_ms = 2000;
+        assert!(config.validate().is_err());
+    }
+}

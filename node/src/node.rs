@@ -1,0 +1,219 @@
+//! One Tollgate node: storage, Raft, the cluster port, the Admin API and the publish
+//! task, started together and stopped together.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tollgate_raft_store::state::counts;
+use tollgate_raft_store::Raft;
+
+use crate::clock::{Clock, SystemClock};
+use crate::cluster::network::NetworkFactory;
+use crate::cluster::transport::{self, PeerClient};
+use crate::cluster::{self, Cluster, ClusterHandler};
+use crate::config::NodeConfig;
+use crate::publish::{self, Published};
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub cluster: Cluster,
+    pub published: Arc<Published>,
+    committed_index: Arc<AtomicU64>,
+    /// Installed by `tollgate run` (one node per process); absent in `tollgate dev`,
+    /// whose three nodes share a process.
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
+pub struct NodeHandle {
+    pub node: Arc<Node>,
+    pub admin_addr: SocketAddr,
+    pub cluster_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl NodeHandle {
+    /// Stops serving, then stops Raft.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Err(error) = self.node.cluster.raft.shutdown().await {
+            tracing::warn!(%error, "raft shutdown failed");
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts a node from its configuration and data directory.
+pub async fn start(
+    config: NodeConfig,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<NodeHandle> {
+    config.validate()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+    let (log_store, state_machine) = tollgate_raft_store::store::open(&config.data_dir)
+        .await
+        .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+    let committed_index = log_store.committed_index();
+    let applied = state_machine.subscribe();
+
+    let cluster_listener = TcpListener::bind(config.cluster_listen)
+        .await
+        .with_context(|| format!("binding cluster_listen {}", config.cluster_listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
+    let cluster_addr = cluster_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let peers = PeerClient::new();
+    let raft_config = cluster::raft_config(&config)?;
+    let raft =
+        Raft::new(config.node_id, raft_config, NetworkFactory { client: peers.clone() }, log_store, state_machine)
+            .await
+            .context("starting raft")?;
+    let cluster = Cluster::new(
+        config.node_id,
+        raft,
+        applied.clone(),
+        peers,
+        clock,
+        Duration::from_millis(config.write_leader_wait_ms),
+    );
+
+    let published = Arc::new(Published::default());
+    let node = Arc::new(Node {
+        config: config.clone(),
+        cluster: cluster.clone(),
+        published: published.clone(),
+        committed_index,
+        prometheus,
+    });
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(publish::run(applied, published));
+    tasks.spawn(transport::serve(
+        cluster_listener,
+        Arc::new(ClusterHandler { cluster: cluster.clone() }),
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
+
+    if !config.initial_cluster.is_empty() {
+        cluster.bootstrap(&config.initial_cluster).await?;
+    }
+    if !config.join.is_empty() {
+        let joining = cluster.clone();
+        let seeds = config.join.clone();
+        let advertise = config.advertise.clone();
+        let stop = shutdown_rx.clone();
+        tasks.spawn(async move { joining.join(seeds, advertise, stop).await });
+    }
+    tracing::info!(node_id = config.node_id, %admin_addr, %cluster_addr, "node started");
+    Ok(NodeHandle { node, admin_addr, cluster_addr, shutdown, tasks })
+}
+
+impl Node {
+    pub fn info(&self) -> Value {
+        json!({
+            "tagline": "Welcome to Tollgate",
+            "version": env!("CARGO_PKG_VERSION"),
+            "node_id": self.config.node_id,
+        })
+    }
+
+    /// This node's view: `GET /status`.
+    pub fn status(&self) -> Value {
+        let metrics = self.cluster.raft.metrics().borrow().clone();
+        let applied_index = metrics.last_applied.map_or(0, |id| id.index);
+        let compiled = self.published.load();
+        json!({
+            "node_id": self.config.node_id,
+            "role": self.cluster.role(),
+            "leader_id": metrics.current_leader,
+            "term": metrics.current_term,
+            "commit_index": self.committed_index.load(Ordering::Relaxed).max(applied_index),
+            "applied_index": applied_index,
+            "last_log_index": metrics.last_log_index,
+            "snapshot_index": metrics.snapshot.map(|id| id.index),
+            "purged_index": metrics.purged.map(|id| id.index),
+            "config_version": self.cluster.state().version(),
+            "published_version": compiled.version,
+            "publications": self.published.publications(),
+            "entities": counts(&compiled.state),
+        })
+    }
+
+    /// Raft membership as this node sees it: `GET /cluster`.
+    pub fn cluster_view(&self) -> Value {
+        let metrics = self.cluster.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let members: Vec<Value> = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(id).cloned().flatten())
+                    .map(|log_id| log_id.index);
+                json!({
+                    "node_id": id,
+                    "address": node.addr,
+                    "voter": voters.contains(id),
+                    "role": if voters.contains(id) { "voter" } else { "learner" },
+                    "leader": metrics.current_leader == Some(*id),
+                    // Known on the leader only: how far this member's log matches.
+                    "matched_index": matched,
+                })
+            })
+            .collect();
+        json!({
+            "node_id": self.config.node_id,
+            "leader_id": metrics.current_leader,
+            "term": metrics.current_term,
+            "members": members,
+        })
+    }
+
+    /// Prometheus text: Raft gauges of this node, then whatever the process recorder holds.
+    pub fn metrics_text(&self) -> String {
+        let metrics = self.cluster.raft.metrics().borrow().clone();
+        let applied = metrics.last_applied.map_or(0, |id| id.index);
+        let committed = self.committed_index.load(Ordering::Relaxed).max(applied);
+        let is_leader = u8::from(metrics.current_leader == Some(self.config.node_id));
+        let node = self.config.node_id;
+        let mut text = String::new();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node_id=\"{node}\"}} {value}");
+        };
+        gauge("tollgate_raft_term", "Current Raft term.", metrics.current_term);
+        gauge("tollgate_raft_leader_id", "Leader this node knows (0 when none).", metrics.current_leader.unwrap_or(0));
+        gauge("tollgate_raft_is_leader", "1 when this node leads.", u64::from(is_leader));
+        gauge("tollgate_raft_commit_index", "Last committed log index known here.", committed);
+        gauge("tollgate_raft_applied_index", "Last applied log index.", applied);
+        gauge("tollgate_raft_apply_lag", "Committed entries not yet applied.", committed.saturating_sub(applied));
+        gauge("tollgate_raft_last_log_index", "Last log index stored here.", metrics.last_log_index.unwrap_or(0));
+        gauge(
+            "tollgate_config_published_version",
+            "Version of the compiled config the data path reads.",
+            self.published.load().version,
+        );
+        gauge("tollgate_config_publications", "Compiled configs published since start.", self.published.publications());
+        if let Some(handle) = &self.prometheus {
+            text.push_str(&handle.render());
+        }
+        text
+    }
+}

@@ -1,0 +1,69 @@
+//! The publish path: after the state machine applies entries, build the immutable
+//! compiled configuration the data path reads, and swap it in atomically.
+//!
+//! The state machine announces each applied batch on a `watch` channel (which holds
+//! only the newest value, so a burst of applies costs one compile). This task compiles
+//! off the request path; readers call [`Published::load`] and never wait.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tollgate_raft_store::state::ConfigState;
+use tollgate_raft_store::store::Applied;
+
+/// One immutable compiled configuration. The proxy's router, plugin chains and
+/// balancers are built into it by the data-plane issue; today it carries the validated
+/// entities and their version.
+#[derive(Default)]
+pub struct CompiledConfig {
+    /// The Raft log index of the last entry applied into this config.
+    pub version: u64,
+    pub state: ConfigState,
+}
+
+impl CompiledConfig {
+    pub fn compile(applied: &Applied) -> CompiledConfig {
+        CompiledConfig { version: applied.version(), state: applied.state.clone() }
+    }
+}
+
+/// The current compiled configuration, swapped whole.
+#[derive(Default)]
+pub struct Published {
+    current: ArcSwap<CompiledConfig>,
+    publications: AtomicU64,
+}
+
+impl Published {
+    pub fn load(&self) -> Arc<CompiledConfig> {
+        self.current.load_full()
+    }
+
+    pub fn publications(&self) -> u64 {
+        self.publications.load(Ordering::Relaxed)
+    }
+
+    fn store(&self, compiled: CompiledConfig) {
+        let version = compiled.version;
+        let previous = self.current.swap(Arc::new(compiled));
+        debug_assert!(previous.version <= version, "CFG3: the published version never decreases");
+        self.publications.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tollgate_config_publications_total").increment(1);
+        metrics::gauge!("tollgate_config_version").set(version as f64);
+    }
+}
+
+/// Compiles and publishes every new applied state until the channel closes.
+pub async fn run(mut applied: watch::Receiver<Applied>, published: Arc<Published>) {
+    loop {
+        let compiled = CompiledConfig::compile(&applied.borrow_and_update());
+        if compiled.version >= published.load().version {
+            published.store(compiled);
+        }
+        if applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
