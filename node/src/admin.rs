@@ -134,7 +134,10 @@ async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Re
         Err(_) => {
             let mut error = ApiError::new(ErrorCode::BadRequest, format!("request body larger than {limit} bytes"));
             error.fields.insert("@body".into(), format!("at most {limit} bytes (admin_body_bytes_max)"));
-            return with_status(error_response(&error), StatusCode::PAYLOAD_TOO_LARGE);
+            // The rest of the body is unread: close the connection rather than reuse it.
+            let mut response = with_status(error_response(&error), StatusCode::PAYLOAD_TOO_LARGE);
+            response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
         }
     };
     let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(|s| percent_decode(s, false)).collect();

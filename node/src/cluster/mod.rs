@@ -276,6 +276,15 @@ impl Cluster {
             LeaderRequest::Write(mut command) => {
                 // Time in the state machine is the leader's.
                 command.now_s = self.clock.now_s();
+                // Refused writes cost no log entry: try the command on a copy of the
+                // applied state first (O(1) to copy). Once this leader has applied an
+                // entry of its own term, that state holds every acknowledged write, so
+                // a refusal here is one the log would give too.
+                let applied = self.leader_applied_state().await?;
+                let mut scratch = applied.state.clone();
+                if let Err(error) = scratch.apply(&command) {
+                    return Ok(LeaderReply::Write { result: Err(error), log_index: applied.version() });
+                }
                 match self.raft.client_write(command).await {
                     Ok(response) => {
                         Ok(LeaderReply::Write { result: response.data.result, log_index: response.log_id.index })
@@ -322,6 +331,24 @@ impl Cluster {
                 Ok(LeaderReply::Membership { log_index: response.log_id.index })
             }
         }
+    }
+
+    /// The applied state once it includes an entry of the current term (so every
+    /// write any leader acknowledged), or `NotLeader` when this node stops leading.
+    async fn leader_applied_state(&self) -> Result<Applied, LeaderError> {
+        let mut metrics = self.raft.metrics();
+        let caught_up = tokio::time::timeout(
+            self.write_leader_wait,
+            metrics.wait_for(|m| {
+                m.state != ServerState::Leader || m.last_applied.is_some_and(|id| id.leader_id.term == m.current_term)
+            }),
+        )
+        .await;
+        match caught_up {
+            Ok(Ok(m)) if m.state == ServerState::Leader => {}
+            _ => return Err(LeaderError::NotLeader),
+        }
+        Ok(self.state())
     }
 
     /// A short description of this node's Raft state for `/status`.

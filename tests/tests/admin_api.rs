@@ -1,0 +1,186 @@
+//! The Admin API's contract on a single node: Kong's shapes, and bad input of every
+//! class refused with the field named, changing nothing, the node still serving.
+
+use serde_json::{json, Value};
+use tollgate_client::{AdminClient, ErrorCode};
+use tollgate_tests::TestCluster;
+
+/// The whole config and version, to show a refused write changed nothing.
+async fn snapshot(client: &AdminClient) -> (Value, u64) {
+    let reply = client.get("/config").await.expect("GET /config");
+    (reply.body, reply.config_version.expect("version"))
+}
+
+async fn seeded() -> anyhow::Result<(TestCluster, AdminClient)> {
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "orders", "url": "http://orders:8080/api"})).await?;
+    client.post("/services/orders/routes", &json!({"name": "orders-route", "paths": ["/orders"]})).await?;
+    Ok((cluster, client))
+}
+
+/// Sends a raw body and returns status and JSON answer.
+async fn raw(client: &AdminClient, method: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let method = http::Method::from_bytes(method.as_bytes()).expect("method");
+    match client.request_bytes(method, path, "application/json", body).await {
+        Ok(reply) => (reply.status, reply.body),
+        Err(tollgate_client::ClientError::Api { status, error, .. }) => (status, error.to_json()),
+        Err(other) => panic!("{path}: {other}"),
+    }
+}
+
+async fn assert_refused(client: &AdminClient, method: &str, path: &str, body: Vec<u8>, status: u16, field: &str) {
+    let before = snapshot(client).await;
+    let (got_status, answer) = raw(client, method, path, body).await;
+    assert_eq!(got_status, status, "{method} {path}: {answer}");
+    assert!(answer["fields"].get(field).is_some(), "{method} {path}: field '{field}' not named in {answer}");
+    assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    assert_eq!(snapshot(client).await, before, "{method} {path} changed the config");
+    assert_eq!(client.get("/status").await.expect("still serving").status, 200);
+}
+
+#[tokio::test]
+async fn malformed_json() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    assert_refused(&client, "POST", "/services", b"{\"name\": \"x\",".to_vec(), 400, "@body").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_fields() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body = json!({"name": "x", "host": "x.internal", "colour": "red"}).to_string().into_bytes();
+    assert_refused(&client, "POST", "/services", body, 400, "colour").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_types() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body = json!({"name": "x", "host": "x.internal", "port": "eighty"}).to_string().into_bytes();
+    assert_refused(&client, "POST", "/services", body, 400, "port").await;
+    let body = json!({"paths": "/not-an-array"}).to_string().into_bytes();
+    assert_refused(&client, "PATCH", "/routes/orders-route", body, 400, "paths").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dangling_references() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body =
+        json!({"paths": ["/x"], "service": {"id": "00000000-0000-4000-8000-000000000000"}}).to_string().into_bytes();
+    assert_refused(&client, "POST", "/routes", body, 400, "service").await;
+    // Deleting a service that routes reference is refused too (Kong's restrict).
+    let error = client.delete("/services/orders").await.unwrap_err();
+    assert_eq!(error.api_error().map(|e| e.code), Some(ErrorCode::ForeignKeyViolation));
+    assert_eq!(client.get("/services/orders").await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_names() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body = json!({"name": "orders", "host": "elsewhere.internal"}).to_string().into_bytes();
+    assert_refused(&client, "POST", "/services", body, 409, "name").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ten_megabyte_body() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let mut body = b"{\"name\": \"big\", \"host\": \"big.internal\", \"tags\": [\"".to_vec();
+    body.extend(std::iter::repeat_n(b'a', 10 * 1024 * 1024));
+    body.extend(b"\"]}");
+    assert_refused(&client, "POST", "/services", body, 413, "@body").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_plugin_name() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body = json!({"name": "no-such-plugin"}).to_string().into_bytes();
+    assert_refused(&client, "POST", "/plugins", body, 400, "name").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_declarative_document() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let body = json!({"_format_version": "3.0", "services": [{"name": "a", "host": "a.internal", "routes": [{"paths": ["bad"]}]}]})
+        .to_string()
+        .into_bytes();
+    assert_refused(&client, "POST", "/config", body, 400, "services[0].routes[0].paths").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn kong_shapes_crud_nesting_and_pagination() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    // PUT upserts by name; PATCH changes one field; GET by id or name.
+    let put = client.put("/services/payments", &json!({"host": "payments.internal"})).await?;
+    assert_eq!(put.status, 201);
+    let id = put.body["id"].as_str().expect("id").to_string();
+    let again = client.put("/services/payments", &json!({"host": "payments2.internal"})).await?;
+    assert_eq!((again.status, again.body["id"].as_str()), (200, Some(id.as_str())));
+    let patched = client.patch(&format!("/services/{id}"), &json!({"port": 8443})).await?;
+    assert_eq!(
+        (patched.body["port"].as_u64(), patched.body["host"].as_str()),
+        (Some(8443), Some("payments2.internal"))
+    );
+
+    // Nested credentials and targets; a nested path only reaches its own children.
+    client.post("/consumers", &json!({"username": "bob"})).await?;
+    let credential = client.post("/consumers/bob/key-auth", &json!({})).await?;
+    assert!(credential.body["key"].as_str().is_some_and(|k| !k.is_empty()), "a key is generated");
+    client.post("/upstreams", &json!({"name": "pool"})).await?;
+    client.post("/upstreams/pool/targets", &json!({"target": "10.0.0.1:80"})).await?;
+    assert_eq!(client.get("/upstreams/pool/targets/10.0.0.1:80").await?.body["weight"], 100);
+    assert_eq!(client.get("/services/payments/routes/orders-route").await.unwrap_err().status(), Some(404));
+
+    // Pagination walks every entity once.
+    for n in 0..7 {
+        client.post("/consumers", &json!({"username": format!("user{n}")})).await?;
+    }
+    let first = client.get("/consumers?size=3").await?;
+    assert_eq!(first.body["data"].as_array().map(Vec::len), Some(3));
+    assert!(first.body["next"].as_str().is_some_and(|next| next.starts_with("/consumers?offset=")));
+    assert_eq!(client.list_all("/consumers").await?.len(), 8);
+    assert_eq!(client.get("/consumers?size=0").await.unwrap_err().status(), Some(400));
+
+    // Deletes cascade as Kong's do: the consumer takes its credential with it; DELETE
+    // of a missing entity is 204.
+    assert_eq!(client.delete("/consumers/bob").await?.status, 204);
+    assert_eq!(
+        client
+            .get(&format!("/consumers/bob/key-auth/{}", credential.body["id"].as_str().unwrap()))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    assert_eq!(client.delete("/consumers/bob").await?.status, 204);
+
+    // Declarative replace is atomic and GET /config round-trips.
+    let dumped = client.get("/config").await?.body;
+    let replaced = client
+        .post("/config", &json!({"_format_version": "3.0", "services": [{"name": "only", "url": "http://only:1"}]}))
+        .await?;
+    assert_eq!(replaced.status, 201);
+    assert_eq!(client.list_all("/services").await?.len(), 1);
+    client.post("/config", &dumped).await?;
+    assert_eq!(client.get("/config").await?.body, dumped);
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_token_is_required_when_set() -> anyhow::Result<()> {
+    let cluster = TestCluster::start_with_token(1, "s3cret").await?;
+    let url = cluster.nodes[0].admin_url();
+    let anonymous = AdminClient::new([url.clone()]);
+    assert_eq!(anonymous.get("/status").await.unwrap_err().status(), Some(401));
+    let wrong = AdminClient::new([url.clone()]).with_token("s3cre");
+    assert_eq!(wrong.get("/services").await.unwrap_err().status(), Some(401));
+    let right = AdminClient::new([url]).with_token("s3cret");
+    assert_eq!(right.post("/services", &json!({"name": "a", "host": "a.internal"})).await?.status, 201);
+    Ok(())
+}
