@@ -21,7 +21,6 @@ use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -65,38 +64,16 @@ fn nested_allowed(parent: EntityKind, child: EntityKind) -> bool {
     )
 }
 
+/// Most Admin API connections open at once.
+pub const ADMIN_CONNECTIONS_MAX: usize = 1024;
+
 /// Serves the Admin API until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "admin accept failed");
-                continue;
-            }
-        };
+pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: watch::Receiver<bool>) {
+    let handler = move |peer, request| {
         let node = node.clone();
-        let mut connection_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let node = node.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&node, peer, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %peer, "admin connection ended");
-                    }
-                }
-                _ = connection_shutdown.wait_for(|stop| *stop) => {}
-            }
-        });
-    }
+        async move { handle(&node, peer, request).await }
+    };
+    crate::serve::serve_http1("admin", listener, ADMIN_CONNECTIONS_MAX, handler, shutdown).await;
 }
 
 /// A parsed request: what the handlers need.
@@ -372,7 +349,7 @@ fn body_error(message: &str) -> ApiError {
 }
 
 fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::BadRequest, "Method not allowed")
+    ApiError::new(ErrorCode::MethodNotAllowed, "Method not allowed")
 }
 
 fn versioned(mut response: Response<Full<Bytes>>, version: u64) -> Response<Full<Bytes>> {

@@ -27,7 +27,8 @@ pub const WRITE_LEADER_WAIT_MS_DEFAULT: u64 = 5000;
 const RAFT_HEARTBEAT_MS_RANGE: (u64, u64) = (10, 10_000);
 const RAFT_ELECTION_MS_RANGE: (u64, u64) = (50, 60_000);
 const SNAPSHOT_LOGS_RANGE: (u64, u64) = (100, 10_000_000);
-const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 256 * 1024 * 1024);
+/// At most a quarter of the cluster frame limit, so one entry always fits in a frame.
+const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 32 * 1024 * 1024);
 const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
 
 /// A fully resolved node configuration.

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -15,26 +14,16 @@ use tokio::sync::watch;
 /// Largest request body the echo reads back.
 pub const ECHO_BODY_BYTES_MAX: usize = 1024 * 1024;
 
-pub async fn serve(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Most echo connections open at once.
+const ECHO_CONNECTIONS_MAX: usize = 4096;
+
+pub async fn serve(listener: TcpListener, shutdown: watch::Receiver<bool>) {
     let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let Ok((stream, peer)) = accepted else { continue };
+    let handler = move |peer, request| {
         let listen = listen.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let listen = listen.clone();
-                async move { Ok::<_, std::convert::Infallible>(echo(request, peer, &listen).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-        });
-    }
+        async move { echo(request, peer, &listen).await }
+    };
+    crate::serve::serve_http1("echo", listener, ECHO_CONNECTIONS_MAX, handler, shutdown).await;
 }
 
 async fn echo(request: Request<Incoming>, peer: SocketAddr, listen: &str) -> Response<Full<Bytes>> {

@@ -12,5 +12,6 @@ pub mod dev;
 pub mod echo;
 pub mod node;
 pub mod publish;
+pub mod serve;
 
 pub use tollgate_raft_store::NodeId;

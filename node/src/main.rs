@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start a three-node cluster on loopback with a demo upstream and a sample config.
     Dev {
         #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data/dev")]
@@ -134,7 +134,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
-            let config = args.resolve()?;
+            let config = (*args).resolve()?;
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
             runtime.block_on(run(config))

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// Tollgate's own: an internal failure (storage, encoding).
     Internal,
+    /// Tollgate's own: the path exists but not with this method.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -45,6 +47,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 102,
             ErrorCode::Unauthorized => 103,
             ErrorCode::Internal => 104,
+            ErrorCode::MethodNotAllowed => 105,
         }
     }
 
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Internal => "internal error",
+            ErrorCode::MethodNotAllowed => "method not allowed",
         }
     }
 
@@ -73,6 +77,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Internal => 500,
+            ErrorCode::MethodNotAllowed => 405,
             _ => 400,
         }
     }
@@ -149,7 +154,7 @@ impl ApiError {
     }
 }
 
-const ALL_CODES: [ErrorCode; 12] = [
+const ALL_CODES: [ErrorCode; 13] = [
     ErrorCode::SchemaViolation,
     ErrorCode::PrimaryKeyViolation,
     ErrorCode::ForeignKeyViolation,
@@ -162,6 +167,7 @@ const ALL_CODES: [ErrorCode; 12] = [
     ErrorCode::Unavailable,
     ErrorCode::Unauthorized,
     ErrorCode::Internal,
+    ErrorCode::MethodNotAllowed,
 ];
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! randomness, no I/O. Errors leave the state exactly as it was (every operation checks
 //! before it mutates, and `ReplaceAll` builds a new state and swaps it in only whole).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -207,6 +207,10 @@ impl ConfigState {
         }
         let existing = self.lookup(kind, key, scope);
         let key_is_id = Uuid::parse_str(key).ok();
+        if existing.is_none() && key_is_id.is_some_and(|id| self.table(kind).contains_key(&id)) {
+            // The id exists, but outside the nested path's parent: not this path's to replace.
+            return Err(ApiError::not_found());
+        }
         if key_is_id.is_none() {
             // PUT /services/{name}: the name comes from the URL.
             let Some(endpoint_key) = kind.schema().endpoint_keys.first() else {
@@ -230,12 +234,10 @@ impl ConfigState {
         let entity = Arc::new(entity);
         if let Some(old) = existing {
             self.remove(kind, &old);
-            self.insert(kind, entity.clone());
-            Ok(Outcome::Updated(Value::Object((*entity).clone()).into()))
-        } else {
-            self.insert(kind, entity.clone());
-            Ok(Outcome::Created(Value::Object((*entity).clone()).into()))
         }
+        self.insert(kind, entity.clone());
+        // Kong answers PUT with 200 whether it created or replaced.
+        Ok(Outcome::Updated(Value::Object((*entity).clone()).into()))
     }
 
     fn patch(
@@ -274,6 +276,7 @@ impl ConfigState {
         };
         // Collect the whole cascade first and check every restriction, so that a refused
         // delete changes nothing.
+        let mut doomed_ids: BTreeSet<(EntityKind, Uuid)> = BTreeSet::from([(kind, entity_id(&existing))]);
         let mut doomed: Vec<(EntityKind, Arc<Object>)> = vec![(kind, existing)];
         let mut position = 0;
         while position < doomed.len() {
@@ -298,9 +301,7 @@ impl ConfigState {
                                 ),
                             ));
                         }
-                        let already =
-                            doomed.iter().any(|(k, e)| *k == referencing && entity_id(e) == entity_id(entity));
-                        if !already {
+                        if doomed_ids.insert((referencing, entity_id(entity))) {
                             doomed.push((referencing, entity.clone()));
                         }
                     }
@@ -401,6 +402,9 @@ impl ConfigState {
 
     fn insert(&mut self, kind: EntityKind, entity: Arc<Object>) {
         let id = entity_id(&entity);
+        if let Some(replaced) = self.table(kind).get(&id).cloned() {
+            self.remove(kind, &replaced);
+        }
         for (constraint, fields) in kind.schema().unique.iter().enumerate() {
             if let Some(value) = unique_value(&entity, fields) {
                 self.unique.insert(UniqueKey { kind, constraint: constraint as u8, value }, id);
@@ -605,6 +609,49 @@ mod tests {
         delete(&mut state, EntityKind::Consumer, "alice").unwrap();
         assert_eq!(state.entity_count(), 0);
         assert!(state.find(EntityKind::KeyAuth, "k1", None).is_err());
+    }
+
+    #[test]
+    fn nested_put_cannot_take_over_an_entity_of_another_parent() {
+        let mut state = ConfigState::new();
+        create(&mut state, EntityKind::Service, json!({"name": "a", "host": "a.com"})).unwrap();
+        create(&mut state, EntityKind::Service, json!({"name": "b", "host": "b.com"})).unwrap();
+        create(&mut state, EntityKind::Route, json!({"name": "old", "paths": ["/"], "service": {"id": "b"}})).unwrap();
+        let route_id = entity_id(&state.find(EntityKind::Route, "old", None).unwrap()).to_string();
+        let put = Command {
+            now_s: 2,
+            op: Op::Upsert {
+                kind: EntityKind::Route,
+                key: route_id,
+                id: Uuid::new_v4(),
+                parent: Some(Parent { kind: EntityKind::Service, key: "a".into() }),
+                body: json!({"name": "new", "paths": ["/"]}).into(),
+            },
+        };
+        assert_eq!(state.apply(&put).unwrap_err().code, ErrorCode::NotFound);
+        // The route and its unique index are as they were.
+        assert_eq!(state.find(EntityKind::Route, "old", None).unwrap()["name"], "old");
+        let duplicate = create(&mut state, EntityKind::Route, json!({"name": "old", "paths": ["/x"]})).unwrap_err();
+        assert_eq!(duplicate.code, ErrorCode::UniqueViolation);
+    }
+
+    #[test]
+    fn replacing_an_entity_frees_its_old_unique_keys() {
+        let mut state = ConfigState::new();
+        create(&mut state, EntityKind::Service, json!({"name": "first", "host": "a.com"})).unwrap();
+        let patch = Command {
+            now_s: 2,
+            op: Op::Patch {
+                kind: EntityKind::Service,
+                key: "first".into(),
+                parent: None,
+                body: json!({"name": "second"}).into(),
+            },
+        };
+        state.apply(&patch).unwrap();
+        assert!(state.find(EntityKind::Service, "first", None).is_err());
+        create(&mut state, EntityKind::Service, json!({"name": "first", "host": "b.com"})).unwrap();
+        assert_eq!(state.entity_count(), 2);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //!
 //! redb calls block (a commit waits for fsync), so writes run on tokio's blocking pool.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes); boxing it
+// in our helpers would only move the size around.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -313,12 +317,23 @@ fn applied_from_snapshot(meta: &SnapshotMeta<NodeId, openraft::BasicNode>, data:
     Ok(Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() })
 }
 
+/// Stores `snapshot` unless a newer one is already stored. A snapshot build runs in its
+/// own task and can finish after a newer snapshot from the leader was installed (and the
+/// log purged up to it); keeping the older one would leave a hole at the next start.
 async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> Result<()> {
     blocking(database, move |db| {
         let frame = codec::encode(&snapshot).map_err(io_error)?;
         let txn = db.begin_write().map_err(io_error)?;
         {
             let mut table = txn.open_table(SNAPSHOT).map_err(io_error)?;
+            let stored_last = match table.get(SNAPSHOT_CURRENT).map_err(io_error)? {
+                Some(stored) => codec::decode::<StoredSnapshot>(stored.value()).map_err(io_error)?.meta.last_log_id,
+                None => None,
+            };
+            if stored_last > snapshot.meta.last_log_id {
+                tracing::info!(snapshot_id = %snapshot.meta.snapshot_id, "a newer snapshot is stored; keeping it");
+                return Ok(());
+            }
             table.insert(SNAPSHOT_CURRENT, frame.as_slice()).map_err(io_error)?;
         }
         txn.commit().map_err(io_error)
@@ -406,7 +421,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
         let database = self.database.clone();
-        let stored = blocking(&database, |db| load_snapshot(db)).await?;
+        let stored = blocking(&database, load_snapshot).await?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }

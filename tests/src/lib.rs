@@ -24,12 +24,14 @@ pub fn tollgate_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let binary = profile_dir.join("tollgate");
+    // Tests run from target/<profile>/deps/, benchmark binaries from target/<profile>/.
+    let beside = exe.parent().map(|dir| dir.join("tollgate"));
+    let above = exe.parent().and_then(Path::parent).map(|dir| dir.join("tollgate"));
+    let binary = [beside, above].into_iter().flatten().find(|path| path.exists()).unwrap_or_default();
     assert!(
         binary.exists(),
-        "{} not found: build it with `cargo build -p tollgate-node` (cargo test --workspace does) or set TOLLGATE_BIN",
-        binary.display()
+        "tollgate not found beside {}: build it with `cargo build -p tollgate-node` (cargo test --workspace does) or set TOLLGATE_BIN",
+        exe.display()
     );
     binary
 }

@@ -53,5 +53,14 @@ async fn compacted_log_ships_as_a_snapshot_to_a_joining_node() -> anyhow::Result
     let got = cluster.client_of(4).get("/config?consistency=local").await?.body;
     assert_eq!(got["consumers"].as_array().map(Vec::len), Some(WRITES));
     assert!(got == expected, "node 4's config differs from the leader's");
+
+    // And out again: DELETE /cluster/members/4 leaves three voters that keep writing.
+    let client = cluster.client();
+    assert_eq!(client.delete("/cluster/members/4").await?.status, 204);
+    let view = client.get("/cluster").await?.body;
+    let members: Vec<u64> =
+        view["members"].as_array().expect("members").iter().filter_map(|m| m["node_id"].as_u64()).collect();
+    assert_eq!(members, vec![1, 2, 3]);
+    assert_eq!(client.post("/consumers", &json!({"username": "after-removal"})).await?.status, 201);
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! from its data dir; every acknowledged write is then present exactly once everywhere.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde_json::json;
 use tollgate_tests::{eventually, TestCluster, CONVERGE_TIMEOUT};

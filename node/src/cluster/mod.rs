@@ -37,6 +37,10 @@ const PATH_JOIN: &str = "/cluster/join";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts while no leader is reachable.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Largest snapshot a node accepts from a leader.
+pub const SNAPSHOT_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+/// Most entries in one AppendEntries; with the frame limit this bounds a batch's size.
+const APPEND_ENTRIES_MAX: u64 = 64;
 /// Pause between attempts to join a running cluster.
 const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -91,6 +95,7 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<Arc<Config>> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.snapshot_keep_logs,
         snapshot_max_chunk_size: 1024 * 1024,
+        max_payload_entries: APPEND_ENTRIES_MAX,
         install_snapshot_timeout: 2000,
         ..Default::default()
     };
@@ -163,10 +168,8 @@ impl Cluster {
     pub async fn write(&self, op: Op) -> Result<(Outcome, u64), ApiError> {
         // The id a create will store, to recognise it if a retry meets the first attempt.
         let created = match &op {
-            Op::Create { kind, id, body, .. } => {
-                let given = body.0.get("id").and_then(|v| v.as_str()).map(str::to_string);
-                Some((*kind, given.unwrap_or_else(|| id.to_string())))
-            }
+            // Only ids this node generated: a client-given id may be someone else's.
+            Op::Create { kind, id, body, .. } if body.0.get("id").is_none() => Some((*kind, id.to_string())),
             _ => None,
         };
         let command = Command { now_s: self.clock.now_s(), op };
@@ -174,17 +177,22 @@ impl Cluster {
         let LeaderReply::Write { result, log_index } = reply else {
             return Err(ApiError::new(ErrorCode::Internal, "leader answered a write with something else"));
         };
-        let state = self.wait_applied(log_index).await?;
-        let outcome = match (result, created) {
+        // Answer once this node has applied the write too, so a read here sees it. The
+        // write is committed either way: a slow local apply is logged, not an error.
+        let applied = self.wait_applied(log_index).await;
+        if let Err(error) = &applied {
+            tracing::warn!(%error, log_index, "answering a committed write before applying it locally");
+        }
+        match (result, created) {
             // A create retried after an attempt of unknown fate may meet itself: its id is
             // fixed before the first attempt, so finding it means that attempt succeeded.
             (Err(error), Some((kind, id))) if retried && error.code == ErrorCode::PrimaryKeyViolation => {
+                let state = applied?;
                 let entity = state.state.find(kind, &id, None).map_err(|_| error)?;
-                Outcome::Created(serde_json::Value::Object((*entity).clone()).into())
+                Ok((Outcome::Created(serde_json::Value::Object((*entity).clone()).into()), log_index))
             }
-            (result, _) => result?,
-        };
-        Ok((outcome, log_index))
+            (result, _) => Ok((result?, log_index)),
+        }
     }
 
     /// Waits until this node has applied `log_index` (bounded by the write wait).
@@ -281,9 +289,13 @@ impl Cluster {
                 // entry of its own term, that state holds every acknowledged write, so
                 // a refusal here is one the log would give too.
                 let applied = self.leader_applied_state().await?;
-                let mut scratch = applied.state.clone();
-                if let Err(error) = scratch.apply(&command) {
-                    return Ok(LeaderReply::Write { result: Err(error), log_index: applied.version() });
+                if applied.state.clone().apply(&command).is_err() {
+                    // A leader cut off from the majority still believes it leads: before
+                    // refusing, confirm leadership and catch up (ReadIndex), then retry.
+                    let confirmed = self.confirmed_state().await?;
+                    if let Err(error) = confirmed.state.clone().apply(&command) {
+                        return Ok(LeaderReply::Write { result: Err(error), log_index: confirmed.version() });
+                    }
                 }
                 match self.raft.client_write(command).await {
                     Ok(response) => {
@@ -318,15 +330,22 @@ impl Cluster {
                 Ok(LeaderReply::Membership { log_index: response.log_id.index })
             }
             LeaderRequest::RemoveMember { node_id } => {
-                let known = self.raft.metrics().borrow().membership_config.membership().get_node(&node_id).is_some();
+                let (known, is_voter) = {
+                    let metrics = self.raft.metrics();
+                    let borrowed = metrics.borrow();
+                    let membership = borrowed.membership_config.membership();
+                    (membership.get_node(&node_id).is_some(), membership.voter_ids().any(|id| id == node_id))
+                };
                 if !known {
                     return Err(LeaderError::Failed(ApiError::not_found()));
                 }
-                let response = self
-                    .raft
-                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), false)
-                    .await
-                    .map_err(membership_error)?;
+                // A voter is demoted and dropped in one change; a learner is just dropped.
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+                };
+                let response = self.raft.change_membership(change, false).await.map_err(membership_error)?;
                 tracing::info!(node_id, "removed member");
                 Ok(LeaderReply::Membership { log_index: response.log_id.index })
             }
@@ -349,6 +368,17 @@ impl Cluster {
             _ => return Err(LeaderError::NotLeader),
         }
         Ok(self.state())
+    }
+
+    /// The applied state after a ReadIndex round: this node leads and has applied
+    /// everything committed before the call.
+    async fn confirmed_state(&self) -> Result<Applied, LeaderError> {
+        let read_log_id = match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => read_log_id,
+            Err(RaftError::APIError(_)) => return Err(LeaderError::NotLeader),
+            Err(error) => return Err(LeaderError::Failed(unavailable(error.to_string()))),
+        };
+        self.wait_applied(read_log_id.map_or(0, |id| id.index)).await.map_err(LeaderError::Failed)
     }
 
     /// A short description of this node's Raft state for `/status`.
@@ -395,7 +425,14 @@ impl FrameHandler for ClusterHandler {
                 frame(&raft.append_entries(request).await)
             }
             PATH_VOTE => frame(&raft.vote(parse(&body)?).await),
-            PATH_SNAPSHOT => frame(&raft.install_snapshot(parse(&body)?).await),
+            PATH_SNAPSHOT => {
+                let request: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body)?;
+                // openraft writes a chunk at its offset into an in-memory buffer: bound it.
+                if request.offset.saturating_add(request.data.len() as u64) > SNAPSHOT_BYTES_MAX {
+                    return Err(format!("snapshot larger than {SNAPSHOT_BYTES_MAX} bytes"));
+                }
+                frame(&raft.install_snapshot(request).await)
+            }
             PATH_LEADER => {
                 let request: LeaderRequest = parse(&body)?;
                 frame(&self.cluster.execute(request).await)

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -58,6 +60,8 @@ impl PeerNetwork {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
             Err(error) if error.is_not_delivered() => Err(RPCError::Unreachable(Unreachable::new(&error))),
+            // Ask openraft to send one entry at a time to this peer for a while.
+            Err(PeerError::TooLarge { .. }) => Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(1))),
             Err(error) => Err(RPCError::Network(NetworkError::new(&error))),
         }
     }

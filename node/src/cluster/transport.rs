@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_raft_store::codec;
@@ -32,6 +32,9 @@ pub enum PeerError {
     /// The request may have reached the peer: the outcome is unknown.
     #[error("no answer from {address} within {timeout_ms} ms")]
     Timeout { address: String, timeout_ms: u64 },
+    /// The peer refused the frame as larger than it accepts.
+    #[error("peer {address} refused a frame as too large")]
+    TooLarge { address: String },
     #[error("peer {address} failed: {reason}")]
     Failed { address: String, reason: String },
 }
@@ -102,6 +105,9 @@ impl PeerClient {
                 .await
                 .map_err(|e| failed(e.to_string()))?
                 .to_bytes();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                return Err(PeerError::TooLarge { address: address.to_string() });
+            }
             if status != StatusCode::OK {
                 return Err(failed(format!("status {status}: {}", String::from_utf8_lossy(&body))));
             }
@@ -119,56 +125,33 @@ pub trait FrameHandler: Send + Sync + 'static {
     fn handle(&self, path: String, frame: Bytes) -> impl std::future::Future<Output = Result<Vec<u8>, String>> + Send;
 }
 
+/// Most cluster-port connections open at once (peers pool theirs, so a few per peer).
+pub const CLUSTER_CONNECTIONS_MAX: usize = 256;
+
 /// Serves the cluster port until `shutdown` turns true.
-pub async fn serve<H: FrameHandler>(listener: TcpListener, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "cluster accept failed");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut connection_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| answer(handler.clone(), peer, request));
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %peer, "cluster connection ended");
-                    }
-                }
-                _ = connection_shutdown.wait_for(|stop| *stop) => {}
-            }
-        });
-    }
+pub async fn serve<H: FrameHandler>(listener: TcpListener, handler: Arc<H>, shutdown: watch::Receiver<bool>) {
+    let answer_with = move |peer, request| answer(handler.clone(), peer, request);
+    crate::serve::serve_http1("cluster", listener, CLUSTER_CONNECTIONS_MAX, answer_with, shutdown).await;
 }
 
 async fn answer<H: FrameHandler>(
     handler: Arc<H>,
     peer: SocketAddr,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_string();
     if request.method() != Method::POST {
-        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "POST only"));
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "POST only");
     }
     let body = match Limited::new(request.into_body(), CLUSTER_FRAME_BYTES_MAX).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(error) => return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string())),
+        Err(error) => return plain(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string()),
     };
     match handler.handle(path, body).await {
-        Ok(frame) => Ok(Response::new(Full::new(Bytes::from(frame)))),
+        Ok(frame) => Response::new(Full::new(Bytes::from(frame))),
         Err(reason) => {
             tracing::debug!(%peer, %reason, "cluster request refused");
-            Ok(plain(StatusCode::BAD_REQUEST, &reason))
+            plain(StatusCode::BAD_REQUEST, &reason)
         }
     }
 }
