@@ -184,3 +184,21 @@ async fn admin_token_is_required_when_set() -> anyhow::Result<()> {
     assert_eq!(right.post("/services", &json!({"name": "a", "host": "a.internal"})).await?.status, 201);
     Ok(())
 }
+
+#[tokio::test]
+async fn client_moves_past_unreachable_nodes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    // A port nothing listens on, first in the list.
+    let dead = format!("http://127.0.0.1:{}", tollgate_tests::free_port());
+    let live = cluster.nodes[0].admin_url();
+    let client = AdminClient::new([dead.clone(), live.clone()]);
+    let reply = client.post("/consumers", &json!({"username": "carol"})).await?;
+    assert_eq!((reply.status, reply.node.as_str()), (201, live.as_str()));
+    // With no node reachable the error says so, and names what was tried.
+    let error = AdminClient::new([dead.clone()]).get("/status").await.unwrap_err();
+    assert!(
+        matches!(&error, tollgate_client::ClientError::Unreachable { tried, .. } if tried == &vec![dead]),
+        "{error}"
+    );
+    Ok(())
+}

@@ -80,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
         let client = cluster.client_of(survivor);
         cluster.node(leader).kill9();
         let killed_at = Instant::now();
+        let elected = eventually("a new leader known to a survivor", CONVERGE_TIMEOUT, || async {
+            let status = client.get("/status").await.ok()?.body;
+            let known = status["leader_id"].as_u64()?;
+            (known != leader).then_some(killed_at.elapsed())
+        })
+        .await?;
         let body = json!({"name": format!("failover-{round}"), "host": "failover.internal"});
         eventually("a write through a survivor", CONVERGE_TIMEOUT, || async {
             client.post("/services", &body).await.ok().map(|_| ())
@@ -87,7 +93,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let elapsed = killed_at.elapsed();
         println!(
-            "kill -9 leader {leader}: first write accepted through node {survivor} after {} ms",
+            "kill -9 leader {leader}: new leader known after {} ms, first write accepted through node {survivor} after {} ms",
+            elected.as_millis(),
             elapsed.as_millis()
         );
         failovers.push(elapsed);
