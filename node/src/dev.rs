@@ -85,16 +85,13 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
     println!("Tollgate dev cluster: {DEV_NODES} nodes on loopback, data in {}", options.data_dir.display());
     for handle in &nodes {
         println!(
-            "  node {}: admin http://{}  cluster {}",
-            handle.node.config.node_id, handle.admin_addr, handle.cluster_addr
+            "  node {}: proxy http://{}  admin http://{}  cluster {}",
+            handle.node.config.node_id, handle.proxy_addr, handle.admin_addr, handle.cluster_addr
         );
     }
     println!("  demo upstream (tollgate echo): http://{}", options.echo_listen);
-    println!(
-        "  proxy listeners ({}): arrive with the data plane",
-        nodes.iter().map(|h| h.node.config.proxy_listen.to_string()).collect::<Vec<_>>().join(", ")
-    );
-    println!("Try: curl -s http://{}/services | jq", nodes[1].admin_addr);
+    println!("Try: curl -s http://{}/echo/hello   (route 'echo' through node 3)", nodes[2].proxy_addr);
+    println!("     curl -s http://{}/services     (Admin API of node 2)", nodes[1].admin_addr);
     println!("Ctrl-C stops the cluster.");
 
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;

@@ -35,6 +35,7 @@ pub struct Node {
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
 pub struct NodeHandle {
     pub node: Arc<Node>,
+    pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -73,6 +74,10 @@ pub async fn start(
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
+    let proxy_listener = TcpListener::bind(config.proxy_listen)
+        .await
+        .with_context(|| format!("binding proxy_listen {}", config.proxy_listen))?;
+    let proxy_addr = proxy_listener.local_addr()?;
     let cluster_addr = cluster_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -102,7 +107,9 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    tasks.spawn(publish::run(applied, published));
+    tasks.spawn(publish::run(applied, published.clone()));
+    let proxy = Arc::new(crate::proxy::Proxy::new(published, config.node_id));
+    tasks.spawn(crate::proxy::serve(proxy_listener, proxy, shutdown_rx.clone()));
     tasks.spawn(transport::serve(
         cluster_listener,
         Arc::new(ClusterHandler { cluster: cluster.clone() }),
@@ -120,8 +127,8 @@ pub async fn start(
         let stop = shutdown_rx.clone();
         tasks.spawn(async move { joining.join(seeds, advertise, stop).await });
     }
-    tracing::info!(node_id = config.node_id, %admin_addr, %cluster_addr, "node started");
-    Ok(NodeHandle { node, admin_addr, cluster_addr, shutdown, tasks })
+    tracing::info!(node_id = config.node_id, %proxy_addr, %admin_addr, %cluster_addr, "node started");
+    Ok(NodeHandle { node, proxy_addr, admin_addr, cluster_addr, shutdown, tasks })
 }
 
 impl Node {

@@ -13,19 +13,25 @@ use tokio::sync::watch;
 use tollgate_raft_store::state::ConfigState;
 use tollgate_raft_store::store::Applied;
 
-/// One immutable compiled configuration. The proxy's router, plugin chains and
-/// balancers are built into it by the data-plane issue; today it carries the validated
-/// entities and their version.
+use crate::proxy::ProxySnapshot;
+
+/// One immutable compiled configuration: the validated entities, and what the data
+/// path reads (router, services, balancers).
 #[derive(Default)]
 pub struct CompiledConfig {
     /// The Raft log index of the last entry applied into this config.
     pub version: u64,
     pub state: ConfigState,
+    pub proxy: ProxySnapshot,
 }
 
 impl CompiledConfig {
     pub fn compile(applied: &Applied) -> CompiledConfig {
-        CompiledConfig { version: applied.version(), state: applied.state.clone() }
+        CompiledConfig {
+            version: applied.version(),
+            state: applied.state.clone(),
+            proxy: ProxySnapshot::compile(&applied.state),
+        }
     }
 }
 

@@ -71,6 +71,10 @@ pub struct TestNode {
 }
 
 impl TestNode {
+    pub fn proxy_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy_port)
+    }
+
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
@@ -249,4 +253,71 @@ impl TestCluster {
         }
         Ok(())
     }
+}
+
+/// `tollgate echo` as a separate process: the upstream the proxy tests talk to.
+pub struct EchoServer {
+    pub address: String,
+    child: Child,
+}
+
+impl EchoServer {
+    pub async fn start() -> anyhow::Result<EchoServer> {
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(tollgate_binary())
+            .args(["echo", "--listen", &address])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning tollgate echo")?;
+        let echo = EchoServer { address, child };
+        eventually("the echo upstream to listen", CONVERGE_TIMEOUT, || async {
+            tokio::net::TcpStream::connect(&echo.address).await.ok().map(|_| ())
+        })
+        .await?;
+        Ok(echo)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A proxy response: status, headers and the body (as JSON when it is JSON).
+pub struct ProxyReply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Value,
+}
+
+/// Sends one request through a proxy listener.
+pub async fn proxy_request(
+    proxy_url: &str,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<ProxyReply> {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let mut builder = http::Request::builder().method(method).uri(format!("{proxy_url}{path}"));
+    if let Some(host) = host {
+        builder = builder.header(http::header::HOST, host);
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client.request(builder.body(http_body_util::Full::new(bytes::Bytes::new()))?).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let body =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok(ProxyReply { status, headers, body })
 }

@@ -1,0 +1,355 @@
+//! The data path: accept → parse → route → balancer → pooled upstream connection →
+//! response. It reads only the published [`ProxySnapshot`]; nothing here waits on Raft
+//! or takes a lock the control plane holds.
+//!
+//! Built so far: HTTP/1.1 and h2c listeners, Kong's router and v0 path joining,
+//! upstreams with weighted round-robin, keep-alive pools, streaming bodies both ways,
+//! hop-by-hop header removal, `X-Forwarded-*`, `Via`, a request id, and JSON errors
+//! (404 no route, 502 connect failure, 503 no target, 504 timeout). TLS, retries,
+//! other balancers, limits and telemetry come next (issue 3).
+
+pub mod balancer;
+pub mod path;
+pub mod router;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tollgate_raft_store::state::ConfigState;
+use tollgate_raft_store::EntityKind;
+use uuid::Uuid;
+
+use self::balancer::{RoundRobin, Target};
+use self::router::{CompiledService, RequestView, Router, Services};
+use crate::publish::Published;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Most proxy connections open at once per node.
+pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
+/// Idle keep-alive connections kept per upstream target.
+pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
+/// How long an idle upstream connection is kept.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
+const VIA: &str = "1.1 tollgate";
+
+/// What the data path reads, compiled from one applied config.
+#[derive(Default)]
+pub struct ProxySnapshot {
+    pub router: Router,
+    pub services: Services,
+    /// Upstreams by name, with their targets in rotation.
+    pub upstreams: HashMap<String, Arc<RoundRobin>>,
+}
+
+impl ProxySnapshot {
+    pub fn compile(state: &ConfigState) -> ProxySnapshot {
+        let router = Router::compile(state.table(EntityKind::Route).values().map(|route| &**route));
+        let services = state
+            .table(EntityKind::Service)
+            .values()
+            .map(|service| {
+                let compiled = CompiledService::compile(service);
+                (compiled.id, Arc::new(compiled))
+            })
+            .collect();
+        let mut targets_by_upstream: HashMap<Uuid, Vec<Target>> = HashMap::new();
+        for target in state.table(EntityKind::Target).values() {
+            let Some(upstream) = tollgate_raft_store::state::foreign_id(target, "upstream") else { continue };
+            let address = target.get("target").and_then(Value::as_str).unwrap_or_default();
+            let address = if tollgate_raft_store::schema::split_host_port(address).1.is_some() {
+                address.to_string()
+            } else {
+                // Kong's default target port.
+                format!("{address}:8000")
+            };
+            let weight = target.get("weight").and_then(Value::as_u64).unwrap_or(100) as u32;
+            targets_by_upstream.entry(upstream).or_default().push(Target { address, weight });
+        }
+        let upstreams = state
+            .table(EntityKind::Upstream)
+            .values()
+            .filter_map(|upstream| {
+                let name = upstream.get("name").and_then(Value::as_str)?.to_ascii_lowercase();
+                let id = tollgate_raft_store::state::entity_id(upstream);
+                let mut targets = targets_by_upstream.remove(&id).unwrap_or_default();
+                targets.sort_by(|a, b| a.address.cmp(&b.address));
+                Some((name, Arc::new(RoundRobin::new(targets))))
+            })
+            .collect();
+        ProxySnapshot { router, services, upstreams }
+    }
+}
+
+/// Shared by every proxy connection of a node.
+pub struct Proxy {
+    published: Arc<Published>,
+    client: Client<HttpConnector, ProxyBody>,
+    node_id: u64,
+    request_counter: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(published: Arc<Published>, node_id: u64) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX)
+            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
+            .build(connector);
+        Proxy { published, client, node_id, request_counter: AtomicU64::new(0) }
+    }
+
+    fn request_id(&self) -> String {
+        let sequence = self.request_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{sequence:x}", self.node_id)
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, peer: SocketAddr, request: Request<Incoming>, tls: bool) -> Response<ProxyBody> {
+        let started = tokio::time::Instant::now();
+        let compiled = self.published.load();
+        let snapshot = &compiled.proxy;
+        let request_id = self.request_id();
+
+        let host = request_host(&request);
+        let path = request.uri().path().to_string();
+        let found = {
+            let view = RequestView {
+                method: request.method().as_str(),
+                host: &host,
+                path: &path,
+                headers: request.headers(),
+                protocol: if tls { "https" } else { "http" },
+            };
+            snapshot
+                .router
+                .find(&view)
+                .map(|m| (m.route.service, m.route.strip_path, m.route.preserve_host, m.matched_len))
+        };
+        let Some((service_id, strip_path, preserve_host, matched_len)) = found else {
+            return error(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
+        };
+        let Some(service) = service_id.and_then(|id| snapshot.services.get(&id)) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
+        };
+        if !service.enabled || !matches!(service.protocol.as_str(), "http" | "grpc") {
+            // https/grpcs upstreams arrive with upstream TLS.
+            return error(StatusCode::SERVICE_UNAVAILABLE, "service protocol not supported yet", &request_id);
+        }
+
+        let (authority, upstream_host_header) = match snapshot.upstreams.get(&service.host.to_ascii_lowercase()) {
+            Some(balancer) => match balancer.pick() {
+                Some(target) => (target.address.clone(), service.host.clone()),
+                None => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "failure to get a peer from the ring-balancer",
+                        &request_id,
+                    )
+                }
+            },
+            None => {
+                let authority = format!("{}:{}", service.host, service.port);
+                let host_header = if service.port == 80 { service.host.clone() } else { authority.clone() };
+                (authority, host_header)
+            }
+        };
+
+        let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { path.as_str() };
+        let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, strip_path);
+        if let Some(query) = request.uri().query() {
+            upstream_path.push('?');
+            upstream_path.push_str(query);
+        }
+        let uri: Uri = match format!("http://{authority}{upstream_path}").parse() {
+            Ok(uri) => uri,
+            Err(_) => return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id),
+        };
+
+        let (mut parts, body) = request.into_parts();
+        let client_host = parts.headers.get(HOST).cloned();
+        remove_hop_by_hop(&mut parts.headers);
+        let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(existing) => format!("{existing}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        set_header(&mut parts.headers, "x-forwarded-for", &forwarded_for);
+        set_header(&mut parts.headers, "x-forwarded-proto", if tls { "https" } else { "http" });
+        if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
+            set_header(&mut parts.headers, "x-forwarded-host", strip_port(host));
+        }
+        let forwarded_port = local_port(&parts, tls);
+        set_header(&mut parts.headers, "x-forwarded-port", &forwarded_port);
+        set_header(&mut parts.headers, "x-real-ip", &peer.ip().to_string());
+        set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
+        append_header(&mut parts.headers, "via", VIA);
+        match (preserve_host, client_host) {
+            (true, Some(host)) => {
+                parts.headers.insert(HOST, host);
+            }
+            _ => set_header(&mut parts.headers, "host", &upstream_host_header),
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let upstream_request = Request::from_parts(parts, body.boxed());
+
+        let timeout = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
+        let upstream_started = tokio::time::Instant::now();
+        let response = match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
+            Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
+            Ok(Err(failure)) => {
+                tracing::debug!(%failure, %authority, "upstream request failed");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "An invalid response was received from the upstream server",
+                    &request_id,
+                );
+            }
+            Ok(Ok(response)) => response,
+        };
+        let upstream_ms = upstream_started.elapsed().as_millis();
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        append_header(&mut parts.headers, "via", VIA);
+        set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
+        set_header(&mut parts.headers, "x-tollgate-upstream-latency", &upstream_ms.to_string());
+        let proxy_ms = started.elapsed().as_millis().saturating_sub(upstream_ms);
+        set_header(&mut parts.headers, "x-tollgate-proxy-latency", &proxy_ms.to_string());
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+fn request_host(request: &Request<Incoming>) -> String {
+    let host = request
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    host.to_ascii_lowercase()
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(address, _)| &host[..address.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+fn local_port(parts: &http::request::Parts, tls: bool) -> String {
+    parts.extensions.get::<LocalAddr>().map(|local| local.0.port().to_string()).unwrap_or_else(|| {
+        if tls {
+            "443".into()
+        } else {
+            "80".into()
+        }
+    })
+}
+
+/// The listener address a request arrived on.
+#[derive(Clone, Copy)]
+struct LocalAddr(SocketAddr);
+
+/// RFC 9110 §7.6.1: hop-by-hop fields, and every field `Connection` names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"] {
+        headers.remove(name);
+    }
+}
+
+fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+fn append_header(headers: &mut HeaderMap, name: &'static str, value: &'static str) {
+    headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+}
+
+/// A JSON error answer, Kong's shape: `{"message": ...}`.
+fn error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "message": message, "request_id": request_id }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    set_header(headers, REQUEST_ID_HEADER, request_id);
+    append_header(headers, "via", VIA);
+    response
+}
+
+/// Serves proxy traffic (HTTP/1.1 and h2c) until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let local = listener.local_addr().ok();
+    let permits = Arc::new(Semaphore::new(PROXY_CONNECTIONS_MAX));
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let Ok((stream, peer)) = accepted else { continue };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let mut connection_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                let proxy = proxy.clone();
+                if let Some(local) = local {
+                    request.extensions_mut().insert(LocalAddr(local));
+                }
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, false).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, %peer, "proxy connection ended");
+                    }
+                }
+                _ = connection_shutdown.wait_for(|stop| *stop) => {}
+            }
+        });
+    }
+}
