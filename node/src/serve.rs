@@ -10,21 +10,22 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-/// Serves `handler` on `listener` until `shutdown` turns true. At most
-/// `connections_max` connections are open at once; further ones wait in the listen
-/// backlog.
-pub async fn serve_http1<H, Fut>(
+/// Accepts connections until `shutdown` turns true and hands each to `on_connection`
+/// with the `shutdown` receiver. At most `connections_max` connections are open at once
+/// (a connection holds its permit until its task ends); further ones wait in the
+/// listen backlog.
+pub async fn accept_loop<C, Fut>(
     name: &'static str,
     listener: TcpListener,
     connections_max: usize,
-    handler: H,
+    on_connection: C,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    H: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    C: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
     debug_assert!(connections_max > 0);
     let permits = Arc::new(Semaphore::new(connections_max));
@@ -48,10 +49,28 @@ pub async fn serve_http1<H, Fut>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut connection_shutdown = shutdown.clone();
+        let connection = on_connection(stream, peer, shutdown.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            connection.await;
+        });
+    }
+}
+
+/// Serves `handler` over HTTP/1.1 on `listener` until `shutdown` turns true.
+pub async fn serve_http1<H, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    connections_max: usize,
+    handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let on_connection = move |stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>| {
+        let handler = handler.clone();
+        async move {
             let service = hyper::service::service_fn(move |request| {
                 let answer = handler(peer, request);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
@@ -63,8 +82,9 @@ pub async fn serve_http1<H, Fut>(
                         tracing::debug!(%error, %peer, server = name, "connection ended");
                     }
                 }
-                _ = connection_shutdown.wait_for(|stop| *stop) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
             }
-        });
-    }
+        }
+    };
+    accept_loop(name, listener, connections_max, on_connection, shutdown).await;
 }

@@ -28,8 +28,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tollgate_raft_store::state::ConfigState;
 use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
@@ -311,27 +311,11 @@ fn error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyB
 }
 
 /// Serves proxy traffic (HTTP/1.1 and h2c) until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
     let local = listener.local_addr().ok();
-    let permits = Arc::new(Semaphore::new(PROXY_CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let Ok((stream, peer)) = accepted else { continue };
-        let _ = stream.set_nodelay(true);
+    let on_connection = move |stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>| {
         let proxy = proxy.clone();
-        let mut connection_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 let proxy = proxy.clone();
                 if let Some(local) = local {
@@ -348,8 +332,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                         tracing::debug!(%error, %peer, "proxy connection ended");
                     }
                 }
-                _ = connection_shutdown.wait_for(|stop| *stop) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
             }
-        });
-    }
+        }
+    };
+    crate::serve::accept_loop("proxy", listener, PROXY_CONNECTIONS_MAX, on_connection, shutdown).await;
 }
