@@ -153,3 +153,157 @@ async fn a_route_written_on_node_1_serves_on_node_3_and_survives_losing_two_node
     }
     Ok(())
 }
+
+/// Writes raw bytes to the proxy (optionally one byte at a time) and returns the status
+/// code of the first answer, or 0 when the connection closed without one.
+async fn raw_status(proxy_url: &str, request: &[u8], trickle: bool) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = proxy_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    if trickle {
+        for byte in request {
+            stream.write_all(std::slice::from_ref(byte)).await?;
+            // The behaviour under test is a slow client, not a wait for a condition.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    } else {
+        // The server may answer and close before reading everything: ignore write errors.
+        let _ = stream.write_all(request).await;
+    }
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(CONVERGE_TIMEOUT, stream.read(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer[..read]);
+    Ok(text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0))
+}
+
+/// Writes raw bytes and reads until the proxy closes the connection.
+async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy_url.trim_start_matches("http://")).await?;
+    stream.write_all(request).await?;
+    let mut answers = Vec::new();
+    tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_to_end(&mut answers)).await??;
+    let text = String::from_utf8_lossy(&answers).into_owned();
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_and_path_tricks_do_not_escape_routes() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "public", "url": format!("http://{}/public", echo.address)})).await?;
+    client.post("/services/public/routes", &json!({"name": "public", "paths": ["/a"]})).await?;
+    client
+        .post("/services", &json!({"name": "admin", "url": format!("http://{}/admin-service", echo.address)}))
+        .await?;
+    let last = client.post("/services/admin/routes", &json!({"name": "admin", "paths": ["/admin"]})).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+
+    let head = "GET /a HTTP/1.1\r\nHost: t\r\n";
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "duplicate Content-Length",
+            b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_vec(),
+            400,
+        ),
+        (
+            "bad chunk size",
+            b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("obs-fold", format!("{head}X-A: b\r\n  folded\r\n\r\n").into_bytes(), 400),
+        ("NUL in a header value", format!("{head}X-A: b\0c\r\n\r\n").into_bytes(), 400),
+        ("CR in a header value", format!("{head}X-A: b\rc\r\n\r\n").into_bytes(), 400),
+        (
+            "too many headers",
+            format!("{head}{}\r\n", (0..150).map(|i| format!("X-{i}: v\r\n")).collect::<String>()).into_bytes(),
+            431,
+        ),
+        ("oversize headers", format!("{head}X-Big: {}\r\n\r\n", "a".repeat(40 * 1024)).into_bytes(), 431),
+        ("oversize URI", format!("GET /a/{} HTTP/1.1\r\nHost: t\r\n\r\n", "b".repeat(9 * 1024)).into_bytes(), 414),
+        (
+            "declared body over the limit",
+            b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+            413,
+        ),
+    ];
+    for (name, request, expected) in cases {
+        let status = raw_status(&proxy, &request, false).await?;
+        assert_eq!(status, expected, "{name}");
+    }
+    // Content-Length with Transfer-Encoding: framed by Transfer-Encoding (the empty
+    // chunked body), the conflicting Content-Length never reaches the upstream, and the
+    // connection is closed after the answer so the leftover bytes are never a request.
+    let smuggle = b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (status, answers) = raw_exchange(&proxy, smuggle).await?;
+    assert_eq!(status, 200);
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 1, "the smuggled request was not answered: {answers}");
+    assert!(answers.contains("\"body\":\"\""), "the upstream saw the chunked (empty) body: {answers}");
+    assert!(!answers.contains("content-length\":[\"40"), "{answers}");
+
+    // A slow but complete request is served.
+    assert_eq!(raw_status(&proxy, format!("{head}X-Slow: yes\r\n\r\n").as_bytes(), true).await?, 200);
+    // `Connection: close, X-Forwarded-For` cannot smuggle a client-chosen chain through.
+    let reply = proxy_request(
+        &proxy,
+        "GET",
+        None,
+        "/a",
+        &[("connection", "close, x-forwarded-for"), ("x-forwarded-for", "10.9.9.9")],
+    )
+    .await?;
+    assert_eq!(reply.body["headers"]["x-forwarded-for"], json!(["127.0.0.1"]));
+
+    // Path tricks reach only what the normalised path matches.
+    for (trick, expected_upstream_path) in [
+        ("/a/../admin/x", "/admin-service/x"),
+        ("/a/%2e%2e/admin/x", "/admin-service/x"),
+        ("//admin/x", "/admin-service/x"),
+        ("/a/./b", "/public/b"),
+        ("/a;x=1/../admin", "/admin-service"),
+    ] {
+        let reply = proxy_request(&proxy, "GET", None, trick, &[]).await?;
+        assert_eq!(reply.status, 200, "{trick}");
+        assert_eq!(reply.body["path"], expected_upstream_path, "{trick}");
+    }
+    // An encoded slash is data, not a separator: it does not climb out of /a.
+    let reply = proxy_request(&proxy, "GET", None, "/a/..%2Fadmin", &[]).await?;
+    assert_eq!(reply.body["path"], "/public/..%2Fadmin");
+    let reply = proxy_request(&proxy, "GET", None, "/nope/../../a", &[]).await?;
+    assert_eq!(reply.body["path"], "/public");
+    assert_eq!(proxy_request(&proxy, "GET", None, "/%zz", &[]).await?.status, 400);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_is_skipped_for_requests_without_a_body() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/upstreams", &json!({"name": "half-dead"})).await?;
+    let dead = format!("127.0.0.1:{}", tollgate_tests::free_port());
+    client.post("/upstreams/half-dead/targets", &json!({"target": dead})).await?;
+    client.post("/upstreams/half-dead/targets", &json!({"target": echo.address})).await?;
+    client.post("/services", &json!({"name": "retrying", "host": "half-dead", "retries": 2})).await?;
+    let last = client.post("/services/retrying/routes", &json!({"paths": ["/r"]})).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+    // Round-robin alternates between the two targets: every GET still succeeds.
+    for _ in 0..10 {
+        let reply = proxy_request(&proxy, "GET", None, "/r/x", &[]).await?;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body["listen"], echo.address.as_str());
+    }
+    Ok(())
+}

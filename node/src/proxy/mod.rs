@@ -39,6 +39,8 @@ use self::router::{CompiledService, RequestView, Router, Services};
 use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// What is sent upstream: the client's body, bounded, with its errors boxed.
+type UpstreamBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Most proxy connections open at once per node.
 pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
@@ -46,8 +48,21 @@ pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
 pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
 /// How long an idle upstream connection is kept.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a client may take to send its request headers.
+/// How long a client may take to send its request headers (slowloris); the
+/// connection is closed when it runs out.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request line and headers together, in bytes: 431 above (nginx's default is 4 × 8 KiB).
+pub const HEADER_BYTES_MAX: usize = 32 * 1024;
+/// Request headers, in number: 431 above.
+pub const HEADERS_COUNT_MAX: usize = 100;
+/// Request target (path and query), in bytes: 414 above.
+pub const URI_BYTES_MAX: usize = 8 * 1024;
+/// Request body, in bytes: 413 above, from `Content-Length` before anything is sent
+/// upstream, or when a streamed body passes it.
+pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Upper bound on a service's `retries` on the data path, whatever the config says.
+pub const RETRIES_MAX: u32 = 16;
 
 pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
 const VIA: &str = "1.1 tollgate";
@@ -103,7 +118,7 @@ impl ProxySnapshot {
 /// Shared by every proxy connection of a node.
 pub struct Proxy {
     published: Arc<Published>,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<HttpConnector, UpstreamBody>,
     node_id: u64,
     request_counter: AtomicU64,
 }
@@ -128,12 +143,35 @@ impl Proxy {
     /// Answers one request.
     pub async fn handle(&self, peer: SocketAddr, request: Request<Incoming>, tls: bool) -> Response<ProxyBody> {
         let started = tokio::time::Instant::now();
+        // RFC 9112 §6.3: after a request framed by Transfer-Encoding (which may also have
+        // carried a Content-Length hyper discarded), close the connection, so bytes a
+        // Content-Length-framing hop sent as body are never read as a next request.
+        let close_after = request.headers().contains_key(http::header::TRANSFER_ENCODING);
+        let mut response = self.route_and_forward(peer, request, tls, started).await;
+        if close_after {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn route_and_forward(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+        tls: bool,
+        started: tokio::time::Instant,
+    ) -> Response<ProxyBody> {
         let compiled = self.published.load();
         let snapshot = &compiled.proxy;
         let request_id = self.request_id();
 
+        if let Some(refusal) = check_limits(&request, &request_id) {
+            return refusal;
+        }
         let host = request_host(&request);
-        let path = request.uri().path().to_string();
+        let Some(path) = path::normalize(request.uri().path()) else {
+            return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        };
         let found = {
             let view = RequestView {
                 method: request.method().as_str(),
@@ -158,34 +196,13 @@ impl Proxy {
             return error(StatusCode::SERVICE_UNAVAILABLE, "service protocol not supported yet", &request_id);
         }
 
-        let (authority, upstream_host_header) = match snapshot.upstreams.get(&service.host.to_ascii_lowercase()) {
-            Some(balancer) => match balancer.pick() {
-                Some(target) => (target.address.clone(), service.host.clone()),
-                None => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "failure to get a peer from the ring-balancer",
-                        &request_id,
-                    )
-                }
-            },
-            None => {
-                let authority = format!("{}:{}", service.host, service.port);
-                let host_header = if service.port == 80 { service.host.clone() } else { authority.clone() };
-                (authority, host_header)
-            }
-        };
-
+        let balancer = snapshot.upstreams.get(&service.host.to_ascii_lowercase());
         let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { path.as_str() };
         let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, strip_path);
         if let Some(query) = request.uri().query() {
             upstream_path.push('?');
             upstream_path.push_str(query);
         }
-        let uri: Uri = match format!("http://{authority}{upstream_path}").parse() {
-            Ok(uri) => uri,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id),
-        };
 
         let (mut parts, body) = request.into_parts();
         let client_host = parts.headers.get(HOST).cloned();
@@ -204,29 +221,79 @@ impl Proxy {
         set_header(&mut parts.headers, "x-real-ip", &peer.ip().to_string());
         set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
         append_header(&mut parts.headers, "via", VIA);
-        match (preserve_host, client_host) {
-            (true, Some(host)) => {
-                parts.headers.insert(HOST, host);
-            }
-            _ => set_header(&mut parts.headers, "host", &upstream_host_header),
-        }
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, body.boxed());
+        let preserved_host = if preserve_host { client_host } else { None };
 
+        // A failure of the client's body (bad chunk, over the size limit) must not be
+        // blamed on the upstream: the flag tells the two apart.
+        let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = client_body_failed.clone();
+        // Only a request without a body can be sent again: its bytes are all in `parts`.
+        let replayable = http_body::Body::size_hint(&body).exact() == Some(0);
+        let mut body = Some(
+            http_body_util::Limited::new(body, BODY_BYTES_MAX as usize)
+                .map_err(move |error| {
+                    flag.store(true, Ordering::Relaxed);
+                    error
+                })
+                .boxed(),
+        );
+        // Kong's `retries`: a connection that could not be made is tried on the next
+        // target. Nothing reached the upstream then, so this is safe for any method.
+        let attempts_max = if replayable { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
         let timeout = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
         let upstream_started = tokio::time::Instant::now();
-        let response = match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
-            Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
-            Ok(Err(failure)) => {
-                tracing::debug!(%failure, %authority, "upstream request failed");
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "An invalid response was received from the upstream server",
-                    &request_id,
-                );
+        let mut attempt = 0;
+        let response = loop {
+            attempt += 1;
+            let (authority, upstream_host_header) = match balancer {
+                Some(balancer) => match balancer.pick() {
+                    Some(target) => (target.address.clone(), service.host.clone()),
+                    None => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "failure to get a peer from the ring-balancer",
+                            &request_id,
+                        )
+                    }
+                },
+                None => {
+                    let authority = format!("{}:{}", service.host, service.port);
+                    let host_header = if service.port == 80 { service.host.clone() } else { authority.clone() };
+                    (authority, host_header)
+                }
+            };
+            let Ok(uri) = format!("http://{authority}{upstream_path}").parse::<Uri>() else {
+                return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+            };
+            let mut upstream_request = Request::new(body.take().unwrap_or_else(empty_upstream_body));
+            *upstream_request.method_mut() = parts.method.clone();
+            *upstream_request.uri_mut() = uri;
+            *upstream_request.headers_mut() = parts.headers.clone();
+            match &preserved_host {
+                Some(host) => {
+                    upstream_request.headers_mut().insert(HOST, host.clone());
+                }
+                None => set_header(upstream_request.headers_mut(), "host", &upstream_host_header),
             }
-            Ok(Ok(response)) => response,
+            match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
+                Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
+                Ok(Ok(response)) => break response,
+                Ok(Err(failure)) if client_body_failed.load(Ordering::Relaxed) => {
+                    tracing::debug!(%failure, "client request body failed");
+                    return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
+                }
+                Ok(Err(failure)) if failure.is_connect() && attempt < attempts_max => {
+                    tracing::debug!(%failure, %authority, attempt, "upstream connect failed; trying the next target");
+                }
+                Ok(Err(failure)) => {
+                    tracing::debug!(%failure, %authority, "upstream request failed");
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "An invalid response was received from the upstream server",
+                        &request_id,
+                    );
+                }
+            }
         };
         let upstream_ms = upstream_started.elapsed().as_millis();
         let (mut parts, body) = response.into_parts();
@@ -238,6 +305,28 @@ impl Proxy {
         set_header(&mut parts.headers, "x-tollgate-proxy-latency", &proxy_ms.to_string());
         Response::from_parts(parts, body.boxed())
     }
+}
+
+fn empty_upstream_body() -> UpstreamBody {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// The request limits hyper does not apply itself; `None` when the request is fine.
+fn check_limits(request: &Request<Incoming>, request_id: &str) -> Option<Response<ProxyBody>> {
+    let target_len = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > URI_BYTES_MAX {
+        return Some(error(StatusCode::URI_TOO_LONG, "request URI too long", request_id));
+    }
+    let headers = request.headers();
+    // Content-Length with Transfer-Encoding: hyper frames the body by Transfer-Encoding
+    // and drops Content-Length (RFC 9112 §6.3); the body is re-framed upstream, and the
+    // client connection is closed after the answer (see `handle`).
+    let declared =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > BODY_BYTES_MAX) {
+        return Some(error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", request_id));
+    }
+    None
 }
 
 fn request_host(request: &Request<Incoming>) -> String {
@@ -324,7 +413,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Re
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, false).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(HEADER_BYTES_MAX)
+                .max_headers(HEADERS_COUNT_MAX);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = connection => {

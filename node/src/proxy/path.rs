@@ -6,6 +6,59 @@
 //! `/tv0`, request `/tv0`, `strip_path` → `/s` (the table says `/s/`). Kong's
 //! behaviour is what users' upstreams see, so it wins; the unit tests pin every row.
 
+/// Normalises a request path before routing, so that no spelling of a path reaches a
+/// route its normalised form would not (RFC 3986 §6.2.2, as Kong and nginx do):
+/// percent-encoded unreserved characters are decoded (`%2e` → `.`), other escapes keep
+/// their meaning with upper-case hex (`%2f` → `%2F`, never a `/`), runs of `/` become
+/// one, and `.` / `..` segments are resolved (never above the root).
+///
+/// Returns `None` for a path that is not `/`-rooted or has a malformed escape.
+pub fn normalize(raw: &str) -> Option<String> {
+    if !raw.starts_with('/') {
+        return None;
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut position = 0;
+    while position < bytes.len() {
+        let byte = bytes[position];
+        if byte == b'%' {
+            let hex = raw.get(position + 1..position + 3)?;
+            let value = u8::from_str_radix(hex, 16).ok()?;
+            if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
+                decoded.push(value as char);
+            } else {
+                decoded.push('%');
+                decoded.push_str(&hex.to_ascii_uppercase());
+            }
+            position += 3;
+            continue;
+        }
+        decoded.push(byte as char);
+        position += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/').skip(1) {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let trailing_slash = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut normalized = String::with_capacity(decoded.len());
+    for segment in &segments {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    if normalized.is_empty() || (trailing_slash && !segments.is_empty()) {
+        normalized.push('/');
+    }
+    Some(normalized)
+}
+
 /// The path sent upstream.
 ///
 /// - `service_path`: the service's `path`, `/` when it has none;
@@ -84,6 +137,23 @@ mod tests {
             let got = upstream_path_v0(service, &request, postfix, *strip);
             assert_eq!(&got, expected, "service {service} route {route} request {request} strip {strip}");
         }
+    }
+
+    #[test]
+    fn normalisation() {
+        assert_eq!(normalize("/a/../admin").as_deref(), Some("/admin"));
+        assert_eq!(normalize("/a/%2e%2e/admin").as_deref(), Some("/admin"));
+        assert_eq!(normalize("/a/%2E%2E/%2e/admin/").as_deref(), Some("/admin/"));
+        assert_eq!(normalize("//admin").as_deref(), Some("/admin"));
+        assert_eq!(normalize("/../../etc").as_deref(), Some("/etc"));
+        assert_eq!(normalize("/admin%2fx").as_deref(), Some("/admin%2Fx"));
+        assert_eq!(normalize("/admin;jsessionid=1").as_deref(), Some("/admin;jsessionid=1"));
+        assert_eq!(normalize("/%41pi").as_deref(), Some("/Api"));
+        assert_eq!(normalize("/").as_deref(), Some("/"));
+        assert_eq!(normalize("/a/..").as_deref(), Some("/"));
+        assert_eq!(normalize("/bad%zz"), None);
+        assert_eq!(normalize("/bad%4"), None);
+        assert_eq!(normalize("*"), None);
     }
 
     #[test]
