@@ -123,6 +123,9 @@ impl RunArgs {
     }
 }
 
+/// Threads of the control-plane runtime.
+const CONTROL_THREADS: usize = 2;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -136,7 +139,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = (*args).resolve()?;
             let runtime =
-                tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()?;
+                // The control plane (Raft, Admin API, publish) gets its own small runtime;
+                // proxy traffic runs on `workers` threads of its own (proxy::spawn_workers).
+                tokio::runtime::Builder::new_multi_thread().worker_threads(CONTROL_THREADS).enable_all().build()?;
             runtime.block_on(run(config))
         }
         Command::Dev { data_dir, echo_listen } => {

@@ -40,6 +40,7 @@ pub struct NodeHandle {
     pub cluster_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    proxy_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl NodeHandle {
@@ -51,6 +52,13 @@ impl NodeHandle {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        let threads = std::mem::take(&mut self.proxy_threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -74,8 +82,7 @@ pub async fn start(
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
-    let proxy_listener = TcpListener::bind(config.proxy_listen)
-        .await
+    let proxy_listener = std::net::TcpListener::bind(config.proxy_listen)
         .with_context(|| format!("binding proxy_listen {}", config.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let cluster_addr = cluster_listener.local_addr()?;
@@ -108,8 +115,8 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
-    let proxy = Arc::new(crate::proxy::Proxy::new(published, config.node_id));
-    tasks.spawn(crate::proxy::serve(proxy_listener, proxy, shutdown_rx.clone()));
+    let proxy_threads =
+        crate::proxy::spawn_workers(config.workers, proxy_listener, published, config.node_id, shutdown_rx.clone())?;
     tasks.spawn(transport::serve(
         cluster_listener,
         Arc::new(ClusterHandler { cluster: cluster.clone() }),
@@ -128,7 +135,7 @@ pub async fn start(
         tasks.spawn(async move { joining.join(seeds, advertise, stop).await });
     }
     tracing::info!(node_id = config.node_id, %proxy_addr, %admin_addr, %cluster_addr, "node started");
-    Ok(NodeHandle { node, proxy_addr, admin_addr, cluster_addr, shutdown, tasks })
+    Ok(NodeHandle { node, proxy_addr, admin_addr, cluster_addr, shutdown, tasks, proxy_threads })
 }
 
 impl Node {

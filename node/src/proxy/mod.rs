@@ -169,7 +169,7 @@ impl Proxy {
             return refusal;
         }
         let host = request_host(&request);
-        let Some(path) = path::normalize(request.uri().path()) else {
+        let Some(path) = path::normalize(request.uri().path()).map(|path| path.into_owned()) else {
             return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
         };
         let found = {
@@ -268,7 +268,9 @@ impl Proxy {
             let mut upstream_request = Request::new(body.take().unwrap_or_else(empty_upstream_body));
             *upstream_request.method_mut() = parts.method.clone();
             *upstream_request.uri_mut() = uri;
-            *upstream_request.headers_mut() = parts.headers.clone();
+            // The headers are cloned only while another attempt may need them.
+            *upstream_request.headers_mut() =
+                if attempt < attempts_max { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
             match &preserved_host {
                 Some(host) => {
                     upstream_request.headers_mut().insert(HOST, host.clone());
@@ -397,6 +399,44 @@ fn error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyB
     set_header(headers, REQUEST_ID_HEADER, request_id);
     append_header(headers, "via", VIA);
     response
+}
+
+/// Starts `workers` proxy threads, each with its own single-threaded runtime and
+/// upstream connection pool, all accepting on `listener` (nginx's worker model: no
+/// work stealing or cross-thread wake-ups on the request path). They stop when
+/// `shutdown` turns true.
+pub fn spawn_workers(
+    workers: usize,
+    listener: std::net::TcpListener,
+    published: Arc<Published>,
+    node_id: u64,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    debug_assert!(workers > 0);
+    listener.set_nonblocking(true)?;
+    let mut threads = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let listener = listener.try_clone()?;
+        let published = published.clone();
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new().name(format!("proxy-{worker}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, worker, "cannot start a proxy worker runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, Arc::new(Proxy::new(published, node_id)), shutdown).await,
+                    Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
+                }
+            });
+        })?;
+        threads.push(thread);
+    }
+    Ok(threads)
 }
 
 /// Serves proxy traffic (HTTP/1.1 and h2c) until `shutdown` turns true.

@@ -13,9 +13,14 @@
 /// one, and `.` / `..` segments are resolved (never above the root).
 ///
 /// Returns `None` for a path that is not `/`-rooted or has a malformed escape.
-pub fn normalize(raw: &str) -> Option<String> {
+pub fn normalize(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
     if !raw.starts_with('/') {
         return None;
+    }
+    // Most paths need nothing: no escapes, no empty or dot segments.
+    let plain = !raw.contains('%') && !raw.contains("//") && !raw.contains("/.");
+    if plain {
+        return Some(std::borrow::Cow::Borrowed(raw));
     }
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
@@ -56,7 +61,7 @@ pub fn normalize(raw: &str) -> Option<String> {
     if normalized.is_empty() || (trailing_slash && !segments.is_empty()) {
         normalized.push('/');
     }
-    Some(normalized)
+    Some(std::borrow::Cow::Owned(normalized))
 }
 
 /// The path sent upstream.

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Data-plane benchmark on loopback, in one invocation:
+#   direct to the upstream, nginx as reverse proxy, tollgate (no plugins), and tollgate
+#   with 10 000 routes configured.
+# Each proxy is pinned to core 0 (nginx worker_processes 1, tollgate --workers 1); the
+# load generator (wrk) and the upstream (nginx serving a fixed 200) share core 1.
+# For each: requests/s, p50/p99 latency, and CPU-µs per request of the proxy process,
+# from /proc/<pid>/stat (utime + stime, all threads) over the measured run.
+#
+# Usage: tests/bench/proxy-bench.sh [duration_s=10] [connections=32]
+# Needs: nginx, wrk, taskset (apt-get install -y nginx-light wrk util-linux), a release
+# build (the script runs `cargo build --release -p tollgate-node`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION_S=${1:-10}
+CONNECTIONS=${2:-32}
+ROUTES=10000
+UPSTREAM_PORT=18080
+NGINX_PROXY_PORT=18081
+TG_PROXY_PORT=18000
+TG_ADMIN_PORT=18001
+TG_CLUSTER_PORT=18005
+WORK=$(mktemp -d)
+CLK_TCK=$(getconf CLK_TCK)
+
+for tool in nginx wrk taskset curl; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y nginx-light wrk util-linux curl" >&2; exit 1; }
+done
+cargo build --release -q -p tollgate-node
+TOLLGATE=target/release/tollgate
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- upstream: nginx answering 200 with a small body, on core 1 -----------------------
+mkdir -p "$WORK/upstream" "$WORK/proxy"
+cat > "$WORK/upstream/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $WORK/upstream/nginx.pid;
+error_log $WORK/upstream/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { return 200 'hello from upstream\n'; }
+    }
+}
+EOF
+taskset -c 1 nginx -c "$WORK/upstream/nginx.conf" -p "$WORK/upstream" &
+pids+=($!)
+
+# --- nginx as reverse proxy, one worker on core 0 -------------------------------------
+cat > "$WORK/proxy/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $WORK/proxy/nginx.pid;
+error_log $WORK/proxy/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream backend {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PROXY_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+taskset -c 0 nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" &
+pids+=($!)
+
+# --- tollgate, one worker on core 0 ---------------------------------------------------
+RUST_LOG=warn taskset -c 0 "$TOLLGATE" run --node-id 1 --data-dir "$WORK/tollgate" --workers 1 \
+    --proxy-listen 127.0.0.1:$TG_PROXY_PORT --admin-listen 127.0.0.1:$TG_ADMIN_PORT \
+    --cluster-listen 127.0.0.1:$TG_CLUSTER_PORT --initial-cluster 1=127.0.0.1:$TG_CLUSTER_PORT \
+    > "$WORK/tollgate.log" 2>&1 &
+TG_PID=$!
+pids+=($TG_PID)
+
+wait_for() { # url
+    for _ in $(seq 1 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.05; done
+    echo "timed out waiting for $1" >&2; exit 1
+}
+wait_for "http://127.0.0.1:$UPSTREAM_PORT/"
+wait_for "http://127.0.0.1:$NGINX_PROXY_PORT/"
+wait_for "http://127.0.0.1:$TG_ADMIN_PORT/status"
+
+admin() { curl -fsS -X "$1" "http://127.0.0.1:$TG_ADMIN_PORT$2" -H 'content-type: application/json' ${3:+-d "$3"} > /dev/null; }
+for _ in $(seq 1 100); do admin POST /services "{\"name\":\"bench\",\"url\":\"http://127.0.0.1:$UPSTREAM_PORT\"}" 2>/dev/null && break; sleep 0.1; done
+admin POST /services/bench/routes '{"name":"bench","paths":["/bench"]}'
+wait_for "http://127.0.0.1:$TG_PROXY_PORT/bench"
+
+nginx_worker_pid() { # master pid file -> its (single) worker
+    pgrep -P "$(cat "$1")" | head -1
+}
+
+cpu_ticks() { # pid -> utime + stime of the whole process
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+# run NAME URL PID(or -)
+run() {
+    local name=$1 url=$2 pid=$3 before after out requests rps p50 p99 cpu_us
+    taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s "$url" > /dev/null   # warm-up: pools, caches
+    [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+    out=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION_S}s" --latency "$url")
+    [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+    if echo "$out" | grep -q "Non-2xx"; then echo "$name: non-2xx answers!" >&2; echo "$out" >&2; exit 1; fi
+    if [ "$pid" != "-" ]; then
+        cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+    else
+        cpu_us="-"
+    fi
+    printf "%-28s %12s %10s %10s %14s\n" "$name" "$rps" "$p50" "$p99" "$cpu_us"
+}
+
+printf "%-28s %12s %10s %10s %14s\n" "target" "requests/s" "p50" "p99" "proxy CPU-µs/req"
+run "direct (no proxy)" "http://127.0.0.1:$UPSTREAM_PORT/bench" -
+run "nginx reverse proxy" "http://127.0.0.1:$NGINX_PROXY_PORT/bench" "$(nginx_worker_pid "$WORK/proxy/nginx.pid")"
+run "tollgate, 1 route" "http://127.0.0.1:$TG_PROXY_PORT/bench" "$TG_PID"
+
+# 10 000 more routes, one declarative document (the bench route stays).
+python3 - "$ROUTES" "$UPSTREAM_PORT" > "$WORK/routes.json" <<'EOF'
+import json, sys
+count, port = int(sys.argv[1]), sys.argv[2]
+routes = [{"name": f"r{i}", "paths": [f"/api/v1/resource-{i}"], "hosts": [f"h{i % 50}.example.com"] if i % 3 == 0 else None} for i in range(count)]
+routes = [{k: v for k, v in r.items() if v is not None} for r in routes]
+doc = {"_format_version": "3.0", "services": [{"name": "bench", "url": f"http://127.0.0.1:{port}",
+       "routes": [{"name": "bench", "paths": ["/bench"]}] + routes}]}
+print(json.dumps(doc))
+EOF
+curl -fsS -X POST "http://127.0.0.1:$TG_ADMIN_PORT/config" -H 'content-type: application/json' --data-binary @"$WORK/routes.json" > /dev/null
+for _ in $(seq 1 200); do
+    published=$(curl -fsS "http://127.0.0.1:$TG_ADMIN_PORT/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entities"]["routes"])')
+    [ "$published" -gt "$ROUTES" ] && break; sleep 0.1
+done
+run "tollgate, $ROUTES routes" "http://127.0.0.1:$TG_PROXY_PORT/bench" "$TG_PID"
