@@ -13,6 +13,8 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 use tollgate_client::AdminClient;
 
+pub mod storm;
+
 /// How long a condition may take to become true before a test fails.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between polls of a condition.
@@ -294,7 +296,56 @@ pub struct ProxyReply {
     pub body: Value,
 }
 
-/// Sends one request through a proxy listener.
+/// A keep-alive HTTP client for proxy listeners.
+#[derive(Clone)]
+pub struct ProxyClient {
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl Default for ProxyClient {
+    fn default() -> Self {
+        ProxyClient::new()
+    }
+}
+
+impl ProxyClient {
+    pub fn new() -> ProxyClient {
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        ProxyClient { http }
+    }
+
+    /// Sends one request through a proxy listener.
+    pub async fn request(
+        &self,
+        proxy_url: &str,
+        method: &str,
+        host: Option<&str>,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<ProxyReply> {
+        use http_body_util::BodyExt;
+        let mut builder = http::Request::builder().method(method).uri(format!("{proxy_url}{path}"));
+        if let Some(host) = host {
+            builder = builder.header(http::header::HOST, host);
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let response = self.http.request(builder.body(http_body_util::Full::new(bytes::Bytes::new()))?).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok(ProxyReply { status, headers, body })
+    }
+}
+
+/// Sends one request through a proxy listener on a fresh connection.
 pub async fn proxy_request(
     proxy_url: &str,
     method: &str,
@@ -302,22 +353,5 @@ pub async fn proxy_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<ProxyReply> {
-    use http_body_util::BodyExt;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(hyper_util::client::legacy::connect::HttpConnector::new());
-    let mut builder = http::Request::builder().method(method).uri(format!("{proxy_url}{path}"));
-    if let Some(host) = host {
-        builder = builder.header(http::header::HOST, host);
-    }
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let response = client.request(builder.body(http_body_util::Full::new(bytes::Bytes::new()))?).await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let body =
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Ok(ProxyReply { status, headers, body })
+    ProxyClient::new().request(proxy_url, method, host, path, headers).await
 }

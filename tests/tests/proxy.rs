@@ -307,3 +307,16 @@ async fn a_dead_target_is_skipped_for_requests_without_a_body() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_never_fail_requests_on_routes_that_stay() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(3).await?;
+    // A short storm for the suite; `config-storm` runs the 30 s one.
+    let report = tollgate_tests::storm::run(&cluster, &echo, std::time::Duration::from_secs(4), 50, 50).await?;
+    assert!(report.writes >= 150, "{report:?}");
+    assert_eq!(report.failed_writes, 0, "{report:?}");
+    assert!(report.requests >= 300, "{report:?}");
+    assert_eq!((report.failed_requests, report.socket_errors), (0, 0), "{report:?}");
+    Ok(())
+}
