@@ -85,7 +85,7 @@ pub async fn run(
     while tokio::time::Instant::now() < deadline {
         ticker.tick().await;
         // Alternate: create until CHURN_ROUTES_ALIVE exist, then delete the oldest.
-        let write = if created - deleted < CHURN_ROUTES_ALIVE || (created + deleted) % 2 == 0 {
+        let write = if created - deleted < CHURN_ROUTES_ALIVE || (created + deleted).is_multiple_of(2) {
             created += 1;
             let route = json!({"name": format!("churn-{created}"), "paths": [format!("/churn-{created}")]});
             client.post("/services/storm/routes", &route).await.map(|_| ())
