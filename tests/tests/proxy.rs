@@ -320,3 +320,53 @@ async fn config_changes_never_fail_requests_on_routes_that_stay() -> anyhow::Res
     assert_eq!((report.failed_requests, report.socket_errors), (0, 0), "{report:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_reach_http1_upstreams_and_slow_upstreams_time_out() -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let echo = EchoServer::start().await?;
+    // An upstream that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_address = silent.local_addr()?;
+    let _silent_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+    client.post("/services/echo/routes", &json!({"paths": ["/h2"]})).await?;
+    let slow =
+        json!({"name": "slow", "url": format!("http://{silent_address}"), "read_timeout": 300, "connect_timeout": 200});
+    client.post("/services", &slow).await?;
+    let last = client.post("/services/slow/routes", &json!({"paths": ["/slow"]})).await?;
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    // HTTP/2 with prior knowledge (h2c) in, HTTP/1.1 out.
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let request = http::Request::get(format!("{proxy}/h2/x")).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let response = h2.request(request).await?;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+    assert_eq!(body["path"], "/x", "the HTTP/1.1 upstream got the request");
+
+    // No answer within connect_timeout + read_timeout (0.5 s): 504, promptly.
+    let started = tokio::time::Instant::now();
+    let reply = proxy_request(&proxy, "GET", None, "/slow", &[]).await?;
+    let elapsed = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert!(elapsed < std::time::Duration::from_secs(3), "the timeout took {elapsed:?}");
+    assert!(elapsed >= std::time::Duration::from_millis(300), "answered before the read timeout: {elapsed:?}");
+    Ok(())
+}
