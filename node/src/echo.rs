@@ -1,5 +1,6 @@
 //! `tollgate echo`: a demo upstream that answers every request with what it received,
 //! as JSON (`method`, `path`, `query`, `headers`, `body`, and the echo's own `listen`).
+//! A request asking to `Upgrade` is switched (101) and its bytes are echoed back raw.
 
 use std::net::SocketAddr;
 
@@ -26,7 +27,22 @@ pub async fn serve(listener: TcpListener, shutdown: watch::Receiver<bool>) {
     crate::serve::serve_http1("echo", listener, ECHO_CONNECTIONS_MAX, handler, shutdown).await;
 }
 
-async fn echo(request: Request<Incoming>, peer: SocketAddr, listen: &str) -> Response<Full<Bytes>> {
+async fn echo(mut request: Request<Incoming>, peer: SocketAddr, listen: &str) -> Response<Full<Bytes>> {
+    // `Connection: upgrade` with any `Upgrade` protocol: switch, then echo raw bytes.
+    if let Some(protocol) = request.headers().get(http::header::UPGRADE).cloned() {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut reader, mut writer) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        response.headers_mut().insert(http::header::UPGRADE, protocol);
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        return response;
+    }
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, ECHO_BODY_BYTES_MAX).collect().await {
         Ok(body) => body.to_bytes(),

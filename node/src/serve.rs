@@ -75,7 +75,9 @@ pub async fn serve_http1<H, Fut>(
                 let answer = handler(peer, request);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::select! {
                 result = connection => {
                     if let Err(error) = result {

@@ -370,3 +370,41 @@ async fn http2_clients_reach_http1_upstreams_and_slow_upstreams_time_out() -> an
     assert!(elapsed >= std::time::Duration::from_millis(300), "answered before the read timeout: {elapsed:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_passes_through_and_bytes_flow_both_ways() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+    let last = client.post("/services/echo/routes", &json!({"paths": ["/ws"]})).await?;
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+    let address = cluster.nodes[0].proxy_url().trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await?;
+    // Read the 101 head.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_exact(&mut byte)).await??;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // The connection is now the upstream's: what goes in comes back.
+    for message in [&b"first frame"[..], &b"second, longer frame of bytes"[..]] {
+        stream.write_all(message).await?;
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_exact(&mut back)).await??;
+        assert_eq!(back, message);
+    }
+    Ok(())
+}

@@ -204,9 +204,18 @@ impl Proxy {
             upstream_path.push_str(query);
         }
 
+        // `Upgrade` (WebSocket and others) passes through: the protocol name goes
+        // upstream, and after a 101 both connections are spliced together.
+        let upgrade = requested_upgrade(&request);
+        let mut request = request;
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let client_host = parts.headers.get(HOST).cloned();
         remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(http::header::UPGRADE, protocol.clone());
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(existing) => format!("{existing}, {}", peer.ip()),
             None => peer.ip().to_string(),
@@ -298,6 +307,21 @@ impl Proxy {
             }
         };
         let upstream_ms = upstream_started.elapsed().as_millis();
+        let mut response = response;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
+                return error(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked", &request_id);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(client_upgrade, upstream_upgrade, request_id.clone()));
+            let (mut parts, _) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(http::header::UPGRADE, protocol);
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
+            return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
+        }
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         append_header(&mut parts.headers, "via", VIA);
@@ -306,6 +330,42 @@ impl Proxy {
         let proxy_ms = started.elapsed().as_millis().saturating_sub(upstream_ms);
         set_header(&mut parts.headers, "x-tollgate-proxy-latency", &proxy_ms.to_string());
         Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// The protocol a client asks to switch to: `Connection: upgrade` with `Upgrade: X`,
+/// on HTTP/1.1.
+fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    request.headers().get(http::header::UPGRADE).cloned()
+}
+
+/// Copies bytes both ways between an upgraded client connection and an upgraded
+/// upstream connection until either side closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, request_id: String) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(failure) => {
+            tracing::debug!(%failure, request_id, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(failure) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%failure, request_id, "upgraded connection ended");
     }
 }
 
@@ -459,7 +519,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Re
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(HEADER_BYTES_MAX)
                 .max_headers(HEADERS_COUNT_MAX);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::select! {
                 result = connection => {
                     if let Err(error) = result {
