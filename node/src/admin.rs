@@ -222,6 +222,7 @@ async fn collection_route(
         Method::POST => {
             let mut body = parse_json_body(request)?;
             fill_generated_fields(kind, &mut body);
+            check_certificate(kind, &body)?;
             let op = Op::Create { kind, id: Uuid::new_v4(), parent, body: body.into() };
             write(node, op).await
         }
@@ -246,6 +247,7 @@ async fn entity_route(
         Method::PUT => {
             let mut body = parse_json_body(request)?;
             fill_generated_fields(kind, &mut body);
+            check_certificate(kind, &body)?;
             write(node, Op::Upsert { kind, key, id: Uuid::new_v4(), parent, body: body.into() }).await
         }
         Method::PATCH => {
@@ -255,6 +257,27 @@ async fn entity_route(
         Method::DELETE => write(node, Op::Delete { kind, key, parent }).await,
         _ => Err(method_not_allowed()),
     }
+}
+
+/// A certificate must be usable by the TLS listener: the chain parses, the key parses
+/// and matches it. Checked before the write is proposed (the state machine has no TLS
+/// library; PATCHes that change only one half are checked when compiled and logged).
+fn check_certificate(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
+    if kind != EntityKind::Certificate {
+        return Ok(());
+    }
+    for (cert_field, key_field) in [("cert", "key"), ("cert_alt", "key_alt")] {
+        let (Some(cert), Some(key)) =
+            (body.get(cert_field).and_then(Value::as_str), body.get(key_field).and_then(Value::as_str))
+        else {
+            continue;
+        };
+        if let Err(error) = crate::proxy::tls::certified_key(cert, key) {
+            let field = if error.starts_with("key") { key_field } else { cert_field };
+            return Err(ApiError::field(field, error));
+        }
+    }
+    Ok(())
 }
 
 /// Kong generates a key-auth key when none is given; so does Tollgate, before the

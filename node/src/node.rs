@@ -85,6 +85,12 @@ pub async fn start(
     let proxy_listener = std::net::TcpListener::bind(config.proxy_listen)
         .with_context(|| format!("binding proxy_listen {}", config.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
+    let proxy_tls_listener = match config.proxy_tls_listen {
+        Some(address) => {
+            Some(std::net::TcpListener::bind(address).with_context(|| format!("binding proxy_tls_listen {address}"))?)
+        }
+        None => None,
+    };
     let cluster_addr = cluster_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -115,8 +121,25 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
-    let proxy_threads =
-        crate::proxy::spawn_workers(config.workers, proxy_listener, published, config.node_id, shutdown_rx.clone())?;
+    let mut proxy_threads = crate::proxy::spawn_workers(
+        config.workers,
+        proxy_listener,
+        None,
+        published.clone(),
+        config.node_id,
+        shutdown_rx.clone(),
+    )?;
+    if let Some(tls_listener) = proxy_tls_listener {
+        let tls = crate::proxy::tls::server_config(published.clone()).context("tls configuration")?;
+        proxy_threads.extend(crate::proxy::spawn_workers(
+            config.workers,
+            tls_listener,
+            Some(tls),
+            published,
+            config.node_id,
+            shutdown_rx.clone(),
+        )?);
+    }
     tasks.spawn(transport::serve(
         cluster_listener,
         Arc::new(ClusterHandler { cluster: cluster.clone() }),

@@ -42,6 +42,12 @@ pub struct Published {
     publications: AtomicU64,
 }
 
+impl std::fmt::Debug for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Published").field("version", &self.load().version).finish()
+    }
+}
+
 impl Published {
     pub fn load(&self) -> Arc<CompiledConfig> {
         self.current.load_full()

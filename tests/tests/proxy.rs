@@ -408,3 +408,77 @@ async fn upgrade_passes_through_and_bytes_flow_both_ways() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// A self-signed EC certificate and key for `name`, made with the openssl CLI.
+fn self_signed(dir: &std::path::Path, name: &str) -> anyhow::Result<(String, String)> {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", &format!("/CN={name}")])
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl failed");
+    Ok((std::fs::read_to_string(cert)?, std::fs::read_to_string(key)?))
+}
+
+/// GET over TLS with SNI `name` through curl: (status, certificate subject, body).
+async fn https_get(port: u16, name: &str, path: &str) -> anyhow::Result<(u16, String, String)> {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sk", "-v", "-o", "-", "-w", "\n%{http_code}", "--resolve"])
+        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg(format!("https://{name}:{port}{path}"))
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    let subject = stderr.lines().find(|l| l.contains("subject:")).unwrap_or_default().trim().to_string();
+    Ok((status.trim().parse().unwrap_or(0), subject, body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_picks_the_certificate_by_sni_from_the_replicated_config() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert_a, key_a) = self_signed(dir.path(), "a.test")?;
+    let (cert_b, key_b) = self_signed(dir.path(), "b.test")?;
+    let echo = EchoServer::start().await?;
+    let tls_port = tollgate_tests::free_port();
+    let cluster = TestCluster::start_with(1, &["--proxy-tls-listen", &format!("127.0.0.1:{tls_port}")]).await?;
+    let client = cluster.client();
+    // A key that does not match its certificate is refused at write time.
+    let mismatched = client.post("/certificates", &json!({"cert": cert_a, "key": key_b})).await.unwrap_err();
+    assert_eq!(mismatched.status(), Some(400));
+    assert!(mismatched.api_error().is_some_and(|e| e.fields.contains_key("key")), "{mismatched}");
+
+    for (name, cert, key) in [("a.test", &cert_a, &key_a), ("b.test", &cert_b, &key_b)] {
+        let created = client.post("/certificates", &json!({"cert": cert, "key": key})).await?;
+        let id = created.body["id"].as_str().expect("id").to_string();
+        client.post(&format!("/certificates/{id}/snis"), &json!({"name": name})).await?;
+    }
+    client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+    let last = client.post("/services/echo/routes", &json!({"paths": ["/tls"], "protocols": ["https"]})).await?;
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+
+    for name in ["a.test", "b.test"] {
+        let (status, subject, body) = https_get(tls_port, name, "/tls/x").await?;
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(subject.contains(&format!("CN={name}")), "{name} got the certificate {subject}");
+        let body: serde_json::Value = serde_json::from_str(&body)?;
+        assert_eq!(body["headers"]["x-forwarded-proto"], json!(["https"]));
+    }
+    // A name with no certificate gets no handshake.
+    let (status, _, _) = https_get(tls_port, "c.test", "/tls/x").await?;
+    assert_eq!(status, 0);
+    // The https-only route is not served over plain HTTP.
+    let plain = proxy_request(&cluster.nodes[0].proxy_url(), "GET", None, "/tls/x", &[]).await?;
+    assert_eq!(plain.status, 404);
+    Ok(())
+}

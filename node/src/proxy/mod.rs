@@ -11,6 +11,7 @@
 pub mod balancer;
 pub mod path;
 pub mod router;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -74,6 +75,8 @@ pub struct ProxySnapshot {
     pub services: Services,
     /// Upstreams by name, with their targets in rotation.
     pub upstreams: HashMap<String, Arc<RoundRobin>>,
+    /// Certificates by SNI name, for the TLS listener.
+    pub certificates: tls::Certificates,
 }
 
 impl ProxySnapshot {
@@ -111,7 +114,7 @@ impl ProxySnapshot {
                 Some((name, Arc::new(RoundRobin::new(targets))))
             })
             .collect();
-        ProxySnapshot { router, services, upstreams }
+        ProxySnapshot { router, services, upstreams, certificates: tls::Certificates::compile(state) }
     }
 }
 
@@ -468,6 +471,7 @@ fn error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyB
 pub fn spawn_workers(
     workers: usize,
     listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     published: Arc<Published>,
     node_id: u64,
     shutdown: watch::Receiver<bool>,
@@ -479,7 +483,9 @@ pub fn spawn_workers(
         let listener = listener.try_clone()?;
         let published = published.clone();
         let shutdown = shutdown.clone();
-        let thread = std::thread::Builder::new().name(format!("proxy-{worker}")).spawn(move || {
+        let tls = tls.clone();
+        let name = if tls.is_some() { format!("proxy-tls-{worker}") } else { format!("proxy-{worker}") };
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(error) => {
@@ -489,7 +495,7 @@ pub fn spawn_workers(
             };
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, Arc::new(Proxy::new(published, node_id)), shutdown).await,
+                    Ok(listener) => serve(listener, tls, Arc::new(Proxy::new(published, node_id)), shutdown).await,
                     Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
                 }
             });
@@ -499,36 +505,67 @@ pub fn spawn_workers(
     Ok(threads)
 }
 
-/// Serves proxy traffic (HTTP/1.1 and h2c) until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: watch::Receiver<bool>) {
+/// Longest a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves proxy traffic until `shutdown` turns true: HTTP/1.1 and h2c, or with `tls`
+/// HTTPS (HTTP/1.1 and h2 by ALPN).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) {
     let local = listener.local_addr().ok();
-    let on_connection = move |stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>| {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let on_connection = move |stream: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>| {
         let proxy = proxy.clone();
+        let acceptor = acceptor.clone();
         async move {
-            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                let proxy = proxy.clone();
-                if let Some(local) = local {
-                    request.extensions_mut().insert(LocalAddr(local));
-                }
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, false).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(HEADER_BYTES_MAX)
-                .max_headers(HEADERS_COUNT_MAX);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %peer, "proxy connection ended");
-                    }
-                }
-                _ = shutdown.wait_for(|stop| *stop) => {}
+            match acceptor {
+                None => serve_stream(stream, peer, local, false, proxy, shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_stream(stream, peer, local, true, proxy, shutdown).await,
+                    Ok(Err(error)) => tracing::debug!(%error, %peer, "tls handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                },
             }
         }
     };
     crate::serve::accept_loop("proxy", listener, PROXY_CONNECTIONS_MAX, on_connection, shutdown).await;
+}
+
+async fn serve_stream<S>(
+    stream: S,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    tls: bool,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let proxy = proxy.clone();
+        if let Some(local) = local {
+            request.extensions_mut().insert(LocalAddr(local));
+        }
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, tls).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(HEADER_BYTES_MAX)
+        .max_headers(HEADERS_COUNT_MAX);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::debug!(%error, %peer, "proxy connection ended");
+            }
+        }
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
 }
