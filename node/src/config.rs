@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub snapshot_keep_logs: u64,
     pub admin_body_bytes_max: usize,
     pub write_leader_wait_ms: u64,
+    /// A JSON line per proxied request on stdout.
+    pub access_log: bool,
 }
 
 impl NodeConfig {
@@ -78,6 +80,7 @@ impl NodeConfig {
             snapshot_keep_logs: SNAPSHOT_KEEP_LOGS_DEFAULT,
             admin_body_bytes_max: ADMIN_BODY_BYTES_MAX_DEFAULT,
             write_leader_wait_ms: WRITE_LEADER_WAIT_MS_DEFAULT,
+            access_log: true,
         }
     }
 
@@ -166,6 +169,7 @@ pub struct FileConfig {
     pub snapshot_keep_logs: Option<u64>,
     pub admin_body_bytes_max: Option<usize>,
     pub write_leader_wait_ms: Option<u64>,
+    pub access_log: Option<bool>,
 }
 
 impl FileConfig {

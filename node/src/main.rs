@@ -75,6 +75,9 @@ struct RunArgs {
     admin_body_bytes_max: Option<usize>,
     #[arg(long, env = "TOLLGATE_WRITE_LEADER_WAIT_MS")]
     write_leader_wait_ms: Option<u64>,
+    /// A JSON line per proxied request on stdout (`--access-log false` to switch off).
+    #[arg(long, env = "TOLLGATE_ACCESS_LOG")]
+    access_log: Option<bool>,
 }
 
 impl RunArgs {
@@ -105,6 +108,7 @@ impl RunArgs {
         pick!(snapshot_keep_logs);
         pick!(admin_body_bytes_max);
         pick!(write_leader_wait_ms);
+        pick!(access_log);
         config.proxy_tls_listen = self.proxy_tls_listen.or(file.proxy_tls_listen);
         config.admin_token = self.admin_token.or(file.admin_token);
         config.advertise = self.advertise.or(file.advertise).unwrap_or_else(|| config.cluster_listen.to_string());
@@ -166,7 +170,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    // Latencies as histograms with Kong-like buckets (ms), not summaries.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_ms".to_string()),
+            &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 60000.0],
+        )
+        .context("latency buckets")?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
     let node = tollgate_node::node::start(config, Some(handle)).await?;

@@ -121,12 +121,14 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
+    let access_log = if config.access_log { Some(crate::proxy::telemetry::AccessLog::start()?) } else { None };
     let mut proxy_threads = crate::proxy::spawn_workers(
         config.workers,
         proxy_listener,
         None,
         published.clone(),
         config.node_id,
+        access_log.clone(),
         shutdown_rx.clone(),
     )?;
     if let Some(tls_listener) = proxy_tls_listener {
@@ -137,6 +139,7 @@ pub async fn start(
             Some(tls),
             published,
             config.node_id,
+            access_log,
             shutdown_rx.clone(),
         )?);
     }

@@ -87,7 +87,7 @@ pids+=($!)
 
 # --- tollgate, one worker on core 0 ---------------------------------------------------
 RUST_LOG=warn taskset -c 0 "$TOLLGATE" run --node-id 1 --data-dir "$WORK/tollgate" --workers 1 \
-    --proxy-listen 127.0.0.1:$TG_PROXY_PORT --admin-listen 127.0.0.1:$TG_ADMIN_PORT \
+    --access-log false --proxy-listen 127.0.0.1:$TG_PROXY_PORT --admin-listen 127.0.0.1:$TG_ADMIN_PORT \
     --cluster-listen 127.0.0.1:$TG_CLUSTER_PORT --initial-cluster 1=127.0.0.1:$TG_CLUSTER_PORT \
     > "$WORK/tollgate.log" 2>&1 &
 TG_PID=$!

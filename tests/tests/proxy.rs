@@ -482,3 +482,62 @@ async fn tls_picks_the_certificate_by_sni_from_the_replicated_config() -> anyhow
     assert_eq!(plain.status, 404);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_per_route_and_a_json_access_log_line_per_request() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "counted", "url": format!("http://{}", echo.address)})).await?;
+    let last =
+        client.post("/services/counted/routes", &json!({"name": "counted-route", "paths": ["/counted"]})).await?;
+    let version = last.config_version.unwrap_or(0);
+    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+    })
+    .await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let mut request_ids = Vec::new();
+    for _ in 0..3 {
+        let reply = proxy_request(&proxy, "GET", None, "/counted/x", &[]).await?;
+        assert_eq!(reply.status, 200);
+        request_ids.push(reply.headers["x-tollgate-request-id"].to_str()?.to_string());
+    }
+    assert_eq!(proxy_request(&proxy, "GET", None, "/unrouted", &[]).await?.status, 404);
+
+    let text = client.get("/metrics").await?.body.as_str().unwrap_or_default().to_string();
+    let ok_line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("tollgate_http_requests_total")
+                && l.contains("route=\"counted-route\"")
+                && l.contains("service=\"counted\"")
+                && l.contains("code_class=\"2xx\"")
+        })
+        .unwrap_or_else(|| panic!("no per-route counter in:\n{text}"));
+    assert!(ok_line.ends_with(" 3"), "{ok_line}");
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("tollgate_http_requests_total") && l.contains("route=\"\"") && l.contains("4xx")));
+    assert!(text.contains("tollgate_request_latency_ms"));
+    assert!(text.lines().any(|l| l.starts_with("tollgate_bandwidth_bytes_total")
+        && l.contains("egress")
+        && l.contains("counted-route")));
+
+    // One JSON line per request on the node's stdout.
+    let node = &cluster.nodes[0];
+    let line = eventually("the access log line", CONVERGE_TIMEOUT, || async {
+        let log = node.log();
+        let line = log.lines().find(|l| l.contains(&request_ids[2]) && l.starts_with('{'))?.to_string();
+        Some(line)
+    })
+    .await?;
+    let entry: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(
+        (entry["status"].as_u64(), entry["route"].as_str(), entry["method"].as_str()),
+        (Some(200), Some("counted-route"), Some("GET"))
+    );
+    assert_eq!(entry["path"], "/counted/x");
+    assert!(entry["upstream_latency_ms"].as_f64().is_some());
+    Ok(())
+}

@@ -11,6 +11,7 @@
 pub mod balancer;
 pub mod path;
 pub mod router;
+pub mod telemetry;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -77,6 +78,9 @@ pub struct ProxySnapshot {
     pub upstreams: HashMap<String, Arc<RoundRobin>>,
     /// Certificates by SNI name, for the TLS listener.
     pub certificates: tls::Certificates,
+    /// Metric handles per route id, and for requests no route matched.
+    pub route_metrics: HashMap<Uuid, Arc<telemetry::RouteMetrics>>,
+    pub unmatched_metrics: Option<Arc<telemetry::RouteMetrics>>,
 }
 
 impl ProxySnapshot {
@@ -114,20 +118,46 @@ impl ProxySnapshot {
                 Some((name, Arc::new(RoundRobin::new(targets))))
             })
             .collect();
-        ProxySnapshot { router, services, upstreams, certificates: tls::Certificates::compile(state) }
+        let label = |entity: &serde_json::Map<String, Value>| {
+            entity
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| tollgate_raft_store::state::entity_id(entity).to_string())
+        };
+        let route_metrics = state
+            .table(EntityKind::Route)
+            .values()
+            .map(|route| {
+                let service = tollgate_raft_store::state::foreign_id(route, "service")
+                    .and_then(|id| state.table(EntityKind::Service).get(&id).map(|service| label(service)))
+                    .unwrap_or_default();
+                let id = tollgate_raft_store::state::entity_id(route);
+                (id, Arc::new(telemetry::RouteMetrics::register(&service, &label(route))))
+            })
+            .collect();
+        ProxySnapshot {
+            router,
+            services,
+            upstreams,
+            certificates: tls::Certificates::compile(state),
+            route_metrics,
+            unmatched_metrics: Some(Arc::new(telemetry::RouteMetrics::register("", ""))),
+        }
     }
 }
 
 /// Shared by every proxy connection of a node.
 pub struct Proxy {
     published: Arc<Published>,
+    access_log: Option<telemetry::AccessLog>,
     client: Client<HttpConnector, UpstreamBody>,
     node_id: u64,
     request_counter: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(published: Arc<Published>, node_id: u64) -> Proxy {
+    pub fn new(published: Arc<Published>, node_id: u64, access_log: Option<telemetry::AccessLog>) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
@@ -135,7 +165,7 @@ impl Proxy {
             .pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX)
             .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
             .build(connector);
-        Proxy { published, client, node_id, request_counter: AtomicU64::new(0) }
+        Proxy { published, access_log, client, node_id, request_counter: AtomicU64::new(0) }
     }
 
     fn request_id(&self) -> String {
@@ -150,11 +180,44 @@ impl Proxy {
         // carried a Content-Length hyper discarded), close the connection, so bytes a
         // Content-Length-framing hop sent as body are never read as a next request.
         let close_after = request.headers().contains_key(http::header::TRANSFER_ENCODING);
-        let mut response = self.route_and_forward(peer, request, tls, started).await;
+        let method = request.method().clone();
+        let original_path = request.uri().path().to_string();
+        let mut trace = RequestTrace::default();
+        let mut response = self.route_and_forward(peer, request, tls, started, &mut trace).await;
         if close_after {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        response
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        let status = response.status().as_u16();
+        let metrics = trace.metrics.take();
+        if let Some(metrics) = &metrics {
+            metrics.record(status, latency_ms, trace.upstream_ms);
+        }
+        if let Some(access_log) = &self.access_log {
+            let line = serde_json::json!({
+                "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                "request_id": response.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()),
+                "client_ip": peer.ip().to_string(),
+                "method": method.as_str(),
+                "path": original_path,
+                "tls": tls,
+                "status": status,
+                "service": metrics.as_ref().map(|m| m.service_label.as_str()),
+                "route": metrics.as_ref().map(|m| m.route_label.as_str()),
+                "upstream": trace.upstream,
+                "latency_ms": (latency_ms * 1000.0).round() / 1000.0,
+                "upstream_latency_ms": trace.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+            });
+            access_log.log(line.to_string());
+        }
+        match metrics {
+            Some(metrics) => {
+                let (parts, body) = response.into_parts();
+                let counted = telemetry::CountingBody::new(body, metrics.egress_bytes.clone());
+                Response::from_parts(parts, BodyExt::boxed(counted))
+            }
+            None => response,
+        }
     }
 
     async fn route_and_forward(
@@ -163,8 +226,10 @@ impl Proxy {
         request: Request<Incoming>,
         tls: bool,
         started: tokio::time::Instant,
+        trace: &mut RequestTrace,
     ) -> Response<ProxyBody> {
         let compiled = self.published.load();
+        trace.metrics = compiled.proxy.unmatched_metrics.clone();
         let snapshot = &compiled.proxy;
         let request_id = self.request_id();
 
@@ -183,10 +248,10 @@ impl Proxy {
                 headers: request.headers(),
                 protocol: if tls { "https" } else { "http" },
             };
-            snapshot
-                .router
-                .find(&view)
-                .map(|m| (m.route.service, m.route.strip_path, m.route.preserve_host, m.matched_len))
+            snapshot.router.find(&view).map(|m| {
+                trace.metrics = snapshot.route_metrics.get(&m.route.id).cloned();
+                (m.route.service, m.route.strip_path, m.route.preserve_host, m.matched_len)
+            })
         };
         let Some((service_id, strip_path, preserve_host, matched_len)) = found else {
             return error(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
@@ -241,6 +306,8 @@ impl Proxy {
         let flag = client_body_failed.clone();
         // Only a request without a body can be sent again: its bytes are all in `parts`.
         let replayable = http_body::Body::size_hint(&body).exact() == Some(0);
+        let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
+        let body = telemetry::CountingBody::new(body, ingress);
         let mut body = Some(
             http_body_util::Limited::new(body, BODY_BYTES_MAX as usize)
                 .map_err(move |error| {
@@ -289,6 +356,7 @@ impl Proxy {
                 }
                 None => set_header(upstream_request.headers_mut(), "host", &upstream_host_header),
             }
+            trace.upstream = Some(authority.clone());
             match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
                 Ok(Ok(response)) => break response,
@@ -310,6 +378,7 @@ impl Proxy {
             }
         };
         let upstream_ms = upstream_started.elapsed().as_millis();
+        trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1e3);
         let mut response = response;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -421,6 +490,14 @@ fn local_port(parts: &http::request::Parts, tls: bool) -> String {
     })
 }
 
+/// What the data path learnt about a request, for metrics and the access log.
+#[derive(Default)]
+struct RequestTrace {
+    metrics: Option<Arc<telemetry::RouteMetrics>>,
+    upstream: Option<String>,
+    upstream_ms: Option<f64>,
+}
+
 /// The listener address a request arrived on.
 #[derive(Clone, Copy)]
 struct LocalAddr(SocketAddr);
@@ -474,6 +551,7 @@ pub fn spawn_workers(
     tls: Option<Arc<rustls::ServerConfig>>,
     published: Arc<Published>,
     node_id: u64,
+    access_log: Option<telemetry::AccessLog>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     debug_assert!(workers > 0);
@@ -484,6 +562,7 @@ pub fn spawn_workers(
         let published = published.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
+        let access_log = access_log.clone();
         let name = if tls.is_some() { format!("proxy-tls-{worker}") } else { format!("proxy-{worker}") };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -495,7 +574,9 @@ pub fn spawn_workers(
             };
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, tls, Arc::new(Proxy::new(published, node_id)), shutdown).await,
+                    Ok(listener) => {
+                        serve(listener, tls, Arc::new(Proxy::new(published, node_id, access_log)), shutdown).await
+                    }
                     Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
                 }
             });
