@@ -127,6 +127,12 @@ impl RunArgs {
     }
 }
 
+/// mimalloc instead of glibc's malloc: with a large config (10 000 routes) glibc's
+/// fastbin consolidation showed up in proxy profiles; tests/bench/proxy-bench.sh
+/// measures the difference.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Threads of the control-plane runtime.
 const CONTROL_THREADS: usize = 2;
 
