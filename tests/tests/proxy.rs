@@ -541,3 +541,39 @@ async fn metrics_per_route_and_a_json_access_log_line_per_request() -> anyhow::R
     assert!(entry["upstream_latency_ms"].as_f64().is_some());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_sends_a_key_to_the_same_target_from_every_node() -> anyhow::Result<()> {
+    let (echo_a, echo_b) = (EchoServer::start().await?, EchoServer::start().await?);
+    let cluster = TestCluster::start(3).await?;
+    let client = cluster.client();
+    client.post("/upstreams", &json!({"name": "sticky", "algorithm": "consistent-hashing", "hash_on": "header", "hash_on_header": "x-user"})).await?;
+    client.post("/upstreams/sticky/targets", &json!({"target": echo_a.address})).await?;
+    client.post("/upstreams/sticky/targets", &json!({"target": echo_b.address})).await?;
+    client.post("/services", &json!({"name": "sticky", "host": "sticky"})).await?;
+    let last = client.post("/services/sticky/routes", &json!({"paths": ["/sticky"]})).await?;
+    cluster.converged(last.config_version.unwrap_or(0)).await?;
+    for node in &cluster.nodes {
+        let version = last.config_version.unwrap_or(0);
+        eventually("every node to publish", CONVERGE_TIMEOUT, || async {
+            (cluster.status(node.id).await?["published_version"].as_u64()? >= version).then_some(())
+        })
+        .await?;
+    }
+    let mut targets_used = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let header = format!("user-{user}");
+        let mut seen = std::collections::BTreeSet::new();
+        for node in &cluster.nodes {
+            for _ in 0..2 {
+                let reply = proxy_request(&node.proxy_url(), "GET", None, "/sticky", &[("x-user", &header)]).await?;
+                assert_eq!(reply.status, 200);
+                seen.insert(reply.body["listen"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        assert_eq!(seen.len(), 1, "{header} went to {seen:?}");
+        targets_used.extend(seen);
+    }
+    assert_eq!(targets_used.len(), 2, "keys spread over both targets");
+    Ok(())
+}

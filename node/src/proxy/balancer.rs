@@ -1,11 +1,16 @@
-//! Weighted round-robin over an upstream's targets.
+//! Upstream balancers (Kong's `algorithm`): weighted round-robin, least-connections,
+//! consistent hashing and latency (EWMA).
 //!
-//! The schedule is computed when the config is compiled, with nginx's smooth weighted
+//! Per-target state (in-flight counts, latency averages) lives in the compiled snapshot,
+//! so it starts afresh when the upstream's config changes.
+//!
+//! Round-robin: the schedule is computed when the config is compiled, with nginx's smooth weighted
 //! round-robin (so weights 5:1:1 give `a a b a c a a`, not `a a a a a b c`); picking is
 //! one atomic increment. Weights are divided by their greatest common divisor and a
 //! schedule longer than [`SCHEDULE_LEN_MAX`] is scaled down proportionally.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Longest precomputed schedule.
 pub const SCHEDULE_LEN_MAX: usize = 4096;
@@ -80,6 +85,220 @@ impl RoundRobin {
     }
 }
 
+/// Points on the consistent-hashing ring, at most (Kong's default `slots`).
+pub const RING_POINTS_MAX: usize = 10_000;
+
+/// What consistent hashing hashes, per Kong's `hash_on` / `hash_fallback`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    None,
+    Ip,
+    Header(String),
+    Cookie(String),
+    Path,
+    QueryArg(String),
+    /// Needs authentication plugins; until then it never yields a key.
+    Consumer,
+}
+
+impl HashOn {
+    /// From an upstream entity's `hash_on` (or `hash_fallback`) and its parameter fields.
+    pub fn from_config(kind: &str, header: Option<&str>, cookie: Option<&str>, query_arg: Option<&str>) -> HashOn {
+        match kind {
+            "ip" => HashOn::Ip,
+            "header" => header.map_or(HashOn::None, |h| HashOn::Header(h.to_ascii_lowercase())),
+            "cookie" => cookie.map_or(HashOn::None, |c| HashOn::Cookie(c.to_string())),
+            "path" => HashOn::Path,
+            "query_arg" => query_arg.map_or(HashOn::None, |q| HashOn::QueryArg(q.to_string())),
+            "consumer" => HashOn::Consumer,
+            _ => HashOn::None,
+        }
+    }
+}
+
+/// The parts of a request a balancer may hash.
+pub struct BalanceKey<'a> {
+    pub client_ip: std::net::IpAddr,
+    pub headers: &'a http::HeaderMap,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+}
+
+impl BalanceKey<'_> {
+    fn value(&self, on: &HashOn) -> Option<String> {
+        match on {
+            HashOn::None | HashOn::Consumer => None,
+            HashOn::Ip => Some(self.client_ip.to_string()),
+            HashOn::Header(name) => {
+                let values: Vec<&str> =
+                    self.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
+                (!values.is_empty()).then(|| values.join(","))
+            }
+            HashOn::Cookie(name) => self
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.to_string()),
+            HashOn::Path => Some(self.path.to_string()),
+            HashOn::QueryArg(name) => self
+                .query?
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.to_string()),
+        }
+    }
+}
+
+/// FNV-1a: stable across nodes and builds, so every node maps a key to the same target.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Spread FNV's low-entropy high bits (splitmix64 finaliser).
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+/// One upstream's balancer.
+#[derive(Debug)]
+pub enum Balancer {
+    RoundRobin(RoundRobin),
+    /// Fewest requests in flight relative to weight.
+    LeastConnections {
+        targets: Vec<Target>,
+        in_flight: Vec<Arc<AtomicUsize>>,
+    },
+    /// A ring of points per target (proportional to weight); the key's hash picks the
+    /// next point. Requests without a key fall back to round-robin.
+    ConsistentHashing {
+        ring: Vec<(u64, u16)>,
+        targets: Vec<Target>,
+        on: HashOn,
+        fallback: HashOn,
+        round_robin: RoundRobin,
+    },
+    /// Lowest moving average of response time (EWMA, in µs) times requests in flight.
+    Latency {
+        targets: Vec<Target>,
+        in_flight: Vec<Arc<AtomicUsize>>,
+        ewma_us: Vec<Arc<AtomicU64>>,
+    },
+}
+
+/// A picked target; while it lives the target counts one more request in flight.
+pub struct Pick<'a> {
+    pub target: &'a Target,
+    in_flight: Option<Arc<AtomicUsize>>,
+    ewma_us: Option<Arc<AtomicU64>>,
+}
+
+impl Pick<'_> {
+    /// Feeds the time to the upstream's response headers to the latency balancer.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let Some(ewma) = &self.ewma_us else { return };
+        let sample = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        // EWMA with weight 1/8 for the newest sample; 0 means "no sample yet".
+        let _ = ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { sample.max(1) } else { (old * 7 + sample) / 8 })
+        });
+    }
+}
+
+impl Drop for Pick<'_> {
+    fn drop(&mut self) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Balancer {
+    pub fn new(algorithm: &str, targets: Vec<Target>, on: HashOn, fallback: HashOn) -> Balancer {
+        let targets: Vec<Target> = targets.into_iter().filter(|t| t.weight > 0).take(u16::MAX as usize).collect();
+        let counters = |n: usize| (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect::<Vec<_>>();
+        match algorithm {
+            "least-connections" => Balancer::LeastConnections { in_flight: counters(targets.len()), targets },
+            "latency" => Balancer::Latency {
+                in_flight: counters(targets.len()),
+                ewma_us: (0..targets.len()).map(|_| Arc::new(AtomicU64::new(0))).collect(),
+                targets,
+            },
+            "consistent-hashing" => {
+                let total_weight: u64 = targets.iter().map(|t| u64::from(t.weight)).sum::<u64>().max(1);
+                let mut ring = Vec::new();
+                for (index, target) in targets.iter().enumerate() {
+                    let points = (u64::from(target.weight) * RING_POINTS_MAX as u64 / total_weight).max(1);
+                    for point in 0..points {
+                        ring.push((fnv1a(format!("{}#{point}", target.address).as_bytes()), index as u16));
+                    }
+                }
+                ring.sort_unstable();
+                let round_robin = RoundRobin::new(targets.clone());
+                Balancer::ConsistentHashing { ring, targets, on, fallback, round_robin }
+            }
+            _ => Balancer::RoundRobin(RoundRobin::new(targets)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Balancer::RoundRobin(round_robin) => round_robin.is_empty(),
+            Balancer::LeastConnections { targets, .. }
+            | Balancer::ConsistentHashing { targets, .. }
+            | Balancer::Latency { targets, .. } => targets.is_empty(),
+        }
+    }
+
+    /// The target for a request, or `None` when no target is in rotation.
+    pub fn pick(&self, key: &BalanceKey<'_>) -> Option<Pick<'_>> {
+        let plain = |target| Pick { target, in_flight: None, ewma_us: None };
+        match self {
+            Balancer::RoundRobin(round_robin) => round_robin.pick().map(plain),
+            Balancer::LeastConnections { targets, in_flight } => {
+                let index = (0..targets.len()).min_by_key(|&i| {
+                    // in_flight / weight, compared without division.
+                    let load = in_flight[i].load(Ordering::Relaxed) as u128 * 1_000_000;
+                    (load / u128::from(targets[i].weight), i)
+                })?;
+                in_flight[index].fetch_add(1, Ordering::Relaxed);
+                Some(Pick { target: &targets[index], in_flight: Some(in_flight[index].clone()), ewma_us: None })
+            }
+            Balancer::Latency { targets, in_flight, ewma_us } => {
+                // Untried targets (no sample yet) first, then the lowest expected wait.
+                let index = (0..targets.len()).min_by_key(|&i| {
+                    let ewma = ewma_us[i].load(Ordering::Relaxed);
+                    let waiting = in_flight[i].load(Ordering::Relaxed) as u64 + 1;
+                    (ewma != 0, ewma.saturating_mul(waiting), i)
+                })?;
+                in_flight[index].fetch_add(1, Ordering::Relaxed);
+                Some(Pick {
+                    target: &targets[index],
+                    in_flight: Some(in_flight[index].clone()),
+                    ewma_us: Some(ewma_us[index].clone()),
+                })
+            }
+            Balancer::ConsistentHashing { ring, targets, on, fallback, round_robin } => {
+                let value = key.value(on).or_else(|| key.value(fallback));
+                let Some(value) = value else { return round_robin.pick().map(plain) };
+                let hash = fnv1a(value.as_bytes());
+                let position = ring.partition_point(|(point, _)| *point < hash) % ring.len().max(1);
+                let (_, index) = ring.get(position)?;
+                targets.get(*index as usize).map(plain)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +318,69 @@ mod tests {
         }
         assert_eq!((counts["a"], counts["b"], counts["c"]), (500, 100, 100));
         assert!(!counts.contains_key("d"));
+    }
+
+    fn key<'a>(headers: &'a http::HeaderMap, path: &'a str) -> BalanceKey<'a> {
+        BalanceKey { client_ip: "10.0.0.1".parse().unwrap(), headers, path, query: None }
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_target() {
+        let balancer =
+            Balancer::new("least-connections", vec![target("a", 100), target("b", 100)], HashOn::None, HashOn::None);
+        let headers = http::HeaderMap::new();
+        let first = balancer.pick(&key(&headers, "/")).unwrap();
+        let second = balancer.pick(&key(&headers, "/")).unwrap();
+        assert_ne!(first.target.address, second.target.address, "the busy target is avoided");
+        let busy = first.target.address.clone();
+        drop(second);
+        let third = balancer.pick(&key(&headers, "/")).unwrap();
+        assert_ne!(third.target.address, busy);
+    }
+
+    #[test]
+    fn consistent_hashing_is_sticky_and_spread() {
+        let targets = vec![target("a:1", 100), target("b:1", 100), target("c:1", 100)];
+        let balancer = Balancer::new("consistent-hashing", targets, HashOn::Header("x-user".into()), HashOn::None);
+        let mut spread = std::collections::HashMap::new();
+        for user in 0..300 {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-user", format!("user-{user}").parse().unwrap());
+            let first = balancer.pick(&key(&headers, "/")).unwrap().target.address.clone();
+            let again = balancer.pick(&key(&headers, "/")).unwrap().target.address.clone();
+            assert_eq!(first, again, "the same key goes to the same target");
+            *spread.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!(spread.len(), 3);
+        assert!(spread.values().all(|count| *count > 50), "{spread:?}");
+        // Another balancer built from the same config agrees: every node picks alike.
+        let twin = Balancer::new(
+            "consistent-hashing",
+            vec![target("a:1", 100), target("b:1", 100), target("c:1", 100)],
+            HashOn::Header("x-user".into()),
+            HashOn::None,
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-user", "user-7".parse().unwrap());
+        assert_eq!(
+            balancer.pick(&key(&headers, "/")).unwrap().target.address,
+            twin.pick(&key(&headers, "/")).unwrap().target.address
+        );
+    }
+
+    #[test]
+    fn latency_prefers_the_faster_target() {
+        let balancer =
+            Balancer::new("latency", vec![target("slow", 100), target("fast", 100)], HashOn::None, HashOn::None);
+        let headers = http::HeaderMap::new();
+        for _ in 0..2 {
+            let pick = balancer.pick(&key(&headers, "/")).unwrap();
+            let elapsed = if pick.target.address == "slow" { 50_000 } else { 1_000 };
+            pick.observe(std::time::Duration::from_micros(elapsed));
+        }
+        for _ in 0..5 {
+            assert_eq!(balancer.pick(&key(&headers, "/")).unwrap().target.address, "fast");
+        }
     }
 
     #[test]

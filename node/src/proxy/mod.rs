@@ -3,7 +3,8 @@
 //! or takes a lock the control plane holds.
 //!
 //! Built so far: HTTP/1.1 and h2c listeners, Kong's router and v0 path joining,
-//! upstreams with weighted round-robin, keep-alive pools, streaming bodies both ways,
+//! upstreams with Kong's balancers (round-robin, least-connections, consistent hashing,
+//! latency), keep-alive pools, streaming bodies both ways,
 //! hop-by-hop header removal, `X-Forwarded-*`, `Via`, a request id, and JSON errors
 //! (404 no route, 502 connect failure, 503 no target, 504 timeout). TLS, retries,
 //! other balancers, limits and telemetry come next (issue 3).
@@ -36,7 +37,7 @@ use tollgate_raft_store::state::ConfigState;
 use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
-use self::balancer::{RoundRobin, Target};
+use self::balancer::{BalanceKey, Balancer, HashOn, Target};
 use self::router::{CompiledService, RequestView, Router, Services};
 use crate::publish::Published;
 
@@ -75,7 +76,7 @@ pub struct ProxySnapshot {
     pub router: Router,
     pub services: Services,
     /// Upstreams by name, with their targets in rotation.
-    pub upstreams: HashMap<String, Arc<RoundRobin>>,
+    pub upstreams: HashMap<String, Arc<Balancer>>,
     /// Certificates by SNI name, for the TLS listener.
     pub certificates: tls::Certificates,
     /// Metric handles per route id, and for requests no route matched.
@@ -115,7 +116,21 @@ impl ProxySnapshot {
                 let id = tollgate_raft_store::state::entity_id(upstream);
                 let mut targets = targets_by_upstream.remove(&id).unwrap_or_default();
                 targets.sort_by(|a, b| a.address.cmp(&b.address));
-                Some((name, Arc::new(RoundRobin::new(targets))))
+                let text = |field: &str| upstream.get(field).and_then(Value::as_str);
+                let hash_on = HashOn::from_config(
+                    text("hash_on").unwrap_or("none"),
+                    text("hash_on_header"),
+                    text("hash_on_cookie"),
+                    text("hash_on_query_arg"),
+                );
+                let hash_fallback = HashOn::from_config(
+                    text("hash_fallback").unwrap_or("none"),
+                    text("hash_fallback_header"),
+                    text("hash_on_cookie"),
+                    text("hash_fallback_query_arg"),
+                );
+                let algorithm = text("algorithm").unwrap_or("round-robin");
+                Some((name, Arc::new(Balancer::new(algorithm, targets, hash_on, hash_fallback))))
             })
             .collect();
         let label = |entity: &serde_json::Map<String, Value>| {
@@ -277,6 +292,7 @@ impl Proxy {
         let upgrade = requested_upgrade(&request);
         let mut request = request;
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+        let client_query = request.uri().query().map(str::to_string);
         let (mut parts, body) = request.into_parts();
         let client_host = parts.headers.get(HOST).cloned();
         remove_hop_by_hop(&mut parts.headers);
@@ -324,17 +340,30 @@ impl Proxy {
         let mut attempt = 0;
         let response = loop {
             attempt += 1;
-            let (authority, upstream_host_header) = match balancer {
-                Some(balancer) => match balancer.pick() {
-                    Some(target) => (target.address.clone(), service.host.clone()),
-                    None => {
-                        return error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "failure to get a peer from the ring-balancer",
-                            &request_id,
-                        )
+            // The pick counts as in flight until the upstream's response headers arrive.
+            let pick = match balancer {
+                Some(balancer) => {
+                    let key = BalanceKey {
+                        client_ip: peer.ip(),
+                        headers: &parts.headers,
+                        path: &path,
+                        query: client_query.as_deref(),
+                    };
+                    match balancer.pick(&key) {
+                        Some(pick) => Some(pick),
+                        None => {
+                            return error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "failure to get a peer from the ring-balancer",
+                                &request_id,
+                            )
+                        }
                     }
-                },
+                }
+                None => None,
+            };
+            let (authority, upstream_host_header) = match &pick {
+                Some(pick) => (pick.target.address.clone(), service.host.clone()),
                 None => {
                     let authority = format!("{}:{}", service.host, service.port);
                     let host_header = if service.port == 80 { service.host.clone() } else { authority.clone() };
@@ -359,7 +388,12 @@ impl Proxy {
             trace.upstream = Some(authority.clone());
             match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
-                Ok(Ok(response)) => break response,
+                Ok(Ok(response)) => {
+                    if let Some(pick) = &pick {
+                        pick.observe(upstream_started.elapsed());
+                    }
+                    break response;
+                }
                 Ok(Err(failure)) if client_body_failed.load(Ordering::Relaxed) => {
                     tracing::debug!(%failure, "client request body failed");
                     return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
