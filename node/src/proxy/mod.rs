@@ -51,13 +51,18 @@ pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
 pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
 /// How long an idle upstream connection is kept.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a client may take to send its request headers (slowloris); the
-/// connection is closed when it runs out.
+/// How long a client may take to send its request headers (slowloris), and how long an
+/// idle keep-alive connection waits for its next request; the connection is closed
+/// when it runs out.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request line and headers together, in bytes: 431 above (nginx's default is 4 × 8 KiB).
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 /// Request headers, in number: 431 above.
 pub const HEADERS_COUNT_MAX: usize = 100;
+/// Concurrent streams one HTTP/2 client connection may open (nginx's default is 128).
+pub const H2_STREAMS_MAX: u32 = 128;
+/// Decoded HTTP/2 header list, in bytes (the HTTP/1 limit's counterpart).
+pub const H2_HEADER_LIST_BYTES_MAX: u32 = HEADER_BYTES_MAX as u32;
 /// Request target (path and query), in bytes: 414 above.
 pub const URI_BYTES_MAX: usize = 8 * 1024;
 /// Request body, in bytes: 413 above, from `Content-Length` before anything is sent
@@ -674,6 +679,11 @@ async fn serve_stream<S>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(HEADER_BYTES_MAX)
         .max_headers(HEADERS_COUNT_MAX);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(H2_STREAMS_MAX)
+        .max_header_list_size(H2_HEADER_LIST_BYTES_MAX);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::select! {
         result = connection => {

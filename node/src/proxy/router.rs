@@ -115,6 +115,10 @@ pub struct Router {
     trie: Vec<TrieNode>,
     /// Regex paths and routes without paths, by rank.
     regexes: Vec<(PathEntry, Regex)>,
+    /// All regex paths in one automaton: one scan of the request path says which of
+    /// them can match, instead of trying each in turn. `None` if it could not be built
+    /// within the regex crate's size limits (each regex is then tried in turn).
+    regex_set: Option<regex::RegexSet>,
     pathless: Vec<PathEntry>,
     /// Paths refused at compile time (route id, path, reason), for the log.
     pub refused: Vec<(Uuid, String, String)>,
@@ -234,6 +238,16 @@ impl Router {
                 },
             }
         }
+        if !router.regexes.is_empty() {
+            let patterns: Vec<&str> = router.regexes.iter().map(|(_, regex)| regex.as_str()).collect();
+            router.regex_set = match regex::RegexSet::new(&patterns) {
+                Ok(set) => Some(set),
+                Err(error) => {
+                    tracing::warn!(%error, regexes = patterns.len(), "regex paths are tried one by one");
+                    None
+                }
+            };
+        }
         router
     }
 
@@ -293,9 +307,13 @@ impl Router {
                 consider(entry, position + 1, &mut best);
             }
         }
-        for (entry, regex) in &self.regexes {
+        let regex_matches = self.regex_set.as_ref().map(|set| set.matches(request.path));
+        for (position, (entry, regex)) in self.regexes.iter().enumerate() {
             if best.as_ref().is_some_and(|(rank, _)| *rank <= entry.rank) {
                 break;
+            }
+            if regex_matches.as_ref().is_some_and(|matches| !matches.matched(position)) {
+                continue;
             }
             if let Some(found) = regex.find(request.path) {
                 consider(entry, found.end(), &mut best);
