@@ -39,7 +39,7 @@ fn median_ns(router: &Router, host: &str, path: &str) -> f64 {
     let view = RequestView { method: "GET", host, path, headers: &headers, protocol: "http" };
     let mut samples: Vec<f64> = (0..15)
         .map(|_| {
-            let started = std::time::Instant::now();
+            let started = tokio::time::Instant::now();
             for _ in 0..BATCH {
                 std::hint::black_box(router.find(std::hint::black_box(&view)));
             }
@@ -53,7 +53,7 @@ fn median_ns(router: &Router, host: &str, path: &str) -> f64 {
 fn main() {
     for count in [100, 10_000] {
         let compiled = routes(count);
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let router = Router::compile(compiled.iter());
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
         let middle = count / 2 + 1;
