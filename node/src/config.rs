@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub write_leader_wait_ms: u64,
     /// A JSON line per proxied request on stdout.
     pub access_log: bool,
+    /// Peers whose X-Forwarded-* headers are believed (Kong's `trusted_ips`).
+    pub trusted_ips: std::sync::Arc<crate::proxy::trusted::TrustedIps>,
 }
 
 impl NodeConfig {
@@ -81,6 +83,7 @@ impl NodeConfig {
             admin_body_bytes_max: ADMIN_BODY_BYTES_MAX_DEFAULT,
             write_leader_wait_ms: WRITE_LEADER_WAIT_MS_DEFAULT,
             access_log: true,
+            trusted_ips: Default::default(),
         }
     }
 
@@ -170,6 +173,7 @@ pub struct FileConfig {
     pub admin_body_bytes_max: Option<usize>,
     pub write_leader_wait_ms: Option<u64>,
     pub access_log: Option<bool>,
+    pub trusted_ips: Option<String>,
 }
 
 impl FileConfig {

@@ -78,6 +78,9 @@ struct RunArgs {
     /// A JSON line per proxied request on stdout (`--access-log false` to switch off).
     #[arg(long, env = "TOLLGATE_ACCESS_LOG")]
     access_log: Option<bool>,
+    /// CIDRs whose X-Forwarded-* headers are believed (Kong's `trusted_ips`).
+    #[arg(long, env = "TOLLGATE_TRUSTED_IPS")]
+    trusted_ips: Option<String>,
 }
 
 impl RunArgs {
@@ -109,6 +112,10 @@ impl RunArgs {
         pick!(admin_body_bytes_max);
         pick!(write_leader_wait_ms);
         pick!(access_log);
+        if let Some(trusted) = self.trusted_ips.or(file.trusted_ips) {
+            let parsed = tollgate_node::proxy::trusted::TrustedIps::parse(&trusted).map_err(anyhow::Error::msg)?;
+            config.trusted_ips = std::sync::Arc::new(parsed);
+        }
         config.proxy_tls_listen = self.proxy_tls_listen.or(file.proxy_tls_listen);
         config.admin_token = self.admin_token.or(file.admin_token);
         config.advertise = self.advertise.or(file.advertise).unwrap_or_else(|| config.cluster_listen.to_string());

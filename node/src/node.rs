@@ -122,24 +122,21 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
     let access_log = if config.access_log { Some(crate::proxy::telemetry::AccessLog::start()?) } else { None };
-    let mut proxy_threads = crate::proxy::spawn_workers(
-        config.workers,
-        proxy_listener,
-        None,
-        published.clone(),
-        config.node_id,
-        access_log.clone(),
-        shutdown_rx.clone(),
-    )?;
+    let setup = crate::proxy::ProxySetup {
+        published: published.clone(),
+        node_id: config.node_id,
+        access_log,
+        trusted_ips: config.trusted_ips.clone(),
+    };
+    let mut proxy_threads =
+        crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
     if let Some(tls_listener) = proxy_tls_listener {
-        let tls = crate::proxy::tls::server_config(published.clone()).context("tls configuration")?;
+        let tls = crate::proxy::tls::server_config(published).context("tls configuration")?;
         proxy_threads.extend(crate::proxy::spawn_workers(
             config.workers,
             tls_listener,
             Some(tls),
-            published,
-            config.node_id,
-            access_log,
+            setup,
             shutdown_rx.clone(),
         )?);
     }

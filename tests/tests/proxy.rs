@@ -577,3 +577,35 @@ async fn consistent_hashing_sends_a_key_to_the_same_target_from_every_node() -> 
     assert_eq!(targets_used.len(), 2, "keys spread over both targets");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_believed_only_from_trusted_peers() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let trusting = TestCluster::start_with(1, &["--trusted-ips", "127.0.0.0/8"]).await?;
+    let doubting = TestCluster::start(1).await?;
+    let forwarded =
+        [("x-forwarded-for", "203.0.113.5"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "api.example.com")];
+    for (cluster, trusted) in [(&trusting, true), (&doubting, false)] {
+        let client = cluster.client();
+        client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+        let last = client.post("/services/echo/routes", &json!({"paths": ["/f"]})).await?;
+        let version = last.config_version.unwrap_or(0);
+        eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
+            (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
+        })
+        .await?;
+        let reply = proxy_request(&cluster.nodes[0].proxy_url(), "GET", Some("local.test"), "/f", &forwarded).await?;
+        let seen = &reply.body["headers"];
+        assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.5, 127.0.0.1"]), "the chain is extended either way");
+        if trusted {
+            assert_eq!(seen["x-forwarded-proto"], json!(["https"]));
+            assert_eq!(seen["x-forwarded-host"], json!(["api.example.com"]));
+            assert_eq!(seen["x-real-ip"], json!(["203.0.113.5"]));
+        } else {
+            assert_eq!(seen["x-forwarded-proto"], json!(["http"]));
+            assert_eq!(seen["x-forwarded-host"], json!(["local.test"]));
+            assert_eq!(seen["x-real-ip"], json!(["127.0.0.1"]));
+        }
+    }
+    Ok(())
+}

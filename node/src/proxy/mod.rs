@@ -14,6 +14,7 @@ pub mod path;
 pub mod router;
 pub mod telemetry;
 pub mod tls;
+pub mod trusted;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -167,9 +168,19 @@ impl ProxySnapshot {
     }
 }
 
+/// What every proxy worker of a node starts from.
+#[derive(Clone)]
+pub struct ProxySetup {
+    pub published: Arc<Published>,
+    pub node_id: u64,
+    pub access_log: Option<telemetry::AccessLog>,
+    pub trusted_ips: Arc<trusted::TrustedIps>,
+}
+
 /// Shared by every proxy connection of a node.
 pub struct Proxy {
     published: Arc<Published>,
+    trusted_ips: Arc<trusted::TrustedIps>,
     access_log: Option<telemetry::AccessLog>,
     client: Client<HttpConnector, UpstreamBody>,
     node_id: u64,
@@ -177,7 +188,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(published: Arc<Published>, node_id: u64, access_log: Option<telemetry::AccessLog>) -> Proxy {
+    pub fn new(setup: ProxySetup) -> Proxy {
+        let ProxySetup { published, node_id, access_log, trusted_ips } = setup;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
@@ -185,7 +197,7 @@ impl Proxy {
             .pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX)
             .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
             .build(connector);
-        Proxy { published, access_log, client, node_id, request_counter: AtomicU64::new(0) }
+        Proxy { published, trusted_ips, access_log, client, node_id, request_counter: AtomicU64::new(0) }
     }
 
     fn request_id(&self) -> String {
@@ -305,18 +317,29 @@ impl Proxy {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let incoming_forwarded_for =
+            parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let peer_trusted = self.trusted_ips.contains(peer.ip());
+        let client_ip = self.trusted_ips.client_ip(peer.ip(), incoming_forwarded_for.as_deref());
+        let forwarded_for = match &incoming_forwarded_for {
             Some(existing) => format!("{existing}, {}", peer.ip()),
             None => peer.ip().to_string(),
         };
         set_header(&mut parts.headers, "x-forwarded-for", &forwarded_for);
-        set_header(&mut parts.headers, "x-forwarded-proto", if tls { "https" } else { "http" });
-        if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
-            set_header(&mut parts.headers, "x-forwarded-host", strip_port(host));
+        // A trusted peer's X-Forwarded-Proto/-Host/-Port describe the client: keep them.
+        if !(peer_trusted && parts.headers.contains_key("x-forwarded-proto")) {
+            set_header(&mut parts.headers, "x-forwarded-proto", if tls { "https" } else { "http" });
         }
-        let forwarded_port = local_port(&parts, tls);
-        set_header(&mut parts.headers, "x-forwarded-port", &forwarded_port);
-        set_header(&mut parts.headers, "x-real-ip", &peer.ip().to_string());
+        if !(peer_trusted && parts.headers.contains_key("x-forwarded-host")) {
+            if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
+                set_header(&mut parts.headers, "x-forwarded-host", strip_port(host));
+            }
+        }
+        if !(peer_trusted && parts.headers.contains_key("x-forwarded-port")) {
+            let forwarded_port = local_port(&parts, tls);
+            set_header(&mut parts.headers, "x-forwarded-port", &forwarded_port);
+        }
+        set_header(&mut parts.headers, "x-real-ip", &client_ip.to_string());
         set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
         append_header(&mut parts.headers, "via", VIA);
         let preserved_host = if preserve_host { client_host } else { None };
@@ -348,12 +371,8 @@ impl Proxy {
             // The pick counts as in flight until the upstream's response headers arrive.
             let pick = match balancer {
                 Some(balancer) => {
-                    let key = BalanceKey {
-                        client_ip: peer.ip(),
-                        headers: &parts.headers,
-                        path: &path,
-                        query: client_query.as_deref(),
-                    };
+                    let key =
+                        BalanceKey { client_ip, headers: &parts.headers, path: &path, query: client_query.as_deref() };
                     match balancer.pick(&key) {
                         Some(pick) => Some(pick),
                         None => {
@@ -588,9 +607,7 @@ pub fn spawn_workers(
     workers: usize,
     listener: std::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    published: Arc<Published>,
-    node_id: u64,
-    access_log: Option<telemetry::AccessLog>,
+    setup: ProxySetup,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     debug_assert!(workers > 0);
@@ -598,10 +615,9 @@ pub fn spawn_workers(
     let mut threads = Vec::with_capacity(workers);
     for worker in 0..workers {
         let listener = listener.try_clone()?;
-        let published = published.clone();
+        let setup = setup.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        let access_log = access_log.clone();
         let name = if tls.is_some() { format!("proxy-tls-{worker}") } else { format!("proxy-{worker}") };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -613,9 +629,7 @@ pub fn spawn_workers(
             };
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => {
-                        serve(listener, tls, Arc::new(Proxy::new(published, node_id, access_log)), shutdown).await
-                    }
+                    Ok(listener) => serve(listener, tls, Arc::new(Proxy::new(setup)), shutdown).await,
                     Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
                 }
             });
