@@ -244,6 +244,18 @@ impl TestCluster {
         .await
     }
 
+    /// Waits until every running node's data path serves at least `version`.
+    pub async fn published(&self, version: u64) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            eventually(&format!("node {} to publish {version}", node.id), CONVERGE_TIMEOUT, || async {
+                let published = self.status(node.id).await?.get("published_version")?.as_u64()?;
+                (published >= version).then_some(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Waits until every running node has applied at least `version`.
     pub async fn converged(&self, version: u64) -> anyhow::Result<()> {
         for node in self.nodes.iter().filter(|n| n.is_running()) {

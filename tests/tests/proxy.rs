@@ -53,11 +53,7 @@ async fn kong_v0_path_handling_against_a_real_upstream() -> anyhow::Result<()> {
         .await?;
     let version = client.get("/status").await?.body["config_version"].as_u64().unwrap_or(0);
     let proxy = cluster.nodes[0].proxy_url();
-    eventually("the proxy to publish the routes", CONVERGE_TIMEOUT, || async {
-        let status = cluster.status(1).await?;
-        (status["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(version).await?;
 
     for (service_path, route_path, strip, request, expected) in PATH_TABLE {
         let index = ["/s", "/s/", "/"].iter().position(|p| p == service_path).expect("known service path");
@@ -89,11 +85,7 @@ async fn headers_errors_and_no_route() -> anyhow::Result<()> {
     client.post("/services", &json!({"name": "nobody", "host": "empty-pool"})).await?;
     let last = client.post("/services/nobody/routes", &json!({"paths": ["/nobody"]})).await?;
     let proxy = cluster.nodes[0].proxy_url();
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
 
     let reply = proxy_request(
         &proxy,
@@ -200,11 +192,7 @@ async fn hostile_input_is_refused_and_path_tricks_do_not_escape_routes() -> anyh
         .await?;
     let last = client.post("/services/admin/routes", &json!({"name": "admin", "paths": ["/admin"]})).await?;
     let proxy = cluster.nodes[0].proxy_url();
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
 
     let head = "GET /a HTTP/1.1\r\nHost: t\r\n";
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
@@ -294,11 +282,7 @@ async fn a_dead_target_is_skipped_for_requests_without_a_body() -> anyhow::Resul
     client.post("/services", &json!({"name": "retrying", "host": "half-dead", "retries": 2})).await?;
     let last = client.post("/services/retrying/routes", &json!({"paths": ["/r"]})).await?;
     let proxy = cluster.nodes[0].proxy_url();
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
     // Round-robin alternates between the two targets: every GET still succeeds.
     for _ in 0..10 {
         let reply = proxy_request(&proxy, "GET", None, "/r/x", &[]).await?;
@@ -342,11 +326,7 @@ async fn http2_clients_reach_http1_upstreams_and_slow_upstreams_time_out() -> an
         json!({"name": "slow", "url": format!("http://{silent_address}"), "read_timeout": 300, "connect_timeout": 200});
     client.post("/services", &slow).await?;
     let last = client.post("/services/slow/routes", &json!({"paths": ["/slow"]})).await?;
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
     let proxy = cluster.nodes[0].proxy_url();
 
     // HTTP/2 with prior knowledge (h2c) in, HTTP/1.1 out.
@@ -379,11 +359,7 @@ async fn upgrade_passes_through_and_bytes_flow_both_ways() -> anyhow::Result<()>
     let client = cluster.client();
     client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
     let last = client.post("/services/echo/routes", &json!({"paths": ["/ws"]})).await?;
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
     let address = cluster.nodes[0].proxy_url().trim_start_matches("http://").to_string();
     let mut stream = tokio::net::TcpStream::connect(&address).await?;
     stream
@@ -461,11 +437,7 @@ async fn tls_picks_the_certificate_by_sni_from_the_replicated_config() -> anyhow
     }
     client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
     let last = client.post("/services/echo/routes", &json!({"paths": ["/tls"], "protocols": ["https"]})).await?;
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
 
     for name in ["a.test", "b.test"] {
         let (status, subject, body) = https_get(tls_port, name, "/tls/x").await?;
@@ -491,11 +463,7 @@ async fn metrics_per_route_and_a_json_access_log_line_per_request() -> anyhow::R
     client.post("/services", &json!({"name": "counted", "url": format!("http://{}", echo.address)})).await?;
     let last =
         client.post("/services/counted/routes", &json!({"name": "counted-route", "paths": ["/counted"]})).await?;
-    let version = last.config_version.unwrap_or(0);
-    eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-        (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-    })
-    .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
     let proxy = cluster.nodes[0].proxy_url();
     let mut request_ids = Vec::new();
     for _ in 0..3 {
@@ -552,14 +520,7 @@ async fn consistent_hashing_sends_a_key_to_the_same_target_from_every_node() -> 
     client.post("/upstreams/sticky/targets", &json!({"target": echo_b.address})).await?;
     client.post("/services", &json!({"name": "sticky", "host": "sticky"})).await?;
     let last = client.post("/services/sticky/routes", &json!({"paths": ["/sticky"]})).await?;
-    cluster.converged(last.config_version.unwrap_or(0)).await?;
-    for node in &cluster.nodes {
-        let version = last.config_version.unwrap_or(0);
-        eventually("every node to publish", CONVERGE_TIMEOUT, || async {
-            (cluster.status(node.id).await?["published_version"].as_u64()? >= version).then_some(())
-        })
-        .await?;
-    }
+    cluster.published(last.config_version.unwrap_or(0)).await?;
     let mut targets_used = std::collections::BTreeSet::new();
     for user in 0..20 {
         let header = format!("user-{user}");
@@ -589,11 +550,7 @@ async fn forwarded_headers_are_believed_only_from_trusted_peers() -> anyhow::Res
         let client = cluster.client();
         client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
         let last = client.post("/services/echo/routes", &json!({"paths": ["/f"]})).await?;
-        let version = last.config_version.unwrap_or(0);
-        eventually("the proxy to publish", CONVERGE_TIMEOUT, || async {
-            (cluster.status(1).await?["published_version"].as_u64()? >= version).then_some(())
-        })
-        .await?;
+        cluster.published(last.config_version.unwrap_or(0)).await?;
         let reply = proxy_request(&cluster.nodes[0].proxy_url(), "GET", Some("local.test"), "/f", &forwarded).await?;
         let seen = &reply.body["headers"];
         assert_eq!(seen["x-forwarded-for"], json!(["203.0.113.5, 127.0.0.1"]), "the chain is extended either way");
