@@ -246,22 +246,20 @@ impl TestCluster {
 
     /// Waits until every running node's data path serves at least `version`.
     pub async fn published(&self, version: u64) -> anyhow::Result<()> {
-        for node in self.nodes.iter().filter(|n| n.is_running()) {
-            eventually(&format!("node {} to publish {version}", node.id), CONVERGE_TIMEOUT, || async {
-                let published = self.status(node.id).await?.get("published_version")?.as_u64()?;
-                (published >= version).then_some(())
-            })
-            .await?;
-        }
-        Ok(())
+        self.every_node_reaches("published_version", version).await
     }
 
     /// Waits until every running node has applied at least `version`.
     pub async fn converged(&self, version: u64) -> anyhow::Result<()> {
+        self.every_node_reaches("config_version", version).await
+    }
+
+    /// Waits until `/status` field `field` is at least `version` on every running node.
+    async fn every_node_reaches(&self, field: &str, version: u64) -> anyhow::Result<()> {
         for node in self.nodes.iter().filter(|n| n.is_running()) {
-            eventually(&format!("node {} to apply {version}", node.id), CONVERGE_TIMEOUT, || async {
-                let applied = self.status(node.id).await?.get("config_version")?.as_u64()?;
-                (applied >= version).then_some(())
+            eventually(&format!("node {} to reach {field} {version}", node.id), CONVERGE_TIMEOUT, || async {
+                let reached = self.status(node.id).await?.get(field)?.as_u64()?;
+                (reached >= version).then_some(())
             })
             .await?;
         }
