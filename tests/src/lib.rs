@@ -38,6 +38,12 @@ pub fn tollgate_binary() -> PathBuf {
     binary
 }
 
+/// `--name value` from the command line of a benchmark binary, or `default`.
+pub fn cli_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// A free loopback port (bound, then released for the node to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()

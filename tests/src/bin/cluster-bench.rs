@@ -13,22 +13,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use serde_json::json;
-use tollgate_tests::{eventually, TestCluster, CONVERGE_TIMEOUT};
+use tollgate_tests::{cli_arg, eventually, TestCluster, CONVERGE_TIMEOUT};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let writes = arg("--writes", 1000);
-    let kills = arg("--kills", 5);
+    let writes = cli_arg("--writes", 1000);
+    let kills = cli_arg("--kills", 5);
     let mut cluster = TestCluster::start(3).await?;
     let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
     let clients: Vec<_> = ids.iter().map(|id| cluster.client_of(*id)).collect();

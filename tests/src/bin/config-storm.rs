@@ -7,18 +7,13 @@
 
 use std::time::Duration;
 
-use tollgate_tests::{storm, EchoServer, TestCluster};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use tollgate_tests::{cli_arg, storm, EchoServer, TestCluster};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds = arg("--seconds", 30);
-    let writes = arg("--writes", 100);
-    let rps = arg("--rps", 200);
+    let seconds = cli_arg("--seconds", 30);
+    let writes = cli_arg("--writes", 100);
+    let rps = cli_arg("--rps", 200);
     let echo = EchoServer::start().await?;
     let cluster = TestCluster::start(3).await?;
     let report = storm::run(&cluster, &echo, Duration::from_secs(seconds), writes, rps).await?;
