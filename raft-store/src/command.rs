@@ -43,18 +43,6 @@ pub enum Op {
     ReplaceAll { document: JsonValue, id_seed: u128 },
 }
 
-impl Op {
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Op::Create { .. } => "create",
-            Op::Upsert { .. } => "upsert",
-            Op::Patch { .. } => "patch",
-            Op::Delete { .. } => "delete",
-            Op::ReplaceAll { .. } => "replace_all",
-        }
-    }
-}
-
 /// What applying a command answered; errors change nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {

@@ -528,7 +528,7 @@ fn unique_value(entity: &Object, fields: &[&str]) -> Option<String> {
     Some(Value::Array(values).to_string())
 }
 
-/// Parses a nested-path scope for reads (`GET /services/{s}/routes`) and writes alike.
+/// The `?size=` of a list request: default, or 1 to `PAGE_SIZE_MAX`.
 pub fn page_size(raw: Option<&str>) -> Result<usize, ApiError> {
     let Some(raw) = raw else {
         return Ok(PAGE_SIZE_DEFAULT);

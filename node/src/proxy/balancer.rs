@@ -67,14 +67,6 @@ impl RoundRobin {
         RoundRobin { targets, schedule, next: AtomicUsize::new(0) }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
-    }
-
-    pub fn targets(&self) -> &[Target] {
-        &self.targets
-    }
-
     /// The next target, or `None` when there is none in rotation.
     pub fn pick(&self) -> Option<&Target> {
         if self.schedule.is_empty() {
@@ -247,15 +239,6 @@ impl Balancer {
                 Balancer::ConsistentHashing { ring, targets, on, fallback, round_robin }
             }
             _ => Balancer::RoundRobin(RoundRobin::new(targets)),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        match self {
-            Balancer::RoundRobin(round_robin) => round_robin.is_empty(),
-            Balancer::LeastConnections { targets, .. }
-            | Balancer::ConsistentHashing { targets, .. }
-            | Balancer::Latency { targets, .. } => targets.is_empty(),
         }
     }
 

@@ -39,7 +39,7 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 use self::balancer::{BalanceKey, Balancer, HashOn, Target};
-use self::router::{CompiledService, RequestView, Router, Services};
+use self::router::{strip_port, CompiledService, RequestView, Router, Services};
 use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -213,7 +213,7 @@ impl Proxy {
         // Content-Length-framing hop sent as body are never read as a next request.
         let close_after = request.headers().contains_key(http::header::TRANSFER_ENCODING);
         let method = request.method().clone();
-        let original_path = request.uri().path().to_string();
+        let original_path = self.access_log.as_ref().map(|_| request.uri().path().to_string());
         let mut trace = RequestTrace::default();
         let mut response = self.route_and_forward(peer, request, tls, started, &mut trace).await;
         if close_after {
@@ -529,13 +529,6 @@ fn request_host(request: &Request<Incoming>) -> String {
         .or_else(|| request.uri().authority().map(|a| a.as_str()))
         .unwrap_or_default();
     host.to_ascii_lowercase()
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(address, _)| &host[..address.len() + 1]);
-    }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
 fn local_port(parts: &http::request::Parts, tls: bool) -> String {

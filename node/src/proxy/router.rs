@@ -272,14 +272,6 @@ impl Router {
         self.trie[node].entries.push(entry);
     }
 
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
     /// The best route for a request, if any.
     pub fn find<'a>(&'a self, request: &RequestView<'_>) -> Option<Match<'a>> {
         let host_without_port = strip_port(request.host);
@@ -346,7 +338,8 @@ impl Router {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` without its `:port` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(address, _)| &host[..address.len() + 1]);
     }
