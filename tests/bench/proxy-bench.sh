@@ -38,37 +38,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- upstream: nginx answering 200 with a small body, on core 1 -----------------------
-mkdir -p "$WORK/upstream" "$WORK/proxy"
-cat > "$WORK/upstream/nginx.conf" <<EOF
+# start_nginx NAME CORE HTTP_BLOCK: one nginx, one worker pinned to CORE, with the
+# common settings of both runs and HTTP_BLOCK inside `http { }`.
+start_nginx() {
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    cat > "$dir/nginx.conf" <<EOF
 daemon off;
 worker_processes 1;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/error.log warn;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
 events { worker_connections 4096; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$UPSTREAM_PORT;
-        location / { return 200 'hello from upstream\n'; }
-    }
+$3
 }
 EOF
-taskset -c 1 nginx -c "$WORK/upstream/nginx.conf" -p "$WORK/upstream" &
-pids+=($!)
+    taskset -c "$2" nginx -c "$dir/nginx.conf" -p "$dir" &
+    pids+=($!)
+}
+
+# --- upstream: nginx answering 200 with a small body, on core 1 -----------------------
+start_nginx upstream 1 "    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { return 200 'hello from upstream\n'; }
+    }"
 
 # --- nginx as reverse proxy, one worker on core 0 -------------------------------------
-cat > "$WORK/proxy/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $WORK/proxy/nginx.pid;
-error_log $WORK/proxy/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    upstream backend {
+start_nginx proxy 0 "    upstream backend {
         server 127.0.0.1:$UPSTREAM_PORT;
         keepalive 64;
     }
@@ -77,13 +75,9 @@ http {
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection \"\";
         }
-    }
-}
-EOF
-taskset -c 0 nginx -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" &
-pids+=($!)
+    }"
 
 # --- tollgate, one worker on core 0 ---------------------------------------------------
 RUST_LOG=warn taskset -c 0 "$TOLLGATE" run --node-id 1 --data-dir "$WORK/tollgate" --workers 1 \
