@@ -35,13 +35,14 @@ use crate::node::Node;
 pub const CONFIG_VERSION_HEADER: &str = "tollgate-config-version";
 
 /// Top-level collections. Credentials and targets are reached through their parent.
-const TOP_LEVEL: [EntityKind; 7] = [
+const TOP_LEVEL: [EntityKind; 8] = [
     EntityKind::Service,
     EntityKind::Route,
     EntityKind::Consumer,
     EntityKind::Upstream,
     EntityKind::Plugin,
     EntityKind::Certificate,
+    EntityKind::CaCertificate,
     EntityKind::Sni,
 ];
 
@@ -263,6 +264,12 @@ async fn entity_route(
 /// and matches it. Checked before the write is proposed (the state machine has no TLS
 /// library; PATCHes that change only one half are checked when compiled and logged).
 fn check_certificate(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
+    if kind == EntityKind::CaCertificate {
+        if let Some(cert) = body.get("cert").and_then(Value::as_str) {
+            crate::proxy::upstream::trust_anchors(cert).map_err(|error| ApiError::field("cert", error))?;
+        }
+        return Ok(());
+    }
     if kind != EntityKind::Certificate {
         return Ok(());
     }

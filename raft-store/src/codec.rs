@@ -8,7 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The version byte of frames this build writes.
-pub const FORMAT_VERSION: u8 = 1;
+/// 2: `ca_certificates` became an entity kind, which renumbers the kinds after
+/// certificates; version-1 data from pre-release builds is refused, not misread.
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -36,6 +36,7 @@ pub const OBJECT_BYTES_MAX: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EntityKind {
     Certificate,
+    CaCertificate,
     Sni,
     Service,
     Route,
@@ -51,8 +52,9 @@ pub enum EntityKind {
 }
 
 impl EntityKind {
-    pub const ALL: [EntityKind; 13] = [
+    pub const ALL: [EntityKind; 14] = [
         EntityKind::Certificate,
+        EntityKind::CaCertificate,
         EntityKind::Sni,
         EntityKind::Service,
         EntityKind::Route,
@@ -75,6 +77,7 @@ impl EntityKind {
     pub fn path(self) -> &'static str {
         match self {
             EntityKind::Certificate => "certificates",
+            EntityKind::CaCertificate => "ca_certificates",
             EntityKind::Sni => "snis",
             EntityKind::Service => "services",
             EntityKind::Route => "routes",
@@ -253,6 +256,14 @@ impl EntitySchema {
             _ => None,
         })
     }
+
+    /// Arrays of references (`ca_certificates`): always restrict deletes, as in Kong.
+    pub fn foreign_id_lists(&self) -> impl Iterator<Item = (&'static str, EntityKind)> + '_ {
+        self.fields.iter().filter_map(|f| match f.ty {
+            FieldType::ForeignIds(kind) => Some((f.name, kind)),
+            _ => None,
+        })
+    }
 }
 
 const TAGS: Field = field(
@@ -365,7 +376,7 @@ fn check_certificate(certificate: &Object, errors: &mut BTreeMap<String, String>
     }
 }
 
-static SCHEMAS: [EntitySchema; 13] = [
+static SCHEMAS: [EntitySchema; 14] = [
     EntitySchema {
         kind: EntityKind::Certificate,
         fields: &[
@@ -379,6 +390,21 @@ static SCHEMAS: [EntitySchema; 13] = [
         unique: &[],
         has_updated_at: true,
         check: check_certificate,
+    },
+    // Kong's `ca_certificates`: trust anchors a service's `tls_verify` checks upstream
+    // certificates against. The PEM must parse; unlike Kong, the CA flag and expiry are
+    // not checked here (a non-CA certificate simply verifies nothing).
+    EntitySchema {
+        kind: EntityKind::CaCertificate,
+        fields: &[
+            required("cert", FieldType::Str(StrRule::Pem)),
+            field("cert_digest", FieldType::Str(StrRule::Text(128)), DefaultValue::Null),
+            TAGS,
+        ],
+        endpoint_keys: &[],
+        unique: &[&["cert_digest"]],
+        has_updated_at: true,
+        check: no_check,
     },
     EntitySchema {
         kind: EntityKind::Sni,
@@ -416,7 +442,7 @@ static SCHEMAS: [EntitySchema; 13] = [
             ),
             field("tls_verify", FieldType::Bool, DefaultValue::Null),
             field("tls_verify_depth", FieldType::Int { min: 0, max: 64 }, DefaultValue::Null),
-            field("ca_certificates", FieldType::ForeignIds(EntityKind::Certificate), DefaultValue::Null),
+            field("ca_certificates", FieldType::ForeignIds(EntityKind::CaCertificate), DefaultValue::Null),
             field("enabled", FieldType::Bool, DefaultValue::Bool(true)),
             TAGS,
         ],

@@ -38,7 +38,7 @@ struct UniqueKey {
 
 #[derive(Debug, Clone, Default)]
 pub struct ConfigState {
-    tables: [OrdMap<Uuid, Arc<Object>>; 13],
+    tables: [OrdMap<Uuid, Arc<Object>>; 14],
     unique: OrdMap<UniqueKey, Uuid>,
     entity_count: usize,
 }
@@ -283,6 +283,25 @@ impl ConfigState {
             let (doomed_kind, doomed_entity) = doomed[position].clone();
             let doomed_id = entity_id(&doomed_entity);
             for referencing in EntityKind::ALL {
+                for (field, target) in referencing.schema().foreign_id_lists() {
+                    if target != doomed_kind {
+                        continue;
+                    }
+                    let wanted = Value::from(doomed_id.to_string());
+                    let listed = self.table(referencing).values().any(|entity| {
+                        entity.get(field).and_then(Value::as_array).is_some_and(|ids| ids.contains(&wanted))
+                    });
+                    if listed {
+                        return Err(ApiError::new(
+                            ErrorCode::ForeignKeyViolation,
+                            format!(
+                                "an existing '{}' entity references this '{}' entity in '{field}'",
+                                referencing.path(),
+                                doomed_kind.path()
+                            ),
+                        ));
+                    }
+                }
                 for (field, target, on_delete) in referencing.schema().foreign_keys() {
                     if target != doomed_kind {
                         continue;

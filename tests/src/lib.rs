@@ -343,7 +343,6 @@ impl ProxyClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<ProxyReply> {
-        use http_body_util::BodyExt;
         let mut builder = http::Request::builder().method(method).uri(format!("{proxy_url}{path}"));
         if let Some(host) = host {
             builder = builder.header(http::header::HOST, host);
@@ -351,7 +350,13 @@ impl ProxyClient {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let response = self.http.request(builder.body(http_body_util::Full::new(bytes::Bytes::new()))?).await?;
+        self.send(builder.body(http_body_util::Full::new(bytes::Bytes::new()))?).await
+    }
+
+    /// Sends a request built by the caller (a body, say).
+    pub async fn send(&self, request: http::Request<http_body_util::Full<bytes::Bytes>>) -> anyhow::Result<ProxyReply> {
+        use http_body_util::BodyExt;
+        let response = self.http.request(request).await?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await?.to_bytes();

@@ -271,7 +271,7 @@ async fn hostile_input_is_refused_and_path_tricks_do_not_escape_routes() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_target_is_skipped_for_requests_without_a_body() -> anyhow::Result<()> {
+async fn a_dead_target_is_skipped_for_requests_without_a_body_and_with_a_small_one() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
     let cluster = TestCluster::start(1).await?;
     let client = cluster.client();
@@ -288,6 +288,19 @@ async fn a_dead_target_is_skipped_for_requests_without_a_body() -> anyhow::Resul
         let reply = proxy_request(&proxy, "GET", None, "/r/x", &[]).await?;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.body["listen"], echo.address.as_str());
+    }
+    // A POST with a small body is read whole first, so it is retried too: the
+    // connection to the dead target was never made, nothing reached an upstream.
+    let client = tollgate_tests::ProxyClient::new();
+    for round in 0..6 {
+        let body = format!("{{\"order\": {round}}}");
+        let request = http::Request::post(format!("{proxy}/r/orders"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))?;
+        let reply = client.send(request).await?;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body["method"], "POST");
+        assert_eq!(reply.body["body"], body.as_str(), "the upstream got the whole body");
     }
     Ok(())
 }

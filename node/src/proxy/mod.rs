@@ -1,13 +1,6 @@
 //! The data path: accept → parse → route → balancer → pooled upstream connection →
 //! response. It reads only the published [`ProxySnapshot`]; nothing here waits on Raft
-//! or takes a lock the control plane holds.
-//!
-//! Built so far: HTTP/1.1 and h2c listeners, Kong's router and v0 path joining,
-//! upstreams with Kong's balancers (round-robin, least-connections, consistent hashing,
-//! latency), keep-alive pools, streaming bodies both ways,
-//! hop-by-hop header removal, `X-Forwarded-*`, `Via`, a request id, and JSON errors
-//! (404 no route, 502 connect failure, 503 no target, 504 timeout). TLS, retries,
-//! other balancers, limits and telemetry come next (issue 3).
+//! or takes a lock the control plane holds. `node/PROXY.md` walks through each step.
 
 pub mod balancer;
 pub mod path;
@@ -15,6 +8,7 @@ pub mod router;
 pub mod telemetry;
 pub mod tls;
 pub mod trusted;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,8 +22,6 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -43,15 +35,12 @@ use self::router::{strip_port, CompiledService, RequestView, Router, Services};
 use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What is sent upstream: the client's body, bounded, with its errors boxed.
-type UpstreamBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Most proxy connections open at once per node.
 pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
-/// Idle keep-alive connections kept per upstream target.
-pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
-/// How long an idle upstream connection is kept.
-pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client may take to send its request headers (slowloris), and how long an
 /// idle keep-alive connection waits for its next request; the connection is closed
 /// when it runs out.
@@ -72,6 +61,13 @@ pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// Upper bound on a service's `retries` on the data path, whatever the config says.
 pub const RETRIES_MAX: u32 = 16;
+/// A request body of at most this many bytes, with its length declared, is read
+/// whole before it goes upstream when the service has `retries`, so that a failed
+/// connection can be retried with it (nginx buffers request bodies too). Larger or
+/// chunked bodies stream, and are not retried.
+pub const RETRY_BODY_BYTES_MAX: u64 = 64 * 1024;
+/// How long a client may take to send a body that is read whole: 408 after it.
+pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
 const VIA: &str = "1.1 tollgate";
@@ -97,7 +93,10 @@ impl ProxySnapshot {
             .table(EntityKind::Service)
             .values()
             .map(|service| {
-                let compiled = CompiledService::compile(service);
+                let compiled = CompiledService {
+                    transport: upstream::Transport::for_service(service, state),
+                    ..CompiledService::compile(service)
+                };
                 (compiled.id, Arc::new(compiled))
             })
             .collect();
@@ -182,7 +181,7 @@ pub struct Proxy {
     published: Arc<Published>,
     trusted_ips: Arc<trusted::TrustedIps>,
     access_log: Option<telemetry::AccessLog>,
-    client: Client<HttpConnector, UpstreamBody>,
+    clients: upstream::Clients,
     node_id: u64,
     request_counter: AtomicU64,
 }
@@ -190,14 +189,8 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
         let ProxySetup { published, node_id, access_log, trusted_ips } = setup;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX)
-            .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
-            .build(connector);
-        Proxy { published, trusted_ips, access_log, client, node_id, request_counter: AtomicU64::new(0) }
+        let clients = upstream::Clients::default();
+        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter: AtomicU64::new(0) }
     }
 
     fn request_id(&self) -> String {
@@ -291,10 +284,12 @@ impl Proxy {
         let Some(service) = service_id.and_then(|id| snapshot.services.get(&id)) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
         };
-        if !service.enabled || !matches!(service.protocol.as_str(), "http" | "grpc") {
-            // https/grpcs upstreams arrive with upstream TLS.
-            return error(StatusCode::SERVICE_UNAVAILABLE, "service protocol not supported yet", &request_id);
+        if !service.enabled {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
         }
+        let Some(client) = self.clients.get(&service.transport) else {
+            return error(StatusCode::BAD_GATEWAY, "the service's upstream TLS settings are not usable", &request_id);
+        };
 
         let balancer = snapshot.upstreams.get(&service.host.to_ascii_lowercase());
         let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { path.as_str() };
@@ -312,7 +307,13 @@ impl Proxy {
         let client_query = request.uri().query().map(str::to_string);
         let (mut parts, body) = request.into_parts();
         let client_host = parts.headers.get(HOST).cloned();
+        // `TE: trailers` is end to end on HTTP/2 (gRPC needs it); other TE values and
+        // every TE on HTTP/1.1 are hop-by-hop.
+        let wants_trailers = service.transport.is_h2() && asks_for_trailers(&parts.headers);
         remove_hop_by_hop(&mut parts.headers);
+        if wants_trailers {
+            parts.headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(protocol) = &upgrade {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -348,21 +349,29 @@ impl Proxy {
         // blamed on the upstream: the flag tells the two apart.
         let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = client_body_failed.clone();
-        // Only a request without a body can be sent again: its bytes are all in `parts`.
-        let replayable = http_body::Body::size_hint(&body).exact() == Some(0);
+        let declared_length = http_body::Body::size_hint(&body).exact();
         let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
         let body = telemetry::CountingBody::new(body, ingress);
-        let mut body = Some(
-            http_body_util::Limited::new(body, BODY_BYTES_MAX as usize)
-                .map_err(move |error| {
-                    flag.store(true, Ordering::Relaxed);
-                    error
-                })
-                .boxed(),
-        );
+        let body = http_body_util::Limited::new(body, BODY_BYTES_MAX as usize).map_err(flag_failure(flag));
+        // A request can be sent again when all its bytes are at hand: no body, or a
+        // small one read whole first.
+        let (replay, mut body): (Option<Bytes>, Option<UpstreamBody>) = match declared_length {
+            Some(0) => (Some(Bytes::new()), None),
+            Some(length) if length <= RETRY_BODY_BYTES_MAX && service.retries > 0 => {
+                match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
+                    Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
+                    Ok(Err(failure)) => {
+                        tracing::debug!(%failure, "client request body failed");
+                        return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
+                    }
+                    Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
+                }
+            }
+            _ => (None, Some(body.boxed())),
+        };
         // Kong's `retries`: a connection that could not be made is tried on the next
         // target. Nothing reached the upstream then, so this is safe for any method.
-        let attempts_max = if replayable { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
+        let attempts_max = if replay.is_some() { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
         let timeout = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
         let upstream_started = tokio::time::Instant::now();
         let mut attempt = 0;
@@ -394,10 +403,15 @@ impl Proxy {
                     (authority, host_header)
                 }
             };
-            let Ok(uri) = format!("http://{authority}{upstream_path}").parse::<Uri>() else {
+            let Ok(uri) = format!("{}://{authority}{upstream_path}", service.transport.scheme()).parse::<Uri>() else {
                 return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
             };
-            let mut upstream_request = Request::new(body.take().unwrap_or_else(empty_upstream_body));
+            let attempt_body = match &replay {
+                Some(bytes) if bytes.is_empty() => empty_upstream_body(),
+                Some(bytes) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
+                None => body.take().unwrap_or_else(empty_upstream_body),
+            };
+            let mut upstream_request = Request::new(attempt_body);
             *upstream_request.method_mut() = parts.method.clone();
             *upstream_request.uri_mut() = uri;
             // The headers are cloned only while another attempt may need them.
@@ -410,7 +424,7 @@ impl Proxy {
                 None => set_header(upstream_request.headers_mut(), "host", &upstream_host_header),
             }
             trace.upstream = Some(authority.clone());
-            match tokio::time::timeout(timeout, self.client.request(upstream_request)).await {
+            match tokio::time::timeout(timeout, client.request(upstream_request)).await {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
                 Ok(Ok(response)) => {
                     if let Some(pick) = &pick {
@@ -461,6 +475,24 @@ impl Proxy {
         set_header(&mut parts.headers, "x-tollgate-proxy-latency", &proxy_ms.to_string());
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// Marks `flag` when the client's body fails, passing the error on.
+fn flag_failure(flag: Arc<std::sync::atomic::AtomicBool>) -> impl Fn(BoxError) -> BoxError {
+    move |error| {
+        flag.store(true, Ordering::Relaxed);
+        error
+    }
+}
+
+/// Whether the client's `TE` lists `trailers`.
+fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// The protocol a client asks to switch to: `Connection: upgrade` with `Upgrade: X`,

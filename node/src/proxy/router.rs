@@ -197,7 +197,16 @@ impl Router {
                 hosts,
                 methods,
                 headers,
-                protocols: strings(route.get("protocols")),
+                // Kong's router treats grpc and grpcs as http and https: a gRPC call
+                // is an HTTP request (kong/router/compat.lua's PROTOCOLS_OVERRIDE).
+                protocols: strings(route.get("protocols"))
+                    .into_iter()
+                    .map(|protocol| match protocol.as_str() {
+                        "grpc" => "http".to_string(),
+                        "grpcs" => "https".to_string(),
+                        _ => protocol,
+                    })
+                    .collect(),
             });
             let base = |is_regex: bool, length: usize| -> RankKey {
                 (
@@ -364,6 +373,9 @@ pub struct CompiledService {
     pub read_timeout_ms: u64,
     pub write_timeout_ms: u64,
     pub enabled: bool,
+    /// How requests reach the upstream; set by [`super::ProxySnapshot::compile`],
+    /// which has the certificates a TLS service needs.
+    pub transport: super::upstream::Transport,
 }
 
 impl CompiledService {
@@ -381,6 +393,7 @@ impl CompiledService {
             read_timeout_ms: number("read_timeout", 60_000),
             write_timeout_ms: number("write_timeout", 60_000),
             enabled: service.get("enabled").and_then(Value::as_bool).unwrap_or(true),
+            transport: super::upstream::Transport::default(),
         }
     }
 }

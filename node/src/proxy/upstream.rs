@@ -1,0 +1,651 @@
+//! Connections to upstreams: HTTP/1.1 (`http`), h2c (`grpc`), and TLS (`https` over
+//! HTTP/1.1, `grpcs` over h2) with Kong's verification options, through keep-alive
+//! pools, and host names resolved through a TTL cache.
+//!
+//! Each proxy worker owns a [`Clients`]: one pool for plain HTTP/1.1, one for h2c, and
+//! one per distinct TLS profile (verification, trust anchors, client certificate, SNI
+//! name, ALPN). A profile is compiled into the snapshot with its service, so a request
+//! never parses a certificate; its key is a hash of what it was built from, so a
+//! config change that leaves a service's TLS settings alone keeps its pooled
+//! connections.
+//!
+//! Verification follows Kong: `tls_verify` unset means off (nginx's
+//! `proxy_ssl_verify off`, Kong's default). When on, the upstream's certificate must
+//! chain to one of the service's `ca_certificates`, or when it has none to the system
+//! bundle ([`SYSTEM_CA_BUNDLES`]), and name the service's `host`, which is also the
+//! SNI name sent. `tls_verify_depth` bounds the certificates above the leaf, as in
+//! OpenSSL. `client_certificate` is presented when the upstream asks for one.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Uri;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tollgate_raft_store::schema::Object;
+use tollgate_raft_store::state::{foreign_id, ConfigState};
+use tollgate_raft_store::EntityKind;
+
+use super::UpstreamBody;
+
+/// Idle keep-alive connections kept per upstream target and pool.
+pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
+/// How long an idle upstream connection is kept.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Distinct TLS profiles (pools) one worker keeps; past this the TLS pools are
+/// dropped and rebuilt as requests need them.
+pub const TLS_PROFILES_MAX: usize = 1024;
+/// Where the system's trust anchors are looked for (Debian/Ubuntu/Alpine, then
+/// Fedora/RHEL), for `tls_verify` without `ca_certificates`.
+pub const SYSTEM_CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+/// How long a resolved name is used before it is looked up again. The system
+/// resolver (`getaddrinfo`) does not report record TTLs, so this is one setting for
+/// every name (Kong's `dns_valid_ttl`).
+pub const DNS_TTL: Duration = Duration::from_secs(30);
+/// How long past its TTL an answer may still be used while a fresh lookup runs, or
+/// when lookups fail (Kong's `dns_stale_ttl`).
+pub const DNS_STALE_MAX: Duration = Duration::from_secs(3600);
+/// Names one worker's DNS cache holds; past this it starts over.
+pub const DNS_CACHE_ENTRIES_MAX: usize = 4096;
+
+/// How a service's requests reach its upstream.
+#[derive(Clone, Debug, Default)]
+pub enum Transport {
+    /// `http`: HTTP/1.1 in clear text.
+    #[default]
+    Http1,
+    /// `grpc`: HTTP/2 with prior knowledge, in clear text.
+    H2c,
+    /// `https` and `grpcs`.
+    Tls(Arc<TlsProfile>),
+    /// The service's TLS settings cannot be used; requests answer 502 with this.
+    Unusable(String),
+}
+
+impl Transport {
+    /// The transport of one service, with its TLS profile compiled from `state`.
+    pub fn for_service(service: &Object, state: &ConfigState) -> Transport {
+        let protocol = service.get("protocol").and_then(Value::as_str).unwrap_or("http");
+        match protocol {
+            "grpc" => Transport::H2c,
+            "https" | "grpcs" => match TlsProfile::for_service(service, state, protocol == "grpcs") {
+                Ok(profile) => Transport::Tls(Arc::new(profile)),
+                Err(error) => {
+                    let id = tollgate_raft_store::state::entity_id(service);
+                    tracing::warn!(service = %id, %error, "service TLS settings not usable");
+                    Transport::Unusable(error)
+                }
+            },
+            _ => Transport::Http1,
+        }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Transport::Tls(_) => "https",
+            _ => "http",
+        }
+    }
+
+    /// Whether requests go over HTTP/2 (gRPC needs it for trailers).
+    pub fn is_h2(&self) -> bool {
+        match self {
+            Transport::H2c => true,
+            Transport::Tls(profile) => profile.h2,
+            _ => false,
+        }
+    }
+}
+
+/// A compiled rustls client configuration with the SNI name it connects with.
+pub struct TlsProfile {
+    key: u64,
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    h2: bool,
+}
+
+impl std::fmt::Debug for TlsProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsProfile").field("server_name", &self.server_name).field("h2", &self.h2).finish()
+    }
+}
+
+impl TlsProfile {
+    fn for_service(service: &Object, state: &ConfigState, h2: bool) -> Result<TlsProfile, String> {
+        let text =
+            |entity: &Object, field: &str| entity.get(field).and_then(Value::as_str).unwrap_or_default().to_string();
+        let host = text(service, "host");
+        let verify = service.get("tls_verify").and_then(Value::as_bool).unwrap_or(false);
+        let depth = service.get("tls_verify_depth").and_then(Value::as_u64).map(|d| d as usize);
+        let mut anchors = Vec::new();
+        for id in service.get("ca_certificates").and_then(Value::as_array).into_iter().flatten() {
+            let ca = id
+                .as_str()
+                .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                .and_then(|id| state.table(EntityKind::CaCertificate).get(&id))
+                .ok_or_else(|| format!("ca_certificates: unknown id {id}"))?;
+            anchors.push(text(ca, "cert"));
+        }
+        let client = match foreign_id(service, "client_certificate") {
+            Some(id) => {
+                let certificate = state
+                    .table(EntityKind::Certificate)
+                    .get(&id)
+                    .ok_or_else(|| format!("client_certificate: unknown id {id}"))?;
+                Some((text(certificate, "cert"), text(certificate, "key")))
+            }
+            None => None,
+        };
+        TlsProfile::build(TlsSettings { host: &host, verify, depth, anchors: &anchors, client: client.as_ref(), h2 })
+    }
+
+    fn build(settings: TlsSettings<'_>) -> Result<TlsProfile, String> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        settings.hash(&mut hasher);
+        let key = hasher.finish();
+        let server_name = ServerName::try_from(settings.host.to_string())
+            .map_err(|error| format!("host: not usable as a TLS server name: {error}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = if settings.verify {
+            let roots = if settings.anchors.is_empty() {
+                system_roots()?
+            } else {
+                let mut roots = RootCertStore::empty();
+                for pem in settings.anchors {
+                    for anchor in trust_anchors(pem)? {
+                        roots.add(anchor).map_err(|error| format!("ca_certificates: {error}"))?;
+                    }
+                }
+                Arc::new(roots)
+            };
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|error| format!("ca_certificates: {error}"))?;
+            Some(webpki)
+        } else {
+            None
+        };
+        let verifier = Arc::new(UpstreamVerifier { provider: provider.clone(), webpki, depth: settings.depth });
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|error| error.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match settings.client {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| format!("client_certificate: {error}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                    .map_err(|error| format!("client_certificate: {error}"))?;
+                builder.with_client_auth_cert(chain, key).map_err(|error| format!("client_certificate: {error}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = if settings.h2 { vec![b"h2".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+        Ok(TlsProfile { key, config: Arc::new(config), server_name, h2: settings.h2 })
+    }
+}
+
+/// What a TLS profile is built from; its hash keys the profile's pool.
+#[derive(Hash)]
+struct TlsSettings<'a> {
+    host: &'a str,
+    verify: bool,
+    depth: Option<usize>,
+    anchors: &'a [String],
+    client: Option<&'a (String, String)>,
+    h2: bool,
+}
+
+/// The certificates of a PEM bundle, for a trust store.
+pub fn trust_anchors(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("not a PEM certificate: {error}"))?;
+    if certificates.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
+    let mut store = RootCertStore::empty();
+    for certificate in &certificates {
+        store.add(certificate.clone()).map_err(|error| format!("not a usable certificate: {error}"))?;
+    }
+    Ok(certificates)
+}
+
+/// The system bundle, read once per process.
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let path = SYSTEM_CA_BUNDLES.iter().find(|path| std::path::Path::new(path).exists()).ok_or_else(|| {
+                format!("tls_verify: no ca_certificates and no system bundle at {SYSTEM_CA_BUNDLES:?}")
+            })?;
+            let pem = std::fs::read_to_string(path).map_err(|error| format!("tls_verify: reading {path}: {error}"))?;
+            let mut roots = RootCertStore::empty();
+            let certificates = CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok);
+            let (added, _ignored) = roots.add_parsable_certificates(certificates);
+            if added == 0 {
+                return Err(format!("tls_verify: no usable certificate in {path}"));
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+}
+
+/// Checks an upstream's certificate: with `webpki`, that it chains to the trust
+/// anchors and names the server, and that at most `depth` certificates sit above the
+/// leaf (OpenSSL's meaning: depth 1 is a leaf issued by a trusted CA directly); without
+/// (Kong's default), not at all. The handshake's signatures are always checked.
+#[derive(Debug)]
+struct UpstreamVerifier {
+    provider: Arc<CryptoProvider>,
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    depth: Option<usize>,
+}
+
+impl ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        if let Some(depth) = self.depth {
+            // The issuing CA counts as one level; every intermediate sent counts too.
+            if intermediates.len() + 1 > depth.max(1) {
+                return Err(rustls::Error::General(format!("certificate chain longer than tls_verify_depth {depth}")));
+            }
+        }
+        webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A connection to an upstream, in clear text or TLS.
+pub enum UpstreamStream {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl hyper::rt::Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            UpstreamStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            UpstreamStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            UpstreamStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            UpstreamStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(stream) => stream.is_write_vectored(),
+            UpstreamStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(stream) => stream.connected(),
+            UpstreamStream::Tls(stream) => {
+                let (tcp, session) = stream.inner().get_ref();
+                let connected = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens TCP connections (names through the DNS cache) and, with a profile, runs the
+/// TLS handshake on them. A failed handshake is a connect failure: nothing of the
+/// request was sent, so it may be retried on another target.
+#[derive(Clone)]
+pub struct Connector {
+    tcp: HttpConnector<DnsCache>,
+    tls: Option<Arc<TlsProfile>>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.tcp.call(uri);
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let tcp = connecting.await?;
+            let Some(profile) = tls else {
+                return Ok(UpstreamStream::Plain(tcp));
+            };
+            let connector = tokio_rustls::TlsConnector::from(profile.config.clone());
+            let stream = connector.connect(profile.server_name.clone(), tcp.into_inner()).await?;
+            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+pub type UpstreamClient = Client<Connector, UpstreamBody>;
+
+/// One worker's upstream pools.
+pub struct Clients {
+    dns: DnsCache,
+    http1: UpstreamClient,
+    h2c: UpstreamClient,
+    tls: ArcSwap<HashMap<u64, UpstreamClient>>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::new(DnsCache::system())
+    }
+}
+
+impl Clients {
+    pub fn new(dns: DnsCache) -> Clients {
+        Clients {
+            http1: build_client(&dns, None, false),
+            h2c: build_client(&dns, None, true),
+            dns,
+            tls: ArcSwap::default(),
+        }
+    }
+
+    /// The pool a service's requests go through.
+    pub fn get(&self, transport: &Transport) -> Option<Cow<'_, UpstreamClient>> {
+        match transport {
+            Transport::Http1 => Some(Cow::Borrowed(&self.http1)),
+            Transport::H2c => Some(Cow::Borrowed(&self.h2c)),
+            Transport::Tls(profile) => {
+                if let Some(client) = self.tls.load().get(&profile.key) {
+                    return Some(Cow::Owned(client.clone()));
+                }
+                let client = build_client(&self.dns, Some(profile.clone()), profile.h2);
+                self.tls.rcu(|pools| {
+                    let mut pools = if pools.len() >= TLS_PROFILES_MAX { HashMap::new() } else { (**pools).clone() };
+                    pools.insert(profile.key, client.clone());
+                    pools
+                });
+                Some(Cow::Owned(client))
+            }
+            Transport::Unusable(_) => None,
+        }
+    }
+}
+
+fn build_client(dns: &DnsCache, tls: Option<Arc<TlsProfile>>, h2: bool) -> UpstreamClient {
+    let mut tcp = HttpConnector::new_with_resolver(dns.clone());
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX).pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT);
+    builder.http2_only(h2);
+    builder.build(Connector { tcp, tls })
+}
+
+/// Looks a name up; the system resolver in production, a fake in tests.
+pub type Lookup =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>> + Send + Sync>;
+
+/// Resolved names with their age. A fresh answer is used as is; a stale one (up to
+/// [`DNS_STALE_MAX`] past [`DNS_TTL`]) is used while one lookup refreshes it in the
+/// background, and kept when lookups fail. Only a name never resolved (or too stale)
+/// waits for a lookup.
+#[derive(Clone)]
+pub struct DnsCache {
+    entries: Arc<ArcSwap<HashMap<String, Arc<DnsEntry>>>>,
+    lookup: Lookup,
+}
+
+pub struct DnsEntry {
+    addresses: Arc<[SocketAddr]>,
+    resolved_at: Instant,
+    refreshing: AtomicBool,
+}
+
+impl DnsCache {
+    pub fn system() -> DnsCache {
+        DnsCache::with_lookup(Arc::new(|name: String| {
+            Box::pin(async move { Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.collect()) })
+        }))
+    }
+
+    pub fn with_lookup(lookup: Lookup) -> DnsCache {
+        DnsCache { entries: Arc::default(), lookup }
+    }
+
+    /// The addresses of `name` (port 0: the connector sets the port).
+    pub async fn resolve(&self, name: &str) -> io::Result<Arc<[SocketAddr]>> {
+        let cached = self.entries.load().get(name).cloned();
+        if let Some(entry) = &cached {
+            let age = entry.resolved_at.elapsed();
+            if age < DNS_TTL {
+                return Ok(entry.addresses.clone());
+            }
+            if age < DNS_TTL + DNS_STALE_MAX {
+                if !entry.refreshing.swap(true, Ordering::Relaxed) {
+                    let cache = self.clone();
+                    let name = name.to_string();
+                    let entry = entry.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = cache.refresh(&name).await {
+                            tracing::debug!(%error, name, "dns refresh failed; the stale answer stays");
+                            entry.refreshing.store(false, Ordering::Relaxed);
+                        }
+                    });
+                }
+                return Ok(entry.addresses.clone());
+            }
+        }
+        self.refresh(name).await
+    }
+
+    async fn refresh(&self, name: &str) -> io::Result<Arc<[SocketAddr]>> {
+        let addresses: Arc<[SocketAddr]> = (self.lookup)(name.to_string()).await?.into();
+        if addresses.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no addresses")));
+        }
+        let entry =
+            Arc::new(DnsEntry { addresses: addresses.clone(), resolved_at: Instant::now(), refreshing: false.into() });
+        self.entries.rcu(|entries| {
+            let mut entries = if entries.len() >= DNS_CACHE_ENTRIES_MAX { HashMap::new() } else { (**entries).clone() };
+            entries.insert(name.to_string(), entry.clone());
+            entries
+        });
+        Ok(addresses)
+    }
+}
+
+impl tower_service::Service<Name> for DnsCache {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let cache = self.clone();
+        Box::pin(async move { Ok(cache.resolve(name.as_str()).await?.to_vec().into_iter()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn counting_cache(answers: Arc<ArcSwap<Option<SocketAddr>>>) -> (DnsCache, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let cache = DnsCache::with_lookup(Arc::new(move |_name| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let answer = **answers.load();
+            Box::pin(async move {
+                answer.map(|address| vec![address]).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "down"))
+            })
+        }));
+        (cache, calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_answers_are_cached_stale_ones_refresh_in_the_background() {
+        let first: SocketAddr = "10.0.0.1:0".parse().unwrap();
+        let second: SocketAddr = "10.0.0.2:0".parse().unwrap();
+        let answers = Arc::new(ArcSwap::from_pointee(Some(first)));
+        let (cache, calls) = counting_cache(answers.clone());
+
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a fresh answer is not looked up again");
+
+        answers.store(Arc::new(Some(second)));
+        tokio::time::advance(DNS_TTL + Duration::from_secs(1)).await;
+        // Stale: the old answer serves at once while one refresh runs.
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
+        tokio::task::yield_now().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one background refresh for many stale reads");
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[second]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_lookups_keep_the_stale_answer_until_it_is_too_old() {
+        let first: SocketAddr = "10.0.0.1:0".parse().unwrap();
+        let answers = Arc::new(ArcSwap::from_pointee(Some(first)));
+        let (cache, _calls) = counting_cache(answers.clone());
+        cache.resolve("api.internal").await.unwrap();
+
+        answers.store(Arc::new(None));
+        tokio::time::advance(DNS_TTL * 2).await;
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
+        tokio::task::yield_now().await;
+        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first], "kept after a failed refresh");
+
+        tokio::time::advance(DNS_STALE_MAX).await;
+        assert!(cache.resolve("api.internal").await.is_err(), "too stale to use, and the lookup fails");
+        assert!(cache.resolve("never.resolved").await.is_err());
+    }
+
+    #[test]
+    fn tls_profiles_are_keyed_by_their_settings() {
+        let anchors = Vec::new();
+        let settings =
+            |host, verify| TlsSettings { host, verify, depth: None, anchors: &anchors, client: None, h2: false };
+        let a = TlsProfile::build(settings("a.internal", false)).unwrap();
+        let same = TlsProfile::build(settings("a.internal", false)).unwrap();
+        let other = TlsProfile::build(settings("b.internal", false)).unwrap();
+        assert_eq!(a.key, same.key);
+        assert_ne!(a.key, other.key);
+        let error = TlsProfile::build(TlsSettings {
+            host: "a.internal",
+            verify: true,
+            depth: None,
+            anchors: &["not a pem".to_string()],
+            client: None,
+            h2: false,
+        })
+        .err()
+        .unwrap();
+        assert!(error.contains("certificate"), "{error}");
+    }
+}
