@@ -23,6 +23,13 @@ pub const ADMIN_BODY_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
 /// How long a write waits for a leader to appear before answering 503.
 pub const WRITE_LEADER_WAIT_MS_DEFAULT: u64 = 5000;
 
+/// How long a client may take to send a request's line and headers once its first
+/// byte arrived (slowloris): 408 and close after it (nginx's `client_header_timeout`).
+pub const PROXY_HEADER_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// How long a keep-alive connection may sit idle between requests before it is
+/// closed quietly (Kong's `nginx_http_keepalive_timeout`, 60 s).
+pub const PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+
 /// Bounds on the keys above, checked by [`NodeConfig::validate`].
 const RAFT_HEARTBEAT_MS_RANGE: (u64, u64) = (10, 10_000);
 const RAFT_ELECTION_MS_RANGE: (u64, u64) = (50, 60_000);
@@ -30,6 +37,8 @@ const SNAPSHOT_LOGS_RANGE: (u64, u64) = (100, 10_000_000);
 /// At most a quarter of the cluster frame limit, so one entry always fits in a frame.
 const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 32 * 1024 * 1024);
 const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
+const PROXY_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
+const PROXY_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 
 /// A fully resolved node configuration.
 #[derive(Debug, Clone)]
@@ -57,6 +66,8 @@ pub struct NodeConfig {
     pub access_log: bool,
     /// Peers whose X-Forwarded-* headers are believed (Kong's `trusted_ips`).
     pub trusted_ips: std::sync::Arc<crate::proxy::trusted::TrustedIps>,
+    pub proxy_header_timeout_ms: u64,
+    pub proxy_keepalive_timeout_ms: u64,
 }
 
 impl NodeConfig {
@@ -84,6 +95,8 @@ impl NodeConfig {
             write_leader_wait_ms: WRITE_LEADER_WAIT_MS_DEFAULT,
             access_log: true,
             trusted_ips: Default::default(),
+            proxy_header_timeout_ms: PROXY_HEADER_TIMEOUT_MS_DEFAULT,
+            proxy_keepalive_timeout_ms: PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT,
         }
     }
 
@@ -103,6 +116,8 @@ impl NodeConfig {
         check_range("admin_body_bytes_max", self.admin_body_bytes_max, ADMIN_BODY_BYTES_RANGE)?;
         check_range("write_leader_wait_ms", self.write_leader_wait_ms, WRITE_LEADER_WAIT_MS_RANGE)?;
         check_range("workers", self.workers, (1, 1024))?;
+        check_range("proxy_header_timeout_ms", self.proxy_header_timeout_ms, PROXY_HEADER_TIMEOUT_MS_RANGE)?;
+        check_range("proxy_keepalive_timeout_ms", self.proxy_keepalive_timeout_ms, PROXY_KEEPALIVE_TIMEOUT_MS_RANGE)?;
         if !self.admin_listen.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
             bail!(
                 "admin_listen {} is not a loopback address: set --admin-token (TOLLGATE_ADMIN_TOKEN) to protect the Admin API",
@@ -174,6 +189,8 @@ pub struct FileConfig {
     pub write_leader_wait_ms: Option<u64>,
     pub access_log: Option<bool>,
     pub trusted_ips: Option<String>,
+    pub proxy_header_timeout_ms: Option<u64>,
+    pub proxy_keepalive_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {

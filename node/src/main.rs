@@ -81,6 +81,12 @@ struct RunArgs {
     /// CIDRs whose X-Forwarded-* headers are believed (Kong's `trusted_ips`).
     #[arg(long, env = "TOLLGATE_TRUSTED_IPS")]
     trusted_ips: Option<String>,
+    /// Time for a request's line and headers once its first byte arrived: 408 after it.
+    #[arg(long, env = "TOLLGATE_PROXY_HEADER_TIMEOUT_MS")]
+    proxy_header_timeout_ms: Option<u64>,
+    /// Idle time between requests on a keep-alive connection before it is closed.
+    #[arg(long, env = "TOLLGATE_PROXY_KEEPALIVE_TIMEOUT_MS")]
+    proxy_keepalive_timeout_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -112,6 +118,8 @@ impl RunArgs {
         pick!(admin_body_bytes_max);
         pick!(write_leader_wait_ms);
         pick!(access_log);
+        pick!(proxy_header_timeout_ms);
+        pick!(proxy_keepalive_timeout_ms);
         if let Some(trusted) = self.trusted_ips.or(file.trusted_ips) {
             let parsed = tollgate_node::proxy::trusted::TrustedIps::parse(&trusted).map_err(anyhow::Error::msg)?;
             config.trusted_ips = std::sync::Arc::new(parsed);

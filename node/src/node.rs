@@ -127,6 +127,10 @@ pub async fn start(
         node_id: config.node_id,
         access_log,
         trusted_ips: config.trusted_ips.clone(),
+        timeouts: crate::proxy::conn::Timeouts {
+            header: std::time::Duration::from_millis(config.proxy_header_timeout_ms),
+            keepalive: std::time::Duration::from_millis(config.proxy_keepalive_timeout_ms),
+        },
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;

@@ -148,6 +148,19 @@ async fn a_route_written_on_node_1_serves_on_node_3_and_survives_losing_two_node
 
 /// Writes raw bytes to the proxy (optionally one byte at a time) and returns the status
 /// code of the first answer, or 0 when the connection closed without one.
+/// An upstream that accepts connections and never answers, until the test ends.
+async fn silent_upstream() -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = silent.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    Ok((address, task))
+}
+
 async fn raw_status(proxy_url: &str, request: &[u8], trickle: bool) -> anyhow::Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = proxy_url.trim_start_matches("http://");
@@ -322,15 +335,7 @@ async fn config_changes_never_fail_requests_on_routes_that_stay() -> anyhow::Res
 async fn http2_clients_reach_http1_upstreams_and_slow_upstreams_time_out() -> anyhow::Result<()> {
     use http_body_util::BodyExt;
     let echo = EchoServer::start().await?;
-    // An upstream that accepts connections and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let silent_address = silent.local_addr()?;
-    let _silent_task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
-        }
-    });
+    let (silent_address, _silent_task) = silent_upstream().await?;
     let cluster = TestCluster::start(1).await?;
     let client = cluster.client();
     client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
@@ -577,5 +582,56 @@ async fn forwarded_headers_are_believed_only_from_trusted_peers() -> anyhow::Res
             assert_eq!(seen["x-real-ip"], json!(["127.0.0.1"]));
         }
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_get_408_idle_connections_close_and_slow_upstreams_are_not_cut() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (silent_address, _silent_task) = silent_upstream().await?;
+    let args = ["--proxy-header-timeout-ms", "400", "--proxy-keepalive-timeout-ms", "700"];
+    let cluster = TestCluster::start_with(1, &args).await?;
+    let client = cluster.client();
+    let slow = json!({"name": "slow", "url": format!("http://{silent_address}"), "read_timeout": 1500, "connect_timeout": 100});
+    client.post("/services", &slow).await?;
+    let last = client.post("/services/slow/routes", &json!({"paths": ["/slow"]})).await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+    let address = cluster.nodes[0].proxy_url().trim_start_matches("http://").to_string();
+
+    // Headers started and never finished: 408 with Kong's JSON, then the connection closes.
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Slow").await?;
+    let started = tokio::time::Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_to_end(&mut answer)).await??;
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("Request header timeout"), "{text}");
+    assert!(elapsed >= Duration::from_millis(380) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+    eprintln!("408 after {elapsed:?}");
+
+    // An answered request, then silence: closed quietly after the keep-alive timeout.
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream.write_all(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n").await?;
+    let mut first = vec![0u8; 4096];
+    let read = tokio::time::timeout(CONVERGE_TIMEOUT, stream.read(&mut first)).await??;
+    assert!(String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 404 "));
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_to_end(&mut rest)).await??;
+    let elapsed = started.elapsed();
+    assert!(rest.is_empty(), "nothing more is sent: {}", String::from_utf8_lossy(&rest));
+    assert!(elapsed >= Duration::from_millis(650) && elapsed < Duration::from_millis(1050), "{elapsed:?}");
+    eprintln!("idle close after {elapsed:?}");
+
+    // An upstream slower than both timeouts is waited for: its own read_timeout (1.5 s)
+    // gives the 504, the client's connection is not cut.
+    let started = tokio::time::Instant::now();
+    let reply = proxy_request(&cluster.nodes[0].proxy_url(), "GET", None, "/slow", &[]).await?;
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
+    eprintln!("504 after {:?}", started.elapsed());
     Ok(())
 }

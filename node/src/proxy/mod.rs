@@ -3,6 +3,7 @@
 //! or takes a lock the control plane holds. `node/PROXY.md` walks through each step.
 
 pub mod balancer;
+pub mod conn;
 pub mod path;
 pub mod router;
 pub mod telemetry;
@@ -41,10 +42,6 @@ type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Most proxy connections open at once per node.
 pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
-/// How long a client may take to send its request headers (slowloris), and how long an
-/// idle keep-alive connection waits for its next request; the connection is closed
-/// when it runs out.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request line and headers together, in bytes: 431 above (nginx's default is 4 × 8 KiB).
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 /// Request headers, in number: 431 above.
@@ -174,6 +171,7 @@ pub struct ProxySetup {
     pub node_id: u64,
     pub access_log: Option<telemetry::AccessLog>,
     pub trusted_ips: Arc<trusted::TrustedIps>,
+    pub timeouts: conn::Timeouts,
 }
 
 /// Shared by every proxy connection of a node.
@@ -184,13 +182,14 @@ pub struct Proxy {
     clients: upstream::Clients,
     node_id: u64,
     request_counter: AtomicU64,
+    timeouts: conn::Timeouts,
 }
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts } = setup;
         let clients = upstream::Clients::default();
-        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter: AtomicU64::new(0) }
+        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter: AtomicU64::new(0), timeouts }
     }
 
     fn request_id(&self) -> String {
@@ -198,8 +197,19 @@ impl Proxy {
         format!("{:x}-{sequence:x}", self.node_id)
     }
 
-    /// Answers one request.
-    pub async fn handle(&self, peer: SocketAddr, request: Request<Incoming>, tls: bool) -> Response<ProxyBody> {
+    /// Answers one request. `connection` is told when the request started and when its
+    /// response has been sent, for the connection's timers.
+    pub async fn handle(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+        tls: bool,
+        connection: Option<Arc<conn::ConnState>>,
+    ) -> Response<ProxyBody> {
+        if let Some(connection) = &connection {
+            connection.request_started(request.version() == http::Version::HTTP_2);
+        }
+        let guard = conn::RequestGuard::new(connection);
         let started = tokio::time::Instant::now();
         // RFC 9112 §6.3: after a request framed by Transfer-Encoding (which may also have
         // carried a Content-Length hyper discarded), close the connection, so bytes a
@@ -235,14 +245,11 @@ impl Proxy {
             });
             access_log.log(line.to_string());
         }
-        match metrics {
-            Some(metrics) => {
-                let (parts, body) = response.into_parts();
-                let counted = telemetry::CountingBody::new(body, metrics.egress_bytes.clone());
-                Response::from_parts(parts, BodyExt::boxed(counted))
-            }
-            None => response,
-        }
+        // The body counts what it sends and, when it is done, tells the connection.
+        let egress = metrics.map_or_else(metrics::Counter::noop, |metrics| metrics.egress_bytes.clone());
+        let (parts, body) = response.into_parts();
+        let counted = telemetry::CountingBody::new(body, egress).with_guard(guard);
+        Response::from_parts(parts, BodyExt::boxed(counted))
     }
 
     async fn route_and_forward(
@@ -682,9 +689,12 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         async move {
             match acceptor {
-                None => serve_stream(stream, peer, local, false, proxy, shutdown).await,
+                None => serve_stream(stream, peer, local, false, false, proxy, shutdown).await,
                 Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_stream(stream, peer, local, true, proxy, shutdown).await,
+                    Ok(Ok(stream)) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        serve_stream(stream, peer, local, true, h2, proxy, shutdown).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%error, %peer, "tls handshake failed"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                 },
@@ -699,23 +709,28 @@ async fn serve_stream<S>(
     peer: SocketAddr,
     local: Option<SocketAddr>,
     tls: bool,
+    h2: bool,
     proxy: Arc<Proxy>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (stream, state) = conn::TimedIo::new(stream, proxy.timeouts, h2);
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let proxy = proxy.clone();
+        let state = state.clone();
         if let Some(local) = local {
             request.extensions_mut().insert(LocalAddr(local));
         }
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, tls).await) }
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, tls, Some(state)).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // `conn::TimedIo` times headers and idle connections (hyper's timer would
+        // close without the 408).
+        .header_read_timeout(None)
         .max_buf_size(HEADER_BYTES_MAX)
         .max_headers(HEADERS_COUNT_MAX);
     builder

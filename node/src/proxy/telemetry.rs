@@ -64,11 +64,17 @@ impl RouteMetrics {
 pub struct CountingBody<B> {
     inner: B,
     counter: Counter,
+    /// Dropped with the body: tells the connection its response has been sent.
+    _guard: Option<super::conn::RequestGuard>,
 }
 
 impl<B> CountingBody<B> {
     pub fn new(inner: B, counter: Counter) -> CountingBody<B> {
-        CountingBody { inner, counter }
+        CountingBody { inner, counter, _guard: None }
+    }
+
+    pub fn with_guard(self, guard: super::conn::RequestGuard) -> CountingBody<B> {
+        CountingBody { _guard: Some(guard), ..self }
     }
 }
 
