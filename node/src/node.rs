@@ -62,6 +62,9 @@ impl NodeHandle {
     }
 }
 
+/// How often queued histogram samples are folded into their buckets.
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Starts a node from its configuration and data directory.
 pub async fn start(
     config: NodeConfig,
@@ -109,6 +112,7 @@ pub async fn start(
         Duration::from_millis(config.write_leader_wait_ms),
     );
 
+    let upkeep = prometheus.clone();
     let published = Arc::new(Published::default());
     let node = Arc::new(Node {
         config: config.clone(),
@@ -121,6 +125,17 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
+    if let Some(handle) = upkeep {
+        // Histogram samples queue in the recorder until drained: without a scrape they
+        // would grow with every request. Upkeep folds them into the buckets.
+        tasks.spawn(async move {
+            let mut ticks = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            loop {
+                ticks.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
     let access_log = if config.access_log { Some(crate::proxy::telemetry::AccessLog::start()?) } else { None };
     let setup = crate::proxy::ProxySetup {
         published: published.clone(),

@@ -20,6 +20,16 @@ pub struct Target {
     /// `host:port` as configured.
     pub address: String,
     pub weight: u32,
+    /// `address` parsed once for the upstream request's URI; `None` when it does not
+    /// parse (the request answers 502).
+    pub authority: Option<http::uri::Authority>,
+}
+
+impl Target {
+    pub fn new(address: String, weight: u32) -> Target {
+        let authority = http::uri::Authority::try_from(address.as_str()).ok();
+        Target { address, weight, authority }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -242,6 +252,20 @@ impl Balancer {
         }
     }
 
+    /// Targets in rotation.
+    pub fn len(&self) -> usize {
+        match self {
+            Balancer::RoundRobin(round_robin) => round_robin.targets.len(),
+            Balancer::LeastConnections { targets, .. }
+            | Balancer::ConsistentHashing { targets, .. }
+            | Balancer::Latency { targets, .. } => targets.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The target for a request, or `None` when no target is in rotation.
     pub fn pick(&self, key: &BalanceKey<'_>) -> Option<Pick<'_>> {
         let plain = |target| Pick { target, in_flight: None, ewma_us: None };
@@ -287,7 +311,7 @@ mod tests {
     use super::*;
 
     fn target(address: &str, weight: u32) -> Target {
-        Target { address: address.into(), weight }
+        Target::new(address.into(), weight)
     }
 
     #[test]

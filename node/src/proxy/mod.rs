@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
+use http::uri::Scheme;
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -86,17 +87,6 @@ pub struct ProxySnapshot {
 impl ProxySnapshot {
     pub fn compile(state: &ConfigState) -> ProxySnapshot {
         let router = Router::compile(state.table(EntityKind::Route).values().map(|route| &**route));
-        let services = state
-            .table(EntityKind::Service)
-            .values()
-            .map(|service| {
-                let compiled = CompiledService {
-                    transport: upstream::Transport::for_service(service, state),
-                    ..CompiledService::compile(service)
-                };
-                (compiled.id, Arc::new(compiled))
-            })
-            .collect();
         let mut targets_by_upstream: HashMap<Uuid, Vec<Target>> = HashMap::new();
         for target in state.table(EntityKind::Target).values() {
             let Some(upstream) = tollgate_raft_store::state::foreign_id(target, "upstream") else { continue };
@@ -108,9 +98,9 @@ impl ProxySnapshot {
                 format!("{address}:8000")
             };
             let weight = target.get("weight").and_then(Value::as_u64).unwrap_or(100) as u32;
-            targets_by_upstream.entry(upstream).or_default().push(Target { address, weight });
+            targets_by_upstream.entry(upstream).or_default().push(Target::new(address, weight));
         }
-        let upstreams = state
+        let upstreams: HashMap<String, Arc<Balancer>> = state
             .table(EntityKind::Upstream)
             .values()
             .filter_map(|upstream| {
@@ -133,6 +123,24 @@ impl ProxySnapshot {
                 );
                 let algorithm = text("algorithm").unwrap_or("round-robin");
                 Some((name, Arc::new(Balancer::new(algorithm, targets, hash_on, hash_fallback))))
+            })
+            .collect();
+        let services = state
+            .table(EntityKind::Service)
+            .values()
+            .map(|service| {
+                let compiled = CompiledService::compile(service);
+                let balancer = upstreams.get(&compiled.host.to_ascii_lowercase()).cloned();
+                let direct = format!("{}:{}", compiled.host, compiled.port);
+                let host_header = if balancer.is_some() || compiled.port == 80 { &compiled.host } else { &direct };
+                let compiled = CompiledService {
+                    transport: upstream::Transport::for_service(service, state),
+                    authority: http::uri::Authority::try_from(direct.as_str()).ok(),
+                    host_header: HeaderValue::from_str(host_header).ok(),
+                    balancer,
+                    ..compiled
+                };
+                (compiled.id, Arc::new(compiled))
             })
             .collect();
         let label = |entity: &serde_json::Map<String, Value>| {
@@ -192,33 +200,28 @@ impl Proxy {
         Proxy { published, trusted_ips, access_log, clients, node_id, request_counter: AtomicU64::new(0), timeouts }
     }
 
-    fn request_id(&self) -> String {
+    fn request_id(&self) -> HeaderValue {
         let sequence = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{sequence:x}", self.node_id)
+        let text = format!("{:x}-{sequence:x}", self.node_id);
+        HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 
-    /// Answers one request. `connection` is told when the request started and when its
-    /// response has been sent, for the connection's timers.
-    pub async fn handle(
-        &self,
-        peer: SocketAddr,
-        request: Request<Incoming>,
-        tls: bool,
-        connection: Option<Arc<conn::ConnState>>,
-    ) -> Response<ProxyBody> {
-        if let Some(connection) = &connection {
-            connection.request_started(request.version() == http::Version::HTTP_2);
+    /// Answers one request of `connection`, which is told when the request started and
+    /// when its response has been sent, for the connection's timers.
+    pub async fn handle(&self, connection: &ClientConn, request: Request<Incoming>) -> Response<ProxyBody> {
+        if let Some(state) = &connection.state {
+            state.request_started(request.version() == http::Version::HTTP_2);
         }
-        let guard = conn::RequestGuard::new(connection);
+        let guard = conn::RequestGuard::new(connection.state.clone());
         let started = tokio::time::Instant::now();
         // RFC 9112 §6.3: after a request framed by Transfer-Encoding (which may also have
         // carried a Content-Length hyper discarded), close the connection, so bytes a
         // Content-Length-framing hop sent as body are never read as a next request.
         let close_after = request.headers().contains_key(http::header::TRANSFER_ENCODING);
-        let method = request.method().clone();
+        let method = self.access_log.as_ref().map(|_| request.method().clone());
         let original_path = self.access_log.as_ref().map(|_| request.uri().path().to_string());
         let mut trace = RequestTrace::default();
-        let mut response = self.route_and_forward(peer, request, tls, started, &mut trace).await;
+        let mut response = self.route_and_forward(connection, request, started, &mut trace).await;
         if close_after {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -232,10 +235,10 @@ impl Proxy {
             let line = serde_json::json!({
                 "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
                 "request_id": response.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()),
-                "client_ip": peer.ip().to_string(),
-                "method": method.as_str(),
+                "client_ip": connection.peer.ip().to_string(),
+                "method": method.as_ref().map(http::Method::as_str),
                 "path": original_path,
-                "tls": tls,
+                "tls": connection.tls,
                 "status": status,
                 "service": metrics.as_ref().map(|m| m.service_label.as_str()),
                 "route": metrics.as_ref().map(|m| m.route_label.as_str()),
@@ -254,9 +257,8 @@ impl Proxy {
 
     async fn route_and_forward(
         &self,
-        peer: SocketAddr,
+        connection: &ClientConn,
         request: Request<Incoming>,
-        tls: bool,
         started: tokio::time::Instant,
         trace: &mut RequestTrace,
     ) -> Response<ProxyBody> {
@@ -264,20 +266,24 @@ impl Proxy {
         trace.metrics = compiled.proxy.unmatched_metrics.clone();
         let snapshot = &compiled.proxy;
         let request_id = self.request_id();
+        let tls = connection.tls;
 
         if let Some(refusal) = check_limits(&request, &request_id) {
             return refusal;
         }
-        let host = request_host(&request);
-        let Some(path) = path::normalize(request.uri().path()).map(|path| path.into_owned()) else {
+        let (mut parts, body) = request.into_parts();
+        // The client's URI is only read from here on; the upstream gets a new one.
+        let uri = std::mem::take(&mut parts.uri);
+        let Some(path) = path::normalize(uri.path()) else {
             return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
         };
         let found = {
+            let host = request_host(&parts.headers, &uri);
             let view = RequestView {
-                method: request.method().as_str(),
+                method: parts.method.as_str(),
                 host: &host,
                 path: &path,
-                headers: request.headers(),
+                headers: &parts.headers,
                 protocol: if tls { "https" } else { "http" },
             };
             snapshot.router.find(&view).map(|m| {
@@ -298,21 +304,21 @@ impl Proxy {
             return error(StatusCode::BAD_GATEWAY, "the service's upstream TLS settings are not usable", &request_id);
         };
 
-        let balancer = snapshot.upstreams.get(&service.host.to_ascii_lowercase());
-        let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { path.as_str() };
+        let balancer = service.balancer.as_deref();
+        let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { &*path };
         let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, strip_path);
-        if let Some(query) = request.uri().query() {
+        if let Some(query) = uri.query() {
             upstream_path.push('?');
             upstream_path.push_str(query);
         }
+        let Ok(path_and_query) = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(upstream_path)) else {
+            return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+        };
 
         // `Upgrade` (WebSocket and others) passes through: the protocol name goes
         // upstream, and after a 101 both connections are spliced together.
-        let upgrade = requested_upgrade(&request);
-        let mut request = request;
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-        let client_query = request.uri().query().map(str::to_string);
-        let (mut parts, body) = request.into_parts();
+        let upgrade = requested_upgrade(&parts);
+        let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         let client_host = parts.headers.get(HOST).cloned();
         // `TE: trailers` is end to end on HTTP/2 (gRPC needs it); other TE values and
         // every TE on HTTP/1.1 are hop-by-hop.
@@ -325,32 +331,42 @@ impl Proxy {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let incoming_forwarded_for =
-            parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let peer_trusted = self.trusted_ips.contains(peer.ip());
-        let client_ip = self.trusted_ips.client_ip(peer.ip(), incoming_forwarded_for.as_deref());
-        let forwarded_for = match &incoming_forwarded_for {
-            Some(existing) => format!("{existing}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+        let peer_ip = connection.peer.ip();
+        let peer_trusted = self.trusted_ips.contains(peer_ip);
+        let (forwarded_for, client_ip) = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(existing) => {
+                let client_ip = self.trusted_ips.client_ip(peer_ip, Some(existing));
+                (HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(), client_ip)
+            }
+            None => (Some(connection.peer_ip.clone()), peer_ip),
         };
-        set_header(&mut parts.headers, "x-forwarded-for", &forwarded_for);
-        // A trusted peer's X-Forwarded-Proto/-Host/-Port describe the client: keep them.
-        if !(peer_trusted && parts.headers.contains_key("x-forwarded-proto")) {
-            set_header(&mut parts.headers, "x-forwarded-proto", if tls { "https" } else { "http" });
+        if let Some(forwarded_for) = forwarded_for {
+            parts.headers.insert(X_FORWARDED_FOR, forwarded_for);
         }
-        if !(peer_trusted && parts.headers.contains_key("x-forwarded-host")) {
+        // A trusted peer's X-Forwarded-Proto/-Host/-Port describe the client: keep them.
+        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_PROTO)) {
+            let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+            parts.headers.insert(X_FORWARDED_PROTO, proto);
+        }
+        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_HOST)) {
             if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
                 set_header(&mut parts.headers, "x-forwarded-host", strip_port(host));
             }
         }
-        if !(peer_trusted && parts.headers.contains_key("x-forwarded-port")) {
-            let forwarded_port = local_port(&parts, tls);
-            set_header(&mut parts.headers, "x-forwarded-port", &forwarded_port);
+        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_PORT)) {
+            parts.headers.insert(X_FORWARDED_PORT, connection.local_port.clone());
         }
-        set_header(&mut parts.headers, "x-real-ip", &client_ip.to_string());
-        set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
+        if client_ip == peer_ip {
+            parts.headers.insert(X_REAL_IP, connection.peer_ip.clone());
+        } else {
+            set_header(&mut parts.headers, "x-real-ip", &client_ip.to_string());
+        }
+        parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id.clone());
         append_header(&mut parts.headers, "via", VIA);
-        let preserved_host = if preserve_host { client_host } else { None };
+        let upstream_host = if preserve_host { client_host } else { service.host_header.clone() };
+        if let Some(host) = upstream_host {
+            parts.headers.insert(HOST, host);
+        }
 
         // A failure of the client's body (bad chunk, over the size limit) must not be
         // blamed on the upstream: the flag tells the two apart.
@@ -360,11 +376,16 @@ impl Proxy {
         let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
         let body = telemetry::CountingBody::new(body, ingress);
         let body = http_body_util::Limited::new(body, BODY_BYTES_MAX as usize).map_err(flag_failure(flag));
+        // Kong's `retries`: a connection that could not be made is tried on the next
+        // target. Nothing reached the upstream then, so this is safe for any method.
+        // Only an upstream with several targets has a next one: a service naming a host
+        // already has every address of that name tried by the connector.
+        let may_retry = service.retries > 0 && balancer.is_some_and(|balancer| balancer.len() > 1);
         // A request can be sent again when all its bytes are at hand: no body, or a
         // small one read whole first.
         let (replay, mut body): (Option<Bytes>, Option<UpstreamBody>) = match declared_length {
             Some(0) => (Some(Bytes::new()), None),
-            Some(length) if length <= RETRY_BODY_BYTES_MAX && service.retries > 0 => {
+            Some(length) if length <= RETRY_BODY_BYTES_MAX && may_retry => {
                 match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
                     Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
                     Ok(Err(failure)) => {
@@ -376,10 +397,10 @@ impl Proxy {
             }
             _ => (None, Some(body.boxed())),
         };
-        // Kong's `retries`: a connection that could not be made is tried on the next
-        // target. Nothing reached the upstream then, so this is safe for any method.
-        let attempts_max = if replay.is_some() { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
+        let attempts_max = if replay.is_some() && may_retry { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
         let timeout = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
+        let scheme =
+            if matches!(service.transport, upstream::Transport::Tls(_)) { Scheme::HTTPS } else { Scheme::HTTP };
         let upstream_started = tokio::time::Instant::now();
         let mut attempt = 0;
         let response = loop {
@@ -387,8 +408,7 @@ impl Proxy {
             // The pick counts as in flight until the upstream's response headers arrive.
             let pick = match balancer {
                 Some(balancer) => {
-                    let key =
-                        BalanceKey { client_ip, headers: &parts.headers, path: &path, query: client_query.as_deref() };
+                    let key = BalanceKey { client_ip, headers: &parts.headers, path: &path, query: uri.query() };
                     match balancer.pick(&key) {
                         Some(pick) => Some(pick),
                         None => {
@@ -402,17 +422,20 @@ impl Proxy {
                 }
                 None => None,
             };
-            let (authority, upstream_host_header) = match &pick {
-                Some(pick) => (pick.target.address.clone(), service.host.clone()),
-                None => {
-                    let authority = format!("{}:{}", service.host, service.port);
-                    let host_header = if service.port == 80 { service.host.clone() } else { authority.clone() };
-                    (authority, host_header)
-                }
+            let authority = match &pick {
+                Some(pick) => pick.target.authority.clone(),
+                None => service.authority.clone(),
             };
-            let Ok(uri) = format!("{}://{authority}{upstream_path}", service.transport.scheme()).parse::<Uri>() else {
-                return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
+            let mut target = http::uri::Parts::default();
+            target.scheme = Some(scheme.clone());
+            target.authority = authority;
+            target.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(target) else {
+                return error(StatusCode::BAD_GATEWAY, "the upstream address is not usable", &request_id);
             };
+            if self.access_log.is_some() {
+                trace.upstream = uri.authority().map(|authority| authority.to_string());
+            }
             let attempt_body = match &replay {
                 Some(bytes) if bytes.is_empty() => empty_upstream_body(),
                 Some(bytes) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
@@ -424,13 +447,6 @@ impl Proxy {
             // The headers are cloned only while another attempt may need them.
             *upstream_request.headers_mut() =
                 if attempt < attempts_max { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            match &preserved_host {
-                Some(host) => {
-                    upstream_request.headers_mut().insert(HOST, host.clone());
-                }
-                None => set_header(upstream_request.headers_mut(), "host", &upstream_host_header),
-            }
-            trace.upstream = Some(authority.clone());
             match tokio::time::timeout(timeout, client.request(upstream_request)).await {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
                 Ok(Ok(response)) => {
@@ -444,10 +460,10 @@ impl Proxy {
                     return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
                 }
                 Ok(Err(failure)) if failure.is_connect() && attempt < attempts_max => {
-                    tracing::debug!(%failure, %authority, attempt, "upstream connect failed; trying the next target");
+                    tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
                 }
                 Ok(Err(failure)) => {
-                    tracing::debug!(%failure, %authority, "upstream request failed");
+                    tracing::debug!(%failure, "upstream request failed");
                     return error(
                         StatusCode::BAD_GATEWAY,
                         "An invalid response was received from the upstream server",
@@ -456,8 +472,9 @@ impl Proxy {
                 }
             }
         };
-        let upstream_ms = upstream_started.elapsed().as_millis();
-        trace.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1e3);
+        let upstream_elapsed = upstream_started.elapsed();
+        let upstream_ms = upstream_elapsed.as_millis() as u64;
+        trace.upstream_ms = Some(upstream_elapsed.as_secs_f64() * 1e3);
         let mut response = response;
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -470,19 +487,57 @@ impl Proxy {
             remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(http::header::UPGRADE, protocol);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
+            parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id);
             return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
         }
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         append_header(&mut parts.headers, "via", VIA);
-        set_header(&mut parts.headers, REQUEST_ID_HEADER, &request_id);
-        set_header(&mut parts.headers, "x-tollgate-upstream-latency", &upstream_ms.to_string());
-        let proxy_ms = started.elapsed().as_millis().saturating_sub(upstream_ms);
-        set_header(&mut parts.headers, "x-tollgate-proxy-latency", &proxy_ms.to_string());
+        parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id);
+        parts.headers.insert(HeaderName::from_static("x-tollgate-upstream-latency"), HeaderValue::from(upstream_ms));
+        let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
+        parts.headers.insert(HeaderName::from_static("x-tollgate-proxy-latency"), HeaderValue::from(proxy_ms));
         Response::from_parts(parts, body.boxed())
     }
 }
+
+/// One client connection, shared by its requests: who it is, and header values made
+/// once for all of them.
+pub struct ClientConn {
+    proxy: Arc<Proxy>,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// The peer's address, for `X-Forwarded-For` and `X-Real-IP`.
+    peer_ip: HeaderValue,
+    /// The listener's port, for `X-Forwarded-Port`.
+    local_port: HeaderValue,
+    state: Option<Arc<conn::ConnState>>,
+}
+
+impl ClientConn {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        tls: bool,
+        state: Option<Arc<conn::ConnState>>,
+    ) -> ClientConn {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let port = local.map_or(if tls { 443 } else { 80 }, |local| local.port());
+        ClientConn { proxy, peer, tls, peer_ip, local_port: HeaderValue::from(port), state }
+    }
+
+    /// Answers one request on this connection.
+    pub async fn serve(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        self.proxy.handle(self, request).await
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Marks `flag` when the client's body fails, passing the error on.
 fn flag_failure(flag: Arc<std::sync::atomic::AtomicBool>) -> impl Fn(BoxError) -> BoxError {
@@ -504,12 +559,12 @@ fn asks_for_trailers(headers: &HeaderMap) -> bool {
 
 /// The protocol a client asks to switch to: `Connection: upgrade` with `Upgrade: X`,
 /// on HTTP/1.1.
-fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
-    if request.version() != http::Version::HTTP_11 {
+fn requested_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != http::Version::HTTP_11 {
         return None;
     }
-    let asks = request
-        .headers()
+    let asks = parts
+        .headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
@@ -518,12 +573,13 @@ fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
     if !asks {
         return None;
     }
-    request.headers().get(http::header::UPGRADE).cloned()
+    parts.headers.get(http::header::UPGRADE).cloned()
 }
 
 /// Copies bytes both ways between an upgraded client connection and an upgraded
 /// upstream connection until either side closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, request_id: String) {
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, request_id: HeaderValue) {
+    let request_id = request_id.to_str().unwrap_or_default().to_string();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(failure) => {
@@ -543,7 +599,7 @@ fn empty_upstream_body() -> UpstreamBody {
 }
 
 /// The request limits hyper does not apply itself; `None` when the request is fine.
-fn check_limits(request: &Request<Incoming>, request_id: &str) -> Option<Response<ProxyBody>> {
+fn check_limits(request: &Request<Incoming>, request_id: &HeaderValue) -> Option<Response<ProxyBody>> {
     let target_len = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > URI_BYTES_MAX {
         return Some(error(StatusCode::URI_TOO_LONG, "request URI too long", request_id));
@@ -560,24 +616,18 @@ fn check_limits(request: &Request<Incoming>, request_id: &str) -> Option<Respons
     None
 }
 
-fn request_host(request: &Request<Incoming>) -> String {
-    let host = request
-        .headers()
+/// The host a request names, lower case: `Host`, or the URI's authority (HTTP/2).
+fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> std::borrow::Cow<'a, str> {
+    let host = headers
         .get(HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
-    host.to_ascii_lowercase()
-}
-
-fn local_port(parts: &http::request::Parts, tls: bool) -> String {
-    parts.extensions.get::<LocalAddr>().map(|local| local.0.port().to_string()).unwrap_or_else(|| {
-        if tls {
-            "443".into()
-        } else {
-            "80".into()
-        }
-    })
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// What the data path learnt about a request, for metrics and the access log.
@@ -587,10 +637,6 @@ struct RequestTrace {
     upstream: Option<String>,
     upstream_ms: Option<f64>,
 }
-
-/// The listener address a request arrived on.
-#[derive(Clone, Copy)]
-struct LocalAddr(SocketAddr);
 
 /// RFC 9110 §7.6.1: hop-by-hop fields, and every field `Connection` names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -620,13 +666,14 @@ fn append_header(headers: &mut HeaderMap, name: &'static str, value: &'static st
 }
 
 /// A JSON error answer, Kong's shape: `{"message": ...}`.
-fn error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "message": message, "request_id": request_id }).to_string();
+fn error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "message": message, "request_id": request_id.to_str().unwrap_or_default() });
+    let body = body.to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-    set_header(headers, REQUEST_ID_HEADER, request_id);
+    headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id.clone());
     append_header(headers, "via", VIA);
     response
 }
@@ -716,13 +763,10 @@ async fn serve_stream<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (stream, state) = conn::TimedIo::new(stream, proxy.timeouts, h2);
-    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        let proxy = proxy.clone();
-        let state = state.clone();
-        if let Some(local) = local {
-            request.extensions_mut().insert(LocalAddr(local));
-        }
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(peer, request, tls, Some(state)).await) }
+    let connection = Arc::new(ClientConn::new(proxy, peer, local, tls, Some(state)));
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let connection = connection.clone();
+        async move { Ok::<_, std::convert::Infallible>(connection.serve(request).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder

@@ -376,6 +376,13 @@ pub struct CompiledService {
     /// How requests reach the upstream; set by [`super::ProxySnapshot::compile`],
     /// which has the certificates a TLS service needs.
     pub transport: super::upstream::Transport,
+    /// The upstream `host` names, when it names one; set with `transport`.
+    pub balancer: Option<std::sync::Arc<super::balancer::Balancer>>,
+    /// `host:port` for the upstream request's URI when `host` names no upstream.
+    pub authority: Option<http::uri::Authority>,
+    /// The `Host` sent upstream: `host`, with `:port` when the port is not 80 and
+    /// no upstream is named.
+    pub host_header: Option<http::HeaderValue>,
 }
 
 impl CompiledService {
@@ -394,6 +401,9 @@ impl CompiledService {
             write_timeout_ms: number("write_timeout", 60_000),
             enabled: service.get("enabled").and_then(Value::as_bool).unwrap_or(true),
             transport: super::upstream::Transport::default(),
+            balancer: None,
+            authority: None,
+            host_header: None,
         }
     }
 }
