@@ -44,8 +44,30 @@ pub fn cli_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// A free loopback port (bound, then released for the node to take).
+/// Where [`free_port`] hands out ports: below Linux's ephemeral range (32768–60999),
+/// so a port handed to a node cannot meanwhile be given by the kernel to some other
+/// socket bound to port 0 (an upstream in another test of the same binary).
+const FREE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free loopback port (bound, then released for the node to take). Ports go out in
+/// turn from a start that depends on the process id, so test binaries and the tests
+/// within one do not pick the same port.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(FREE_PORTS.end - FREE_PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = FREE_PORTS.start + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()
 }
 

@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod conn;
 pub mod path;
+pub mod pool;
 pub mod router;
 pub mod telemetry;
 pub mod tls;
@@ -37,9 +38,9 @@ use self::router::{strip_port, CompiledService, RequestView, Router, Services};
 use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What is sent upstream: the client's body, bounded, with its errors boxed.
-type UpstreamBody = BoxBody<Bytes, BoxError>;
+pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Most proxy connections open at once per node.
 pub const PROXY_CONNECTIONS_MAX: usize = 16 * 1024;
@@ -68,7 +69,10 @@ pub const RETRY_BODY_BYTES_MAX: u64 = 64 * 1024;
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
-const VIA: &str = "1.1 tollgate";
+const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 tollgate");
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+const UPSTREAM_LATENCY_NAME: HeaderName = HeaderName::from_static("x-tollgate-upstream-latency");
+const PROXY_LATENCY_NAME: HeaderName = HeaderName::from_static("x-tollgate-proxy-latency");
 
 /// What the data path reads, compiled from one applied config.
 #[derive(Default)]
@@ -251,7 +255,7 @@ impl Proxy {
         // The body counts what it sends and, when it is done, tells the connection.
         let egress = metrics.map_or_else(metrics::Counter::noop, |metrics| metrics.egress_bytes.clone());
         let (parts, body) = response.into_parts();
-        let counted = telemetry::CountingBody::new(body, egress).with_guard(guard);
+        let counted = telemetry::CountingBody::new(body, egress).with_guards(guard, trace.pool_return.take());
         Response::from_parts(parts, BodyExt::boxed(counted))
     }
 
@@ -361,8 +365,8 @@ impl Proxy {
         } else {
             set_header(&mut parts.headers, "x-real-ip", &client_ip.to_string());
         }
-        parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id.clone());
-        append_header(&mut parts.headers, "via", VIA);
+        parts.headers.insert(REQUEST_ID_NAME, request_id.clone());
+        parts.headers.append(http::header::VIA, VIA_VALUE);
         let upstream_host = if preserve_host { client_host } else { service.host_header.clone() };
         if let Some(host) = upstream_host {
             parts.headers.insert(HOST, host);
@@ -447,23 +451,24 @@ impl Proxy {
             // The headers are cloned only while another attempt may need them.
             *upstream_request.headers_mut() =
                 if attempt < attempts_max { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            match tokio::time::timeout(timeout, client.request(upstream_request)).await {
+            match tokio::time::timeout(timeout, client.send(upstream_request)).await {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
-                Ok(Ok(response)) => {
+                Ok(Ok((response, back))) => {
                     if let Some(pick) = &pick {
                         pick.observe(upstream_started.elapsed());
                     }
+                    trace.pool_return = back;
                     break response;
                 }
                 Ok(Err(failure)) if client_body_failed.load(Ordering::Relaxed) => {
-                    tracing::debug!(%failure, "client request body failed");
+                    tracing::debug!(?failure, "client request body failed");
                     return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
                 }
-                Ok(Err(failure)) if failure.is_connect() && attempt < attempts_max => {
+                Ok(Err(pool::SendError::Connect(failure))) if attempt < attempts_max => {
                     tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
                 }
                 Ok(Err(failure)) => {
-                    tracing::debug!(%failure, "upstream request failed");
+                    tracing::debug!(?failure, "upstream request failed");
                     return error(
                         StatusCode::BAD_GATEWAY,
                         "An invalid response was received from the upstream server",
@@ -481,22 +486,26 @@ impl Proxy {
             let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
                 return error(StatusCode::BAD_GATEWAY, "the upstream switched protocols unasked", &request_id);
             };
+            // The upstream connection becomes the tunnel: it never goes back to a pool.
+            if let Some(back) = &mut trace.pool_return {
+                back.discard();
+            }
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(splice(client_upgrade, upstream_upgrade, request_id.clone()));
             let (mut parts, _) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             parts.headers.insert(http::header::UPGRADE, protocol);
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id);
+            parts.headers.insert(REQUEST_ID_NAME, request_id);
             return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
         }
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        append_header(&mut parts.headers, "via", VIA);
-        parts.headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id);
-        parts.headers.insert(HeaderName::from_static("x-tollgate-upstream-latency"), HeaderValue::from(upstream_ms));
+        parts.headers.append(http::header::VIA, VIA_VALUE);
+        parts.headers.insert(REQUEST_ID_NAME, request_id);
+        parts.headers.insert(UPSTREAM_LATENCY_NAME, HeaderValue::from(upstream_ms));
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
-        parts.headers.insert(HeaderName::from_static("x-tollgate-proxy-latency"), HeaderValue::from(proxy_ms));
+        parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
         Response::from_parts(parts, body.boxed())
     }
 }
@@ -634,23 +643,38 @@ fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> std::borrow::Cow<'a
 #[derive(Default)]
 struct RequestTrace {
     metrics: Option<Arc<telemetry::RouteMetrics>>,
+    /// Gives the upstream connection back when the response body is done.
+    pool_return: Option<pool::PoolReturn>,
     upstream: Option<String>,
     upstream_ms: Option<f64>,
 }
 
+/// RFC 9110 §7.6.1's hop-by-hop fields, as names (a `&str` would be parsed per use).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
 /// RFC 9110 §7.6.1: hop-by-hop fields, and every field `Connection` names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -661,10 +685,6 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-fn append_header(headers: &mut HeaderMap, name: &'static str, value: &'static str) {
-    headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
-}
-
 /// A JSON error answer, Kong's shape: `{"message": ...}`.
 fn error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Response<ProxyBody> {
     let body = serde_json::json!({ "message": message, "request_id": request_id.to_str().unwrap_or_default() });
@@ -673,8 +693,8 @@ fn error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Respons
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-    headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id.clone());
-    append_header(headers, "via", VIA);
+    headers.insert(REQUEST_ID_NAME, request_id.clone());
+    headers.append(http::header::VIA, VIA_VALUE);
     response
 }
 

@@ -64,17 +64,22 @@ impl RouteMetrics {
 pub struct CountingBody<B> {
     inner: B,
     counter: Counter,
-    /// Dropped with the body: tells the connection its response has been sent.
-    _guard: Option<super::conn::RequestGuard>,
+    /// Dropped with the body: tell the client connection its response has been sent,
+    /// and give the upstream connection back to its pool.
+    _guards: Option<(super::conn::RequestGuard, Option<super::pool::PoolReturn>)>,
 }
 
 impl<B> CountingBody<B> {
     pub fn new(inner: B, counter: Counter) -> CountingBody<B> {
-        CountingBody { inner, counter, _guard: None }
+        CountingBody { inner, counter, _guards: None }
     }
 
-    pub fn with_guard(self, guard: super::conn::RequestGuard) -> CountingBody<B> {
-        CountingBody { _guard: Some(guard), ..self }
+    pub fn with_guards(
+        self,
+        request: super::conn::RequestGuard,
+        pool: Option<super::pool::PoolReturn>,
+    ) -> CountingBody<B> {
+        CountingBody { _guards: Some((request, pool)), ..self }
     }
 }
 

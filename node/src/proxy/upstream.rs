@@ -47,6 +47,8 @@ use tollgate_raft_store::schema::Object;
 use tollgate_raft_store::state::{foreign_id, ConfigState};
 use tollgate_raft_store::EntityKind;
 
+use super::pool::{H1Pool, PoolReturn, SendError};
+use super::BoxError;
 use super::UpstreamBody;
 
 /// Idle keep-alive connections kept per upstream target and pool.
@@ -387,8 +389,6 @@ impl Connection for UpstreamStream {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Opens TCP connections (names through the DNS cache) and, with a profile, runs the
 /// TLS handshake on them. A failed handshake is a connect failure: nothing of the
 /// request was sent, so it may be retried on another target.
@@ -427,7 +427,7 @@ pub type UpstreamClient = Client<Connector, UpstreamBody>;
 /// One worker's upstream pools.
 pub struct Clients {
     dns: DnsCache,
-    http1: UpstreamClient,
+    http1: Arc<H1Pool>,
     h2c: UpstreamClient,
     tls: ArcSwap<HashMap<u64, UpstreamClient>>,
 }
@@ -438,24 +438,52 @@ impl Default for Clients {
     }
 }
 
-impl Clients {
-    pub fn new(dns: DnsCache) -> Clients {
-        Clients {
-            http1: build_client(&dns, None, false),
-            h2c: build_client(&dns, None, true),
-            dns,
-            tls: ArcSwap::default(),
+/// Where one service's requests go: the worker's own HTTP/1.1 pool, or a pooled
+/// hyper-util client (h2c, TLS).
+// Lives on the stack for one request; boxing the client would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Sender<'a> {
+    Pool(&'a Arc<H1Pool>),
+    Client(Cow<'a, UpstreamClient>),
+}
+
+impl Sender<'_> {
+    /// Sends a request with an absolute URI; with the pool, also what gives the
+    /// connection back once the response body is done.
+    pub async fn send(
+        &self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Option<PoolReturn>), SendError> {
+        match self {
+            Sender::Pool(pool) => {
+                let Some(authority) = request.uri().authority().cloned() else {
+                    return Err(SendError::Connect("no upstream address".into()));
+                };
+                let (response, back) = pool.send(&authority, request).await?;
+                Ok((response, Some(back)))
+            }
+            Sender::Client(client) => match client.request(request).await {
+                Ok(response) => Ok((response, None)),
+                Err(failure) if failure.is_connect() => Err(SendError::Connect(failure.into())),
+                Err(failure) => Err(SendError::Request(failure.into())),
+            },
         }
     }
+}
 
-    /// The pool a service's requests go through.
-    pub fn get(&self, transport: &Transport) -> Option<Cow<'_, UpstreamClient>> {
-        match transport {
-            Transport::Http1 => Some(Cow::Borrowed(&self.http1)),
-            Transport::H2c => Some(Cow::Borrowed(&self.h2c)),
+impl Clients {
+    pub fn new(dns: DnsCache) -> Clients {
+        Clients { http1: H1Pool::new(dns.clone()), h2c: build_client(&dns, None, true), dns, tls: ArcSwap::default() }
+    }
+
+    /// Where a service's requests go.
+    pub fn get(&self, transport: &Transport) -> Option<Sender<'_>> {
+        Some(Sender::Client(match transport {
+            Transport::Http1 => return Some(Sender::Pool(&self.http1)),
+            Transport::H2c => Cow::Borrowed(&self.h2c),
             Transport::Tls(profile) => {
                 if let Some(client) = self.tls.load().get(&profile.key) {
-                    return Some(Cow::Owned(client.clone()));
+                    return Some(Sender::Client(Cow::Owned(client.clone())));
                 }
                 let client = build_client(&self.dns, Some(profile.clone()), profile.h2);
                 self.tls.rcu(|pools| {
@@ -463,10 +491,10 @@ impl Clients {
                     pools.insert(profile.key, client.clone());
                     pools
                 });
-                Some(Cow::Owned(client))
+                Cow::Owned(client)
             }
-            Transport::Unusable(_) => None,
-        }
+            Transport::Unusable(_) => return None,
+        }))
     }
 }
 

@@ -1,0 +1,198 @@
+//! The keep-alive pool of plain `http` services (the common case), on hyper's
+//! connection API directly: one per worker, no cross-thread locks in use, no task per
+//! request. (hyper-util's pooled client, still used for h2c and TLS upstreams, spawns a
+//! task per HTTP/1.1 request to give the connection back, and hashes a key and takes a
+//! lock per checkout; this pool costs a map lookup.)
+//!
+//! A connection goes back to the pool when the response body it carried has been
+//! consumed or dropped and hyper says it is ready for another request; otherwise it
+//! is closed. A request that a pooled connection could not even start (the upstream
+//! closed it while idle) is sent again on a fresh connection: nothing of it left.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::upstream::{DnsCache, UPSTREAM_IDLE_CONNECTIONS_MAX, UPSTREAM_IDLE_TIMEOUT};
+use super::{BoxError, UpstreamBody};
+
+/// Distinct upstream addresses one worker keeps idle connections for; past this the
+/// pool starts over.
+pub const POOL_AUTHORITIES_MAX: usize = 4096;
+/// How often idle connections past [`UPSTREAM_IDLE_TIMEOUT`] are closed.
+pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent, another target may be tried.
+    Connect(BoxError),
+    /// The request may have reached the upstream.
+    Request(BoxError),
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+pub struct H1Pool {
+    /// Only ever locked with `try_lock` by the worker's own thread, so never waited on.
+    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+    tcp: HttpConnector<DnsCache>,
+}
+
+impl H1Pool {
+    pub fn new(dns: DnsCache) -> Arc<H1Pool> {
+        let mut tcp = HttpConnector::new_with_resolver(dns);
+        tcp.set_nodelay(true);
+        let pool = Arc::new(H1Pool { idle: Mutex::default(), tcp });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(sweep(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    /// Sends `request` to `authority` over a pooled or new connection. The request's
+    /// URI becomes origin-form; its `Host` header must be set.
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, PoolReturn), SendError> {
+        let mut origin = http::uri::Parts::default();
+        origin.path_and_query = request.uri().path_and_query().cloned();
+        *request.uri_mut() = Uri::from_parts(origin).map_err(|error| SendError::Request(error.into()))?;
+        if !request.headers().contains_key(http::header::HOST) {
+            if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+                request.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        while let Some(mut sender) = self.checkout(authority) {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, self.give_back(authority, sender))),
+                Err(mut failed) => match failed.take_message() {
+                    // Not started: the idle connection was closed; try the next one.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Request(failed.into_error().into())),
+                },
+            }
+        }
+        let mut sender = self.connect(authority).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok((response, self.give_back(authority, sender))),
+            Err(error) => Err(SendError::Request(error.into())),
+        }
+    }
+
+    fn give_back(self: &Arc<Self>, authority: &Authority, sender: SendRequest<UpstreamBody>) -> PoolReturn {
+        PoolReturn { pool: self.clone(), authority: authority.clone(), sender: Some(sender) }
+    }
+
+    fn checkout(&self, authority: &Authority) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.try_lock().ok()?;
+        let senders = idle.get_mut(authority)?;
+        while let Some(entry) = senders.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<UpstreamBody>, SendError> {
+        use tower_service::Service;
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|error| SendError::Connect(error.into()))?;
+        let stream = self.tcp.clone().call(uri).await.map_err(|error| SendError::Connect(error.into()))?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(|error| SendError::Connect(error.into()))?;
+        metrics::counter!("tollgate_upstream_connections_opened_total").increment(1);
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn put(&self, authority: Authority, sender: SendRequest<UpstreamBody>) {
+        let Ok(mut idle) = self.idle.try_lock() else { return };
+        if idle.len() >= POOL_AUTHORITIES_MAX && !idle.contains_key(&authority) {
+            idle.clear();
+        }
+        let senders = idle.entry(authority).or_default();
+        if senders.len() < UPSTREAM_IDLE_CONNECTIONS_MAX {
+            senders.push(Idle { sender, since: Instant::now() });
+        }
+    }
+}
+
+/// Closes idle connections past their time, until the pool is gone.
+async fn sweep(pool: Weak<H1Pool>) {
+    let mut ticks = tokio::time::interval(POOL_SWEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let Ok(mut idle) = pool.idle.try_lock() else { continue };
+        idle.retain(|_, senders| {
+            senders.retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT);
+            !senders.is_empty()
+        });
+    }
+}
+
+/// Gives a connection back to its pool when dropped (with the response body), if it
+/// is ready for another request; [`PoolReturn::discard`] keeps it out (an upgrade).
+pub struct PoolReturn {
+    pool: Arc<H1Pool>,
+    authority: Authority,
+    sender: Option<SendRequest<UpstreamBody>>,
+}
+
+impl PoolReturn {
+    pub fn discard(&mut self) {
+        self.sender = None;
+    }
+}
+
+impl Drop for PoolReturn {
+    fn drop(&mut self) {
+        let Some(mut sender) = self.sender.take() else { return };
+        if sender.is_ready() {
+            self.pool.put(self.authority.clone(), sender);
+            return;
+        }
+        if sender.is_closed() {
+            return;
+        }
+        // The connection is still finishing this exchange (the request body, say):
+        // give it back once it is ready, if that happens soon.
+        let pool = self.pool.clone();
+        let authority = self.authority.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(RETURN_WAIT_MAX, sender.ready()).await {
+                    pool.put(authority, sender);
+                }
+            });
+        }
+    }
+}
+
+/// Longest a finished exchange's connection is waited for before it is closed.
+const RETURN_WAIT_MAX: Duration = Duration::from_secs(1);
