@@ -428,7 +428,7 @@ fn parse_query(query: &str) -> BTreeMap<String, String> {
 }
 
 /// Decodes `%XX` escapes and, in queries, `+`; invalid escapes are kept as they are.
-fn percent_decode(text: &str, plus_is_space: bool) -> String {
+pub(crate) fn percent_decode(text: &str, plus_is_space: bool) -> String {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut position = 0;

@@ -214,11 +214,11 @@ mod tests {
             "_format_version": "3.0",
             "services": [{
                 "name": "echo", "url": "http://127.0.0.1:9000",
-                "routes": [{"name": "r1", "paths": ["/echo"], "plugins": [{"name": "cors"}]}]
+                "routes": [{"name": "r1", "paths": ["/echo"], "plugins": [{"name": "correlation-id"}]}]
             }],
             "consumers": [{"username": "alice", "keyauth_credentials": [{"key": "secret"}], "acls": [{"group": "admins"}]}],
             "upstreams": [{"name": "backend", "targets": [{"target": "127.0.0.1:9001"}]}],
-            "plugins": [{"name": "prometheus"}]
+            "plugins": [{"name": "request-termination", "config": {"status_code": 418}}]
         });
         let state = load(&document, 42, 1).unwrap();
         assert_eq!(state.entity_count(), 9);

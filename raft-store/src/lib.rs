@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod plugins;
 pub mod schema;
 
 #[cfg(feature = "storage")]

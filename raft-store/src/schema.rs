@@ -773,6 +773,25 @@ pub fn validate(kind: EntityKind, input: &Value, mode: Mode, existing: Option<&O
     if errors.is_empty() {
         (schema.check)(&output, &mut errors);
     }
+    if errors.is_empty() && kind == EntityKind::Plugin {
+        // A PATCH's config is merged into the stored one, key by key, as in Kong.
+        let mut config = match (mode, existing.and_then(|e| e.get("config")).and_then(Value::as_object)) {
+            (Mode::Patch, Some(stored)) => stored.clone(),
+            _ => Object::new(),
+        };
+        if let Some(given) = output.get("config").and_then(Value::as_object) {
+            for (key, value) in given {
+                config.insert(key.clone(), value.clone());
+            }
+        }
+        let name = output.get("name").and_then(Value::as_str).unwrap_or_default();
+        match crate::plugins::normalize(name, &Value::Object(config)) {
+            Ok(normalized) => {
+                output.insert("config".into(), normalized);
+            }
+            Err(field_errors) => errors.extend(field_errors),
+        }
+    }
     if errors.is_empty() {
         Ok(output)
     } else {

@@ -623,7 +623,12 @@ mod tests {
             op: Op::Create { kind: EntityKind::KeyAuth, id: Uuid::new_v4(), parent, body: json!({"key": "k1"}).into() },
         };
         state.apply(&command).unwrap();
-        create(&mut state, EntityKind::Plugin, json!({"name": "rate-limiting", "consumer": {"id": "alice"}})).unwrap();
+        create(
+            &mut state,
+            EntityKind::Plugin,
+            json!({"name": "rate-limiting", "config": {"minute": 5}, "consumer": {"id": "alice"}}),
+        )
+        .unwrap();
         assert_eq!(state.entity_count(), 3);
         delete(&mut state, EntityKind::Consumer, "alice").unwrap();
         assert_eq!(state.entity_count(), 0);

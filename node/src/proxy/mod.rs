@@ -86,6 +86,8 @@ pub struct ProxySnapshot {
     /// Metric handles per route id, and for requests no route matched.
     pub route_metrics: HashMap<Uuid, Arc<telemetry::RouteMetrics>>,
     pub unmatched_metrics: Option<Arc<telemetry::RouteMetrics>>,
+    /// Plugin instances by scope, consumers and credentials.
+    pub plugins: crate::plugins::Plugins,
 }
 
 impl ProxySnapshot {
@@ -172,6 +174,7 @@ impl ProxySnapshot {
             certificates: tls::Certificates::compile(state),
             route_metrics,
             unmatched_metrics: Some(Arc::new(telemetry::RouteMetrics::register("", ""))),
+            plugins: crate::plugins::Plugins::compile(state),
         }
     }
 }
@@ -184,6 +187,8 @@ pub struct ProxySetup {
     pub access_log: Option<telemetry::AccessLog>,
     pub trusted_ips: Arc<trusted::TrustedIps>,
     pub timeouts: conn::Timeouts,
+    /// `policy: local` rate-limit counters, shared by the node's workers.
+    pub rate_counters: Arc<crate::plugins::RateCounters>,
 }
 
 /// Shared by every proxy connection of a node.
@@ -195,13 +200,15 @@ pub struct Proxy {
     node_id: u64,
     request_counter: AtomicU64,
     timeouts: conn::Timeouts,
+    rate_counters: Arc<crate::plugins::RateCounters>,
 }
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, rate_counters } = setup;
         let clients = upstream::Clients::default();
-        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter: AtomicU64::new(0), timeouts }
+        let request_counter = AtomicU64::new(0);
+        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, rate_counters }
     }
 
     fn request_id(&self) -> HeaderValue {
@@ -292,11 +299,35 @@ impl Proxy {
             };
             snapshot.router.find(&view).map(|m| {
                 trace.metrics = snapshot.route_metrics.get(&m.route.id).cloned();
-                (m.route.service, m.route.strip_path, m.route.preserve_host, m.matched_len)
+                (m.route.id, m.route.service, m.route.strip_path, m.route.preserve_host, m.matched_len)
             })
         };
-        let Some((service_id, strip_path, preserve_host, matched_len)) = found else {
+        let Some((route_id, service_id, strip_path, preserve_host, matched_len)) = found else {
             return error(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
+        };
+        let peer_ip = connection.peer.ip();
+        let client_ip = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(chain) => self.trusted_ips.client_ip(peer_ip, Some(chain)),
+            None => peer_ip,
+        };
+        // Plugins' access phase (they run for routes without a service too:
+        // request-termination is often used so).
+        let mut plugin_run = None;
+        if !snapshot.plugins.is_empty() {
+            let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
+            let mut view =
+                crate::plugins::RequestView { method: &parts.method, query: uri.query(), headers: &mut parts.headers };
+            let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.rate_counters);
+            if let Some(exit) = exit {
+                let mut response = exit_response(exit, &request_id);
+                crate::plugins::header_filter(&ran, &ctx, response.headers_mut());
+                return response;
+            }
+            plugin_run = Some((ran, ctx));
+        }
+        let upstream_query = match &plugin_run {
+            Some((_, ctx)) if ctx.upstream_query.is_some() => ctx.upstream_query.as_deref().filter(|q| !q.is_empty()),
+            _ => uri.query(),
         };
         let Some(service) = service_id.and_then(|id| snapshot.services.get(&id)) else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "no Service found with those values", &request_id);
@@ -311,7 +342,7 @@ impl Proxy {
         let balancer = service.balancer.as_deref();
         let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { &*path };
         let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, strip_path);
-        if let Some(query) = uri.query() {
+        if let Some(query) = upstream_query {
             upstream_path.push('?');
             upstream_path.push_str(query);
         }
@@ -335,14 +366,10 @@ impl Proxy {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let peer_ip = connection.peer.ip();
         let peer_trusted = self.trusted_ips.contains(peer_ip);
-        let (forwarded_for, client_ip) = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) => {
-                let client_ip = self.trusted_ips.client_ip(peer_ip, Some(existing));
-                (HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(), client_ip)
-            }
-            None => (Some(connection.peer_ip.clone()), peer_ip),
+        let forwarded_for = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(existing) => HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(),
+            None => Some(connection.peer_ip.clone()),
         };
         if let Some(forwarded_for) = forwarded_for {
             parts.headers.insert(X_FORWARDED_FOR, forwarded_for);
@@ -506,6 +533,9 @@ impl Proxy {
         parts.headers.insert(UPSTREAM_LATENCY_NAME, HeaderValue::from(upstream_ms));
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
         parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
+        if let Some((ran, ctx)) = &plugin_run {
+            crate::plugins::header_filter(ran, ctx, &mut parts.headers);
+        }
         Response::from_parts(parts, body.boxed())
     }
 }
@@ -683,6 +713,19 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(HeaderName::from_static(name), value);
     }
+}
+
+/// A plugin's own answer, with the request id and `Via` like every answer.
+fn exit_response(exit: crate::plugins::Exit, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let mut response = Response::new(Full::new(exit.body).map_err(|never| match never {}).boxed());
+    *response.status_mut() = exit.status;
+    let headers = response.headers_mut();
+    for (name, value) in exit.headers {
+        headers.insert(name, value);
+    }
+    headers.insert(REQUEST_ID_NAME, request_id.clone());
+    headers.append(http::header::VIA, VIA_VALUE);
+    response
 }
 
 /// A JSON error answer, Kong's shape: `{"message": ...}`.

@@ -1,0 +1,183 @@
+//! Authentication plugins: they identify the consumer and tell the upstream who it is
+//! (`X-Consumer-ID`, `X-Consumer-Username`, `X-Consumer-Custom-ID`,
+//! `X-Credential-Identifier`, and `X-Anonymous-Consumer` for the anonymous consumer).
+//! Those headers are always set or cleared, so a client cannot send its own.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tollgate_raft_store::plugins::KeyAuthConfig;
+
+use super::{Consumer, Ctx, Env, Exit, Flow, Plugin, RequestView};
+
+const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+const X_CONSUMER_CUSTOM_ID: HeaderName = HeaderName::from_static("x-consumer-custom-id");
+const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
+const X_ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
+
+/// Records the consumer in `ctx` and in the headers the upstream receives.
+pub fn set_consumer(
+    ctx: &mut Ctx,
+    headers: &mut HeaderMap,
+    consumer: &Arc<Consumer>,
+    credential: Option<uuid::Uuid>,
+    anonymous: bool,
+) {
+    let mut set = |name: HeaderName, value: Option<&str>| match value.and_then(|v| HeaderValue::from_str(v).ok()) {
+        Some(value) => {
+            headers.insert(name, value);
+        }
+        None => {
+            headers.remove(name);
+        }
+    };
+    set(X_CONSUMER_ID, Some(&consumer.id.to_string()));
+    set(X_CONSUMER_USERNAME, consumer.username.as_deref());
+    set(X_CONSUMER_CUSTOM_ID, consumer.custom_id.as_deref());
+    set(X_CREDENTIAL_IDENTIFIER, credential.map(|id| id.to_string()).as_deref());
+    set(X_ANONYMOUS_CONSUMER, anonymous.then_some("true"));
+    ctx.consumer = Some(consumer.clone());
+    ctx.credential = credential;
+    ctx.anonymous = anonymous;
+}
+
+/// key-auth: an API key in a header or the query string.
+pub struct KeyAuth {
+    config: KeyAuthConfig,
+    names: Vec<HeaderName>,
+    challenge: HeaderValue,
+}
+
+impl KeyAuth {
+    pub fn new(config: KeyAuthConfig) -> Result<KeyAuth, String> {
+        let names = config
+            .key_names
+            .iter()
+            .map(|name| HeaderName::from_bytes(name.as_bytes()).map_err(|error| format!("key_names: {error}")))
+            .collect::<Result<_, _>>()?;
+        let realm = config.realm.as_deref().unwrap_or("kong");
+        let challenge = HeaderValue::from_str(&format!("Key realm=\"{realm}\"")).map_err(|error| error.to_string())?;
+        Ok(KeyAuth { config, names, challenge })
+    }
+
+    fn unauthorized(&self, message: &str) -> Flow {
+        let mut exit = Exit::message(StatusCode::UNAUTHORIZED, message);
+        exit.headers.push((http::header::WWW_AUTHENTICATE, self.challenge.clone()));
+        Flow::Exit(exit)
+    }
+
+    /// The key sent, and where: `Ok(Some((key, Some(header))))` or from the query.
+    fn find_key(&self, request: &RequestView<'_>) -> Option<(String, Found)> {
+        for (index, name) in self.names.iter().enumerate() {
+            if self.config.key_in_header {
+                if let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) {
+                    return Some((value.to_string(), Found::Header(name.clone())));
+                }
+            }
+            if self.config.key_in_query {
+                if let Some(value) = request.query.and_then(|query| query_param(query, &self.config.key_names[index])) {
+                    return Some((value, Found::Query(self.config.key_names[index].clone())));
+                }
+            }
+        }
+        None
+    }
+}
+
+enum Found {
+    Header(HeaderName),
+    Query(String),
+}
+
+impl Plugin for KeyAuth {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
+        if !self.config.run_on_preflight && request.method == http::Method::OPTIONS {
+            return Flow::Continue;
+        }
+        // Kong's "logical OR": with `anonymous` set, a consumer another plugin already
+        // authenticated is kept.
+        if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
+            return Flow::Continue;
+        }
+        let found = self.find_key(request);
+        let matched = found.as_ref().and_then(|(key, _)| env.data.keys.get(key.as_str()));
+        match (found, matched) {
+            (Some((_, place)), Some(&(consumer_id, credential))) => {
+                let Some(consumer) = env.data.consumers.get(&consumer_id) else {
+                    return self.unauthorized("Invalid authentication credentials");
+                };
+                set_consumer(ctx, request.headers, consumer, Some(credential), false);
+                if self.config.hide_credentials {
+                    match place {
+                        Found::Header(name) => {
+                            request.headers.remove(name);
+                        }
+                        Found::Query(name) => {
+                            let query = request.query.unwrap_or_default();
+                            ctx.upstream_query = Some(without_param(query, &name));
+                        }
+                    }
+                }
+                Flow::Continue
+            }
+            (found, _) => {
+                if let Some(anonymous) = &self.config.anonymous {
+                    return match env.data.consumer(anonymous) {
+                        Some(consumer) => {
+                            set_consumer(ctx, request.headers, consumer, None, true);
+                            Flow::Continue
+                        }
+                        None => Flow::Exit(Exit::message(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &format!("anonymous consumer {anonymous} is configured but doesn't exist"),
+                        )),
+                    };
+                }
+                if found.is_some() {
+                    self.unauthorized("Invalid authentication credentials")
+                } else {
+                    self.unauthorized("No API key found in request")
+                }
+            }
+        }
+    }
+}
+
+/// The first value of query argument `name`, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key) == name).then(|| percent_decode(value))
+    })
+}
+
+/// The query string without argument `name`.
+pub fn without_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
+            percent_decode(key) != name
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn percent_decode(text: &str) -> String {
+    crate::admin::percent_decode(text, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_arguments_decode_and_can_be_removed() {
+        assert_eq!(query_param("a=1&apikey=s%20e+cret&b=2", "apikey").as_deref(), Some("s e cret"));
+        assert_eq!(query_param("apikey", "apikey").as_deref(), Some(""));
+        assert_eq!(query_param("a=1", "apikey"), None);
+        assert_eq!(query_param("k=%zz%4", "k").as_deref(), Some("%zz%4"));
+        assert_eq!(without_param("a=1&apikey=x&b=2", "apikey"), "a=1&b=2");
+    }
+}

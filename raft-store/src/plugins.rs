@@ -1,0 +1,430 @@
+//! Plugin configurations: Kong's field names and defaults, one typed struct per
+//! plugin, checked when a plugin is written and stored with every default filled in
+//! (as Kong's Admin API shows it). The data path deserializes the stored form into
+//! the same structs once per snapshot, never per request.
+//!
+//! Errors name the field as `config.<path>` (`config.key_names[0]`); Kong nests them
+//! as objects, Tollgate's error `fields` map is flat.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Plugins this build runs. Others Kong bundles are refused at write time: a plugin
+/// that was accepted but not enforced (an authentication plugin, say) would be worse
+/// than an error.
+pub const AVAILABLE_PLUGINS: &[&str] =
+    &["key-auth", "acl", "ip-restriction", "request-termination", "rate-limiting", "correlation-id"];
+
+/// Longest list in a plugin config (key names, groups, CIDRs).
+pub const CONFIG_LIST_MAX: usize = 1024;
+
+/// Checks `config` for plugin `name` and returns it with defaults filled in, or
+/// errors by field (`config.<path>`, or `name` when the plugin is not available).
+pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, String>> {
+    let result = match name {
+        "key-auth" => typed::<KeyAuthConfig>(config),
+        "acl" => typed::<AclConfig>(config),
+        "ip-restriction" => typed::<IpRestrictionConfig>(config),
+        "request-termination" => typed::<RequestTerminationConfig>(config),
+        "rate-limiting" => typed::<RateLimitingConfig>(config),
+        "correlation-id" => typed::<CorrelationIdConfig>(config),
+        _ => {
+            return Err(BTreeMap::from([(
+                "name".to_string(),
+                format!(
+                    "plugin '{name}' is not available in this build yet (available: {})",
+                    AVAILABLE_PLUGINS.join(", ")
+                ),
+            )]))
+        }
+    };
+    result.map_err(|(path, message)| {
+        let field = if path.is_empty() || path == "." || path == "config" {
+            "config".to_string()
+        } else {
+            format!("config.{path}")
+        };
+        BTreeMap::from([(field, message)])
+    })
+}
+
+/// A config's own rules beyond its types.
+pub trait Check {
+    /// `Err((field path, message))`.
+    fn check(&self) -> Result<(), (String, String)> {
+        Ok(())
+    }
+}
+
+fn typed<T: DeserializeOwned + Serialize + Check>(config: &Value) -> Result<Value, (String, String)> {
+    let parsed: T = serde_path_to_error::deserialize(config).map_err(|error| {
+        let path = error.path().to_string();
+        (path, error.into_inner().to_string())
+    })?;
+    parsed.check()?;
+    serde_json::to_value(parsed).map_err(|error| (String::new(), error.to_string()))
+}
+
+fn fail<T>(field: &str, message: impl Into<String>) -> Result<T, (String, String)> {
+    Err((field.to_string(), message.into()))
+}
+
+fn check_list(field: &str, items: &[String]) -> Result<(), (String, String)> {
+    if items.len() > CONFIG_LIST_MAX {
+        return fail(field, format!("length must be at most {CONFIG_LIST_MAX}"));
+    }
+    if let Some(position) = items.iter().position(|item| item.is_empty()) {
+        return fail(&format!("{field}[{position}]"), "length must be at least 1");
+    }
+    Ok(())
+}
+
+/// key-auth (Kong priority 1250).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyAuthConfig {
+    pub key_names: Vec<String>,
+    pub hide_credentials: bool,
+    /// A consumer id or username used when no key is sent or the key is unknown.
+    pub anonymous: Option<String>,
+    pub key_in_header: bool,
+    pub key_in_query: bool,
+    pub key_in_body: bool,
+    pub run_on_preflight: bool,
+    pub realm: Option<String>,
+}
+
+impl Default for KeyAuthConfig {
+    fn default() -> Self {
+        KeyAuthConfig {
+            key_names: vec!["apikey".into()],
+            hide_credentials: false,
+            anonymous: None,
+            key_in_header: true,
+            key_in_query: true,
+            key_in_body: false,
+            run_on_preflight: true,
+            realm: None,
+        }
+    }
+}
+
+impl Check for KeyAuthConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.key_names.is_empty() {
+            return fail("key_names", "length must be at least 1");
+        }
+        check_list("key_names", &self.key_names)?;
+        for (position, name) in self.key_names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return fail(
+                    &format!("key_names[{position}]"),
+                    "bad header name, allowed characters are A-Z, a-z, 0-9, '_', and '-'",
+                );
+            }
+        }
+        if self.key_in_body {
+            return fail("key_in_body", "keys in the request body are not supported yet");
+        }
+        Ok(())
+    }
+}
+
+/// acl (priority 950): `allow` or `deny` groups, exactly one of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub hide_groups_header: bool,
+    pub always_use_authenticated_groups: bool,
+    pub include_consumer_groups: bool,
+}
+
+impl Check for AclConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        match (&self.allow, &self.deny) {
+            (Some(_), Some(_)) | (None, None) => {
+                fail("config", "exactly one of these fields must be non-empty: 'config.allow', 'config.deny'")
+            }
+            (Some(groups), None) => check_list("allow", groups),
+            (None, Some(groups)) => check_list("deny", groups),
+        }
+    }
+}
+
+/// ip-restriction (priority 990): addresses or CIDRs, v4 and v6.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IpRestrictionConfig {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub status: Option<u16>,
+    pub message: Option<String>,
+}
+
+impl Check for IpRestrictionConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.allow.as_ref().is_none_or(Vec::is_empty) && self.deny.as_ref().is_none_or(Vec::is_empty) {
+            return fail("config", "at least one of these fields must be non-empty: 'config.allow', 'config.deny'");
+        }
+        for (field, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            let Some(list) = list else { continue };
+            check_list(field, list)?;
+            for (position, cidr) in list.iter().enumerate() {
+                if parse_cidr(cidr).is_none() {
+                    return fail(&format!("{field}[{position}]"), format!("invalid ip or cidr range: '{cidr}'"));
+                }
+            }
+        }
+        if let Some(status) = self.status {
+            if !(100..=599).contains(&status) {
+                return fail("status", "value should be between 100 and 599");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `10.0.0.0/8`, `2001:db8::/32` or a single address: (network, prefix length).
+pub fn parse_cidr(text: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (text, None),
+    };
+    let address: std::net::IpAddr = address.trim().parse().ok()?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(prefix) => prefix.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+        None => max,
+    };
+    Some((address, prefix))
+}
+
+/// request-termination (priority 2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestTerminationConfig {
+    pub status_code: u16,
+    pub message: Option<String>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+    /// Only requests carrying this header or query argument are terminated.
+    pub trigger: Option<String>,
+    pub echo: bool,
+}
+
+impl Default for RequestTerminationConfig {
+    fn default() -> Self {
+        RequestTerminationConfig {
+            status_code: 503,
+            message: None,
+            body: None,
+            content_type: None,
+            trigger: None,
+            echo: false,
+        }
+    }
+}
+
+impl Check for RequestTerminationConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if !(100..=599).contains(&self.status_code) {
+            return fail("status_code", "value should be between 100 and 599");
+        }
+        if self.message.is_some() && self.body.is_some() {
+            return fail("config", "message cannot be used with content_type or body");
+        }
+        if self.content_type.is_some() && self.body.is_none() {
+            return fail("content_type", "content_type requires a body");
+        }
+        if self.content_type.as_deref().is_some_and(|value| http::HeaderValue::from_str(value).is_err()) {
+            return fail("content_type", "not a valid header value");
+        }
+        if self.trigger.as_deref().is_some_and(|name| http::HeaderName::from_bytes(name.as_bytes()).is_err()) {
+            return fail("trigger", "not a valid header name");
+        }
+        Ok(())
+    }
+}
+
+/// rate-limiting (priority 910). `policy: local` counts per node; `cluster` is the
+/// cluster-wide ledger (a later issue); `redis` needs Redis, which Tollgate does not use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitingConfig {
+    pub second: Option<f64>,
+    pub minute: Option<f64>,
+    pub hour: Option<f64>,
+    pub day: Option<f64>,
+    pub month: Option<f64>,
+    pub year: Option<f64>,
+    pub limit_by: String,
+    pub header_name: Option<String>,
+    pub path: Option<String>,
+    pub policy: String,
+    pub fault_tolerant: bool,
+    pub hide_client_headers: bool,
+    pub error_code: u16,
+    pub error_message: String,
+}
+
+impl Default for RateLimitingConfig {
+    fn default() -> Self {
+        RateLimitingConfig {
+            second: None,
+            minute: None,
+            hour: None,
+            day: None,
+            month: None,
+            year: None,
+            limit_by: "consumer".into(),
+            header_name: None,
+            path: None,
+            policy: "local".into(),
+            fault_tolerant: true,
+            hide_client_headers: false,
+            error_code: 429,
+            error_message: "API rate limit exceeded".into(),
+        }
+    }
+}
+
+/// Kong's windows, shortest first, with their length in seconds (a month is 30 days,
+/// a year 365, as Kong's fixed windows count them).
+pub const RATE_WINDOWS: [(&str, u64); 6] =
+    [("second", 1), ("minute", 60), ("hour", 3600), ("day", 86_400), ("month", 2_592_000), ("year", 31_536_000)];
+
+impl RateLimitingConfig {
+    /// The configured limits, shortest window first: (name, seconds, limit).
+    pub fn limits(&self) -> Vec<(&'static str, u64, u64)> {
+        let values = [self.second, self.minute, self.hour, self.day, self.month, self.year];
+        RATE_WINDOWS
+            .iter()
+            .zip(values)
+            .filter_map(|((name, seconds), limit)| limit.map(|limit| (*name, *seconds, limit as u64)))
+            .collect()
+    }
+}
+
+impl Check for RateLimitingConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        let values = [self.second, self.minute, self.hour, self.day, self.month, self.year];
+        if values.iter().all(Option::is_none) {
+            return fail(
+                "config",
+                "at least one of these fields must be non-empty: 'config.second', 'config.minute', 'config.hour', 'config.day', 'config.month', 'config.year'",
+            );
+        }
+        let mut previous: Option<(&str, f64)> = None;
+        for ((name, _), value) in RATE_WINDOWS.iter().zip(values) {
+            let Some(value) = value else { continue };
+            if !value.is_finite() || value < 0.0 {
+                return fail(name, "value should be a number of at least 0");
+            }
+            if let Some((shorter, limit)) = previous {
+                if value < limit {
+                    return fail(
+                        "config",
+                        format!(
+                            "the limit for {name}({value:.1}) cannot be lower than the limit for {shorter}({limit:.1})"
+                        ),
+                    );
+                }
+            }
+            previous = Some((name, value));
+        }
+        const LIMIT_BY: [&str; 6] = ["consumer", "credential", "ip", "service", "header", "path"];
+        if !LIMIT_BY.contains(&self.limit_by.as_str()) {
+            return fail("limit_by", format!("expected one of: {}", LIMIT_BY.join(", ")));
+        }
+        if self.limit_by == "header" && self.header_name.as_deref().is_none_or(str::is_empty) {
+            return fail("header_name", "required field missing when limit_by is 'header'");
+        }
+        if self.limit_by == "path" && self.path.as_deref().is_none_or(|path| !path.starts_with('/')) {
+            return fail("path", "required field missing when limit_by is 'path' (a path starting with '/')");
+        }
+        match self.policy.as_str() {
+            "local" => {}
+            "cluster" => return fail("policy", "policy 'cluster' is not available in this build yet; use 'local'"),
+            "redis" => return fail("policy", "Tollgate does not use Redis; use 'local'"),
+            _ => return fail("policy", "expected one of: local, cluster"),
+        }
+        if !(400..=599).contains(&self.error_code) {
+            return fail("error_code", "value should be between 400 and 599");
+        }
+        Ok(())
+    }
+}
+
+/// correlation-id (priority 100001).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorrelationIdConfig {
+    pub header_name: String,
+    pub generator: String,
+    pub echo_downstream: bool,
+}
+
+impl Default for CorrelationIdConfig {
+    fn default() -> Self {
+        CorrelationIdConfig {
+            header_name: "Kong-Request-ID".into(),
+            generator: "uuid#counter".into(),
+            echo_downstream: false,
+        }
+    }
+}
+
+impl Check for CorrelationIdConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if http::HeaderName::from_bytes(self.header_name.as_bytes()).is_err() {
+            return fail("header_name", "not a valid header name");
+        }
+        if !["uuid", "uuid#counter", "tracker"].contains(&self.generator.as_str()) {
+            return fail("generator", "expected one of: uuid, uuid#counter, tracker");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn defaults_are_filled_and_bad_fields_are_named() {
+        let config = normalize("key-auth", &json!({})).unwrap();
+        assert_eq!(config["key_names"], json!(["apikey"]));
+        assert_eq!(config["key_in_header"], json!(true));
+
+        let error = normalize("key-auth", &json!({"key_names": "apikey"})).unwrap_err();
+        assert!(error.contains_key("config.key_names"), "{error:?}");
+        let error = normalize("key-auth", &json!({"key_names": ["ok", "bad name"]})).unwrap_err();
+        assert!(error.contains_key("config.key_names[1]"), "{error:?}");
+        let error = normalize("key-auth", &json!({"surprise": 1})).unwrap_err();
+        assert!(error.contains_key("config.surprise"), "{error:?}");
+
+        let error = normalize("rate-limiting", &json!({"second": 10, "minute": 5})).unwrap_err();
+        assert!(error["config"].contains("cannot be lower"), "{error:?}");
+        let error = normalize("rate-limiting", &json!({"minute": 5, "policy": "redis"})).unwrap_err();
+        assert!(error.contains_key("config.policy"), "{error:?}");
+        assert!(normalize("rate-limiting", &json!({})).is_err());
+
+        let error = normalize("ip-restriction", &json!({"allow": ["10.0.0.0/33"]})).unwrap_err();
+        assert!(error.contains_key("config.allow[0]"), "{error:?}");
+        assert!(normalize("ip-restriction", &json!({"deny": ["::1", "10.0.0.0/8"]})).is_ok());
+
+        let error = normalize("acl", &json!({"allow": ["a"], "deny": ["b"]})).unwrap_err();
+        assert!(error.contains_key("config"), "{error:?}");
+        let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
+        assert!(error.contains_key("config.status_code"), "{error:?}");
+        let error = normalize("jwt", &json!({})).unwrap_err();
+        assert!(error.contains_key("name"), "{error:?}");
+    }
+}

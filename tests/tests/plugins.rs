@@ -1,0 +1,267 @@
+//! Plugins against Kong's documented behaviour: status codes, headers, bodies, and
+//! which instance runs when several scopes configure the same plugin.
+
+use serde_json::{json, Value};
+use tollgate_client::AdminClient;
+use tollgate_tests::{proxy_request, EchoServer, TestCluster};
+
+fn id(reply: &tollgate_client::Reply) -> String {
+    reply.body["id"].as_str().expect("an id").to_string()
+}
+
+/// A service on the echo upstream with one route per path; returns their ids.
+async fn service_with_routes(
+    client: &AdminClient,
+    echo: &EchoServer,
+    name: &str,
+    paths: &[&str],
+) -> anyhow::Result<(String, Vec<String>)> {
+    let service = client.post("/services", &json!({"name": name, "url": format!("http://{}", echo.address)})).await?;
+    let mut routes = Vec::new();
+    for path in paths {
+        let route = client.post(&format!("/services/{name}/routes"), &json!({ "paths": [path] })).await?;
+        routes.push(id(&route));
+    }
+    Ok((id(&service), routes))
+}
+
+async fn consumer_with_key(client: &AdminClient, username: &str, key: &str) -> anyhow::Result<String> {
+    let consumer = client.post("/consumers", &json!({ "username": username })).await?;
+    client.post(&format!("/consumers/{username}/key-auth"), &json!({ "key": key })).await?;
+    Ok(id(&consumer))
+}
+
+/// Waits until the data path has everything written so far.
+async fn settle(cluster: &TestCluster) -> anyhow::Result<()> {
+    let status = cluster.status(1).await.ok_or_else(|| anyhow::anyhow!("no /status from node 1"))?;
+    cluster.published(status["config_version"].as_u64().unwrap_or(0)).await
+}
+
+fn header<'a>(reply: &'a tollgate_tests::ProxyReply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn upstream_header<'a>(reply: &'a tollgate_tests::ProxyReply, name: &str) -> Option<&'a str> {
+    reply.body["headers"][name][0].as_str()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precedence_follows_kongs_order_over_every_scope_combination() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (service, routes) = service_with_routes(&client, &echo, "scoped", &["/scoped"]).await?;
+    let route = &routes[0];
+    let consumer = consumer_with_key(&client, "alice", "alice-key").await?;
+    client.post("/plugins", &json!({"name": "key-auth"})).await?;
+
+    // One request-termination per scope, each saying which it is. Kong's order, most
+    // specific first.
+    let scopes: [(&str, Value); 8] = [
+        (
+            "consumer+route+service",
+            json!({"consumer": {"id": consumer}, "route": {"id": route}, "service": {"id": service}}),
+        ),
+        ("consumer+route", json!({"consumer": {"id": consumer}, "route": {"id": route}})),
+        ("consumer+service", json!({"consumer": {"id": consumer}, "service": {"id": service}})),
+        ("route+service", json!({"route": {"id": route}, "service": {"id": service}})),
+        ("consumer", json!({"consumer": {"id": consumer}})),
+        ("route", json!({"route": {"id": route}})),
+        ("service", json!({"service": {"id": service}})),
+        ("global", json!({})),
+    ];
+    let mut ids = Vec::new();
+    for (label, scope) in &scopes {
+        let mut body = json!({"name": "request-termination", "config": {"status_code": 418, "message": label}});
+        for (key, value) in scope.as_object().expect("object") {
+            body[key] = value.clone();
+        }
+        ids.push(id(&client.post("/plugins", &body).await?));
+    }
+    let proxy = cluster.nodes[0].proxy_url();
+    for (position, (label, _)) in scopes.iter().enumerate() {
+        settle(&cluster).await?;
+        let reply = proxy_request(&proxy, "GET", None, "/scoped/x", &[("apikey", "alice-key")]).await?;
+        assert_eq!(reply.status, 418, "{label}: {}", reply.body);
+        assert_eq!(reply.body["message"], *label, "with every scope up to {label} configured");
+        // Remove the winner: the next most specific scope must answer.
+        client.delete(&format!("/plugins/{}", ids[position])).await?;
+    }
+    settle(&cluster).await?;
+    let reply = proxy_request(&proxy, "GET", None, "/scoped/x", &[("apikey", "alice-key")]).await?;
+    assert_eq!(reply.status, 200, "no termination left: {}", reply.body);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_auth_identifies_consumers_hides_credentials_and_falls_back_to_anonymous() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "keyed", &["/keyed", "/hidden", "/open"]).await?;
+    let alice = consumer_with_key(&client, "alice", "alice-key").await?;
+    let guest = client.post("/consumers", &json!({"username": "guest"})).await?;
+    client.post(&format!("/routes/{}/plugins", routes[0]), &json!({"name": "key-auth"})).await?;
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[1]),
+            &json!({"name": "key-auth", "config": {"hide_credentials": true, "key_names": ["apikey", "x-api-key"]}}),
+        )
+        .await?;
+    client
+        .post(&format!("/routes/{}/plugins", routes[2]), &json!({"name": "key-auth", "config": {"anonymous": "guest"}}))
+        .await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    let missing = proxy_request(&proxy, "GET", None, "/keyed/x", &[]).await?;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.body["message"], "No API key found in request");
+    assert_eq!(header(&missing, "www-authenticate"), Some("Key realm=\"kong\""));
+    let wrong = proxy_request(&proxy, "GET", None, "/keyed/x", &[("apikey", "nope")]).await?;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.body["message"], "Invalid authentication credentials");
+
+    // A client's own X-Consumer-* headers never reach the upstream.
+    let good = proxy_request(&proxy, "GET", None, "/keyed/x", &[("apikey", "alice-key"), ("x-consumer-id", "spoofed")])
+        .await?;
+    assert_eq!(good.status, 200, "{}", good.body);
+    assert_eq!(upstream_header(&good, "x-consumer-id"), Some(alice.as_str()));
+    assert_eq!(upstream_header(&good, "x-consumer-username"), Some("alice"));
+    assert!(upstream_header(&good, "x-credential-identifier").is_some());
+    assert_eq!(upstream_header(&good, "apikey"), Some("alice-key"), "kept without hide_credentials");
+    assert_eq!(upstream_header(&good, "x-anonymous-consumer"), None);
+
+    // hide_credentials: the key leaves neither the query string nor the header.
+    let query = proxy_request(&proxy, "GET", None, "/hidden/x?a=1&apikey=alice-key&b=2", &[]).await?;
+    assert_eq!(query.status, 200, "{}", query.body);
+    assert_eq!(query.body["query"], "a=1&b=2");
+    let headed = proxy_request(&proxy, "GET", None, "/hidden/x", &[("x-api-key", "alice-key")]).await?;
+    assert_eq!(headed.status, 200, "{}", headed.body);
+    assert_eq!(upstream_header(&headed, "x-api-key"), None);
+
+    // anonymous: no key is let through as the configured consumer, and says so.
+    let anonymous = proxy_request(&proxy, "GET", None, "/open/x", &[]).await?;
+    assert_eq!(anonymous.status, 200, "{}", anonymous.body);
+    assert_eq!(upstream_header(&anonymous, "x-consumer-id"), guest.body["id"].as_str());
+    assert_eq!(upstream_header(&anonymous, "x-anonymous-consumer"), Some("true"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_ip_restriction_rate_limiting_correlation_id_and_termination() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start_with(1, &["--trusted-ips", "127.0.0.1/32"]).await?;
+    let client = cluster.client();
+    let (_, routes) =
+        service_with_routes(&client, &echo, "guarded", &["/acl", "/ip", "/limited", "/correlated", "/maybe"]).await?;
+    consumer_with_key(&client, "alice", "alice-key").await?;
+    consumer_with_key(&client, "bob", "bob-key").await?;
+    client.post("/consumers/alice/acls", &json!({"group": "gold"})).await?;
+    let plugins = [
+        (0, json!({"name": "key-auth"})),
+        (0, json!({"name": "acl", "config": {"allow": ["gold"]}})),
+        (
+            1,
+            json!({"name": "ip-restriction", "config": {"allow": ["10.1.0.0/16"], "deny": ["10.1.9.0/24"], "status": 451, "message": "not from there"}}),
+        ),
+        (2, json!({"name": "rate-limiting", "config": {"day": 3, "limit_by": "ip"}})),
+        (3, json!({"name": "correlation-id", "config": {"echo_downstream": true}})),
+        (
+            4,
+            json!({"name": "request-termination", "config": {"status_code": 403, "body": "<b>closed</b>", "content_type": "text/html", "trigger": "x-close"}}),
+        ),
+    ];
+    for (route, body) in plugins {
+        client.post(&format!("/routes/{}/plugins", routes[route]), &body).await?;
+    }
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    // acl: alice is in gold, bob is not.
+    let alice = proxy_request(&proxy, "GET", None, "/acl/x", &[("apikey", "alice-key")]).await?;
+    assert_eq!(alice.status, 200, "{}", alice.body);
+    assert_eq!(upstream_header(&alice, "x-consumer-groups"), Some("gold"));
+    let bob = proxy_request(&proxy, "GET", None, "/acl/x", &[("apikey", "bob-key")]).await?;
+    assert_eq!(bob.status, 403);
+    assert_eq!(bob.body["message"], "You cannot consume this service");
+
+    // ip-restriction on the client address from the trusted forwarded chain.
+    let inside = proxy_request(&proxy, "GET", None, "/ip/x", &[("x-forwarded-for", "10.1.2.3")]).await?;
+    assert_eq!(inside.status, 200, "{}", inside.body);
+    for outside in ["10.2.0.1", "10.1.9.9"] {
+        let refused = proxy_request(&proxy, "GET", None, "/ip/x", &[("x-forwarded-for", outside)]).await?;
+        assert_eq!(refused.status, 451, "{outside}");
+        assert_eq!(refused.body["message"], "not from there");
+    }
+
+    // rate-limiting, local policy: three a day per client address, Kong's headers.
+    for remaining in [2, 1, 0] {
+        let reply = proxy_request(&proxy, "GET", None, "/limited/x", &[("x-forwarded-for", "10.7.7.7")]).await?;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(header(&reply, "ratelimit-limit"), Some("3"));
+        assert_eq!(header(&reply, "ratelimit-remaining"), Some(remaining.to_string().as_str()));
+        assert_eq!(header(&reply, "x-ratelimit-limit-day"), Some("3"));
+        assert_eq!(header(&reply, "x-ratelimit-remaining-day"), Some(remaining.to_string().as_str()));
+        assert!(header(&reply, "ratelimit-reset").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s <= 86_400));
+    }
+    let limited = proxy_request(&proxy, "GET", None, "/limited/x", &[("x-forwarded-for", "10.7.7.7")]).await?;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.body["message"], "API rate limit exceeded");
+    assert!(header(&limited, "retry-after").is_some());
+    assert_eq!(header(&limited, "ratelimit-remaining"), Some("0"));
+    let other = proxy_request(&proxy, "GET", None, "/limited/x", &[("x-forwarded-for", "10.7.7.8")]).await?;
+    assert_eq!(other.status, 200, "another client has its own count");
+
+    // correlation-id: generated, sent upstream, echoed; a client's own id is kept.
+    let generated = proxy_request(&proxy, "GET", None, "/correlated/x", &[]).await?;
+    let echoed = header(&generated, "kong-request-id").expect("echoed id");
+    assert_eq!(upstream_header(&generated, "kong-request-id"), Some(echoed));
+    assert!(echoed.contains('#'), "uuid#counter: {echoed}");
+    let kept = proxy_request(&proxy, "GET", None, "/correlated/x", &[("kong-request-id", "mine")]).await?;
+    assert_eq!(header(&kept, "kong-request-id"), Some("mine"));
+
+    // request-termination with a trigger: only requests carrying it are answered.
+    let passed = proxy_request(&proxy, "GET", None, "/maybe/x", &[]).await?;
+    assert_eq!(passed.status, 200);
+    let closed = proxy_request(&proxy, "GET", None, "/maybe/x", &[("x-close", "1")]).await?;
+    assert_eq!(closed.status, 403);
+    assert_eq!(closed.body, "<b>closed</b>");
+    assert_eq!(header(&closed, "content-type"), Some("text/html"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_nothing() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let before = client.get("/config").await?;
+    let cases = [
+        (json!({"name": "key-auth", "config": {"key_names": []}}), "config.key_names"),
+        (json!({"name": "key-auth", "config": {"hide_credentials": "yes"}}), "config.hide_credentials"),
+        (json!({"name": "acl", "config": {}}), "config"),
+        (json!({"name": "ip-restriction", "config": {"allow": ["300.1.1.1"]}}), "config.allow[0]"),
+        (json!({"name": "request-termination", "config": {"status_code": 600}}), "config.status_code"),
+        (json!({"name": "rate-limiting", "config": {"minute": 5, "limit_by": "planet"}}), "config.limit_by"),
+        (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
+        (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
+        (json!({"name": "jwt"}), "name"),
+    ];
+    for (body, field) in cases {
+        let refused = client.post("/plugins", &body).await.unwrap_err();
+        assert_eq!(refused.status(), Some(400), "{body}: {refused}");
+        let fields = refused.api_error().map(|e| e.fields.clone()).unwrap_or_default();
+        assert!(fields.contains_key(field), "{body}: expected {field} in {fields:?}");
+    }
+    // A stored config shows every default, and PATCH merges into it.
+    let created = client.post("/plugins", &json!({"name": "rate-limiting", "config": {"minute": 5}})).await?;
+    assert_eq!(created.body["config"]["limit_by"], "consumer");
+    assert_eq!(created.body["config"]["error_code"], 429);
+    let patched = client.patch(&format!("/plugins/{}", id(&created)), &json!({"config": {"hour": 100}})).await?;
+    assert_eq!(patched.body["config"]["minute"], 5.0);
+    assert_eq!(patched.body["config"]["hour"], 100.0);
+    client.delete(&format!("/plugins/{}", id(&created))).await?;
+    let after = client.get("/config").await?;
+    assert_eq!(before.body["plugins"], after.body["plugins"]);
+    Ok(())
+}
