@@ -31,6 +31,9 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "request-termination" => typed::<RequestTerminationConfig>(config),
         "rate-limiting" => typed::<RateLimitingConfig>(config),
         "correlation-id" => typed::<CorrelationIdConfig>(config),
+        "prometheus" => typed::<PrometheusConfig>(config),
+        "cors" => typed::<CorsConfig>(config),
+        "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
                 "name".to_string(),
@@ -386,6 +389,150 @@ impl Check for CorrelationIdConfig {
         }
         if !["uuid", "uuid#counter", "tracker"].contains(&self.generator.as_str()) {
             return fail("generator", "expected one of: uuid, uuid#counter, tracker");
+        }
+        Ok(())
+    }
+}
+
+/// cors (priority 2000).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Exact origins, `*`, or regular expressions (an entry with regex characters).
+    pub origins: Option<Vec<String>>,
+    pub headers: Option<Vec<String>>,
+    pub exposed_headers: Option<Vec<String>>,
+    pub methods: Vec<String>,
+    pub max_age: Option<u64>,
+    pub credentials: bool,
+    pub private_network: bool,
+    pub preflight_continue: bool,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            origins: None,
+            headers: None,
+            exposed_headers: None,
+            methods: ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+                .map(String::from)
+                .to_vec(),
+            max_age: None,
+            credentials: false,
+            private_network: false,
+            preflight_continue: false,
+        }
+    }
+}
+
+impl Check for CorsConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        for (field, list) in
+            [("origins", &self.origins), ("headers", &self.headers), ("exposed_headers", &self.exposed_headers)]
+        {
+            if let Some(list) = list {
+                check_list(field, list)?;
+            }
+        }
+        check_list("methods", &self.methods)?;
+        const METHODS: [&str; 9] = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
+        if let Some(position) = self.methods.iter().position(|m| !METHODS.contains(&m.as_str())) {
+            return fail(&format!("methods[{position}]"), format!("expected one of: {}", METHODS.join(", ")));
+        }
+        if let Some(origins) = &self.origins {
+            for (position, origin) in origins.iter().enumerate() {
+                if is_origin_pattern(origin) {
+                    if let Err(error) = origin_regex(origin) {
+                        return fail(
+                            &format!("origins[{position}]"),
+                            format!("not a valid regular expression: {error}"),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a cors origin entry is a regular expression rather than an exact origin.
+pub fn is_origin_pattern(origin: &str) -> bool {
+    origin != "*"
+        && origin
+            .chars()
+            .any(|c| matches!(c, '^' | '$' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '\\' | '+' | '?' | '*'))
+}
+
+/// Compiles a cors origin pattern, anchored, as the data path uses it.
+pub fn origin_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(ORIGIN_REGEX_BYTES_MAX).build()
+}
+
+/// Compiled size limit of one cors origin pattern.
+pub const ORIGIN_REGEX_BYTES_MAX: usize = 64 * 1024;
+
+/// request-size-limiting (priority 951).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestSizeLimitingConfig {
+    pub allowed_payload_size: u64,
+    pub size_unit: String,
+    pub require_content_length: bool,
+}
+
+impl Default for RequestSizeLimitingConfig {
+    fn default() -> Self {
+        RequestSizeLimitingConfig {
+            allowed_payload_size: 128,
+            size_unit: "megabytes".into(),
+            require_content_length: false,
+        }
+    }
+}
+
+impl RequestSizeLimitingConfig {
+    pub fn limit_bytes(&self) -> u64 {
+        let unit = match self.size_unit.as_str() {
+            "bytes" => 1,
+            "kilobytes" => 1024,
+            _ => 1024 * 1024,
+        };
+        self.allowed_payload_size.saturating_mul(unit)
+    }
+}
+
+impl Check for RequestSizeLimitingConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if !["megabytes", "kilobytes", "bytes"].contains(&self.size_unit.as_str()) {
+            return fail("size_unit", "expected one of: megabytes, kilobytes, bytes");
+        }
+        if self.allowed_payload_size == 0 {
+            return fail("allowed_payload_size", "value should be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// prometheus (priority 13): Kong 3's switches, all off by default (the node's own
+/// metrics are always on `/metrics`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    pub per_consumer: bool,
+    pub status_code_metrics: bool,
+    pub latency_metrics: bool,
+    pub bandwidth_metrics: bool,
+    pub upstream_health_metrics: bool,
+}
+
+impl Check for PrometheusConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.upstream_health_metrics {
+            return fail(
+                "upstream_health_metrics",
+                "upstream health metrics come with shared health checks; not available yet",
+            );
         }
         Ok(())
     }

@@ -265,3 +265,95 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
     assert_eq!(before.body["plugins"], after.body["plugins"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_request_size_limiting_and_prometheus() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "browser", &["/cors", "/small", "/counted"]).await?;
+    let plugins = [
+        (
+            0,
+            json!({"name": "cors", "config": {"origins": ["https://app.example", "https://.*\\.trusted\\.example"], "credentials": true, "max_age": 600, "exposed_headers": ["x-total"]}}),
+        ),
+        (1, json!({"name": "request-size-limiting", "config": {"allowed_payload_size": 1, "size_unit": "kilobytes"}})),
+        (2, json!({"name": "prometheus", "config": {"status_code_metrics": true, "latency_metrics": true}})),
+    ];
+    for (route, body) in plugins {
+        client.post(&format!("/routes/{}/plugins", routes[route]), &body).await?;
+    }
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    // cors: a preflight is answered here; a simple request gets the headers added.
+    let preflight = proxy_request(
+        &proxy,
+        "OPTIONS",
+        None,
+        "/cors/x",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "PUT"),
+            ("access-control-request-headers", "x-custom"),
+        ],
+    )
+    .await?;
+    assert_eq!(preflight.status, 200);
+    assert_eq!(header(&preflight, "access-control-allow-origin"), Some("https://app.example"));
+    assert_eq!(header(&preflight, "access-control-allow-credentials"), Some("true"));
+    assert_eq!(header(&preflight, "access-control-allow-headers"), Some("x-custom"));
+    assert_eq!(header(&preflight, "access-control-max-age"), Some("600"));
+    assert!(header(&preflight, "access-control-allow-methods").is_some_and(|m| m.contains("PUT")));
+    assert!(preflight.body.get("method").is_none(), "a preflight does not reach the upstream");
+    let simple = proxy_request(&proxy, "GET", None, "/cors/x", &[("origin", "https://a.trusted.example")]).await?;
+    assert_eq!(simple.status, 200);
+    assert_eq!(simple.body["method"], "GET");
+    assert_eq!(header(&simple, "access-control-allow-origin"), Some("https://a.trusted.example"));
+    assert_eq!(header(&simple, "access-control-expose-headers"), Some("x-total"));
+    let stranger = proxy_request(&proxy, "GET", None, "/cors/x", &[("origin", "https://evil.example")]).await?;
+    assert_eq!(header(&stranger, "access-control-allow-origin"), None);
+
+    // request-size-limiting: by Content-Length, and a chunked body cut as it streams.
+    let sender = tollgate_tests::ProxyClient::new();
+    let post = |body: Vec<u8>| {
+        http::Request::post(format!("{proxy}/small/x")).body(http_body_util::Full::new(bytes::Bytes::from(body)))
+    };
+    assert_eq!(sender.send(post(vec![b'a'; 1024])?).await?.status, 200);
+    let too_big = sender.send(post(vec![b'a'; 1025])?).await?;
+    assert_eq!(too_big.status, 413);
+    assert_eq!(too_big.body["message"], "Request size limit exceeded");
+    let chunked = format!(
+        "POST /small/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+        "b".repeat(0x800)
+    );
+    let (status, _) = raw_exchange(&proxy, chunked.as_bytes()).await?;
+    assert_eq!(status, 413);
+
+    // prometheus: Kong's names on the node's /metrics.
+    for _ in 0..3 {
+        assert_eq!(proxy_request(&proxy, "GET", None, "/counted/x", &[]).await?.status, 200);
+    }
+    let text = client.get("/metrics").await?.body.as_str().unwrap_or_default().to_string();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("kong_http_requests_total") && l.contains("code=\"200\"") && l.contains("source=\"service\"")
+        })
+        .unwrap_or_else(|| panic!("no kong_http_requests_total line in\n{text}"));
+    assert!(line.ends_with(" 3"), "{line}");
+    assert!(text.contains("kong_request_latency_ms_bucket"), "latency histograms exported");
+    Ok(())
+}
+
+/// Writes raw bytes and reads until the proxy closes the connection.
+async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy_url.trim_start_matches("http://")).await?;
+    stream.write_all(request).await?;
+    let mut answers = Vec::new();
+    tokio::time::timeout(tollgate_tests::CONVERGE_TIMEOUT, stream.read_to_end(&mut answers)).await??;
+    let text = String::from_utf8_lossy(&answers).into_owned();
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}

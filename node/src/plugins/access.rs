@@ -1,5 +1,5 @@
 //! Access control and traffic plugins: acl, ip-restriction, request-termination,
-//! rate-limiting (`policy: local`) and correlation-id.
+//! rate-limiting (`policy: local`), correlation-id, cors and request-size-limiting.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tollgate_raft_store::plugins::{
-    parse_cidr, AclConfig, CorrelationIdConfig, IpRestrictionConfig, RateLimitingConfig, RequestTerminationConfig,
+    is_origin_pattern, origin_regex, parse_cidr, AclConfig, CorrelationIdConfig, CorsConfig, IpRestrictionConfig,
+    RateLimitingConfig, RequestSizeLimitingConfig, RequestTerminationConfig,
 };
 use uuid::Uuid;
 
@@ -177,9 +178,17 @@ pub const RATE_COUNTERS_MAX: usize = 200_000;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CounterKey {
     plugin: Uuid,
-    identifier: String,
+    identifier: Identifier,
     window_s: u64,
     start_s: u64,
+}
+
+/// Who a limit counts for (`limit_by`); ids and addresses without a string made.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Identifier {
+    Id(Uuid),
+    Ip(IpAddr),
+    Text(String),
 }
 
 /// A node's `policy: local` counters, shared by its proxy workers and kept across
@@ -211,30 +220,41 @@ pub struct RateLimiting {
     /// The plugin instance: counters are keyed by it.
     id: Uuid,
     config: RateLimitingConfig,
-    limits: Vec<(&'static str, u64, u64)>,
+    /// (window seconds, limit, `X-RateLimit-Limit-<Window>`, `X-RateLimit-Remaining-<Window>`).
+    limits: Vec<(u64, u64, HeaderName, HeaderName)>,
     header_name: Option<HeaderName>,
 }
 
 impl RateLimiting {
     pub fn new(id: Uuid, config: RateLimitingConfig) -> RateLimiting {
-        let limits = config.limits();
+        let limits = config
+            .limits()
+            .into_iter()
+            .filter_map(|(name, window_s, limit)| {
+                let title = format!("{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
+                let limit_header = HeaderName::from_bytes(format!("x-ratelimit-limit-{title}").as_bytes()).ok()?;
+                let remaining_header =
+                    HeaderName::from_bytes(format!("x-ratelimit-remaining-{title}").as_bytes()).ok()?;
+                Some((window_s, limit, limit_header, remaining_header))
+            })
+            .collect();
         let header_name = config.header_name.as_deref().and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok());
         RateLimiting { id, config, limits, header_name }
     }
 
-    fn identifier(&self, ctx: &Ctx, request: &RequestView<'_>) -> String {
-        let ip = || ctx.client_ip.to_string();
+    fn identifier(&self, ctx: &Ctx, request: &RequestView<'_>) -> Identifier {
+        let ip = || Identifier::Ip(ctx.client_ip);
         match self.config.limit_by.as_str() {
-            "consumer" => ctx.consumer.as_ref().map_or_else(ip, |consumer| consumer.id.to_string()),
-            "credential" => ctx.credential.map_or_else(ip, |credential| credential.to_string()),
-            "service" => ctx.service.map_or_else(ip, |service| service.to_string()),
+            "consumer" => ctx.consumer.as_ref().map_or_else(ip, |consumer| Identifier::Id(consumer.id)),
+            "credential" => ctx.credential.map_or_else(ip, Identifier::Id),
+            "service" => ctx.service.map_or_else(ip, Identifier::Id),
             "header" => self
                 .header_name
                 .as_ref()
                 .and_then(|name| request.headers.get(name))
                 .and_then(|value| value.to_str().ok())
-                .map_or_else(ip, str::to_string),
-            "path" => self.config.path.clone().unwrap_or_else(ip),
+                .map_or_else(ip, |value| Identifier::Text(value.to_string())),
+            "path" => self.config.path.clone().map_or_else(ip, Identifier::Text),
             _ => ip(),
         }
     }
@@ -242,18 +262,18 @@ impl RateLimiting {
 
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
-        let limiter = self;
         let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let identifier = limiter.identifier(ctx, request);
-        let mut taken: Vec<(Arc<AtomicU64>, &'static str, u64, u64, u64)> = Vec::with_capacity(limiter.limits.len());
+        let identifier = self.identifier(ctx, request);
+        // (counter, index into limits, used including this request, seconds to reset)
+        let mut taken: Vec<(Arc<AtomicU64>, usize, u64, u64)> = Vec::with_capacity(self.limits.len());
         let mut exceeded = false;
-        for &(name, window_s, limit) in &limiter.limits {
+        for (index, (window_s, limit, ..)) in self.limits.iter().enumerate() {
             let start_s = now_s - now_s % window_s;
-            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s, start_s };
+            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s: *window_s, start_s };
             let Some(counter) = env.counters.counter(key, now_s) else { continue };
             let used = counter.fetch_add(1, Ordering::Relaxed) + 1;
-            exceeded |= used > limit;
-            taken.push((counter, name, limit, used, start_s + window_s - now_s));
+            exceeded |= used > *limit;
+            taken.push((counter, index, used, start_s + window_s - now_s));
         }
         if exceeded {
             // A refused request uses nothing: give back what was taken.
@@ -261,35 +281,38 @@ impl Plugin for RateLimiting {
                 counter.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        if !limiter.config.hide_client_headers {
-            let remaining = |limit: u64, used: u64| limit.saturating_sub(used.min(limit));
+        let remaining = |index: usize, used: u64| {
+            let limit = self.limits[index].1;
+            limit.saturating_sub((used - u64::from(exceeded)).min(limit))
+        };
+        if !self.config.hide_client_headers {
             // RateLimit-*: the window closest to running out.
-            if let Some((_, _, limit, used, reset)) =
-                taken.iter().min_by_key(|(_, _, limit, used, _)| remaining(*limit, *used - u64::from(exceeded)))
+            if let Some((_, index, used, reset)) =
+                taken.iter().min_by_key(|(_, index, used, _)| remaining(*index, *used))
             {
-                let used = used - u64::from(exceeded);
                 let headers = &mut ctx.response_headers;
-                headers.push((HeaderName::from_static("ratelimit-limit"), HeaderValue::from(*limit)));
-                headers
-                    .push((HeaderName::from_static("ratelimit-remaining"), HeaderValue::from(remaining(*limit, used))));
+                headers.push((HeaderName::from_static("ratelimit-limit"), HeaderValue::from(self.limits[*index].1)));
+                headers.push((
+                    HeaderName::from_static("ratelimit-remaining"),
+                    HeaderValue::from(remaining(*index, *used)),
+                ));
                 headers.push((HeaderName::from_static("ratelimit-reset"), HeaderValue::from(*reset)));
             }
-            for (_, name, limit, used, _) in &taken {
-                let used = used - u64::from(exceeded);
-                let title = format!("{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
-                if let Ok(header) = HeaderName::from_bytes(format!("x-ratelimit-limit-{title}").as_bytes()) {
-                    ctx.response_headers.push((header, HeaderValue::from(*limit)));
-                }
-                if let Ok(header) = HeaderName::from_bytes(format!("x-ratelimit-remaining-{title}").as_bytes()) {
-                    ctx.response_headers.push((header, HeaderValue::from(remaining(*limit, used))));
-                }
+            for (_, index, used, _) in &taken {
+                let (_, limit, limit_header, remaining_header) = &self.limits[*index];
+                ctx.response_headers.push((limit_header.clone(), HeaderValue::from(*limit)));
+                ctx.response_headers.push((remaining_header.clone(), HeaderValue::from(remaining(*index, *used))));
             }
         }
         if exceeded {
-            let reset =
-                taken.iter().filter(|(_, _, limit, used, _)| used > limit).map(|(.., reset)| *reset).max().unwrap_or(1);
-            let status = StatusCode::from_u16(limiter.config.error_code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-            let mut exit = Exit::message(status, &limiter.config.error_message);
+            let reset = taken
+                .iter()
+                .filter(|(_, index, used, _)| *used > self.limits[*index].1)
+                .map(|(.., reset)| *reset)
+                .max()
+                .unwrap_or(1);
+            let status = StatusCode::from_u16(self.config.error_code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            let mut exit = Exit::message(status, &self.config.error_message);
             exit.headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
             return Flow::Exit(exit);
         }
@@ -302,15 +325,16 @@ impl Plugin for RateLimiting {
 pub struct CorrelationId {
     config: CorrelationIdConfig,
     header: HeaderName,
-    /// `uuid#counter`: one uuid per plugin instance and worker start, then a counter.
-    prefix: Uuid,
+    /// `uuid#counter`: one uuid per plugin instance (made when the config compiles),
+    /// then a counter.
+    prefix: String,
     counter: AtomicU64,
 }
 
 impl CorrelationId {
     pub fn new(config: CorrelationIdConfig) -> Result<CorrelationId, String> {
         let header = HeaderName::from_bytes(config.header_name.as_bytes()).map_err(|error| error.to_string())?;
-        Ok(CorrelationId { config, header, prefix: Uuid::new_v4(), counter: AtomicU64::new(0) })
+        Ok(CorrelationId { config, header, prefix: Uuid::new_v4().to_string(), counter: AtomicU64::new(0) })
     }
 
     fn generate(&self, ctx: &Ctx) -> String {
@@ -324,7 +348,13 @@ impl CorrelationId {
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
                 format!("{}-{}-{sequence}-{ms}", ctx.client_ip, std::process::id())
             }
-            _ => format!("{}#{sequence}", self.prefix),
+            _ => {
+                let mut id = String::with_capacity(self.prefix.len() + 21);
+                id.push_str(&self.prefix);
+                id.push('#');
+                id.push_str(&sequence.to_string());
+                id
+            }
         }
     }
 }
@@ -334,7 +364,9 @@ impl Plugin for CorrelationId {
         let value = match request.headers.get(&self.header) {
             Some(value) => value.clone(),
             None => {
-                let Ok(value) = HeaderValue::from_str(&self.generate(ctx)) else { return Flow::Continue };
+                let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(self.generate(ctx))) else {
+                    return Flow::Continue;
+                };
                 request.headers.insert(self.header.clone(), value.clone());
                 value
             }
@@ -343,6 +375,139 @@ impl Plugin for CorrelationId {
             ctx.response_headers.push((self.header.clone(), value));
         }
         Flow::Continue
+    }
+}
+
+/// cors: answers preflight requests and adds the CORS headers to responses.
+pub struct Cors {
+    config: CorsConfig,
+    any_origin: bool,
+    exact: Vec<String>,
+    patterns: Vec<regex::Regex>,
+    methods: HeaderValue,
+    headers: Option<HeaderValue>,
+    exposed: Option<HeaderValue>,
+}
+
+const ACAO: HeaderName = HeaderName::from_static("access-control-allow-origin");
+const ACAC: HeaderName = HeaderName::from_static("access-control-allow-credentials");
+
+impl Cors {
+    pub fn new(config: CorsConfig) -> Result<Cors, String> {
+        let origins = config.origins.clone().unwrap_or_default();
+        let any_origin = origins.is_empty() || origins.iter().any(|o| o == "*");
+        let mut exact = Vec::new();
+        let mut patterns = Vec::new();
+        for origin in origins.iter().filter(|o| *o != "*") {
+            if is_origin_pattern(origin) {
+                patterns.push(origin_regex(origin).map_err(|error| error.to_string())?);
+            } else {
+                exact.push(origin.clone());
+            }
+        }
+        let join = |list: &[String]| HeaderValue::from_str(&list.join(",")).map_err(|error| error.to_string());
+        Ok(Cors {
+            methods: join(&config.methods)?,
+            headers: config.headers.as_deref().map(join).transpose()?,
+            exposed: config.exposed_headers.as_deref().map(join).transpose()?,
+            any_origin,
+            exact,
+            patterns,
+            config,
+        })
+    }
+
+    /// The `Access-Control-Allow-Origin` value for a request's `Origin`, if allowed.
+    fn allow_origin(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
+        if self.any_origin {
+            // `*` cannot be used with credentials: the origin is echoed then.
+            return match (self.config.credentials, origin) {
+                (true, Some(origin)) => Some(origin.clone()),
+                _ => Some(HeaderValue::from_static("*")),
+            };
+        }
+        let origin = origin?;
+        let text = origin.to_str().ok()?;
+        (self.exact.iter().any(|allowed| allowed == text) || self.patterns.iter().any(|p| p.is_match(text)))
+            .then(|| origin.clone())
+    }
+}
+
+impl Plugin for Cors {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+        let origin = request.headers.get(http::header::ORIGIN).cloned();
+        let allowed = self.allow_origin(origin.as_ref());
+        let mut headers = Vec::new();
+        if let Some(allowed) = allowed {
+            headers.push((ACAO, allowed));
+            if self.config.credentials {
+                headers.push((ACAC, HeaderValue::from_static("true")));
+            }
+        }
+        if !self.any_origin || self.config.credentials {
+            headers.push((http::header::VARY, HeaderValue::from_static("Origin")));
+        }
+        let preflight = request.method == http::Method::OPTIONS
+            && origin.is_some()
+            && request.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight && !self.config.preflight_continue {
+            headers.push((http::header::ACCESS_CONTROL_ALLOW_METHODS, self.methods.clone()));
+            let asked = request.headers.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+            if let Some(allow) = self.headers.clone().or(asked) {
+                headers.push((http::header::ACCESS_CONTROL_ALLOW_HEADERS, allow));
+            }
+            if let Some(max_age) = self.config.max_age {
+                headers.push((http::header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(max_age)));
+            }
+            let private = request.headers.get("access-control-request-private-network").is_some_and(|v| v == "true");
+            if self.config.private_network && private {
+                headers.push((
+                    HeaderName::from_static("access-control-allow-private-network"),
+                    HeaderValue::from_static("true"),
+                ));
+            }
+            return Flow::Exit(Exit { status: StatusCode::OK, body: Bytes::new(), headers });
+        }
+        if let Some(exposed) = &self.exposed {
+            headers.push((http::header::ACCESS_CONTROL_EXPOSE_HEADERS, exposed.clone()));
+        }
+        ctx.response_headers.extend(headers);
+        Flow::Continue
+    }
+}
+
+/// request-size-limiting: `Content-Length` over the limit is 413 before anything is
+/// read; a body without one is cut at the limit as it streams (413 too).
+pub struct RequestSizeLimiting {
+    limit: u64,
+    require_content_length: bool,
+}
+
+impl RequestSizeLimiting {
+    pub fn new(config: RequestSizeLimitingConfig) -> RequestSizeLimiting {
+        RequestSizeLimiting { limit: config.limit_bytes(), require_content_length: config.require_content_length }
+    }
+}
+
+impl Plugin for RequestSizeLimiting {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+        let declared = request
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+        match declared {
+            Some(Some(length)) if length > self.limit => {
+                Flow::Exit(Exit::message(StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded"))
+            }
+            Some(Some(_)) => Flow::Continue,
+            _ if self.require_content_length && !request.headers.contains_key(http::header::TRANSFER_ENCODING) => {
+                Flow::Exit(Exit::message(StatusCode::LENGTH_REQUIRED, "A valid Content-Length header is required"))
+            }
+            _ => {
+                ctx.body_limit = Some(ctx.body_limit.map_or(self.limit, |limit| limit.min(self.limit)));
+                Flow::Continue
+            }
+        }
     }
 }
 

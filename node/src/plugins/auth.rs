@@ -21,24 +21,25 @@ pub fn set_consumer(
     ctx: &mut Ctx,
     headers: &mut HeaderMap,
     consumer: &Arc<Consumer>,
-    credential: Option<uuid::Uuid>,
+    credential: Option<(uuid::Uuid, &HeaderValue)>,
     anonymous: bool,
 ) {
-    let mut set = |name: HeaderName, value: Option<&str>| match value.and_then(|v| HeaderValue::from_str(v).ok()) {
+    let mut set = |name: HeaderName, value: Option<&HeaderValue>| match value {
         Some(value) => {
-            headers.insert(name, value);
+            headers.insert(name, value.clone());
         }
         None => {
             headers.remove(name);
         }
     };
-    set(X_CONSUMER_ID, Some(&consumer.id.to_string()));
-    set(X_CONSUMER_USERNAME, consumer.username.as_deref());
-    set(X_CONSUMER_CUSTOM_ID, consumer.custom_id.as_deref());
-    set(X_CREDENTIAL_IDENTIFIER, credential.map(|id| id.to_string()).as_deref());
-    set(X_ANONYMOUS_CONSUMER, anonymous.then_some("true"));
+    set(X_CONSUMER_ID, Some(&consumer.id_header));
+    set(X_CONSUMER_USERNAME, consumer.username_header.as_ref());
+    set(X_CONSUMER_CUSTOM_ID, consumer.custom_id_header.as_ref());
+    set(X_CREDENTIAL_IDENTIFIER, credential.map(|(_, header)| header));
+    const TRUE: HeaderValue = HeaderValue::from_static("true");
+    set(X_ANONYMOUS_CONSUMER, anonymous.then_some(&TRUE));
     ctx.consumer = Some(consumer.clone());
-    ctx.credential = credential;
+    ctx.credential = credential.map(|(id, _)| id);
     ctx.anonymous = anonymous;
 }
 
@@ -103,11 +104,11 @@ impl Plugin for KeyAuth {
         let found = self.find_key(request);
         let matched = found.as_ref().and_then(|(key, _)| env.data.keys.get(key.as_str()));
         match (found, matched) {
-            (Some((_, place)), Some(&(consumer_id, credential))) => {
-                let Some(consumer) = env.data.consumers.get(&consumer_id) else {
+            (Some((_, place)), Some((consumer_id, credential, credential_header))) => {
+                let Some(consumer) = env.data.consumers.get(consumer_id) else {
                     return self.unauthorized("Invalid authentication credentials");
                 };
-                set_consumer(ctx, request.headers, consumer, Some(credential), false);
+                set_consumer(ctx, request.headers, consumer, Some((*credential, credential_header)), false);
                 if self.config.hide_credentials {
                     match place {
                         Found::Header(name) => {

@@ -7,10 +7,11 @@
 //!    ([`Flow::Exit`]): authentication, access control, rate limits, termination.
 //! 2. `header_filter`: on the response headers, from the upstream or from an exit,
 //!    for every plugin whose `access` ran: rate-limit headers, echoed ids.
+//! 3. `log`: once the response headers went out, with status and latencies, for the
+//!    same plugins: metrics (prometheus).
 //!
-//! Each phase has a default that does nothing. Kong's `rewrite`, `body_filter` and
-//! `log` phases arrive with the plugins that need them (request/response
-//! transformers, the loggers); no plugin of this build uses them.
+//! Each phase has a default that does nothing. Kong's `rewrite` and `body_filter`
+//! phases arrive with the plugins that need them (request/response transformers).
 //!
 //! **Order**: Kong's plugin priorities, highest first ([`priority`]).
 //!
@@ -26,6 +27,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod observe;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,6 +41,10 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 pub use self::access::RateCounters;
+
+/// Plugins that identify consumers: with none configured, consumers and credentials
+/// are not indexed.
+const AUTHENTICATION_PLUGINS: [&str; 4] = ["key-auth", "basic-auth", "jwt", "hmac-auth"];
 
 /// Kong's priority of a bundled plugin (higher runs first).
 pub fn priority(name: &str) -> i32 {
@@ -56,6 +62,7 @@ pub fn priority(name: &str) -> i32 {
         "request-transformer" => 801,
         "response-transformer" => 800,
         "request-termination" => 2,
+        "prometheus" => 13,
         _ => 0,
     }
 }
@@ -68,6 +75,10 @@ pub struct Consumer {
     pub custom_id: Option<String>,
     /// Its ACL groups, for the acl plugin.
     pub groups: Vec<String>,
+    /// The `X-Consumer-*` values, made once per snapshot.
+    pub id_header: HeaderValue,
+    pub username_header: Option<HeaderValue>,
+    pub custom_id_header: Option<HeaderValue>,
 }
 
 /// What one request carries through the plugins.
@@ -84,6 +95,8 @@ pub struct Ctx {
     pub upstream_query: Option<String>,
     /// Added to the response in `header_filter`.
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// A request body limit below the node's (request-size-limiting).
+    pub body_limit: Option<u64>,
 }
 
 impl Ctx {
@@ -97,6 +110,7 @@ impl Ctx {
             anonymous: false,
             upstream_query: None,
             response_headers: Vec::new(),
+            body_limit: None,
         }
     }
 }
@@ -147,6 +161,30 @@ pub trait Plugin: Send + Sync {
     }
 
     fn header_filter(&self, _ctx: &Ctx, _headers: &mut http::HeaderMap) {}
+
+    /// After the response headers went out, with what is known of the exchange. Runs
+    /// on the worker: it must only count or queue, never wait.
+    fn log(&self, _ctx: &Ctx, _summary: &LogSummary<'_>) {}
+}
+
+/// What the log phase knows of an exchange.
+pub struct LogSummary<'a> {
+    pub status: u16,
+    pub latency_ms: f64,
+    pub upstream_ms: Option<f64>,
+    pub service: &'a str,
+    pub route: &'a str,
+    /// The upstream answered (not the proxy or a plugin).
+    pub from_upstream: bool,
+    /// The response's `Content-Length`, when it had one.
+    pub response_bytes: Option<u64>,
+}
+
+/// Runs `log` of the instances whose `access` ran.
+pub fn log(ran: &[Arc<Instance>], ctx: &Ctx, summary: &LogSummary<'_>) {
+    for instance in ran {
+        instance.plugin.log(ctx, summary);
+    }
 }
 
 /// One configured plugin instance.
@@ -168,8 +206,8 @@ struct Scope {
 pub struct PluginData {
     pub consumers: HashMap<Uuid, Arc<Consumer>>,
     pub consumers_by_username: HashMap<String, Uuid>,
-    /// key-auth keys → (consumer, credential id).
-    pub keys: HashMap<String, (Uuid, Uuid)>,
+    /// key-auth keys → (consumer, credential id, the id as a header value).
+    pub keys: HashMap<String, (Uuid, Uuid, HeaderValue)>,
 }
 
 impl PluginData {
@@ -179,19 +217,11 @@ impl PluginData {
             Uuid::parse_str(id_or_username).ok().or_else(|| self.consumers_by_username.get(id_or_username).copied())?;
         self.consumers.get(&id)
     }
-}
 
-/// Every enabled plugin instance of a snapshot, by name and scope.
-#[derive(Default)]
-pub struct Plugins {
-    instances: HashMap<(usize, Scope), Arc<Instance>>,
-    /// Plugin names with at least one instance, by Kong priority (highest first).
-    names: Vec<String>,
-    pub data: PluginData,
-}
-
-impl Plugins {
-    pub fn compile(state: &ConfigState) -> Plugins {
+    /// Indexes consumers, their groups and key-auth keys. Only built when a plugin
+    /// that identifies consumers is configured: it costs time per config change in
+    /// proportion to the number of consumers.
+    fn compile(state: &ConfigState) -> PluginData {
         let mut data = PluginData::default();
         let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
         for acl in state.table(EntityKind::Acl).values() {
@@ -209,16 +239,46 @@ impl Plugins {
                 data.consumers_by_username.insert(username.clone(), id);
             }
             let groups = groups.remove(&id).unwrap_or_default();
-            data.consumers.insert(id, Arc::new(Consumer { id, username, custom_id: text("custom_id"), groups }));
+            let custom_id = text("custom_id");
+            let header = |value: &Option<String>| value.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+            let consumer = Consumer {
+                id,
+                id_header: HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static("")),
+                username_header: header(&username),
+                custom_id_header: header(&custom_id),
+                username,
+                custom_id,
+                groups,
+            };
+            data.consumers.insert(id, Arc::new(consumer));
         }
         for credential in state.table(EntityKind::KeyAuth).values() {
             if let (Some(consumer), Some(key)) =
                 (foreign_id(credential, "consumer"), credential.get("key").and_then(Value::as_str))
             {
-                data.keys.insert(key.to_string(), (consumer, entity_id(credential)));
+                let id = entity_id(credential);
+                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
+                data.keys.insert(key.to_string(), (consumer, id, header));
             }
         }
+        data
+    }
+}
 
+/// Every enabled plugin instance of a snapshot, by name and scope.
+#[derive(Default)]
+pub struct Plugins {
+    instances: HashMap<(usize, Scope), Arc<Instance>>,
+    /// Per plugin name, which of the 8 scope shapes have an instance, so a request
+    /// looks up only those.
+    shapes: Vec<u8>,
+    /// Plugin names with at least one instance, by Kong priority (highest first).
+    names: Vec<String>,
+    pub data: PluginData,
+}
+
+impl Plugins {
+    pub fn compile(state: &ConfigState) -> Plugins {
         let mut names: Vec<String> = Vec::new();
         let mut instances = HashMap::new();
         for plugin in state.table(EntityKind::Plugin).values() {
@@ -253,10 +313,16 @@ impl Plugins {
         let mut order: Vec<usize> = (0..names.len()).collect();
         order.sort_by_key(|&index| (-priority(&names[index]), names[index].clone()));
         let position: HashMap<usize, usize> = order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
-        let instances =
+        let instances: HashMap<(usize, Scope), Arc<Instance>> =
             instances.into_iter().map(|((index, scope), instance)| ((position[&index], scope), instance)).collect();
-        let names = order.iter().map(|&index| names[index].clone()).collect();
-        Plugins { instances, names, data }
+        let names: Vec<String> = order.iter().map(|&index| names[index].clone()).collect();
+        let mut shapes = vec![0u8; names.len()];
+        for (index, scope) in instances.keys() {
+            shapes[*index] |= 1 << shape(scope.consumer.is_some(), scope.route.is_some(), scope.service.is_some());
+        }
+        let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
+        let data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
+        Plugins { instances, shapes, names, data }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,23 +331,32 @@ impl Plugins {
 
     /// The most specific instance of plugin `index` for this request so far.
     fn resolve(&self, index: usize, ctx: &Ctx) -> Option<&Arc<Instance>> {
-        let consumer = ctx.consumer.as_ref().map(|c| c.id);
-        let (c, r, s) = (consumer, ctx.route, ctx.service);
-        let candidates = [
-            (c, r, s),
-            (c, r, None),
-            (c, None, s),
-            (None, r, s),
-            (c, None, None),
-            (None, r, None),
-            (None, None, s),
-            (None, None, None),
-        ];
-        // With a field unknown (no consumer yet, a route without a service) some
-        // candidates repeat; the distinct ones still come in Kong's order.
-        candidates
-            .into_iter()
-            .find_map(|(consumer, route, service)| self.instances.get(&(index, Scope { consumer, route, service })))
+        let (c, r, s) = (ctx.consumer.as_ref().map(|c| c.id), ctx.route, ctx.service);
+        let shapes = self.shapes[index];
+        // Kong's precedence: consumer+route+service first, global last.
+        for (consumer, route, service) in [
+            (true, true, true),
+            (true, true, false),
+            (true, false, true),
+            (false, true, true),
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (false, false, false),
+        ] {
+            if shapes & (1 << shape(consumer, route, service)) == 0 {
+                continue;
+            }
+            let pick = |wanted: bool, value: Option<Uuid>| if wanted { value.map(Some) } else { Some(None) };
+            let (Some(consumer), Some(route), Some(service)) = (pick(consumer, c), pick(route, r), pick(service, s))
+            else {
+                continue;
+            };
+            if let Some(instance) = self.instances.get(&(index, Scope { consumer, route, service })) {
+                return Some(instance);
+            }
+        }
+        None
     }
 
     /// Runs the access phase; returns the instances that ran (for `header_filter`) and
@@ -304,6 +379,11 @@ impl Plugins {
         }
         (ran, None)
     }
+}
+
+/// A scope shape's bit: which of consumer, route and service a scope names.
+fn shape(consumer: bool, route: bool, service: bool) -> u8 {
+    (u8::from(consumer) << 2) | (u8::from(route) << 1) | u8::from(service)
 }
 
 /// Runs `header_filter` of the instances whose `access` ran, in the same order.
@@ -331,6 +411,11 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         }
         "rate-limiting" => Box::new(access::RateLimiting::new(id, parse::<configs::RateLimitingConfig>(config)?)),
         "correlation-id" => Box::new(access::CorrelationId::new(parse::<configs::CorrelationIdConfig>(config)?)?),
+        "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
+        "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
+        "request-size-limiting" => {
+            Box::new(access::RequestSizeLimiting::new(parse::<configs::RequestSizeLimitingConfig>(config)?))
+        }
         other => return Err(format!("plugin '{other}' is not available in this build")),
     })
 }

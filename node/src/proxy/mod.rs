@@ -242,6 +242,22 @@ impl Proxy {
         if let Some(metrics) = &metrics {
             metrics.record(status, latency_ms, trace.upstream_ms);
         }
+        if let Some((ran, ctx)) = trace.plugins.take() {
+            let summary = crate::plugins::LogSummary {
+                status,
+                latency_ms,
+                upstream_ms: trace.upstream_ms,
+                service: metrics.as_ref().map_or("", |m| m.service_label.as_str()),
+                route: metrics.as_ref().map_or("", |m| m.route_label.as_str()),
+                from_upstream: trace.from_upstream,
+                response_bytes: response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            };
+            crate::plugins::log(&ran, &ctx, &summary);
+        }
         if let Some(access_log) = &self.access_log {
             let line = serde_json::json!({
                 "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -321,6 +337,7 @@ impl Proxy {
             if let Some(exit) = exit {
                 let mut response = exit_response(exit, &request_id);
                 crate::plugins::header_filter(&ran, &ctx, response.headers_mut());
+                trace.plugins = Some((ran, ctx));
                 return response;
             }
             plugin_run = Some((ran, ctx));
@@ -406,7 +423,11 @@ impl Proxy {
         let declared_length = http_body::Body::size_hint(&body).exact();
         let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
         let body = telemetry::CountingBody::new(body, ingress);
-        let body = http_body_util::Limited::new(body, BODY_BYTES_MAX as usize).map_err(flag_failure(flag));
+        let body_limit = plugin_run
+            .as_ref()
+            .and_then(|(_, ctx)| ctx.body_limit)
+            .map_or(BODY_BYTES_MAX, |limit| limit.min(BODY_BYTES_MAX));
+        let body = http_body_util::Limited::new(body, body_limit as usize).map_err(flag_failure(flag));
         // Kong's `retries`: a connection that could not be made is tried on the next
         // target. Nothing reached the upstream then, so this is safe for any method.
         // Only an upstream with several targets has a next one: a service naming a host
@@ -421,7 +442,7 @@ impl Proxy {
                     Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
                     Ok(Err(failure)) => {
                         tracing::debug!(%failure, "client request body failed");
-                        return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
+                        return body_error(&*failure, &request_id);
                     }
                     Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
                 }
@@ -489,7 +510,8 @@ impl Proxy {
                 }
                 Ok(Err(failure)) if client_body_failed.load(Ordering::Relaxed) => {
                     tracing::debug!(?failure, "client request body failed");
-                    return error(StatusCode::BAD_REQUEST, "invalid or oversized request body", &request_id);
+                    let (pool::SendError::Connect(cause) | pool::SendError::Request(cause)) = &failure;
+                    return body_error(&**cause, &request_id);
                 }
                 Ok(Err(pool::SendError::Connect(failure))) if attempt < attempts_max => {
                     tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
@@ -536,6 +558,8 @@ impl Proxy {
         if let Some((ran, ctx)) = &plugin_run {
             crate::plugins::header_filter(ran, ctx, &mut parts.headers);
         }
+        trace.from_upstream = true;
+        trace.plugins = plugin_run;
         Response::from_parts(parts, body.boxed())
     }
 }
@@ -675,6 +699,10 @@ struct RequestTrace {
     metrics: Option<Arc<telemetry::RouteMetrics>>,
     /// Gives the upstream connection back when the response body is done.
     pool_return: Option<pool::PoolReturn>,
+    /// The plugins whose access phase ran, for the log phase.
+    plugins: Option<(Vec<Arc<crate::plugins::Instance>>, crate::plugins::Ctx)>,
+    /// The answer came from the upstream (not from the proxy or a plugin).
+    from_upstream: bool,
     upstream: Option<String>,
     upstream_ms: Option<f64>,
 }
@@ -713,6 +741,19 @@ fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(HeaderName::from_static(name), value);
     }
+}
+
+/// The answer to a client body that failed: 413 when it passed a size limit (the
+/// node's, or request-size-limiting's), 400 when it was malformed.
+fn body_error(failure: &(dyn std::error::Error + 'static), request_id: &HeaderValue) -> Response<ProxyBody> {
+    let mut cause = Some(failure);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded", request_id);
+        }
+        cause = current.source();
+    }
+    error(StatusCode::BAD_REQUEST, "invalid request body", request_id)
 }
 
 /// A plugin's own answer, with the request id and `Via` like every answer.
