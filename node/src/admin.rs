@@ -223,6 +223,7 @@ async fn collection_route(
         Method::POST => {
             let mut body = parse_json_body(request)?;
             fill_generated_fields(kind, &mut body);
+            hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
             let op = Op::Create { kind, id: Uuid::new_v4(), parent, body: body.into() };
             write(node, op).await
@@ -248,11 +249,13 @@ async fn entity_route(
         Method::PUT => {
             let mut body = parse_json_body(request)?;
             fill_generated_fields(kind, &mut body);
+            hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
             write(node, Op::Upsert { kind, key, id: Uuid::new_v4(), parent, body: body.into() }).await
         }
         Method::PATCH => {
-            let body = parse_json_body(request)?;
+            let mut body = parse_json_body(request)?;
+            hash_passwords(kind, &mut body).await?;
             write(node, Op::Patch { kind, key, parent, body: body.into() }).await
         }
         Method::DELETE => write(node, Op::Delete { kind, key, parent }).await,
@@ -283,6 +286,51 @@ fn check_certificate(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
             let field = if error.starts_with("key") { key_field } else { cert_field };
             return Err(ApiError::field(field, error));
         }
+    }
+    Ok(())
+}
+
+/// Replaces a basic-auth `password` with its salted slow hash (on the blocking pool:
+/// the hash takes tens of milliseconds). A value that is already a hash is kept, so a
+/// dump loads back unchanged.
+async fn hash_passwords(kind: EntityKind, body: &mut Value) -> Result<(), ApiError> {
+    if kind != EntityKind::BasicAuth {
+        return Ok(());
+    }
+    let Some(password) = body.get("password").and_then(Value::as_str) else { return Ok(()) };
+    if crate::plugins::basic::is_hashed(password) {
+        return Ok(());
+    }
+    let password = password.to_string();
+    let hashed = tokio::task::spawn_blocking(move || crate::plugins::basic::hash_password(&password))
+        .await
+        .map_err(|error| ApiError::new(ErrorCode::Internal, error.to_string()))?
+        .map_err(|error| ApiError::new(ErrorCode::Internal, error))?;
+    body["password"] = Value::from(hashed);
+    Ok(())
+}
+
+/// Hashes the basic-auth passwords of a declarative document: top-level
+/// `basicauth_credentials` and those nested under consumers.
+async fn hash_declarative_passwords(document: &mut Value) -> Result<(), ApiError> {
+    let mut credentials: Vec<&mut Value> = Vec::new();
+    if let Some(object) = document.as_object_mut() {
+        for (key, value) in object.iter_mut() {
+            match (key.as_str(), value) {
+                ("basicauth_credentials", Value::Array(items)) => credentials.extend(items.iter_mut()),
+                ("consumers", Value::Array(consumers)) => {
+                    for consumer in consumers {
+                        if let Some(Value::Array(items)) = consumer.get_mut("basicauth_credentials") {
+                            credentials.extend(items.iter_mut());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for credential in credentials {
+        hash_passwords(EntityKind::BasicAuth, credential).await?;
     }
     Ok(())
 }
@@ -357,6 +405,8 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     };
     // Validate here first so a bad document costs no Raft entry; the state machine
     // validates again when it applies (it is the authority).
+    let mut document = document;
+    hash_declarative_passwords(&mut document).await?;
     let id_seed = u128::from_be_bytes(*Uuid::new_v4().as_bytes());
     tollgate_raft_store::declarative::load(&document, id_seed, 0)?;
     write(node, Op::ReplaceAll { document: document.into(), id_seed }).await

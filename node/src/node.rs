@@ -146,7 +146,7 @@ pub async fn start(
             header: std::time::Duration::from_millis(config.proxy_header_timeout_ms),
             keepalive: std::time::Duration::from_millis(config.proxy_keepalive_timeout_ms),
         },
-        rate_counters: Arc::default(),
+        plugin_state: Arc::default(),
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;

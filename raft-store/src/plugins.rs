@@ -33,6 +33,7 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "correlation-id" => typed::<CorrelationIdConfig>(config),
         "prometheus" => typed::<PrometheusConfig>(config),
         "cors" => typed::<CorsConfig>(config),
+        "basic-auth" => typed::<BasicAuthConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -131,6 +132,30 @@ impl Check for KeyAuthConfig {
         }
         if self.key_in_body {
             return fail("key_in_body", "keys in the request body are not supported yet");
+        }
+        Ok(())
+    }
+}
+
+/// basic-auth (priority 1100).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    pub anonymous: Option<String>,
+    pub hide_credentials: bool,
+    pub realm: String,
+}
+
+impl Default for BasicAuthConfig {
+    fn default() -> Self {
+        BasicAuthConfig { anonymous: None, hide_credentials: false, realm: "service".into() }
+    }
+}
+
+impl Check for BasicAuthConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.realm.is_empty() || self.realm.contains('"') || http::HeaderValue::from_str(&self.realm).is_err() {
+            return fail("realm", "a non-empty header-safe string without quotes");
         }
         Ok(())
     }

@@ -357,3 +357,82 @@ async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, S
     let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     Ok((status, text))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_stores_only_salted_hashes_and_verifies_off_the_worker() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "basic", &["/basic"]).await?;
+    client.post("/consumers", &json!({"username": "alice"})).await?;
+    let created =
+        client.post("/consumers/alice/basic-auth", &json!({"username": "alice", "password": "s3cret"})).await?;
+    let stored = created.body["password"].as_str().expect("password field").to_string();
+    assert!(stored.starts_with("$pbkdf2-sha256$"), "{stored}");
+    assert!(!created.body.to_string().contains("s3cret"), "the Admin API never shows the password");
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[0]),
+            &json!({"name": "basic-auth", "config": {"hide_credentials": true}}),
+        )
+        .await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let basic = |user_pass: &str| {
+        const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let bytes = user_pass.as_bytes();
+        let mut out = String::from("Basic ");
+        for chunk in bytes.chunks(3) {
+            let group = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(TABLE[((group >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    };
+
+    let missing = proxy_request(&proxy, "GET", None, "/basic/x", &[]).await?;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.body["message"], "Unauthorized");
+    assert_eq!(header(&missing, "www-authenticate"), Some("Basic realm=\"service\""));
+    let wrong = proxy_request(&proxy, "GET", None, "/basic/x", &[("authorization", &basic("alice:guess"))]).await?;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.body["message"], "Invalid authentication credentials");
+    for _ in 0..3 {
+        // The first success hashes on the blocking pool; the next ones hit the cache.
+        let good = proxy_request(&proxy, "GET", None, "/basic/x", &[("authorization", &basic("alice:s3cret"))]).await?;
+        assert_eq!(good.status, 200, "{}", good.body);
+        assert_eq!(upstream_header(&good, "x-consumer-username"), Some("alice"));
+        assert_eq!(upstream_header(&good, "authorization"), None, "hide_credentials");
+    }
+
+    // The secret is nowhere: not in the config dump, the metrics or the node's log.
+    let dump = client.get("/config").await?;
+    assert!(!dump.body.to_string().contains("s3cret"));
+    let metrics = client.get("/metrics").await?;
+    assert!(!metrics.body.to_string().contains("s3cret"));
+    assert!(!cluster.nodes[0].log().contains("s3cret"), "access log and node log");
+    // A dump loads back without hashing the hash again: the password still works.
+    client.post("/config", &dump.body).await?;
+    settle(&cluster).await?;
+    let again = proxy_request(&proxy, "GET", None, "/basic/x", &[("authorization", &basic("alice:s3cret"))]).await?;
+    assert_eq!(again.status, 200, "{}", again.body);
+    // A declarative document's plain passwords are hashed before they are stored.
+    let mut document = dump.body.clone();
+    match document.get_mut("basicauth_credentials").and_then(Value::as_array_mut) {
+        Some(flat) => flat[0]["password"] = json!("n3w-secret"),
+        None => document["consumers"][0]["basicauth_credentials"][0]["password"] = json!("n3w-secret"),
+    }
+    client.post("/config", &document).await?;
+    settle(&cluster).await?;
+    let after = client.get("/config").await?;
+    assert!(!after.body.to_string().contains("n3w-secret"), "{}", after.body);
+    let renewed =
+        proxy_request(&proxy, "GET", None, "/basic/x", &[("authorization", &basic("alice:n3w-secret"))]).await?;
+    assert_eq!(renewed.status, 200, "{}", renewed.body);
+    Ok(())
+}

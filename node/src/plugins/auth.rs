@@ -43,6 +43,21 @@ pub fn set_consumer(
     ctx.anonymous = anonymous;
 }
 
+/// Lets a request without valid credentials through as the configured anonymous
+/// consumer (id or username); 500 when that consumer does not exist, as in Kong.
+pub fn use_anonymous(ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>, anonymous: &str) -> Flow {
+    match env.data.consumer(anonymous) {
+        Some(consumer) => {
+            set_consumer(ctx, request.headers, consumer, None, true);
+            Flow::Continue
+        }
+        None => Flow::Exit(Exit::message(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("anonymous consumer {anonymous} is configured but doesn't exist"),
+        )),
+    }
+}
+
 /// key-auth: an API key in a header or the query string.
 pub struct KeyAuth {
     config: KeyAuthConfig,
@@ -124,16 +139,7 @@ impl Plugin for KeyAuth {
             }
             (found, _) => {
                 if let Some(anonymous) = &self.config.anonymous {
-                    return match env.data.consumer(anonymous) {
-                        Some(consumer) => {
-                            set_consumer(ctx, request.headers, consumer, None, true);
-                            Flow::Continue
-                        }
-                        None => Flow::Exit(Exit::message(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            &format!("anonymous consumer {anonymous} is configured but doesn't exist"),
-                        )),
-                    };
+                    return use_anonymous(ctx, request, env, anonymous);
                 }
                 if found.is_some() {
                     self.unauthorized("Invalid authentication credentials")

@@ -27,6 +27,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod basic;
 pub mod observe;
 
 use std::collections::HashMap;
@@ -41,6 +42,13 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 pub use self::access::RateCounters;
+
+/// Plugin state a node keeps across config changes, shared by its proxy workers.
+#[derive(Default)]
+pub struct NodeState {
+    pub counters: RateCounters,
+    pub verified: basic::VerifiedCache,
+}
 
 /// Plugins that identify consumers: with none configured, consumers and credentials
 /// are not indexed.
@@ -97,6 +105,8 @@ pub struct Ctx {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// A request body limit below the node's (request-size-limiting).
     pub body_limit: Option<u64>,
+    /// The answer of the last [`Flow::Verify`], for the plugin that asked.
+    pub verified: Option<bool>,
 }
 
 impl Ctx {
@@ -111,6 +121,7 @@ impl Ctx {
             upstream_query: None,
             response_headers: Vec::new(),
             body_limit: None,
+            verified: None,
         }
     }
 }
@@ -138,6 +149,9 @@ impl Exit {
 pub enum Flow {
     Continue,
     Exit(Exit),
+    /// Slow work off the worker thread (a password hash): the framework awaits it,
+    /// puts its answer in [`Ctx::verified`] and runs the plugin's `access` again.
+    Verify(std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>),
 }
 
 /// The request as plugins see it in `access`.
@@ -152,6 +166,7 @@ pub struct RequestView<'a> {
 pub struct Env<'a> {
     pub data: &'a PluginData,
     pub counters: &'a RateCounters,
+    pub verified: &'a basic::VerifiedCache,
 }
 
 /// One plugin's behaviour. Every phase defaults to doing nothing.
@@ -208,6 +223,8 @@ pub struct PluginData {
     pub consumers_by_username: HashMap<String, Uuid>,
     /// key-auth keys → (consumer, credential id, the id as a header value).
     pub keys: HashMap<String, (Uuid, Uuid, HeaderValue)>,
+    /// basic-auth usernames → the credential.
+    pub basic: HashMap<String, basic::Credential>,
 }
 
 impl PluginData {
@@ -259,6 +276,17 @@ impl PluginData {
                 let id = entity_id(credential);
                 let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
                 data.keys.insert(key.to_string(), (consumer, id, header));
+            }
+        }
+        for credential in state.table(EntityKind::BasicAuth).values() {
+            let text = |field: &str| credential.get(field).and_then(Value::as_str);
+            if let (Some(consumer), Some(username), Some(hash)) =
+                (foreign_id(credential, "consumer"), text("username"), text("password"))
+            {
+                let id = entity_id(credential);
+                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
+                let hash = hash.to_string();
+                data.basic.insert(username.to_string(), basic::Credential { consumer, id, header, hash });
             }
         }
         data
@@ -361,20 +389,29 @@ impl Plugins {
 
     /// Runs the access phase; returns the instances that ran (for `header_filter`) and
     /// an exit when one answered the request.
-    pub fn access(
+    pub async fn access(
         &self,
         ctx: &mut Ctx,
         request: &mut RequestView<'_>,
-        counters: &RateCounters,
+        state: &NodeState,
     ) -> (Vec<Arc<Instance>>, Option<Exit>) {
-        let env = Env { data: &self.data, counters };
+        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified };
         let mut ran = Vec::new();
         for index in 0..self.names.len() {
             let Some(instance) = self.resolve(index, ctx).cloned() else { continue };
-            let flow = instance.plugin.access(ctx, request, &env);
+            let mut flow = instance.plugin.access(ctx, request, &env);
+            if let Flow::Verify(work) = flow {
+                ctx.verified = Some(work.await);
+                flow = instance.plugin.access(ctx, request, &env);
+                ctx.verified = None;
+            }
             ran.push(instance);
-            if let Flow::Exit(exit) = flow {
-                return (ran, Some(exit));
+            match flow {
+                Flow::Continue => {}
+                Flow::Exit(exit) => return (ran, Some(exit)),
+                Flow::Verify(_) => {
+                    return (ran, Some(Exit::message(StatusCode::INTERNAL_SERVER_ERROR, "plugin verification loop")));
+                }
             }
         }
         (ran, None)
@@ -411,6 +448,7 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         }
         "rate-limiting" => Box::new(access::RateLimiting::new(id, parse::<configs::RateLimitingConfig>(config)?)),
         "correlation-id" => Box::new(access::CorrelationId::new(parse::<configs::CorrelationIdConfig>(config)?)?),
+        "basic-auth" => Box::new(basic::BasicAuth::new(parse::<configs::BasicAuthConfig>(config)?)?),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
         "request-size-limiting" => {

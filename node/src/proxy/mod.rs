@@ -187,8 +187,9 @@ pub struct ProxySetup {
     pub access_log: Option<telemetry::AccessLog>,
     pub trusted_ips: Arc<trusted::TrustedIps>,
     pub timeouts: conn::Timeouts,
-    /// `policy: local` rate-limit counters, shared by the node's workers.
-    pub rate_counters: Arc<crate::plugins::RateCounters>,
+    /// Plugin state that outlives config changes (rate-limit counters, verified
+    /// passwords), shared by the node's workers.
+    pub plugin_state: Arc<crate::plugins::NodeState>,
 }
 
 /// Shared by every proxy connection of a node.
@@ -200,15 +201,15 @@ pub struct Proxy {
     node_id: u64,
     request_counter: AtomicU64,
     timeouts: conn::Timeouts,
-    rate_counters: Arc<crate::plugins::RateCounters>,
+    plugin_state: Arc<crate::plugins::NodeState>,
 }
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, rate_counters } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state } = setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
-        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, rate_counters }
+        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, plugin_state }
     }
 
     fn request_id(&self) -> HeaderValue {
@@ -333,7 +334,7 @@ impl Proxy {
             let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
             let mut view =
                 crate::plugins::RequestView { method: &parts.method, query: uri.query(), headers: &mut parts.headers };
-            let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.rate_counters);
+            let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.plugin_state).await;
             if let Some(exit) = exit {
                 let mut response = exit_response(exit, &request_id);
                 crate::plugins::header_filter(&ran, &ctx, response.headers_mut());

@@ -1,0 +1,268 @@
+//! basic-auth, and how its passwords are kept.
+//!
+//! A password is stored only as a salted PBKDF2-HMAC-SHA256 hash
+//! (`$pbkdf2-sha256$i=<iterations>$<salt hex>$<hash hex>`), made by the Admin API node
+//! before the write is proposed (the state machine draws no randomness and does no
+//! slow work). A value already in that form is kept, so a `GET /config` dump loads
+//! back unchanged. The Admin API shows only the hash.
+//!
+//! Verifying a hash is deliberately slow, so it never runs on a proxy worker: a
+//! password not seen before is checked on tokio's blocking pool, at most
+//! [`VERIFY_CONCURRENCY_MAX`] at once (past that, 503), and a success is remembered in
+//! the node's [`VerifiedCache`] by a SHA-256 digest of the stored hash and the password
+//! (the password itself is never kept). Comparisons are constant-time (ring).
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
+
+use http::{HeaderValue, StatusCode};
+use ring::{digest, pbkdf2, rand::SecureRandom};
+use tokio::sync::Semaphore;
+use tollgate_raft_store::plugins::BasicAuthConfig;
+use uuid::Uuid;
+
+use super::auth::{set_consumer, use_anonymous};
+use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+
+/// PBKDF2 rounds for new hashes: about 30 ms of one core per hash here. OWASP asks
+/// for more (600 000) for password databases; these credentials are API secrets behind
+/// a verified cache, and every first use costs this much.
+pub const PBKDF2_ITERATIONS: u32 = 100_000;
+const SALT_BYTES: usize = 16;
+const HASH_PREFIX: &str = "$pbkdf2-sha256$";
+/// Passwords being verified at once per node; past this, 503 (a flood of wrong
+/// passwords must not queue unbounded work).
+pub const VERIFY_CONCURRENCY_MAX: usize = 4;
+/// Verified (credential, password) digests a node remembers; past this it starts over.
+pub const VERIFIED_CACHE_MAX: usize = 100_000;
+
+/// A basic-auth credential as the data path holds it.
+pub struct Credential {
+    pub consumer: Uuid,
+    pub id: Uuid,
+    pub header: HeaderValue,
+    pub hash: String,
+}
+
+/// Whether `value` is already a stored hash.
+pub fn is_hashed(value: &str) -> bool {
+    value.starts_with(HASH_PREFIX)
+}
+
+/// A new salted hash of `password`.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let mut salt = [0u8; SALT_BYTES];
+    ring::rand::SystemRandom::new().fill(&mut salt).map_err(|_| "no randomness for a salt".to_string())?;
+    let mut hash = [0u8; digest::SHA256_OUTPUT_LEN];
+    let iterations = NonZeroU32::new(PBKDF2_ITERATIONS).expect("non-zero");
+    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, &salt, password.as_bytes(), &mut hash);
+    Ok(format!("{HASH_PREFIX}i={PBKDF2_ITERATIONS}${}${}", hex(&salt), hex(&hash)))
+}
+
+/// Checks `password` against a stored hash, in constant time.
+pub fn verify_password(stored: &str, password: &str) -> bool {
+    let Some(rest) = stored.strip_prefix(HASH_PREFIX) else { return false };
+    let mut parts = rest.split('$');
+    let (Some(iterations), Some(salt), Some(hash), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Some(iterations) = iterations.strip_prefix("i=").and_then(|i| i.parse().ok()).and_then(NonZeroU32::new) else {
+        return false;
+    };
+    let (Some(salt), Some(hash)) = (unhex(salt), unhex(hash)) else { return false };
+    pbkdf2::verify(pbkdf2::PBKDF2_HMAC_SHA256, iterations, &salt, password.as_bytes(), &hash).is_ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Successful verifications a node remembers, and the limit on verifications running.
+pub struct VerifiedCache {
+    digests: RwLock<HashSet<[u8; 32]>>,
+    running: Arc<Semaphore>,
+}
+
+impl Default for VerifiedCache {
+    fn default() -> Self {
+        VerifiedCache { digests: RwLock::default(), running: Arc::new(Semaphore::new(VERIFY_CONCURRENCY_MAX)) }
+    }
+}
+
+impl VerifiedCache {
+    fn key(stored: &str, password: &str) -> [u8; 32] {
+        let mut context = digest::Context::new(&digest::SHA256);
+        context.update(stored.as_bytes());
+        context.update(&[0]);
+        context.update(password.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(context.finish().as_ref());
+        key
+    }
+
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.digests.read().is_ok_and(|digests| digests.contains(key))
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        if let Ok(mut digests) = self.digests.write() {
+            if digests.len() >= VERIFIED_CACHE_MAX {
+                digests.clear();
+            }
+            digests.insert(key);
+        }
+    }
+}
+
+/// Decodes standard base64 (with padding), as `Authorization: Basic` carries it.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = text.trim().as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let padding = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if padding > 2 {
+            return None;
+        }
+        let mut group = 0u32;
+        for &c in &chunk[..4 - padding] {
+            group = (group << 6) | value(c)?;
+        }
+        group <<= 6 * padding as u32;
+        let decoded = [(group >> 16) as u8, (group >> 8) as u8, group as u8];
+        out.extend_from_slice(&decoded[..3 - padding]);
+    }
+    Some(out)
+}
+
+/// basic-auth (Kong priority 1100).
+pub struct BasicAuth {
+    config: BasicAuthConfig,
+    challenge: HeaderValue,
+}
+
+impl BasicAuth {
+    pub fn new(config: BasicAuthConfig) -> Result<BasicAuth, String> {
+        let challenge =
+            HeaderValue::from_str(&format!("Basic realm=\"{}\"", config.realm)).map_err(|e| e.to_string())?;
+        Ok(BasicAuth { config, challenge })
+    }
+
+    fn unauthorized(&self, message: &str) -> Flow {
+        let mut exit = Exit::message(StatusCode::UNAUTHORIZED, message);
+        exit.headers.push((http::header::WWW_AUTHENTICATE, self.challenge.clone()));
+        Flow::Exit(exit)
+    }
+
+    /// The anonymous consumer, or `refusal`.
+    fn anonymous_or(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>, refusal: &str) -> Flow {
+        match &self.config.anonymous {
+            Some(anonymous) => use_anonymous(ctx, request, env, anonymous),
+            None => self.unauthorized(refusal),
+        }
+    }
+}
+
+impl Plugin for BasicAuth {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
+        if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
+            return Flow::Continue;
+        }
+        let header = [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION]
+            .into_iter()
+            .find_map(|name| request.headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name, v.to_string())));
+        let Some((header_name, value)) = header else {
+            return self.anonymous_or(ctx, request, env, "Unauthorized");
+        };
+        let decoded = value
+            .strip_prefix("Basic ")
+            .or_else(|| value.strip_prefix("basic "))
+            .and_then(base64_decode)
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        let Some((username, password)) = decoded.as_deref().and_then(|text| text.split_once(':')) else {
+            return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
+        };
+        let Some(credential) = env.data.basic.get(username) else {
+            return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
+        };
+        let key = VerifiedCache::key(&credential.hash, password);
+        let verified = match ctx.verified.take() {
+            Some(answer) => answer,
+            None if env.verified.contains(&key) => true,
+            None => {
+                let Ok(permit) = env.verified.running.clone().try_acquire_owned() else {
+                    return Flow::Exit(Exit::message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many password checks in progress; retry shortly",
+                    ));
+                };
+                let (stored, password) = (credential.hash.clone(), password.to_string());
+                return Flow::Verify(Box::pin(async move {
+                    let checked = tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await;
+                    drop(permit);
+                    checked.unwrap_or(false)
+                }));
+            }
+        };
+        if !verified {
+            return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
+        }
+        env.verified.remember(key);
+        let Some(consumer) = env.data.consumers.get(&credential.consumer) else {
+            return self.unauthorized("Invalid authentication credentials");
+        };
+        set_consumer(ctx, request.headers, consumer, Some((credential.id, &credential.header)), false);
+        if self.config.hide_credentials {
+            request.headers.remove(header_name);
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_verify_and_differ_by_salt() {
+        let first = hash_password("s3cret").unwrap();
+        let second = hash_password("s3cret").unwrap();
+        assert!(is_hashed(&first));
+        assert_ne!(first, second, "salted");
+        assert!(!first.contains("s3cret"));
+        assert!(verify_password(&first, "s3cret"));
+        assert!(!verify_password(&first, "s3creT"));
+        assert!(!verify_password("$pbkdf2-sha256$i=0$00$00", "x"));
+        assert!(!verify_password("plain", "plain"));
+    }
+
+    #[test]
+    fn base64_decodes_basic_credentials() {
+        assert_eq!(base64_decode("YWxpY2U6czNjcmV0").as_deref(), Some(&b"alice:s3cret"[..]));
+        assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
+        assert_eq!(base64_decode("YWI=").as_deref(), Some(&b"ab"[..]));
+        assert_eq!(base64_decode("Y"), None);
+        assert_eq!(base64_decode("Y!=="), None);
+    }
+}
