@@ -267,6 +267,16 @@ async fn entity_route(
 /// and matches it. Checked before the write is proposed (the state machine has no TLS
 /// library; PATCHes that change only one half are checked when compiled and logged).
 fn check_certificate(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
+    if kind == EntityKind::Jwt {
+        // The key must fit the algorithm (an RSA or EC public key for RS/PS/ES/EdDSA).
+        let text = |field: &str| body.get(field).and_then(Value::as_str);
+        let algorithm = text("algorithm").unwrap_or("HS256");
+        if !algorithm.starts_with("HS") {
+            crate::plugins::jwt::JwtCredential::verifier(algorithm, "", text("rsa_public_key"), false)
+                .map_err(|error| ApiError::field("rsa_public_key", error))?;
+        }
+        return Ok(());
+    }
     if kind == EntityKind::CaCertificate {
         if let Some(cert) = body.get("cert").and_then(Value::as_str) {
             crate::proxy::upstream::trust_anchors(cert).map_err(|error| ApiError::field("cert", error))?;

@@ -34,6 +34,7 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "prometheus" => typed::<PrometheusConfig>(config),
         "cors" => typed::<CorsConfig>(config),
         "basic-auth" => typed::<BasicAuthConfig>(config),
+        "jwt" => typed::<JwtConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -156,6 +157,66 @@ impl Check for BasicAuthConfig {
     fn check(&self) -> Result<(), (String, String)> {
         if self.realm.is_empty() || self.realm.contains('"') || http::HeaderValue::from_str(&self.realm).is_err() {
             return fail("realm", "a non-empty header-safe string without quotes");
+        }
+        Ok(())
+    }
+}
+
+/// jwt (priority 1450).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    pub uri_param_names: Vec<String>,
+    pub cookie_names: Vec<String>,
+    pub header_names: Vec<String>,
+    pub claims_to_verify: Vec<String>,
+    pub key_claim_name: String,
+    pub secret_is_base64: bool,
+    pub anonymous: Option<String>,
+    pub run_on_preflight: bool,
+    /// Longest a token may live, in seconds (0: no limit); needs `exp` verified.
+    pub maximum_expiration: u64,
+    pub realm: Option<String>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            uri_param_names: vec!["jwt".into()],
+            cookie_names: Vec::new(),
+            header_names: vec!["authorization".into()],
+            claims_to_verify: Vec::new(),
+            key_claim_name: "iss".into(),
+            secret_is_base64: false,
+            anonymous: None,
+            run_on_preflight: true,
+            maximum_expiration: 0,
+            realm: None,
+        }
+    }
+}
+
+impl Check for JwtConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        check_list("uri_param_names", &self.uri_param_names)?;
+        check_list("cookie_names", &self.cookie_names)?;
+        check_list("header_names", &self.header_names)?;
+        for (position, name) in self.header_names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return fail(&format!("header_names[{position}]"), "not a valid header name");
+            }
+        }
+        if let Some(position) = self.claims_to_verify.iter().position(|c| c != "exp" && c != "nbf") {
+            return fail(&format!("claims_to_verify[{position}]"), "expected one of: exp, nbf");
+        }
+        if self.key_claim_name.is_empty() {
+            return fail("key_claim_name", "length must be at least 1");
+        }
+        if self.maximum_expiration > 31_536_000 {
+            return fail("maximum_expiration", "value should be between 0 and 31536000");
+        }
+        if self.maximum_expiration > 0 && !self.claims_to_verify.iter().any(|c| c == "exp") {
+            return fail("config", "expected 'exp' in claims_to_verify when maximum_expiration is set");
         }
         Ok(())
     }
@@ -596,7 +657,7 @@ mod tests {
         assert!(error.contains_key("config"), "{error:?}");
         let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
         assert!(error.contains_key("config.status_code"), "{error:?}");
-        let error = normalize("jwt", &json!({})).unwrap_err();
+        let error = normalize("hmac-auth", &json!({})).unwrap_err();
         assert!(error.contains_key("name"), "{error:?}");
     }
 }

@@ -245,7 +245,8 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
         (json!({"name": "rate-limiting", "config": {"minute": 5, "limit_by": "planet"}}), "config.limit_by"),
         (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
         (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
-        (json!({"name": "jwt"}), "name"),
+        (json!({"name": "hmac-auth"}), "name"),
+        (json!({"name": "jwt", "config": {"claims_to_verify": ["iat"]}}), "config.claims_to_verify[0]"),
     ];
     for (body, field) in cases {
         let refused = client.post("/plugins", &body).await.unwrap_err();
@@ -434,5 +435,165 @@ async fn basic_auth_stores_only_salted_hashes_and_verifies_off_the_worker() -> a
     let renewed =
         proxy_request(&proxy, "GET", None, "/basic/x", &[("authorization", &basic("alice:n3w-secret"))]).await?;
     assert_eq!(renewed.status, 200, "{}", renewed.body);
+    Ok(())
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let group = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(TABLE[((group >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// `header.claims` of a token, base64url encoded.
+fn signing_input(alg: &str, claims: &Value) -> String {
+    format!(
+        "{}.{}",
+        b64url(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    )
+}
+
+fn hs256(secret: &str, claims: &Value) -> String {
+    let input = signing_input("HS256", claims);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!("{input}.{}", b64url(ring::hmac::sign(&key, input.as_bytes()).as_ref()))
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let standard: String = b64url(der)
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    let padded = format!("{standard}{}", "=".repeat((4 - standard.len() % 4) % 4));
+    let lines: Vec<&str> = padded.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_verifies_hmac_rsa_and_ecdsa_and_refuses_none_confusion_and_bad_claims() -> anyhow::Result<()> {
+    use ring::signature::KeyPair;
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "tokens", &["/jwt", "/strict"]).await?;
+    client.post("/consumers", &json!({"username": "alice"})).await?;
+    client.post("/consumers/alice/jwt", &json!({"key": "hs-issuer", "secret": "hs-secret"})).await?;
+
+    // RS256 with a key made by openssl; ES256 with one made by ring.
+    let dir = tempfile::tempdir()?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "openssl {args:?}");
+        Ok(())
+    };
+    openssl(&["genrsa", "-out", "rsa.pem", "2048"])?;
+    openssl(&["rsa", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub"])?;
+    let rsa_public = std::fs::read_to_string(dir.path().join("rsa.pub"))?;
+    client
+        .post("/consumers/alice/jwt", &json!({"key": "rs-issuer", "algorithm": "RS256", "rsa_public_key": rsa_public}))
+        .await?;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("ec key"))?;
+    let ec = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .map_err(|_| anyhow::anyhow!("ec key"))?;
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+        0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    spki.extend_from_slice(ec.public_key().as_ref());
+    client
+        .post(
+            "/consumers/alice/jwt",
+            &json!({"key": "es-issuer", "algorithm": "ES256", "rsa_public_key": pem("PUBLIC KEY", &spki)}),
+        )
+        .await?;
+    // A public key that does not parse is refused with the field named.
+    let refused = client
+        .post("/consumers/alice/jwt", &json!({"key": "bad", "algorithm": "RS256", "rsa_public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"}))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(400), "{refused}");
+
+    client.post(&format!("/routes/{}/plugins", routes[0]), &json!({"name": "jwt"})).await?;
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[1]),
+            &json!({"name": "jwt", "config": {"claims_to_verify": ["exp", "nbf"], "maximum_expiration": 3600}}),
+        )
+        .await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let bearer = |token: &str| format!("Bearer {token}");
+    let get = |path: &'static str, token: String| {
+        let proxy = proxy.clone();
+        async move { proxy_request(&proxy, "GET", None, path, &[("authorization", &bearer(&token))]).await }
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+
+    // HS256, in the header or the `jwt` query argument.
+    let token = hs256("hs-secret", &json!({"iss": "hs-issuer"}));
+    let ok = get("/jwt/x", token.clone()).await?;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(upstream_header(&ok, "x-consumer-username"), Some("alice"));
+    assert_eq!(proxy_request(&proxy, "GET", None, &format!("/jwt/x?jwt={token}"), &[]).await?.status, 200);
+    // RS256 signed by openssl.
+    let input = signing_input("RS256", &json!({"iss": "rs-issuer"}));
+    std::fs::write(dir.path().join("input"), &input)?;
+    openssl(&["dgst", "-sha256", "-sign", "rsa.pem", "-out", "sig", "input"])?;
+    let rs = format!("{input}.{}", b64url(&std::fs::read(dir.path().join("sig"))?));
+    assert_eq!(get("/jwt/x", rs).await?.status, 200);
+    // ES256 signed by ring (fixed r||s).
+    let input = signing_input("ES256", &json!({"iss": "es-issuer"}));
+    let signature = ec.sign(&rng, input.as_bytes()).map_err(|_| anyhow::anyhow!("sign"))?;
+    assert_eq!(get("/jwt/x", format!("{input}.{}", b64url(signature.as_ref()))).await?.status, 200);
+
+    let refusal = |reply: &tollgate_tests::ProxyReply| (reply.status, reply.body.clone());
+    assert_eq!(
+        refusal(&proxy_request(&proxy, "GET", None, "/jwt/x", &[]).await?),
+        (401, json!({"message": "Unauthorized"}))
+    );
+    assert_eq!(
+        refusal(&get("/jwt/x", hs256("wrong", &json!({"iss": "hs-issuer"}))).await?),
+        (401, json!({"message": "Invalid signature"}))
+    );
+    assert_eq!(
+        refusal(&get("/jwt/x", hs256("hs-secret", &json!({"iss": "nobody"}))).await?),
+        (401, json!({"message": "No credentials found for given 'iss'"}))
+    );
+    // alg: none, and HS256 "signed" with the RSA public key as the secret: refused
+    // before any signature check.
+    let none = format!("{}.", signing_input("none", &json!({"iss": "hs-issuer"})));
+    assert_eq!(refusal(&get("/jwt/x", none).await?), (401, json!({"message": "Invalid algorithm"})));
+    let confused = hs256(&rsa_public, &json!({"iss": "rs-issuer"}));
+    assert_eq!(refusal(&get("/jwt/x", confused).await?), (401, json!({"message": "Invalid algorithm"})));
+
+    // Claims: exp and nbf verified, maximum_expiration 1 h.
+    let good = hs256("hs-secret", &json!({"iss": "hs-issuer", "exp": now + 600, "nbf": now - 10}));
+    assert_eq!(get("/strict/x", good).await?.status, 200);
+    let expired = hs256("hs-secret", &json!({"iss": "hs-issuer", "exp": now - 10, "nbf": now - 20}));
+    assert_eq!(refusal(&get("/strict/x", expired).await?), (401, json!({"exp": "token expired"})));
+    let early = hs256("hs-secret", &json!({"iss": "hs-issuer", "exp": now + 600, "nbf": now + 600}));
+    assert_eq!(refusal(&get("/strict/x", early).await?), (401, json!({"nbf": "token not valid yet"})));
+    let long = hs256("hs-secret", &json!({"iss": "hs-issuer", "exp": now + 7200, "nbf": now - 10}));
+    assert_eq!(refusal(&get("/strict/x", long).await?), (401, json!({"exp": "exceeds maximum allowed expiration"})));
     Ok(())
 }

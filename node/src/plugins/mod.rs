@@ -28,6 +28,7 @@
 pub mod access;
 pub mod auth;
 pub mod basic;
+pub mod jwt;
 pub mod observe;
 
 use std::collections::HashMap;
@@ -225,6 +226,10 @@ pub struct PluginData {
     pub keys: HashMap<String, (Uuid, Uuid, HeaderValue)>,
     /// basic-auth usernames → the credential.
     pub basic: HashMap<String, basic::Credential>,
+    /// jwt keys → the credential, its HMAC secrets taken as given, and as base64 (a
+    /// plugin's `secret_is_base64` picks the map).
+    pub jwt: HashMap<String, jwt::JwtCredential>,
+    pub jwt_base64: HashMap<String, jwt::JwtCredential>,
 }
 
 impl PluginData {
@@ -276,6 +281,28 @@ impl PluginData {
                 let id = entity_id(credential);
                 let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
                 data.keys.insert(key.to_string(), (consumer, id, header));
+            }
+        }
+        for credential in state.table(EntityKind::Jwt).values() {
+            let text = |field: &str| credential.get(field).and_then(Value::as_str);
+            let (Some(consumer), Some(key)) = (foreign_id(credential, "consumer"), text("key")) else { continue };
+            let algorithm = text("algorithm").unwrap_or("HS256");
+            let id = entity_id(credential);
+            for (base64, map) in [(false, &mut data.jwt), (true, &mut data.jwt_base64)] {
+                match jwt::JwtCredential::verifier(
+                    algorithm,
+                    text("secret").unwrap_or_default(),
+                    text("rsa_public_key"),
+                    base64,
+                ) {
+                    Ok(verifier) => {
+                        let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
+                        let algorithm = algorithm.to_string();
+                        map.insert(key.to_string(), jwt::JwtCredential { consumer, id, header, algorithm, verifier });
+                    }
+                    Err(error) if !base64 => tracing::warn!(credential = %id, %error, "jwt credential not usable"),
+                    Err(_) => {}
+                }
             }
         }
         for credential in state.table(EntityKind::BasicAuth).values() {
@@ -449,6 +476,7 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         "rate-limiting" => Box::new(access::RateLimiting::new(id, parse::<configs::RateLimitingConfig>(config)?)),
         "correlation-id" => Box::new(access::CorrelationId::new(parse::<configs::CorrelationIdConfig>(config)?)?),
         "basic-auth" => Box::new(basic::BasicAuth::new(parse::<configs::BasicAuthConfig>(config)?)?),
+        "jwt" => Box::new(jwt::Jwt::new(parse::<configs::JwtConfig>(config)?)?),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
         "request-size-limiting" => {
