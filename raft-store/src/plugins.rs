@@ -35,6 +35,7 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "cors" => typed::<CorsConfig>(config),
         "basic-auth" => typed::<BasicAuthConfig>(config),
         "jwt" => typed::<JwtConfig>(config),
+        "hmac-auth" => typed::<HmacAuthConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -217,6 +218,60 @@ impl Check for JwtConfig {
         }
         if self.maximum_expiration > 0 && !self.claims_to_verify.iter().any(|c| c == "exp") {
             return fail("config", "expected 'exp' in claims_to_verify when maximum_expiration is set");
+        }
+        Ok(())
+    }
+}
+
+/// hmac-auth (priority 1030).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HmacAuthConfig {
+    pub hide_credentials: bool,
+    /// Seconds a request's `Date`/`X-Date` may be off from the node's clock.
+    pub clock_skew: u64,
+    pub anonymous: Option<String>,
+    pub validate_request_body: bool,
+    /// Headers every signature must cover.
+    pub enforce_headers: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub realm: Option<String>,
+}
+
+impl Default for HmacAuthConfig {
+    fn default() -> Self {
+        HmacAuthConfig {
+            hide_credentials: false,
+            clock_skew: 300,
+            anonymous: None,
+            validate_request_body: false,
+            enforce_headers: Vec::new(),
+            algorithms: ["hmac-sha1", "hmac-sha256", "hmac-sha384", "hmac-sha512"].map(String::from).to_vec(),
+            realm: None,
+        }
+    }
+}
+
+/// The algorithms hmac-auth knows.
+pub const HMAC_ALGORITHMS: [&str; 4] = ["hmac-sha1", "hmac-sha256", "hmac-sha384", "hmac-sha512"];
+
+impl Check for HmacAuthConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.clock_skew == 0 || self.clock_skew > 86_400 {
+            return fail("clock_skew", "value should be between 1 and 86400");
+        }
+        if self.validate_request_body {
+            return fail("validate_request_body", "checking the request body's digest is not supported yet");
+        }
+        check_list("enforce_headers", &self.enforce_headers)?;
+        if self.algorithms.is_empty() {
+            return fail("algorithms", "length must be at least 1");
+        }
+        if let Some(position) = self.algorithms.iter().position(|a| !HMAC_ALGORITHMS.contains(&a.as_str())) {
+            return fail(
+                &format!("algorithms[{position}]"),
+                format!("expected one of: {}", HMAC_ALGORITHMS.join(", ")),
+            );
         }
         Ok(())
     }
@@ -657,7 +712,7 @@ mod tests {
         assert!(error.contains_key("config"), "{error:?}");
         let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
         assert!(error.contains_key("config.status_code"), "{error:?}");
-        let error = normalize("hmac-auth", &json!({})).unwrap_err();
+        let error = normalize("request-transformer", &json!({})).unwrap_err();
         assert!(error.contains_key("name"), "{error:?}");
     }
 }

@@ -245,7 +245,8 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
         (json!({"name": "rate-limiting", "config": {"minute": 5, "limit_by": "planet"}}), "config.limit_by"),
         (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
         (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
-        (json!({"name": "hmac-auth"}), "name"),
+        (json!({"name": "request-transformer"}), "name"),
+        (json!({"name": "hmac-auth", "config": {"algorithms": ["hmac-md5"]}}), "config.algorithms[0]"),
         (json!({"name": "jwt", "config": {"claims_to_verify": ["iat"]}}), "config.claims_to_verify[0]"),
     ];
     for (body, field) in cases {
@@ -595,5 +596,84 @@ async fn jwt_verifies_hmac_rsa_and_ecdsa_and_refuses_none_confusion_and_bad_clai
     assert_eq!(refusal(&get("/strict/x", early).await?), (401, json!({"nbf": "token not valid yet"})));
     let long = hs256("hs-secret", &json!({"iss": "hs-issuer", "exp": now + 7200, "nbf": now - 10}));
     assert_eq!(refusal(&get("/strict/x", long).await?), (401, json!({"exp": "exceeds maximum allowed expiration"})));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "signed", &["/signed"]).await?;
+    client.post("/consumers", &json!({"username": "alice"})).await?;
+    client.post("/consumers/alice/hmac-auth", &json!({"username": "alice-hmac", "secret": "hmac-secret"})).await?;
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[0]),
+            &json!({"name": "hmac-auth", "config": {"enforce_headers": ["date", "request-line"], "algorithms": ["hmac-sha256", "hmac-sha512"], "clock_skew": 60, "hide_credentials": true}}),
+        )
+        .await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let standard = |bytes: &[u8]| -> String {
+        b64url(bytes)
+            .chars()
+            .map(|c| match c {
+                '-' => '+',
+                '_' => '/',
+                c => c,
+            })
+            .collect::<String>()
+            + &"=".repeat((3 - bytes.len() % 3) % 3)
+    };
+    let sign = |algorithm: &'static str, secret: &str, date: &str, path: &str, headers: &str| -> String {
+        let lines: Vec<String> = headers
+            .split(' ')
+            .map(|h| if h == "request-line" { format!("GET {path} HTTP/1.1") } else { format!("{h}: {date}") })
+            .collect();
+        let ring_algorithm = if algorithm == "hmac-sha512" { ring::hmac::HMAC_SHA512 } else { ring::hmac::HMAC_SHA256 };
+        let tag =
+            ring::hmac::sign(&ring::hmac::Key::new(ring_algorithm, secret.as_bytes()), lines.join("\n").as_bytes());
+        format!(
+            r#"hmac username="alice-hmac", algorithm="{algorithm}", headers="{headers}", signature="{}""#,
+            standard(tag.as_ref())
+        )
+    };
+    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let send = |authorization: String, date: String| {
+        let proxy = proxy.clone();
+        async move {
+            proxy_request(&proxy, "GET", None, "/signed/x?a=1", &[("authorization", &authorization), ("date", &date)])
+                .await
+        }
+    };
+
+    let good =
+        send(sign("hmac-sha256", "hmac-secret", &now, "/signed/x?a=1", "date request-line"), now.clone()).await?;
+    assert_eq!(good.status, 200, "{}", good.body);
+    assert_eq!(upstream_header(&good, "x-consumer-username"), Some("alice"));
+    assert_eq!(upstream_header(&good, "authorization"), None, "hide_credentials");
+    let sha512 =
+        send(sign("hmac-sha512", "hmac-secret", &now, "/signed/x?a=1", "date request-line"), now.clone()).await?;
+    assert_eq!(sha512.status, 200, "{}", sha512.body);
+
+    let wrong = send(sign("hmac-sha256", "not-it", &now, "/signed/x?a=1", "date request-line"), now.clone()).await?;
+    assert_eq!((wrong.status, wrong.body["message"].as_str()), (401, Some("HMAC signature does not match")));
+    // Signed for another path: the request line is part of the signature.
+    let moved =
+        send(sign("hmac-sha256", "hmac-secret", &now, "/signed/other", "date request-line"), now.clone()).await?;
+    assert_eq!(moved.status, 401);
+    // An enforced header left out of the signature, or a disallowed algorithm.
+    let partial = send(sign("hmac-sha256", "hmac-secret", &now, "/signed/x?a=1", "date"), now.clone()).await?;
+    assert_eq!((partial.status, partial.body["message"].as_str()), (401, Some("HMAC signature cannot be verified")));
+    let sha1 = send(sign("hmac-sha1", "hmac-secret", &now, "/signed/x?a=1", "date request-line"), now.clone()).await?;
+    assert_eq!(sha1.status, 401);
+    // A date outside the clock skew (a replayed request).
+    let old = httpdate::fmt_http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(600));
+    let replayed = send(sign("hmac-sha256", "hmac-secret", &old, "/signed/x?a=1", "date request-line"), old).await?;
+    assert_eq!(replayed.status, 401);
+    assert!(replayed.body["message"].as_str().is_some_and(|m| m.contains("valid date")), "{}", replayed.body);
+    let missing = proxy_request(&proxy, "GET", None, "/signed/x", &[]).await?;
+    assert_eq!((missing.status, missing.body["message"].as_str()), (401, Some("Unauthorized")));
     Ok(())
 }

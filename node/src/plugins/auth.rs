@@ -43,6 +43,32 @@ pub fn set_consumer(
     ctx.anonymous = anonymous;
 }
 
+/// The `Authorization` (or `Proxy-Authorization`) header: its name and value.
+pub fn authorization(headers: &HeaderMap) -> Option<(HeaderName, String)> {
+    [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION]
+        .into_iter()
+        .find_map(|name| headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name, v.to_string())))
+}
+
+/// Accepts a verified credential: the consumer it belongs to becomes the request's,
+/// and with `hide` the header that carried it is removed. `false` when the consumer
+/// no longer exists.
+pub fn accept(
+    ctx: &mut Ctx,
+    request: &mut RequestView<'_>,
+    env: &Env<'_>,
+    consumer: &uuid::Uuid,
+    credential: (uuid::Uuid, &HeaderValue),
+    hide: Option<HeaderName>,
+) -> bool {
+    let Some(consumer) = env.data.consumers.get(consumer) else { return false };
+    set_consumer(ctx, request.headers, consumer, Some(credential), false);
+    if let Some(header) = hide {
+        request.headers.remove(header);
+    }
+    true
+}
+
 /// Lets a request without valid credentials through as the configured anonymous
 /// consumer (id or username); 500 when that consumer does not exist, as in Kong.
 pub fn use_anonymous(ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>, anonymous: &str) -> Flow {

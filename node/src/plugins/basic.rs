@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tollgate_raft_store::plugins::BasicAuthConfig;
 use uuid::Uuid;
 
-use super::auth::{set_consumer, use_anonymous};
+use super::auth::{accept, authorization, use_anonymous};
 use super::jwt::base64_decode;
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
 
@@ -157,10 +157,7 @@ impl Plugin for BasicAuth {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;
         }
-        let header = [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION]
-            .into_iter()
-            .find_map(|name| request.headers.get(&name).and_then(|v| v.to_str().ok()).map(|v| (name, v.to_string())));
-        let Some((header_name, value)) = header else {
+        let Some((header_name, value)) = authorization(request.headers) else {
             return self.anonymous_or(ctx, request, env, "Unauthorized");
         };
         let decoded = value
@@ -197,12 +194,9 @@ impl Plugin for BasicAuth {
             return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
         }
         env.verified.remember(key);
-        let Some(consumer) = env.data.consumers.get(&credential.consumer) else {
+        let hide = self.config.hide_credentials.then_some(header_name);
+        if !accept(ctx, request, env, &credential.consumer, (credential.id, &credential.header), hide) {
             return self.unauthorized("Invalid authentication credentials");
-        };
-        set_consumer(ctx, request.headers, consumer, Some((credential.id, &credential.header)), false);
-        if self.config.hide_credentials {
-            request.headers.remove(header_name);
         }
         Flow::Continue
     }

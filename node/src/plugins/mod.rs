@@ -28,6 +28,7 @@
 pub mod access;
 pub mod auth;
 pub mod basic;
+pub mod hmac;
 pub mod jwt;
 pub mod observe;
 
@@ -158,6 +159,8 @@ pub enum Flow {
 /// The request as plugins see it in `access`.
 pub struct RequestView<'a> {
     pub method: &'a http::Method,
+    /// The path as the client sent it (before normalisation).
+    pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a mut http::HeaderMap,
 }
@@ -230,6 +233,8 @@ pub struct PluginData {
     /// plugin's `secret_is_base64` picks the map).
     pub jwt: HashMap<String, jwt::JwtCredential>,
     pub jwt_base64: HashMap<String, jwt::JwtCredential>,
+    /// hmac-auth usernames → the credential.
+    pub hmac: HashMap<String, hmac::HmacCredential>,
 }
 
 impl PluginData {
@@ -303,6 +308,17 @@ impl PluginData {
                     Err(error) if !base64 => tracing::warn!(credential = %id, %error, "jwt credential not usable"),
                     Err(_) => {}
                 }
+            }
+        }
+        for credential in state.table(EntityKind::HmacAuth).values() {
+            let text = |field: &str| credential.get(field).and_then(Value::as_str);
+            if let (Some(consumer), Some(username), Some(secret)) =
+                (foreign_id(credential, "consumer"), text("username"), text("secret"))
+            {
+                let id = entity_id(credential);
+                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
+                let secret = secret.to_string();
+                data.hmac.insert(username.to_string(), hmac::HmacCredential { consumer, id, header, secret });
             }
         }
         for credential in state.table(EntityKind::BasicAuth).values() {
@@ -477,6 +493,7 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         "correlation-id" => Box::new(access::CorrelationId::new(parse::<configs::CorrelationIdConfig>(config)?)?),
         "basic-auth" => Box::new(basic::BasicAuth::new(parse::<configs::BasicAuthConfig>(config)?)?),
         "jwt" => Box::new(jwt::Jwt::new(parse::<configs::JwtConfig>(config)?)?),
+        "hmac-auth" => Box::new(hmac::HmacAuth::new(parse::<configs::HmacAuthConfig>(config)?)?),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
         "request-size-limiting" => {

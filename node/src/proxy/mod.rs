@@ -332,8 +332,12 @@ impl Proxy {
         let mut plugin_run = None;
         if !snapshot.plugins.is_empty() {
             let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
-            let mut view =
-                crate::plugins::RequestView { method: &parts.method, query: uri.query(), headers: &mut parts.headers };
+            let mut view = crate::plugins::RequestView {
+                method: &parts.method,
+                path: uri.path(),
+                query: uri.query(),
+                headers: &mut parts.headers,
+            };
             let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.plugin_state).await;
             if let Some(exit) = exit {
                 let mut response = exit_response(exit, &request_id);
