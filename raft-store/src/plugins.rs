@@ -36,6 +36,8 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "basic-auth" => typed::<BasicAuthConfig>(config),
         "jwt" => typed::<JwtConfig>(config),
         "hmac-auth" => typed::<HmacAuthConfig>(config),
+        "request-transformer" => typed::<RequestTransformerConfig>(config),
+        "response-transformer" => typed::<ResponseTransformerConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -272,6 +274,127 @@ impl Check for HmacAuthConfig {
                 &format!("algorithms[{position}]"),
                 format!("expected one of: {}", HMAC_ALGORITHMS.join(", ")),
             );
+        }
+        Ok(())
+    }
+}
+
+/// One request-transformer operation's lists (`name` or `name:value` entries).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestParts {
+    pub body: Vec<String>,
+    pub headers: Vec<String>,
+    pub querystring: Vec<String>,
+}
+
+/// request-transformer's `replace` also takes `uri`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestReplace {
+    pub body: Vec<String>,
+    pub headers: Vec<String>,
+    pub querystring: Vec<String>,
+    pub uri: Option<String>,
+}
+
+/// request-transformer (priority 801): remove, rename, replace, add, append, in that
+/// order, on headers and the query string; `replace.uri` and `http_method`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestTransformerConfig {
+    pub http_method: Option<String>,
+    pub remove: RequestParts,
+    pub rename: RequestParts,
+    pub replace: RequestReplace,
+    pub add: RequestParts,
+    pub append: RequestParts,
+}
+
+/// Checks `name` / `name:value` entries; `header` when the names are header names.
+fn check_pairs(field: &str, items: &[String], with_value: bool, header: bool) -> Result<(), (String, String)> {
+    check_list(field, items)?;
+    for (position, item) in items.iter().enumerate() {
+        let name = if with_value {
+            match item.split_once(':') {
+                Some((name, _)) => name,
+                None => return fail(&format!("{field}[{position}]"), "invalid value, expected 'name:value'"),
+            }
+        } else {
+            item.as_str()
+        };
+        if name.is_empty() || (header && http::HeaderName::from_bytes(name.as_bytes()).is_err()) {
+            return fail(&format!("{field}[{position}]"), format!("invalid name '{name}'"));
+        }
+    }
+    Ok(())
+}
+
+impl Check for RequestTransformerConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if let Some(method) = &self.http_method {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return fail("http_method", "expected an upper-case HTTP method");
+            }
+        }
+        let lists = [
+            ("remove", &self.remove.body, &self.remove.headers, &self.remove.querystring, false),
+            ("rename", &self.rename.body, &self.rename.headers, &self.rename.querystring, true),
+            ("replace", &self.replace.body, &self.replace.headers, &self.replace.querystring, true),
+            ("add", &self.add.body, &self.add.headers, &self.add.querystring, true),
+            ("append", &self.append.body, &self.append.headers, &self.append.querystring, true),
+        ];
+        for (operation, body, headers, querystring, with_value) in lists {
+            if !body.is_empty() {
+                return fail(&format!("{operation}.body"), "body transformations are not supported yet");
+            }
+            check_pairs(&format!("{operation}.headers"), headers, with_value, true)?;
+            check_pairs(&format!("{operation}.querystring"), querystring, with_value, false)?;
+        }
+        if let Some(uri) = &self.replace.uri {
+            if !uri.starts_with('/') {
+                return fail("replace.uri", "must start with '/'");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One response-transformer operation's lists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponseParts {
+    pub headers: Vec<String>,
+    pub json: Vec<String>,
+    pub json_types: Vec<String>,
+}
+
+/// response-transformer (priority 800): remove, rename, replace, add, append on the
+/// response headers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponseTransformerConfig {
+    pub remove: ResponseParts,
+    pub rename: ResponseParts,
+    pub replace: ResponseParts,
+    pub add: ResponseParts,
+    pub append: ResponseParts,
+}
+
+impl Check for ResponseTransformerConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        let lists = [
+            ("remove", &self.remove, false),
+            ("rename", &self.rename, true),
+            ("replace", &self.replace, true),
+            ("add", &self.add, true),
+            ("append", &self.append, true),
+        ];
+        for (operation, parts, with_value) in lists {
+            if !parts.json.is_empty() || !parts.json_types.is_empty() {
+                return fail(&format!("{operation}.json"), "JSON body transformations are not supported yet");
+            }
+            check_pairs(&format!("{operation}.headers"), &parts.headers, with_value, true)?;
         }
         Ok(())
     }
@@ -712,7 +835,7 @@ mod tests {
         assert!(error.contains_key("config"), "{error:?}");
         let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
         assert!(error.contains_key("config.status_code"), "{error:?}");
-        let error = normalize("request-transformer", &json!({})).unwrap_err();
+        let error = normalize("proxy-cache", &json!({})).unwrap_err();
         assert!(error.contains_key("name"), "{error:?}");
     }
 }

@@ -245,7 +245,7 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
         (json!({"name": "rate-limiting", "config": {"minute": 5, "limit_by": "planet"}}), "config.limit_by"),
         (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
         (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
-        (json!({"name": "request-transformer"}), "name"),
+        (json!({"name": "proxy-cache"}), "name"),
         (json!({"name": "hmac-auth", "config": {"algorithms": ["hmac-md5"]}}), "config.algorithms[0]"),
         (json!({"name": "jwt", "config": {"claims_to_verify": ["iat"]}}), "config.claims_to_verify[0]"),
     ];
@@ -675,5 +675,64 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
     assert!(replayed.body["message"].as_str().is_some_and(|m| m.contains("valid date")), "{}", replayed.body);
     let missing = proxy_request(&proxy, "GET", None, "/signed/x", &[]).await?;
     assert_eq!((missing.status, missing.body["message"].as_str()), (401, Some("Unauthorized")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_transformers_edit_headers_query_method_and_path() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "shaped", &["/shaped"]).await?;
+    let request = json!({"name": "request-transformer", "config": {
+        "http_method": "POST",
+        "remove": {"headers": ["x-drop"], "querystring": ["secret"]},
+        "rename": {"headers": ["x-old:x-new"], "querystring": ["q:query"]},
+        "replace": {"headers": ["x-keep:replaced", "x-absent:never"], "uri": "/rewritten"},
+        "add": {"headers": ["x-added:yes", "x-keep:not-added"], "querystring": ["source:tollgate"]},
+        "append": {"headers": ["x-list:two"], "querystring": ["tag:b"]}
+    }});
+    let response = json!({"name": "response-transformer", "config": {
+        "remove": {"headers": ["x-tollgate-upstream-latency"]},
+        "rename": {"headers": ["content-type:x-original-content-type"]},
+        "add": {"headers": ["x-served-by:tollgate"]},
+        "append": {"headers": ["x-list:b"]}
+    }});
+    for plugin in [request, response] {
+        client.post(&format!("/routes/{}/plugins", routes[0]), &plugin).await?;
+    }
+    let refused = client
+        .post("/plugins", &json!({"name": "request-transformer", "config": {"add": {"headers": ["no-colon"]}}}))
+        .await
+        .unwrap_err();
+    assert!(refused.api_error().is_some_and(|e| e.fields.contains_key("config.add.headers[0]")), "{refused}");
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    let reply = proxy_request(
+        &proxy,
+        "GET",
+        None,
+        "/shaped/x?secret=s&q=1&tag=a",
+        &[("x-drop", "1"), ("x-old", "moved"), ("x-keep", "original"), ("x-list", "one")],
+    )
+    .await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let seen = &reply.body;
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["path"], "/rewritten");
+    assert_eq!(seen["query"], "query=1&tag=a&source=tollgate&tag=b");
+    assert_eq!(upstream_header(&reply, "x-drop"), None);
+    assert_eq!(upstream_header(&reply, "x-old"), None);
+    assert_eq!(upstream_header(&reply, "x-new"), Some("moved"));
+    assert_eq!(upstream_header(&reply, "x-keep"), Some("replaced"));
+    assert_eq!(upstream_header(&reply, "x-absent"), None);
+    assert_eq!(upstream_header(&reply, "x-added"), Some("yes"));
+    assert_eq!(seen["headers"]["x-list"], json!(["one", "two"]));
+    // The response side.
+    assert_eq!(header(&reply, "x-tollgate-upstream-latency"), None);
+    assert_eq!(header(&reply, "content-type"), None);
+    assert_eq!(header(&reply, "x-original-content-type"), Some("application/json"));
+    assert_eq!(header(&reply, "x-served-by"), Some("tollgate"));
     Ok(())
 }

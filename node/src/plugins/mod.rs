@@ -31,6 +31,7 @@ pub mod basic;
 pub mod hmac;
 pub mod jwt;
 pub mod observe;
+pub mod transform;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -109,6 +110,10 @@ pub struct Ctx {
     pub body_limit: Option<u64>,
     /// The answer of the last [`Flow::Verify`], for the plugin that asked.
     pub verified: Option<bool>,
+    /// Replaces the path sent upstream (request-transformer's `replace.uri`).
+    pub upstream_path: Option<String>,
+    /// Replaces the method sent upstream (request-transformer's `http_method`).
+    pub upstream_method: Option<http::Method>,
 }
 
 impl Ctx {
@@ -124,6 +129,8 @@ impl Ctx {
             response_headers: Vec::new(),
             body_limit: None,
             verified: None,
+            upstream_path: None,
+            upstream_method: None,
         }
     }
 }
@@ -494,6 +501,12 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         "basic-auth" => Box::new(basic::BasicAuth::new(parse::<configs::BasicAuthConfig>(config)?)?),
         "jwt" => Box::new(jwt::Jwt::new(parse::<configs::JwtConfig>(config)?)?),
         "hmac-auth" => Box::new(hmac::HmacAuth::new(parse::<configs::HmacAuthConfig>(config)?)?),
+        "request-transformer" => {
+            Box::new(transform::RequestTransformer::new(parse::<configs::RequestTransformerConfig>(config)?)?)
+        }
+        "response-transformer" => {
+            Box::new(transform::ResponseTransformer::new(parse::<configs::ResponseTransformerConfig>(config)?)?)
+        }
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
         "request-size-limiting" => {

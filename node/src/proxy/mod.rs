@@ -347,6 +347,7 @@ impl Proxy {
             }
             plugin_run = Some((ran, ctx));
         }
+        let upstream_method = plugin_run.as_ref().and_then(|(_, ctx)| ctx.upstream_method.clone());
         let upstream_query = match &plugin_run {
             Some((_, ctx)) if ctx.upstream_query.is_some() => ctx.upstream_query.as_deref().filter(|q| !q.is_empty()),
             _ => uri.query(),
@@ -363,7 +364,9 @@ impl Proxy {
 
         let balancer = service.balancer.as_deref();
         let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { &*path };
-        let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, strip_path);
+        let replaced_path = plugin_run.as_ref().and_then(|(_, ctx)| ctx.upstream_path.clone());
+        let mut upstream_path =
+            replaced_path.unwrap_or_else(|| path::upstream_path_v0(&service.path, &path, postfix, strip_path));
         if let Some(query) = upstream_query {
             upstream_path.push('?');
             upstream_path.push_str(query);
@@ -499,7 +502,7 @@ impl Proxy {
                 None => body.take().unwrap_or_else(empty_upstream_body),
             };
             let mut upstream_request = Request::new(attempt_body);
-            *upstream_request.method_mut() = parts.method.clone();
+            *upstream_request.method_mut() = upstream_method.clone().unwrap_or_else(|| parts.method.clone());
             *upstream_request.uri_mut() = uri;
             // The headers are cloned only while another attempt may need them.
             *upstream_request.headers_mut() =
