@@ -38,6 +38,8 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "hmac-auth" => typed::<HmacAuthConfig>(config),
         "request-transformer" => typed::<RequestTransformerConfig>(config),
         "response-transformer" => typed::<ResponseTransformerConfig>(config),
+        "file-log" => typed::<FileLogConfig>(config),
+        "http-log" => typed::<HttpLogConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -395,6 +397,112 @@ impl Check for ResponseTransformerConfig {
                 return fail(&format!("{operation}.json"), "JSON body transformations are not supported yet");
             }
             check_pairs(&format!("{operation}.headers"), &parts.headers, with_value, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// file-log (priority 9): one JSON line per request appended to `path`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileLogConfig {
+    pub path: String,
+    pub reopen: bool,
+}
+
+impl Check for FileLogConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if !self.path.starts_with('/') || self.path.contains("..") || self.path.len() > 4096 {
+            return fail("path", "an absolute path without '..'");
+        }
+        Ok(())
+    }
+}
+
+/// http-log's queue (Kong 3's names; batching by count and delay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogQueueConfig {
+    pub max_batch_size: u32,
+    /// Seconds an entry may wait for a batch to fill.
+    pub max_coalescing_delay: f64,
+    pub max_entries: u32,
+    pub max_retry_time: f64,
+}
+
+impl Default for LogQueueConfig {
+    fn default() -> Self {
+        LogQueueConfig { max_batch_size: 1, max_coalescing_delay: 1.0, max_entries: 10_000, max_retry_time: 60.0 }
+    }
+}
+
+/// http-log (priority 12): JSON entries POSTed in batches to `http_endpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLogConfig {
+    pub http_endpoint: String,
+    pub method: String,
+    pub content_type: String,
+    /// Milliseconds.
+    pub timeout: u64,
+    pub keepalive: u64,
+    pub headers: BTreeMap<String, String>,
+    pub queue: LogQueueConfig,
+}
+
+impl Default for HttpLogConfig {
+    fn default() -> Self {
+        HttpLogConfig {
+            http_endpoint: String::new(),
+            method: "POST".into(),
+            content_type: "application/json".into(),
+            timeout: 10_000,
+            keepalive: 60_000,
+            headers: BTreeMap::new(),
+            queue: LogQueueConfig::default(),
+        }
+    }
+}
+
+impl Check for HttpLogConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        let Ok(uri) = self.http_endpoint.parse::<http::Uri>() else {
+            return fail("http_endpoint", "not a valid URL");
+        };
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return fail("http_endpoint", "https endpoints are not supported yet; use http"),
+            _ => return fail("http_endpoint", "expected an http:// URL"),
+        }
+        if uri.host().is_none() {
+            return fail("http_endpoint", "missing host");
+        }
+        if !["POST", "PUT", "PATCH"].contains(&self.method.as_str()) {
+            return fail("method", "expected one of: POST, PUT, PATCH");
+        }
+        if self.content_type != "application/json" {
+            return fail("content_type", "expected application/json");
+        }
+        if !(1..=600_000).contains(&self.timeout) {
+            return fail("timeout", "value should be between 1 and 600000");
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() || http::HeaderValue::from_str(value).is_err() {
+                return fail(&format!("headers.{name}"), "not a valid header");
+            }
+        }
+        let queue = &self.queue;
+        if !(1..=1000).contains(&queue.max_batch_size) {
+            return fail("queue.max_batch_size", "value should be between 1 and 1000");
+        }
+        if !(1..=1_000_000).contains(&queue.max_entries) {
+            return fail("queue.max_entries", "value should be between 1 and 1000000");
+        }
+        if !(0.0..=3600.0).contains(&queue.max_coalescing_delay) {
+            return fail("queue.max_coalescing_delay", "value should be between 0 and 3600");
+        }
+        if !(0.0..=86_400.0).contains(&queue.max_retry_time) {
+            return fail("queue.max_retry_time", "value should be between 0 and 86400");
         }
         Ok(())
     }

@@ -736,3 +736,91 @@ async fn request_and_response_transformers_edit_headers_query_method_and_path() 
     assert_eq!(header(&reply, "x-served-by"), Some("tollgate"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_log_and_http_log_write_kongs_entries_without_credentials() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let echo = EchoServer::start().await?;
+    // A log collector: every body POSTed to it.
+    let received: Arc<tokio::sync::Mutex<Vec<Value>>> = Arc::default();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let collector_address = collector.local_addr()?;
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = collector.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let sink = sink.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let body = request.into_body().collect().await?.to_bytes();
+                        if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                            sink.lock().await.push(value);
+                        }
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir()?;
+    let log_path = dir.path().join("requests.log");
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "logged", &["/logged"]).await?;
+    consumer_with_key(&client, "alice", "alice-secret-key").await?;
+    let plugins = [
+        json!({"name": "key-auth"}),
+        json!({"name": "file-log", "config": {"path": log_path.to_string_lossy()}}),
+        json!({"name": "http-log", "config": {"http_endpoint": format!("http://{collector_address}/logs"), "queue": {"max_batch_size": 2, "max_coalescing_delay": 0.2}}}),
+    ];
+    for plugin in plugins {
+        client.post(&format!("/routes/{}/plugins", routes[0]), &plugin).await?;
+    }
+    let refused = client
+        .post("/plugins", &json!({"name": "http-log", "config": {"http_endpoint": "ftp://example.com"}}))
+        .await
+        .unwrap_err();
+    assert!(refused.api_error().is_some_and(|e| e.fields.contains_key("config.http_endpoint")), "{refused}");
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    for path in ["/logged/a?apikey=alice-secret-key&page=2", "/logged/b"] {
+        let reply =
+            proxy_request(&proxy, "GET", None, path, &[("apikey", "alice-secret-key"), ("x-trace", "t1")]).await?;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
+    let lines = tollgate_tests::eventually("two file-log lines", tollgate_tests::CONVERGE_TIMEOUT, || async {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await?;
+    let first: Value = serde_json::from_str(&lines[0])?;
+    assert_eq!(first["request"]["method"], "GET");
+    assert_eq!(first["request"]["uri"], "/logged/a");
+    assert_eq!(first["request"]["querystring"]["page"], "2");
+    assert_eq!(first["request"]["headers"]["x-trace"], "t1");
+    assert_eq!(first["response"]["status"], 200);
+    assert_eq!(first["consumer"]["username"], "alice");
+    assert_eq!(first["route"]["id"], routes[0].as_str());
+    assert!(first["latencies"]["request"].is_u64());
+    for line in &lines {
+        assert!(!line.contains("alice-secret-key"), "a credential reached the log: {line}");
+    }
+
+    // http-log: both entries in one batch of two.
+    let batch = tollgate_tests::eventually("an http-log batch", tollgate_tests::CONVERGE_TIMEOUT, || async {
+        received.lock().await.first().cloned()
+    })
+    .await?;
+    let entries = batch.as_array().expect("a batch is a JSON array");
+    assert_eq!(entries.len(), 2, "{batch}");
+    assert_eq!(entries[1]["request"]["uri"], "/logged/b");
+    assert!(!batch.to_string().contains("alice-secret-key"));
+    Ok(())
+}

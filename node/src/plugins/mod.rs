@@ -30,6 +30,7 @@ pub mod auth;
 pub mod basic;
 pub mod hmac;
 pub mod jwt;
+pub mod logging;
 pub mod observe;
 pub mod transform;
 
@@ -51,6 +52,7 @@ pub use self::access::RateCounters;
 pub struct NodeState {
     pub counters: RateCounters,
     pub verified: basic::VerifiedCache,
+    pub logs: logging::LogSinks,
 }
 
 /// Plugins that identify consumers: with none configured, consumers and credentials
@@ -74,6 +76,8 @@ pub fn priority(name: &str) -> i32 {
         "response-transformer" => 800,
         "request-termination" => 2,
         "prometheus" => 13,
+        "http-log" => 12,
+        "file-log" => 9,
         _ => 0,
     }
 }
@@ -114,6 +118,8 @@ pub struct Ctx {
     pub upstream_path: Option<String>,
     /// Replaces the method sent upstream (request-transformer's `http_method`).
     pub upstream_method: Option<http::Method>,
+    /// The request as the logging plugins record it, taken once in `access`.
+    pub log_request: Option<Value>,
 }
 
 impl Ctx {
@@ -131,6 +137,7 @@ impl Ctx {
             verified: None,
             upstream_path: None,
             upstream_method: None,
+            log_request: None,
         }
     }
 }
@@ -190,7 +197,7 @@ pub trait Plugin: Send + Sync {
 
     /// After the response headers went out, with what is known of the exchange. Runs
     /// on the worker: it must only count or queue, never wait.
-    fn log(&self, _ctx: &Ctx, _summary: &LogSummary<'_>) {}
+    fn log(&self, _ctx: &Ctx, _summary: &LogSummary<'_>, _state: &NodeState) {}
 }
 
 /// What the log phase knows of an exchange.
@@ -207,9 +214,9 @@ pub struct LogSummary<'a> {
 }
 
 /// Runs `log` of the instances whose `access` ran.
-pub fn log(ran: &[Arc<Instance>], ctx: &Ctx, summary: &LogSummary<'_>) {
+pub fn log(ran: &[Arc<Instance>], ctx: &Ctx, summary: &LogSummary<'_>, state: &NodeState) {
     for instance in ran {
-        instance.plugin.log(ctx, summary);
+        instance.plugin.log(ctx, summary, state);
     }
 }
 
@@ -507,6 +514,8 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         "response-transformer" => {
             Box::new(transform::ResponseTransformer::new(parse::<configs::ResponseTransformerConfig>(config)?)?)
         }
+        "file-log" => Box::new(logging::FileLog::new(parse::<configs::FileLogConfig>(config)?)),
+        "http-log" => Box::new(logging::HttpLog::new(parse::<configs::HttpLogConfig>(config)?)),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
         "request-size-limiting" => {

@@ -51,7 +51,7 @@ fn cached<K: std::hash::Hash + Eq + Clone, V: Clone>(
 }
 
 impl Plugin for Prometheus {
-    fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>) {
+    fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>, _state: &super::NodeState) {
         let consumer_id = if self.config.per_consumer { ctx.consumer.as_ref().map(|c| c.id) } else { None };
         let scope: Scope = (ctx.route, ctx.service, consumer_id);
         // Label values, only built when a handle is made.

@@ -257,7 +257,7 @@ impl Proxy {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok()),
             };
-            crate::plugins::log(&ran, &ctx, &summary);
+            crate::plugins::log(&ran, &ctx, &summary, &self.plugin_state);
         }
         if let Some(access_log) = &self.access_log {
             let line = serde_json::json!({
