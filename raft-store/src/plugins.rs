@@ -40,6 +40,7 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "response-transformer" => typed::<ResponseTransformerConfig>(config),
         "file-log" => typed::<FileLogConfig>(config),
         "http-log" => typed::<HttpLogConfig>(config),
+        "opentelemetry" => typed::<OpenTelemetryConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -503,6 +504,72 @@ impl Check for HttpLogConfig {
         }
         if !(0.0..=86_400.0).contains(&queue.max_retry_time) {
             return fail("queue.max_retry_time", "value should be between 0 and 86400");
+        }
+        Ok(())
+    }
+}
+
+/// opentelemetry (priority 14): W3C `traceparent` propagation and one span per
+/// request exported over OTLP/HTTP (JSON encoding), batched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenTelemetryConfig {
+    /// The collector's traces URL (`http://collector:4318/v1/traces`).
+    pub endpoint: String,
+    pub headers: BTreeMap<String, String>,
+    pub resource_attributes: BTreeMap<String, String>,
+    pub batch_span_count: u32,
+    /// Seconds a span may wait for a batch to fill.
+    pub batch_flush_delay: f64,
+    /// Milliseconds.
+    pub send_timeout: u64,
+    /// `preserve` keeps an incoming `traceparent`'s trace; `w3c` does too (the only
+    /// propagation format here); others Kong knows are refused.
+    pub header_type: String,
+    /// Share of requests without an incoming sampled trace that are traced, 0 to 1.
+    pub sampling_rate: f64,
+}
+
+impl Default for OpenTelemetryConfig {
+    fn default() -> Self {
+        OpenTelemetryConfig {
+            endpoint: String::new(),
+            headers: BTreeMap::new(),
+            resource_attributes: BTreeMap::new(),
+            batch_span_count: 200,
+            batch_flush_delay: 3.0,
+            send_timeout: 5000,
+            header_type: "preserve".into(),
+            sampling_rate: 1.0,
+        }
+    }
+}
+
+impl Check for OpenTelemetryConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        let Ok(uri) = self.endpoint.parse::<http::Uri>() else { return fail("endpoint", "not a valid URL") };
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return fail("endpoint", "expected an http:// URL (https is not supported yet)");
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() || http::HeaderValue::from_str(value).is_err() {
+                return fail(&format!("headers.{name}"), "not a valid header");
+            }
+        }
+        if !(1..=10_000).contains(&self.batch_span_count) {
+            return fail("batch_span_count", "value should be between 1 and 10000");
+        }
+        if !(0.0..=3600.0).contains(&self.batch_flush_delay) {
+            return fail("batch_flush_delay", "value should be between 0 and 3600");
+        }
+        if !(1..=600_000).contains(&self.send_timeout) {
+            return fail("send_timeout", "value should be between 1 and 600000");
+        }
+        if !["preserve", "w3c"].contains(&self.header_type.as_str()) {
+            return fail("header_type", "expected one of: preserve, w3c");
+        }
+        if !(0.0..=1.0).contains(&self.sampling_rate) {
+            return fail("sampling_rate", "value should be between 0 and 1");
         }
         Ok(())
     }

@@ -739,34 +739,8 @@ async fn request_and_response_transformers_edit_headers_query_method_and_path() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_log_and_http_log_write_kongs_entries_without_credentials() -> anyhow::Result<()> {
-    use std::sync::Arc;
     let echo = EchoServer::start().await?;
-    // A log collector: every body POSTed to it.
-    let received: Arc<tokio::sync::Mutex<Vec<Value>>> = Arc::default();
-    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let collector_address = collector.local_addr()?;
-    let sink = received.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = collector.accept().await {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let sink = sink.clone();
-                    async move {
-                        use http_body_util::BodyExt;
-                        let body = request.into_body().collect().await?.to_bytes();
-                        if let Ok(value) = serde_json::from_slice::<Value>(&body) {
-                            sink.lock().await.push(value);
-                        }
-                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (collector_address, received) = start_collector().await?;
     let dir = tempfile::tempdir()?;
     let log_path = dir.path().join("requests.log");
     let cluster = TestCluster::start(1).await?;
@@ -815,12 +789,85 @@ async fn file_log_and_http_log_write_kongs_entries_without_credentials() -> anyh
 
     // http-log: both entries in one batch of two.
     let batch = tollgate_tests::eventually("an http-log batch", tollgate_tests::CONVERGE_TIMEOUT, || async {
-        received.lock().await.first().cloned()
+        received.lock().await.first().map(|(_, body)| body.clone())
     })
     .await?;
     let entries = batch.as_array().expect("a batch is a JSON array");
     assert_eq!(entries.len(), 2, "{batch}");
     assert_eq!(entries[1]["request"]["uri"], "/logged/b");
     assert!(!batch.to_string().contains("alice-secret-key"));
+    Ok(())
+}
+
+type Received = std::sync::Arc<tokio::sync::Mutex<Vec<(String, Value)>>>;
+
+/// A log or trace collector: every JSON body POSTed to it, with its path.
+async fn start_collector() -> anyhow::Result<(std::net::SocketAddr, Received)> {
+    let received: Received = Default::default();
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = collector.local_addr()?;
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = collector.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let sink = sink.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let path = request.uri().path().to_string();
+                        let body = request.into_body().collect().await?.to_bytes();
+                        if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                            sink.lock().await.push((path, value));
+                        }
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((address, received))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opentelemetry_propagates_traceparent_and_exports_spans_over_otlp_http() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let (collector, received) = start_collector().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "traced", &["/traced"]).await?;
+    let config = json!({"endpoint": format!("http://{collector}/v1/traces"), "batch_span_count": 2, "batch_flush_delay": 0.2,
+                        "resource_attributes": {"deployment.environment": "test"}});
+    client.post(&format!("/routes/{}/plugins", routes[0]), &json!({"name": "opentelemetry", "config": config})).await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let continued = proxy_request(&proxy, "GET", None, "/traced/a", &[("traceparent", incoming)]).await?;
+    let sent = upstream_header(&continued, "traceparent").expect("traceparent upstream").to_string();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "the client's trace continues");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "the upstream's parent is the proxy's span");
+    assert_eq!(parts[3], "01");
+    let fresh = proxy_request(&proxy, "GET", None, "/traced/b", &[]).await?;
+    let fresh_header = upstream_header(&fresh, "traceparent").expect("a new trace").to_string();
+    assert_ne!(fresh_header.split('-').nth(1), Some(parts[1]));
+
+    let (path, body) = tollgate_tests::eventually("an OTLP batch", tollgate_tests::CONVERGE_TIMEOUT, || async {
+        received.lock().await.first().cloned()
+    })
+    .await?;
+    assert_eq!(path, "/v1/traces");
+    let resource = &body["resourceSpans"][0]["resource"]["attributes"];
+    assert!(resource.as_array().is_some_and(|a| a.iter().any(|kv| kv["key"] == "deployment.environment")), "{body}");
+    let spans = body["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().expect("spans").clone();
+    assert_eq!(spans.len(), 2, "{body}");
+    let first = spans.iter().find(|span| span["traceId"] == parts[1]).expect("the continued trace's span");
+    assert_eq!(first["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(first["spanId"], parts[2]);
+    assert_eq!(first["name"], "kong");
     Ok(())
 }

@@ -92,7 +92,7 @@ fn entry(ctx: &Ctx, summary: &LogSummary<'_>) -> String {
     .to_string()
 }
 
-fn dropped(plugin: &'static str) {
+pub fn dropped(plugin: &'static str) {
     metrics::counter!("tollgate_plugin_log_dropped_total", "plugin" => plugin).increment(1);
 }
 
@@ -145,8 +145,10 @@ impl LogSinks {
             .as_ref()
     }
 
-    fn http_queue(&self, config: &HttpLogConfig) -> Option<tokio::sync::mpsc::Sender<String>> {
-        let key = serde_json::to_string(config).ok()?;
+    /// The queue of an endpoint's sender task, started on first use. `wrap` makes a
+    /// request body of a batch of entries.
+    pub fn http_queue(&self, config: &HttpLogConfig, wrap: Wrap) -> Option<tokio::sync::mpsc::Sender<String>> {
+        let key = format!("{wrap:?}{}", serde_json::to_string(config).ok()?);
         if let Some(queue) = self.http.read().ok()?.get(&key) {
             return Some(queue.clone());
         }
@@ -158,7 +160,7 @@ impl LogSinks {
             return None;
         }
         let (queue, entries) = tokio::sync::mpsc::channel(config.queue.max_entries as usize);
-        self.runtime()?.spawn(send_batches(config.clone(), entries));
+        self.runtime()?.spawn(send_batches(config.clone(), wrap, entries));
         sinks.insert(key, queue.clone());
         Some(queue)
     }
@@ -198,10 +200,19 @@ fn write_line(
     let _ = writeln!(writer, "{line}");
 }
 
+/// How a batch becomes a request body.
+#[derive(Debug, Clone)]
+pub enum Wrap {
+    /// One entry as an object; more as a JSON array.
+    HttpLog,
+    /// OTLP/HTTP JSON: the spans under one resource (its JSON object given).
+    Otlp { resource: String },
+}
+
 /// Sends http-log entries in batches: up to `max_batch_size`, waiting at most
 /// `max_coalescing_delay` for a batch to fill; a failed batch is retried with
 /// backoff for up to `max_retry_time`, then dropped and counted.
-async fn send_batches(config: HttpLogConfig, mut entries: tokio::sync::mpsc::Receiver<String>) {
+async fn send_batches(config: HttpLogConfig, wrap: Wrap, mut entries: tokio::sync::mpsc::Receiver<String>) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_millis(config.keepalive))
         .build_http::<Full<Bytes>>();
@@ -215,7 +226,14 @@ async fn send_batches(config: HttpLogConfig, mut entries: tokio::sync::mpsc::Rec
                 _ => break,
             }
         }
-        let body = if config.queue.max_batch_size == 1 { batch.remove(0) } else { format!("[{}]", batch.join(",")) };
+        let body = match &wrap {
+            Wrap::HttpLog if config.queue.max_batch_size == 1 => batch.remove(0),
+            Wrap::HttpLog => format!("[{}]", batch.join(",")),
+            Wrap::Otlp { resource } => format!(
+                r#"{{"resourceSpans":[{{"resource":{resource},"scopeSpans":[{{"scope":{{"name":"tollgate"}},"spans":[{}]}}]}}]}}"#,
+                batch.join(",")
+            ),
+        };
         let body = Bytes::from(body);
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(10);
@@ -306,7 +324,7 @@ impl Plugin for HttpLog {
     }
 
     fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>, state: &NodeState) {
-        let Some(queue) = state.logs.http_queue(&self.config) else { return dropped("http-log") };
+        let Some(queue) = state.logs.http_queue(&self.config, Wrap::HttpLog) else { return dropped("http-log") };
         if queue.try_send(entry(ctx, summary)).is_err() {
             dropped("http-log");
         }

@@ -75,6 +75,7 @@ pub fn priority(name: &str) -> i32 {
         "request-transformer" => 801,
         "response-transformer" => 800,
         "request-termination" => 2,
+        "opentelemetry" => 14,
         "prometheus" => 13,
         "http-log" => 12,
         "file-log" => 9,
@@ -120,6 +121,10 @@ pub struct Ctx {
     pub upstream_method: Option<http::Method>,
     /// The request as the logging plugins record it, taken once in `access`.
     pub log_request: Option<Value>,
+    /// The request's trace (opentelemetry).
+    pub trace: Option<observe::Trace>,
+    /// The request's method, for the log phase.
+    pub method: http::Method,
 }
 
 impl Ctx {
@@ -138,6 +143,8 @@ impl Ctx {
             upstream_path: None,
             upstream_method: None,
             log_request: None,
+            trace: None,
+            method: http::Method::GET,
         }
     }
 }
@@ -515,6 +522,7 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
             Box::new(transform::ResponseTransformer::new(parse::<configs::ResponseTransformerConfig>(config)?)?)
         }
         "file-log" => Box::new(logging::FileLog::new(parse::<configs::FileLogConfig>(config)?)),
+        "opentelemetry" => Box::new(observe::OpenTelemetry::new(parse::<configs::OpenTelemetryConfig>(config)?)),
         "http-log" => Box::new(logging::HttpLog::new(parse::<configs::HttpLogConfig>(config)?)),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
         "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),

@@ -332,6 +332,7 @@ impl Proxy {
         let mut plugin_run = None;
         if !snapshot.plugins.is_empty() {
             let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
+            ctx.method = parts.method.clone();
             let mut view = crate::plugins::RequestView {
                 method: &parts.method,
                 path: uri.path(),
