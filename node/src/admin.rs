@@ -151,6 +151,19 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
             let version = node.cluster.remove_member(node_id).await?;
             Ok(versioned(empty_response(StatusCode::NO_CONTENT), version))
         }
+        // proxy-cache's memory strategy is per node: these act on this node's cache.
+        (&Method::DELETE, ["proxy-cache"]) => {
+            node.plugin_state.cache.clear();
+            Ok(empty_response(StatusCode::NO_CONTENT))
+        }
+        (&Method::DELETE, ["proxy-cache", key]) => match node.plugin_state.cache.remove(key) {
+            true => Ok(empty_response(StatusCode::NO_CONTENT)),
+            false => Err(ApiError::new(ErrorCode::NotFound, "Not found")),
+        },
+        (&Method::GET, ["proxy-cache", key]) => match node.plugin_state.cache.describe(key) {
+            Some(entry) => Ok(json_response(StatusCode::OK, &entry)),
+            None => Err(ApiError::new(ErrorCode::NotFound, "Not found")),
+        },
         (&Method::GET, ["config"]) => get_config(node, request).await,
         (&Method::POST, ["config"]) => post_config(node, request).await,
         (_, [collection]) => {

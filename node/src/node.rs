@@ -30,6 +30,9 @@ pub struct Node {
     /// Installed by `tollgate run` (one node per process); absent in `tollgate dev`,
     /// whose three nodes share a process.
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Plugin state kept across config changes (counters, caches), shared with the
+    /// proxy workers and read by the Admin API (`/proxy-cache`).
+    pub plugin_state: Arc<crate::plugins::NodeState>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -120,6 +123,7 @@ pub async fn start(
         published: published.clone(),
         committed_index,
         prometheus,
+        plugin_state: Arc::default(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -146,7 +150,7 @@ pub async fn start(
             header: std::time::Duration::from_millis(config.proxy_header_timeout_ms),
             keepalive: std::time::Duration::from_millis(config.proxy_keepalive_timeout_ms),
         },
-        plugin_state: Arc::default(),
+        plugin_state: node.plugin_state.clone(),
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;

@@ -41,6 +41,7 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
         "file-log" => typed::<FileLogConfig>(config),
         "http-log" => typed::<HttpLogConfig>(config),
         "opentelemetry" => typed::<OpenTelemetryConfig>(config),
+        "proxy-cache" => typed::<ProxyCacheConfig>(config),
         "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
         _ => {
             return Err(BTreeMap::from([(
@@ -575,6 +576,88 @@ impl Check for OpenTelemetryConfig {
     }
 }
 
+/// proxy-cache's response headers switches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheResponseHeaders {
+    pub age: bool,
+    #[serde(rename = "X-Cache-Status")]
+    pub x_cache_status: bool,
+    #[serde(rename = "X-Cache-Key")]
+    pub x_cache_key: bool,
+}
+
+impl Default for CacheResponseHeaders {
+    fn default() -> Self {
+        CacheResponseHeaders { age: true, x_cache_status: true, x_cache_key: true }
+    }
+}
+
+/// proxy-cache (priority 100) with the `memory` strategy: per node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyCacheConfig {
+    pub response_code: Vec<u16>,
+    pub request_method: Vec<String>,
+    pub content_type: Vec<String>,
+    pub cache_ttl: u64,
+    pub strategy: String,
+    pub cache_control: bool,
+    pub ignore_uri_case: bool,
+    pub storage_ttl: Option<u64>,
+    pub vary_query_params: Option<Vec<String>>,
+    pub vary_headers: Option<Vec<String>>,
+    pub response_headers: CacheResponseHeaders,
+}
+
+impl Default for ProxyCacheConfig {
+    fn default() -> Self {
+        ProxyCacheConfig {
+            response_code: vec![200, 301, 404],
+            request_method: vec!["GET".into(), "HEAD".into()],
+            content_type: vec!["text/plain".into(), "application/json".into()],
+            cache_ttl: 300,
+            strategy: "memory".into(),
+            cache_control: false,
+            ignore_uri_case: false,
+            storage_ttl: None,
+            vary_query_params: None,
+            vary_headers: None,
+            response_headers: CacheResponseHeaders::default(),
+        }
+    }
+}
+
+impl Check for ProxyCacheConfig {
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.strategy != "memory" {
+            return fail("strategy", "expected one of: memory");
+        }
+        if self.response_code.is_empty() {
+            return fail("response_code", "length must be at least 1");
+        }
+        if let Some(position) = self.response_code.iter().position(|code| !(100..=900).contains(code)) {
+            return fail(&format!("response_code[{position}]"), "value should be between 100 and 900");
+        }
+        check_list("request_method", &self.request_method)?;
+        if let Some(position) =
+            self.request_method.iter().position(|m| !["GET", "HEAD", "POST", "PATCH", "PUT"].contains(&m.as_str()))
+        {
+            return fail(&format!("request_method[{position}]"), "expected one of: HEAD, GET, POST, PATCH, PUT");
+        }
+        check_list("content_type", &self.content_type)?;
+        if self.cache_ttl == 0 {
+            return fail("cache_ttl", "value must be greater than 0");
+        }
+        for (field, list) in [("vary_query_params", &self.vary_query_params), ("vary_headers", &self.vary_headers)] {
+            if let Some(list) = list {
+                check_list(field, list)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// acl (priority 950): `allow` or `deny` groups, exactly one of them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1010,7 +1093,7 @@ mod tests {
         assert!(error.contains_key("config"), "{error:?}");
         let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
         assert!(error.contains_key("config.status_code"), "{error:?}");
-        let error = normalize("proxy-cache", &json!({})).unwrap_err();
+        let error = normalize("aws-lambda", &json!({})).unwrap_err();
         assert!(error.contains_key("name"), "{error:?}");
     }
 }

@@ -245,7 +245,8 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
         (json!({"name": "rate-limiting", "config": {"minute": 5, "limit_by": "planet"}}), "config.limit_by"),
         (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
         (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
-        (json!({"name": "proxy-cache"}), "name"),
+        (json!({"name": "aws-lambda"}), "name"),
+        (json!({"name": "proxy-cache", "config": {"strategy": "redis"}}), "config.strategy"),
         (json!({"name": "hmac-auth", "config": {"algorithms": ["hmac-md5"]}}), "config.algorithms[0]"),
         (json!({"name": "jwt", "config": {"claims_to_verify": ["iat"]}}), "config.claims_to_verify[0]"),
     ];
@@ -869,5 +870,66 @@ async fn opentelemetry_propagates_traceparent_and_exports_spans_over_otlp_http()
     assert_eq!(first["parentSpanId"], "00f067aa0ba902b7");
     assert_eq!(first["spanId"], parts[2]);
     assert_eq!(first["name"], "kong");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_cache_hits_misses_bypasses_expires_and_purges() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "cached", &["/cached", "/short"]).await?;
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[0]),
+            &json!({"name": "proxy-cache", "config": {"content_type": ["application/json"], "cache_control": true}}),
+        )
+        .await?;
+    client
+        .post(
+            &format!("/routes/{}/plugins", routes[1]),
+            &json!({"name": "proxy-cache", "config": {"content_type": ["application/json"], "cache_ttl": 1}}),
+        )
+        .await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let status = |reply: &tollgate_tests::ProxyReply| header(reply, "x-cache-status").map(str::to_string);
+
+    let miss = proxy_request(&proxy, "GET", None, "/cached/item?a=1", &[]).await?;
+    assert_eq!(status(&miss).as_deref(), Some("Miss"));
+    let key = header(&miss, "x-cache-key").expect("a cache key").to_string();
+    let hit = proxy_request(&proxy, "GET", None, "/cached/item?a=1", &[]).await?;
+    assert_eq!(status(&hit).as_deref(), Some("Hit"));
+    assert_eq!(hit.body, miss.body, "the stored body, byte for byte (the echo's peer port would differ)");
+    assert!(header(&hit, "age").is_some());
+    assert_eq!(header(&hit, "x-cache-key"), Some(key.as_str()));
+    // Another query is another entry; a POST and a no-cache request bypass.
+    let other = proxy_request(&proxy, "GET", None, "/cached/item?a=2", &[]).await?;
+    assert_eq!(status(&other).as_deref(), Some("Miss"));
+    let post = proxy_request(&proxy, "POST", None, "/cached/item?a=1", &[]).await?;
+    assert_eq!(status(&post).as_deref(), Some("Bypass"));
+    assert_eq!(post.body["method"], "POST");
+    let fresh = proxy_request(&proxy, "GET", None, "/cached/item?a=1", &[("cache-control", "no-cache")]).await?;
+    assert_eq!(status(&fresh).as_deref(), Some("Bypass"));
+
+    // Purge through the Admin API: one key, then everything.
+    let described = client.get(&format!("/proxy-cache/{key}")).await?;
+    assert_eq!(described.body["status"], 200);
+    client.delete(&format!("/proxy-cache/{key}")).await?;
+    assert_eq!(client.get(&format!("/proxy-cache/{key}")).await.unwrap_err().status(), Some(404));
+    let again = proxy_request(&proxy, "GET", None, "/cached/item?a=1", &[]).await?;
+    assert_eq!(status(&again).as_deref(), Some("Miss"));
+    client.delete("/proxy-cache").await?;
+    let after_purge = proxy_request(&proxy, "GET", None, "/cached/item?a=2", &[]).await?;
+    assert_eq!(status(&after_purge).as_deref(), Some("Miss"));
+
+    // cache_ttl 1: the entry expires.
+    assert_eq!(status(&proxy_request(&proxy, "GET", None, "/short/x", &[]).await?).as_deref(), Some("Miss"));
+    assert_eq!(status(&proxy_request(&proxy, "GET", None, "/short/x", &[]).await?).as_deref(), Some("Hit"));
+    tollgate_tests::eventually("the entry to expire", tollgate_tests::CONVERGE_TIMEOUT, || async {
+        let reply = proxy_request(&proxy, "GET", None, "/short/x", &[]).await.ok()?;
+        (status(&reply).as_deref() == Some("Miss")).then_some(())
+    })
+    .await?;
     Ok(())
 }

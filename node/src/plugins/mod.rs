@@ -28,6 +28,7 @@
 pub mod access;
 pub mod auth;
 pub mod basic;
+pub mod cache;
 pub mod hmac;
 pub mod jwt;
 pub mod logging;
@@ -53,6 +54,7 @@ pub struct NodeState {
     pub counters: RateCounters,
     pub verified: basic::VerifiedCache,
     pub logs: logging::LogSinks,
+    pub cache: cache::ResponseCache,
 }
 
 /// Plugins that identify consumers: with none configured, consumers and credentials
@@ -76,6 +78,7 @@ pub fn priority(name: &str) -> i32 {
         "response-transformer" => 800,
         "request-termination" => 2,
         "opentelemetry" => 14,
+        "proxy-cache" => 100,
         "prometheus" => 13,
         "http-log" => 12,
         "file-log" => 9,
@@ -125,6 +128,9 @@ pub struct Ctx {
     pub trace: Option<observe::Trace>,
     /// The request's method, for the log phase.
     pub method: http::Method,
+    /// proxy-cache: a miss whose response may be stored, then the decision to store.
+    pub cache_pending: Option<cache::Pending>,
+    pub cache_store: Option<cache::Store>,
 }
 
 impl Ctx {
@@ -145,6 +151,8 @@ impl Ctx {
             log_request: None,
             trace: None,
             method: http::Method::GET,
+            cache_pending: None,
+            cache_store: None,
         }
     }
 }
@@ -192,6 +200,7 @@ pub struct Env<'a> {
     pub data: &'a PluginData,
     pub counters: &'a RateCounters,
     pub verified: &'a basic::VerifiedCache,
+    pub cache: &'a cache::ResponseCache,
 }
 
 /// One plugin's behaviour. Every phase defaults to doing nothing.
@@ -200,7 +209,7 @@ pub trait Plugin: Send + Sync {
         Flow::Continue
     }
 
-    fn header_filter(&self, _ctx: &Ctx, _headers: &mut http::HeaderMap) {}
+    fn header_filter(&self, _ctx: &mut Ctx, _status: StatusCode, _headers: &mut http::HeaderMap) {}
 
     /// After the response headers went out, with what is known of the exchange. Runs
     /// on the worker: it must only count or queue, never wait.
@@ -459,7 +468,7 @@ impl Plugins {
         request: &mut RequestView<'_>,
         state: &NodeState,
     ) -> (Vec<Arc<Instance>>, Option<Exit>) {
-        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified };
+        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified, cache: &state.cache };
         let mut ran = Vec::new();
         for index in 0..self.names.len() {
             let Some(instance) = self.resolve(index, ctx).cloned() else { continue };
@@ -488,12 +497,12 @@ fn shape(consumer: bool, route: bool, service: bool) -> u8 {
 }
 
 /// Runs `header_filter` of the instances whose `access` ran, in the same order.
-pub fn header_filter(ran: &[Arc<Instance>], ctx: &Ctx, headers: &mut http::HeaderMap) {
+pub fn header_filter(ran: &[Arc<Instance>], ctx: &mut Ctx, status: StatusCode, headers: &mut http::HeaderMap) {
     for (name, value) in &ctx.response_headers {
         headers.insert(name.clone(), value.clone());
     }
     for instance in ran {
-        instance.plugin.header_filter(ctx, headers);
+        instance.plugin.header_filter(ctx, status, headers);
     }
 }
 
@@ -522,6 +531,7 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
             Box::new(transform::ResponseTransformer::new(parse::<configs::ResponseTransformerConfig>(config)?)?)
         }
         "file-log" => Box::new(logging::FileLog::new(parse::<configs::FileLogConfig>(config)?)),
+        "proxy-cache" => Box::new(cache::ProxyCache::new(parse::<configs::ProxyCacheConfig>(config)?)?),
         "opentelemetry" => Box::new(observe::OpenTelemetry::new(parse::<configs::OpenTelemetryConfig>(config)?)),
         "http-log" => Box::new(logging::HttpLog::new(parse::<configs::HttpLogConfig>(config)?)),
         "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),

@@ -240,7 +240,7 @@ impl ResponseTransformer {
 }
 
 impl Plugin for ResponseTransformer {
-    fn header_filter(&self, _ctx: &Ctx, headers: &mut HeaderMap) {
+    fn header_filter(&self, _ctx: &mut Ctx, _status: http::StatusCode, headers: &mut HeaderMap) {
         if !self.headers.is_empty() {
             self.headers.apply(headers);
         }

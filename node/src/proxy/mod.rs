@@ -342,7 +342,10 @@ impl Proxy {
             let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.plugin_state).await;
             if let Some(exit) = exit {
                 let mut response = exit_response(exit, &request_id);
-                crate::plugins::header_filter(&ran, &ctx, response.headers_mut());
+                let status = response.status();
+                crate::plugins::header_filter(&ran, &mut ctx, status, response.headers_mut());
+                // A plugin's own answer is never stored by proxy-cache.
+                ctx.cache_store = None;
                 trace.plugins = Some((ran, ctx));
                 return response;
             }
@@ -564,12 +567,22 @@ impl Proxy {
         parts.headers.insert(UPSTREAM_LATENCY_NAME, HeaderValue::from(upstream_ms));
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
         parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
-        if let Some((ran, ctx)) = &plugin_run {
-            crate::plugins::header_filter(ran, ctx, &mut parts.headers);
+        let mut plugin_run = plugin_run;
+        let mut cache_store = None;
+        if let Some((ran, ctx)) = &mut plugin_run {
+            crate::plugins::header_filter(ran, ctx, parts.status, &mut parts.headers);
+            cache_store = ctx.cache_store.take();
         }
         trace.from_upstream = true;
         trace.plugins = plugin_run;
-        Response::from_parts(parts, body.boxed())
+        match cache_store {
+            Some(store) => {
+                let state = self.plugin_state.clone();
+                let tee = crate::plugins::cache::CacheTee::new(body, parts.status, &parts.headers, store, state);
+                Response::from_parts(parts, tee.boxed())
+            }
+            None => Response::from_parts(parts, body.boxed()),
+        }
     }
 }
 
