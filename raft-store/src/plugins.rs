@@ -349,9 +349,7 @@ impl Check for RequestTransformerConfig {
             ("append", &self.append.body, &self.append.headers, &self.append.querystring, true),
         ];
         for (operation, body, headers, querystring, with_value) in lists {
-            if !body.is_empty() {
-                return fail(&format!("{operation}.body"), "body transformations are not supported yet");
-            }
+            check_pairs(&format!("{operation}.body"), body, with_value, false)?;
             check_pairs(&format!("{operation}.headers"), headers, with_value, true)?;
             check_pairs(&format!("{operation}.querystring"), querystring, with_value, false)?;
         }
@@ -395,8 +393,17 @@ impl Check for ResponseTransformerConfig {
             ("append", &self.append, true),
         ];
         for (operation, parts, with_value) in lists {
-            if !parts.json.is_empty() || !parts.json_types.is_empty() {
-                return fail(&format!("{operation}.json"), "JSON body transformations are not supported yet");
+            check_pairs(&format!("{operation}.json"), &parts.json, with_value, false)?;
+            if let Some(position) =
+                parts.json_types.iter().position(|t| !["string", "boolean", "number"].contains(&t.as_str()))
+            {
+                return fail(
+                    &format!("{operation}.json_types[{position}]"),
+                    "expected one of: string, boolean, number",
+                );
+            }
+            if !parts.json_types.is_empty() && parts.json_types.len() != parts.json.len() {
+                return fail(&format!("{operation}.json_types"), "one type per json entry");
             }
             check_pairs(&format!("{operation}.headers"), &parts.headers, with_value, true)?;
         }

@@ -933,3 +933,44 @@ async fn proxy_cache_hits_misses_bypasses_expires_and_purges() -> anyhow::Result
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transformers_edit_json_bodies_both_ways() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "json", &["/json"]).await?;
+    let request = json!({"name": "request-transformer", "config": {
+        "remove": {"body": ["password"]},
+        "rename": {"body": ["user:username"]},
+        "add": {"body": ["source:tollgate"]},
+        "append": {"body": ["tags:new"]}
+    }});
+    let response = json!({"name": "response-transformer", "config": {
+        "remove": {"json": ["peer", "headers"]},
+        "rename": {"json": ["listen:upstream"]},
+        "add": {"json": ["cached:false", "version:2"], "json_types": ["boolean", "number"]}
+    }});
+    for plugin in [request, response] {
+        client.post(&format!("/routes/{}/plugins", routes[0]), &plugin).await?;
+    }
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let body = json!({"user": "alice", "password": "hunter2", "tags": ["a"]}).to_string();
+    let request = http::Request::post(format!("{proxy}/json/x"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let reply = tollgate_tests::ProxyClient::new().send(request).await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // What the upstream received (the echo returns it as a string).
+    let sent: Value = serde_json::from_str(reply.body["body"].as_str().expect("the echoed body"))?;
+    assert_eq!(sent, json!({"username": "alice", "tags": ["a", "new"], "source": "tollgate"}));
+    // What the client got back.
+    assert!(reply.body.get("peer").is_none() && reply.body.get("headers").is_none(), "{}", reply.body);
+    assert_eq!(reply.body["upstream"], echo.address.as_str());
+    assert_eq!(reply.body["cached"], false);
+    assert_eq!(reply.body["version"], 2.0);
+    let length: usize = header(&reply, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert_eq!(length, reply.body.to_string().len(), "Content-Length fits the edited body");
+    Ok(())
+}

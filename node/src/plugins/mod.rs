@@ -131,6 +131,9 @@ pub struct Ctx {
     /// proxy-cache: a miss whose response may be stored, then the decision to store.
     pub cache_pending: Option<cache::Pending>,
     pub cache_store: Option<cache::Store>,
+    /// JSON body operations for the request sent upstream and for the response.
+    pub request_json: Option<Arc<transform::JsonOperations>>,
+    pub response_json: Option<Arc<transform::JsonOperations>>,
 }
 
 impl Ctx {
@@ -153,6 +156,8 @@ impl Ctx {
             method: http::Method::GET,
             cache_pending: None,
             cache_store: None,
+            request_json: None,
+            response_json: None,
         }
     }
 }

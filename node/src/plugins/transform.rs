@@ -1,18 +1,102 @@
 //! request-transformer and response-transformer: remove, rename, replace, add and
-//! append, in that order (Kong's), on headers and the query string.
+//! append, in that order (Kong's), on headers, the query string and JSON bodies (the
+//! top-level object of an `application/json` body, read whole, at most
+//! [`TRANSFORM_BODY_BYTES_MAX`]).
 //!
 //! `remove` drops a name; `rename` moves every value to the new name; `replace` sets
 //! a name only if present; `add` sets it only if absent; `append` adds a value
 //! whatever is there. Entries are parsed when the snapshot compiles.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde_json::Value;
 use tollgate_raft_store::plugins::{RequestTransformerConfig, ResponseParts, ResponseTransformerConfig};
 
 use super::{Ctx, Env, Flow, Plugin, RequestView};
 
+/// Largest JSON body a transformer reads whole; a larger one passes untouched.
+pub const TRANSFORM_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Operations on the top-level object of a JSON body.
+pub type JsonOperations = Operations<String, Value>;
+
+/// Whether a `Content-Type` is JSON.
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json"))
+}
+
+impl JsonOperations {
+    /// `types`: request-transformer's values are strings; response-transformer's
+    /// `json_types` may make them booleans or numbers.
+    fn compile_json(parts: [(&[String], &[String]); 5]) -> Result<JsonOperations, String> {
+        let typed = |(entries, types): (&[String], &[String])| -> Result<Vec<(String, Value)>, String> {
+            entries
+                .iter()
+                .enumerate()
+                .map(|(index, entry)| {
+                    let (name, text) = split(entry)?;
+                    let value = match types.get(index).map(String::as_str) {
+                        Some("boolean") => Value::from(text == "true"),
+                        Some("number") => text.parse::<f64>().map(Value::from).map_err(|e| format!("{entry}: {e}"))?,
+                        _ => Value::from(text),
+                    };
+                    Ok((name.to_string(), value))
+                })
+                .collect()
+        };
+        let [remove, rename, replace, add, append] = parts;
+        Ok(Operations {
+            remove: remove.0.to_vec(),
+            rename: rename
+                .0
+                .iter()
+                .map(|entry| split(entry).map(|(from, to)| (from.to_string(), to.to_string())))
+                .collect::<Result<_, _>>()?,
+            replace: typed(replace)?,
+            add: typed(add)?,
+            append: typed(append)?,
+        })
+    }
+
+    /// Transforms a JSON body; `None` when it is not a JSON object (left as it is).
+    pub fn apply_json(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let Value::Object(mut object) = serde_json::from_slice::<Value>(body).ok()? else { return None };
+        for name in &self.remove {
+            object.remove(name);
+        }
+        for (from, to) in &self.rename {
+            if let Some(value) = object.remove(from) {
+                object.insert(to.clone(), value);
+            }
+        }
+        for (name, value) in &self.replace {
+            if let Some(slot) = object.get_mut(name) {
+                *slot = value.clone();
+            }
+        }
+        for (name, value) in &self.add {
+            object.entry(name.clone()).or_insert_with(|| value.clone());
+        }
+        for (name, value) in &self.append {
+            match object.get_mut(name) {
+                Some(Value::Array(items)) => items.push(value.clone()),
+                Some(existing) => *existing = Value::Array(vec![existing.take(), value.clone()]),
+                None => {
+                    object.insert(name.clone(), Value::Array(vec![value.clone()]));
+                }
+            }
+        }
+        serde_json::to_vec(&Value::Object(object)).ok()
+    }
+}
+
 /// The five operations on one kind of part, compiled.
 #[derive(Default)]
-struct Operations<N, V> {
+pub struct Operations<N, V> {
     remove: Vec<N>,
     rename: Vec<(N, N)>,
     replace: Vec<(N, V)>,
@@ -176,6 +260,7 @@ pub struct RequestTransformer {
     uri: Option<String>,
     headers: HeaderOperations,
     query: QueryOperations,
+    body: Arc<JsonOperations>,
 }
 
 impl RequestTransformer {
@@ -200,12 +285,23 @@ impl RequestTransformer {
             &config.add.querystring,
             &config.append.querystring,
         ])?;
-        Ok(RequestTransformer { method, uri: config.replace.uri, headers, query })
+        let no_types: &[String] = &[];
+        let body = JsonOperations::compile_json([
+            (&config.remove.body, no_types),
+            (&config.rename.body, no_types),
+            (&config.replace.body, no_types),
+            (&config.add.body, no_types),
+            (&config.append.body, no_types),
+        ])?;
+        Ok(RequestTransformer { method, uri: config.replace.uri, headers, query, body: Arc::new(body) })
     }
 }
 
 impl Plugin for RequestTransformer {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+        if !self.body.is_empty() && is_json(request.headers) {
+            ctx.request_json = Some(self.body.clone());
+        }
         self.headers.apply(request.headers);
         if !self.query.is_empty() {
             let current = ctx.upstream_query.clone();
@@ -223,6 +319,7 @@ impl Plugin for RequestTransformer {
 
 pub struct ResponseTransformer {
     headers: HeaderOperations,
+    json: Arc<JsonOperations>,
 }
 
 impl ResponseTransformer {
@@ -235,11 +332,28 @@ impl ResponseTransformer {
             &parts(&config.add),
             &parts(&config.append),
         )?;
-        Ok(ResponseTransformer { headers })
+        fn json(parts: &ResponseParts) -> (&[String], &[String]) {
+            (parts.json.as_slice(), parts.json_types.as_slice())
+        }
+        let json = JsonOperations::compile_json([
+            json(&config.remove),
+            json(&config.rename),
+            json(&config.replace),
+            json(&config.add),
+            json(&config.append),
+        ])?;
+        Ok(ResponseTransformer { headers, json: Arc::new(json) })
     }
 }
 
 impl Plugin for ResponseTransformer {
+    fn access(&self, ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+        if !self.json.is_empty() {
+            ctx.response_json = Some(self.json.clone());
+        }
+        Flow::Continue
+    }
+
     fn header_filter(&self, _ctx: &mut Ctx, _status: http::StatusCode, headers: &mut HeaderMap) {
         if !self.headers.is_empty() {
             self.headers.apply(headers);
@@ -265,5 +379,32 @@ mod tests {
         let query = operations.apply(Some("drop=1&old=x&keep=y&list=1")).unwrap();
         assert_eq!(query, "new=x&keep=changed&list=1&extra=a%20b&list=2");
         assert_eq!(Operations::<String, String>::default().apply(None), None);
+    }
+
+    #[test]
+    fn json_operations_run_in_kongs_order_with_types() {
+        let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (remove, rename, replace, add, append) = (
+            strings(&["secret"]),
+            strings(&["old:new"]),
+            strings(&["n:7"]),
+            strings(&["flag:true", "n:1"]),
+            strings(&["list:c"]),
+        );
+        let types = strings(&["number"]);
+        let add_types = strings(&["boolean", "number"]);
+        let none: Vec<String> = Vec::new();
+        let operations = JsonOperations::compile_json([
+            (&remove, &none),
+            (&rename, &none),
+            (&replace, &types),
+            (&add, &add_types),
+            (&append, &none),
+        ])
+        .unwrap();
+        let body = br#"{"secret":"x","old":1,"n":"2","list":["a","b"]}"#;
+        let out: Value = serde_json::from_slice(&operations.apply_json(body).unwrap()).unwrap();
+        assert_eq!(out, serde_json::json!({"new": 1, "n": 7.0, "flag": true, "list": ["a", "b", "c"]}));
+        assert_eq!(operations.apply_json(b"[1,2]"), None, "only objects are transformed");
     }
 }

@@ -447,8 +447,22 @@ impl Proxy {
         let may_retry = service.retries > 0 && balancer.is_some_and(|balancer| balancer.len() > 1);
         // A request can be sent again when all its bytes are at hand: no body, or a
         // small one read whole first.
+        let request_json = plugin_run.as_ref().and_then(|(_, ctx)| ctx.request_json.clone());
         let (replay, mut body): (Option<Bytes>, Option<UpstreamBody>) = match declared_length {
             Some(0) => (Some(Bytes::new()), None),
+            // request-transformer edits a JSON body: read it whole (within the body
+            // limit), transform, and send the result with its new length.
+            _ if request_json.is_some() => match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
+                Ok(Ok(collected)) => {
+                    let original = collected.to_bytes();
+                    let operations = request_json.as_deref().expect("checked above");
+                    let edited = operations.apply_json(&original).map(Bytes::from).unwrap_or(original);
+                    parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(edited.len()));
+                    (Some(edited), None)
+                }
+                Ok(Err(failure)) => return body_error(&*failure, &request_id),
+                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
+            },
             Some(length) if length <= RETRY_BODY_BYTES_MAX && may_retry => {
                 match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
                     Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
@@ -568,6 +582,36 @@ impl Proxy {
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
         parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
         let mut plugin_run = plugin_run;
+        // response-transformer edits a JSON body: read it whole, transform, and answer
+        // with the result (a body over the limit or not JSON passes untouched).
+        let response_json = plugin_run.as_ref().and_then(|(_, ctx)| ctx.response_json.clone());
+        let body: ProxyBody = match response_json {
+            Some(operations) if crate::plugins::transform::is_json(&parts.headers) => {
+                let request_id = parts.headers.get(REQUEST_ID_NAME).cloned().unwrap_or(HeaderValue::from_static("-"));
+                let limited = http_body_util::Limited::new(body, crate::plugins::transform::TRANSFORM_BODY_BYTES_MAX);
+                let read = Duration::from_millis(service.read_timeout_ms);
+                match tokio::time::timeout(read, limited.collect()).await {
+                    Ok(Ok(collected)) => {
+                        let original = collected.to_bytes();
+                        let edited = operations.apply_json(&original).map(Bytes::from).unwrap_or(original);
+                        parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(edited.len()));
+                        Full::new(edited).map_err(|never| match never {}).boxed()
+                    }
+                    Ok(Err(failure)) => {
+                        tracing::debug!(%failure, "upstream body not transformed");
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "the upstream body could not be read whole",
+                            &request_id,
+                        );
+                    }
+                    Err(_) => {
+                        return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id)
+                    }
+                }
+            }
+            _ => body.boxed(),
+        };
         let mut cache_store = None;
         if let Some((ran, ctx)) = &mut plugin_run {
             crate::plugins::header_filter(ran, ctx, parts.status, &mut parts.headers);
@@ -581,7 +625,7 @@ impl Proxy {
                 let tee = crate::plugins::cache::CacheTee::new(body, parts.status, &parts.headers, store, state);
                 Response::from_parts(parts, tee.boxed())
             }
-            None => Response::from_parts(parts, body.boxed()),
+            None => Response::from_parts(parts, body),
         }
     }
 }
