@@ -974,3 +974,17 @@ async fn transformers_edit_json_bodies_both_ways() -> anyhow::Result<()> {
     assert_eq!(length, reply.body.to_string().len(), "Content-Length fits the edited body");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_runs_only_for_its_protocols() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "proto", &["/proto"]).await?;
+    let https_only = json!({"name": "request-termination", "protocols": ["https"], "config": {"status_code": 403}});
+    client.post(&format!("/routes/{}/plugins", routes[0]), &https_only).await?;
+    settle(&cluster).await?;
+    let reply = proxy_request(&cluster.nodes[0].proxy_url(), "GET", None, "/proto/x", &[]).await?;
+    assert_eq!(reply.status, 200, "an https-only plugin does not run for http: {}", reply.body);
+    Ok(())
+}

@@ -128,6 +128,8 @@ pub struct Ctx {
     pub trace: Option<observe::Trace>,
     /// The request's method, for the log phase.
     pub method: http::Method,
+    /// `http`, `https`, `grpc` or `grpcs`: which plugin instances run (their `protocols`).
+    pub protocol: &'static str,
     /// proxy-cache: a miss whose response may be stored, then the decision to store.
     pub cache_pending: Option<cache::Pending>,
     pub cache_store: Option<cache::Store>,
@@ -154,6 +156,7 @@ impl Ctx {
             log_request: None,
             trace: None,
             method: http::Method::GET,
+            protocol: "http",
             cache_pending: None,
             cache_store: None,
             request_json: None,
@@ -246,6 +249,8 @@ pub struct Instance {
     pub id: Uuid,
     pub name: String,
     pub plugin: Box<dyn Plugin>,
+    /// The request protocols it runs for (`http`, `https`, `grpc`, `grpcs`).
+    pub protocols: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -413,7 +418,13 @@ impl Plugins {
                 route: foreign_id(plugin, "route"),
                 service: foreign_id(plugin, "service"),
             };
-            instances.insert((index, scope), Arc::new(Instance { id, name: name.to_string(), plugin: built }));
+            let protocols = plugin
+                .get("protocols")
+                .and_then(Value::as_array)
+                .map(|list| list.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_else(|| ["grpc", "grpcs", "http", "https"].map(String::from).to_vec());
+            let instance = Instance { id, name: name.to_string(), plugin: built, protocols };
+            instances.insert((index, scope), Arc::new(instance));
         }
         // Indexes were handed out in discovery order; re-key by priority order.
         let mut order: Vec<usize> = (0..names.len()).collect();
@@ -477,6 +488,9 @@ impl Plugins {
         let mut ran = Vec::new();
         for index in 0..self.names.len() {
             let Some(instance) = self.resolve(index, ctx).cloned() else { continue };
+            if !instance.protocols.iter().any(|protocol| protocol == ctx.protocol) {
+                continue;
+            }
             let mut flow = instance.plugin.access(ctx, request, &env);
             if let Flow::Verify(work) = flow {
                 ctx.verified = Some(work.await);

@@ -333,6 +333,16 @@ impl Proxy {
         if !snapshot.plugins.is_empty() {
             let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
             ctx.method = parts.method.clone();
+            let grpc = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            ctx.protocol = match (grpc, tls) {
+                (true, true) => "grpcs",
+                (true, false) => "grpc",
+                (false, true) => "https",
+                (false, false) => "http",
+            };
             let mut view = crate::plugins::RequestView {
                 method: &parts.method,
                 path: uri.path(),
