@@ -484,30 +484,64 @@ impl Plugins {
         request: &mut RequestView<'_>,
         state: &NodeState,
     ) -> (Vec<Arc<Instance>>, Option<Exit>) {
-        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified, cache: &state.cache };
-        let mut ran = Vec::new();
-        for index in 0..self.names.len() {
-            let Some(instance) = self.resolve(index, ctx).cloned() else { continue };
-            if !instance.protocols.iter().any(|protocol| protocol == ctx.protocol) {
-                continue;
-            }
-            let mut flow = instance.plugin.access(ctx, request, &env);
-            if let Flow::Verify(work) = flow {
-                ctx.verified = Some(work.await);
-                flow = instance.plugin.access(ctx, request, &env);
-                ctx.verified = None;
-            }
-            ran.push(instance);
-            match flow {
-                Flow::Continue => {}
-                Flow::Exit(exit) => return (ran, Some(exit)),
-                Flow::Verify(_) => {
-                    return (ran, Some(Exit::message(StatusCode::INTERNAL_SERVER_ERROR, "plugin verification loop")));
+        let mut ran = Vec::with_capacity(self.names.len());
+        let mut from = 0;
+        // Only slow work (a password hash) leaves the synchronous loop, through a boxed
+        // future, so the common path keeps a small future.
+        loop {
+            match self.access_from(from, ctx, request, state, &mut ran) {
+                Step::Done(exit) => return (ran, exit),
+                Step::Verify(index, work) => {
+                    ctx.verified = Some(work.await);
+                    from = index;
                 }
             }
         }
-        (ran, None)
     }
+
+    /// Runs plugins from `from` on until one exits or asks for slow work.
+    fn access_from(
+        &self,
+        from: usize,
+        ctx: &mut Ctx,
+        request: &mut RequestView<'_>,
+        state: &NodeState,
+        ran: &mut Vec<Arc<Instance>>,
+    ) -> Step {
+        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified, cache: &state.cache };
+        for index in from..self.names.len() {
+            let Some(instance) = self.resolve(index, ctx) else { continue };
+            if !instance.protocols.iter().any(|protocol| protocol == ctx.protocol) {
+                continue;
+            }
+            let resumed = ctx.verified.is_some();
+            let flow = instance.plugin.access(ctx, request, &env);
+            ctx.verified = None;
+            match flow {
+                Flow::Verify(work) if !resumed => return Step::Verify(index, work),
+                Flow::Verify(_) => {
+                    ran.push(instance.clone());
+                    return Step::Done(Some(Exit::message(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "plugin verification loop",
+                    )));
+                }
+                Flow::Continue => ran.push(instance.clone()),
+                Flow::Exit(exit) => {
+                    ran.push(instance.clone());
+                    return Step::Done(Some(exit));
+                }
+            }
+        }
+        Step::Done(None)
+    }
+}
+
+/// Where the synchronous part of the access phase stopped.
+enum Step {
+    Done(Option<Exit>),
+    /// Plugin `index` asked for slow work; run it again with the answer.
+    Verify(usize, std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>),
 }
 
 /// A scope shape's bit: which of consumer, route and service a scope names.
@@ -517,8 +551,8 @@ fn shape(consumer: bool, route: bool, service: bool) -> u8 {
 
 /// Runs `header_filter` of the instances whose `access` ran, in the same order.
 pub fn header_filter(ran: &[Arc<Instance>], ctx: &mut Ctx, status: StatusCode, headers: &mut http::HeaderMap) {
-    for (name, value) in &ctx.response_headers {
-        headers.insert(name.clone(), value.clone());
+    for (name, value) in ctx.response_headers.drain(..) {
+        headers.insert(name, value);
     }
     for instance in ran {
         instance.plugin.header_filter(ctx, status, headers);
