@@ -246,6 +246,28 @@ async fn invalid_plugin_configs_are_refused_with_the_field_named_and_change_noth
         (json!({"name": "rate-limiting", "config": {"minute": 5, "policy": "redis"}}), "config.policy"),
         (json!({"name": "correlation-id", "config": {"generator": "dice"}}), "config.generator"),
         (json!({"name": "aws-lambda"}), "name"),
+        (json!({"name": "cors", "config": {"methods": ["GET", "FETCH"]}}), "config.methods[1]"),
+        (json!({"name": "cors", "config": {"origins": ["https://(unclosed"]}}), "config.origins[0]"),
+        (json!({"name": "request-size-limiting", "config": {"size_unit": "gigabytes"}}), "config.size_unit"),
+        (json!({"name": "basic-auth", "config": {"realm": "a\"b"}}), "config.realm"),
+        (
+            json!({"name": "response-transformer", "config": {"add": {"json": ["a:1"], "json_types": ["date"]}}}),
+            "config.add.json_types[0]",
+        ),
+        (
+            json!({"name": "request-transformer", "config": {"rename": {"querystring": ["no-colon"]}}}),
+            "config.rename.querystring[0]",
+        ),
+        (json!({"name": "file-log", "config": {"path": "relative.log"}}), "config.path"),
+        (
+            json!({"name": "http-log", "config": {"http_endpoint": "http://collector/logs", "method": "GET"}}),
+            "config.method",
+        ),
+        (
+            json!({"name": "opentelemetry", "config": {"endpoint": "http://collector:4318/v1/traces", "sampling_rate": 2}}),
+            "config.sampling_rate",
+        ),
+        (json!({"name": "prometheus", "config": {"per_consumer": "yes"}}), "config.per_consumer"),
         (json!({"name": "proxy-cache", "config": {"strategy": "redis"}}), "config.strategy"),
         (json!({"name": "hmac-auth", "config": {"algorithms": ["hmac-md5"]}}), "config.algorithms[0]"),
         (json!({"name": "jwt", "config": {"claims_to_verify": ["iat"]}}), "config.claims_to_verify[0]"),
