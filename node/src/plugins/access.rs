@@ -262,7 +262,7 @@ impl RateLimiting {
 
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
-        let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now_s = super::unix_now().as_secs();
         let identifier = self.identifier(ctx, request);
         // (counter, index into limits, used including this request, seconds to reset)
         let mut taken: Vec<(Arc<AtomicU64>, usize, u64, u64)> = Vec::with_capacity(self.limits.len());
@@ -344,8 +344,7 @@ impl CorrelationId {
             // Kong's tracker is nginx's `ip-port-pid-connection-requests-msec`; Tollgate
             // has no nginx connection numbers and sends `ip-pid-sequence-msec`.
             "tracker" => {
-                let ms =
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                let ms = super::unix_now().as_millis();
                 format!("{}-{}-{sequence}-{ms}", ctx.client_ip, std::process::id())
             }
             _ => {

@@ -16,12 +16,29 @@ const X_CONSUMER_CUSTOM_ID: HeaderName = HeaderName::from_static("x-consumer-cus
 const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
 const X_ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
 
+/// What a credential of any authentication plugin identifies: its consumer, its own
+/// id, and that id as the `X-Credential-Identifier` value (made once per snapshot).
+pub struct Identity {
+    pub consumer: uuid::Uuid,
+    pub id: uuid::Uuid,
+    pub header: HeaderValue,
+}
+
+impl Identity {
+    /// The identity of a stored credential entity; `None` without a consumer.
+    pub fn of(credential: &tollgate_raft_store::schema::Object) -> Option<Identity> {
+        let consumer = tollgate_raft_store::state::foreign_id(credential, "consumer")?;
+        let id = tollgate_raft_store::state::entity_id(credential);
+        Some(Identity { consumer, id, header: super::id_header(id) })
+    }
+}
+
 /// Records the consumer in `ctx` and in the headers the upstream receives.
 pub fn set_consumer(
     ctx: &mut Ctx,
     headers: &mut HeaderMap,
     consumer: &Arc<Consumer>,
-    credential: Option<(uuid::Uuid, &HeaderValue)>,
+    credential: Option<&Identity>,
     anonymous: bool,
 ) {
     let mut set = |name: HeaderName, value: Option<&HeaderValue>| match value {
@@ -35,11 +52,11 @@ pub fn set_consumer(
     set(X_CONSUMER_ID, Some(&consumer.id_header));
     set(X_CONSUMER_USERNAME, consumer.username_header.as_ref());
     set(X_CONSUMER_CUSTOM_ID, consumer.custom_id_header.as_ref());
-    set(X_CREDENTIAL_IDENTIFIER, credential.map(|(_, header)| header));
+    set(X_CREDENTIAL_IDENTIFIER, credential.map(|identity| &identity.header));
     const TRUE: HeaderValue = HeaderValue::from_static("true");
     set(X_ANONYMOUS_CONSUMER, anonymous.then_some(&TRUE));
     ctx.consumer = Some(consumer.clone());
-    ctx.credential = credential.map(|(id, _)| id);
+    ctx.credential = credential.map(|identity| identity.id);
     ctx.anonymous = anonymous;
 }
 
@@ -57,11 +74,10 @@ pub fn accept(
     ctx: &mut Ctx,
     request: &mut RequestView<'_>,
     env: &Env<'_>,
-    consumer: &uuid::Uuid,
-    credential: (uuid::Uuid, &HeaderValue),
+    credential: &Identity,
     hide: Option<HeaderName>,
 ) -> bool {
-    let Some(consumer) = env.data.consumers.get(consumer) else { return false };
+    let Some(consumer) = env.data.consumers.get(&credential.consumer) else { return false };
     set_consumer(ctx, request.headers, consumer, Some(credential), false);
     if let Some(header) = hide {
         request.headers.remove(header);
@@ -145,21 +161,17 @@ impl Plugin for KeyAuth {
         let found = self.find_key(request);
         let matched = found.as_ref().and_then(|(key, _)| env.data.keys.get(key.as_str()));
         match (found, matched) {
-            (Some((_, place)), Some((consumer_id, credential, credential_header))) => {
-                let Some(consumer) = env.data.consumers.get(consumer_id) else {
-                    return self.unauthorized("Invalid authentication credentials");
+            (Some((_, place)), Some(identity)) => {
+                let (hide_header, hide_query) = match place {
+                    Found::Header(name) if self.config.hide_credentials => (Some(name), None),
+                    Found::Query(name) if self.config.hide_credentials => (None, Some(name)),
+                    _ => (None, None),
                 };
-                set_consumer(ctx, request.headers, consumer, Some((*credential, credential_header)), false);
-                if self.config.hide_credentials {
-                    match place {
-                        Found::Header(name) => {
-                            request.headers.remove(name);
-                        }
-                        Found::Query(name) => {
-                            let query = request.query.unwrap_or_default();
-                            ctx.upstream_query = Some(without_param(query, &name));
-                        }
-                    }
+                if !accept(ctx, request, env, identity, hide_header) {
+                    return self.unauthorized("Invalid authentication credentials");
+                }
+                if let Some(name) = hide_query {
+                    ctx.upstream_query = Some(without_param(request.query.unwrap_or_default(), &name));
                 }
                 Flow::Continue
             }

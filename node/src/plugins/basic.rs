@@ -20,9 +20,9 @@ use http::{HeaderValue, StatusCode};
 use ring::{digest, pbkdf2, rand::SecureRandom};
 use tokio::sync::Semaphore;
 use tollgate_raft_store::plugins::BasicAuthConfig;
-use uuid::Uuid;
 
-use super::auth::{accept, authorization, use_anonymous};
+use super::auth::{accept, authorization, use_anonymous, Identity};
+use super::hex;
 use super::jwt::base64_decode;
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
 
@@ -40,9 +40,7 @@ pub const VERIFIED_CACHE_MAX: usize = 100_000;
 
 /// A basic-auth credential as the data path holds it.
 pub struct Credential {
-    pub consumer: Uuid,
-    pub id: Uuid,
-    pub header: HeaderValue,
+    pub identity: Identity,
     pub hash: String,
 }
 
@@ -74,10 +72,6 @@ pub fn verify_password(stored: &str, password: &str) -> bool {
     };
     let (Some(salt), Some(hash)) = (unhex(salt), unhex(hash)) else { return false };
     pbkdf2::verify(pbkdf2::PBKDF2_HMAC_SHA256, iterations, &salt, password.as_bytes(), &hash).is_ok()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
@@ -195,7 +189,7 @@ impl Plugin for BasicAuth {
         }
         env.verified.remember(key);
         let hide = self.config.hide_credentials.then_some(header_name);
-        if !accept(ctx, request, env, &credential.consumer, (credential.id, &credential.header), hide) {
+        if !accept(ctx, request, env, &credential.identity, hide) {
             return self.unauthorized("Invalid authentication credentials");
         }
         Flow::Continue

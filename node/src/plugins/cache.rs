@@ -58,7 +58,7 @@ pub struct ResponseCache {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    super::unix_now().as_millis() as u64
 }
 
 impl ResponseCache {
@@ -187,7 +187,7 @@ impl ProxyCache {
             let value = request.headers.get(name).map(HeaderValue::as_bytes).unwrap_or_default();
             part(value);
         }
-        context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        super::hex(context.finish().as_ref())
     }
 }
 

@@ -10,17 +10,14 @@
 use http::{HeaderName, HeaderValue, StatusCode};
 use ring::hmac;
 use tollgate_raft_store::plugins::HmacAuthConfig;
-use uuid::Uuid;
 
-use super::auth::{accept, authorization, use_anonymous};
+use super::auth::{accept, authorization, use_anonymous, Identity};
 use super::jwt::base64_decode;
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
 
 /// An hmac-auth credential as the data path holds it.
 pub struct HmacCredential {
-    pub consumer: Uuid,
-    pub id: Uuid,
-    pub header: HeaderValue,
+    pub identity: Identity,
     pub secret: String,
 }
 
@@ -144,7 +141,7 @@ impl Plugin for HmacAuth {
             return self.refuse(ctx, request, env, "HMAC signature does not match");
         }
         let hide = self.config.hide_credentials.then_some(header_name);
-        if !accept(ctx, request, env, &credential.consumer, (credential.id, &credential.header), hide) {
+        if !accept(ctx, request, env, &credential.identity, hide) {
             return self.refuse(ctx, request, env, "HMAC signature cannot be verified");
         }
         Flow::Continue

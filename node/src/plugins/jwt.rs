@@ -8,14 +8,13 @@
 
 use std::collections::HashMap;
 
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, StatusCode};
 use ring::{hmac, signature};
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 use tollgate_raft_store::plugins::JwtConfig;
-use uuid::Uuid;
 
-use super::auth::{query_param, set_consumer, use_anonymous};
+use super::auth::{accept, query_param, use_anonymous, Identity};
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
 
 /// Longest token accepted, in bytes.
@@ -29,9 +28,7 @@ pub enum Verifier {
 
 /// A jwt credential as the data path holds it.
 pub struct JwtCredential {
-    pub consumer: Uuid,
-    pub id: Uuid,
-    pub header: HeaderValue,
+    pub identity: Identity,
     pub algorithm: String,
     pub verifier: Verifier,
 }
@@ -232,7 +229,7 @@ impl Jwt {
         if !valid {
             return Err(message("Invalid signature"));
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now = super::unix_now().as_secs_f64();
         let mut errors = serde_json::Map::new();
         for claim in &self.config.claims_to_verify {
             let value = claims_json.get(claim);
@@ -281,10 +278,9 @@ impl Plugin for Jwt {
         let credentials = if self.config.secret_is_base64 { &env.data.jwt_base64 } else { &env.data.jwt };
         match self.verify(&token, credentials) {
             Ok(credential) => {
-                let Some(consumer) = env.data.consumers.get(&credential.consumer) else {
+                if !accept(ctx, request, env, &credential.identity, None) {
                     return self.refuse(ctx, request, env, serde_json::json!({ "message": "Unauthorized" }));
-                };
-                set_consumer(ctx, request.headers, consumer, Some((credential.id, &credential.header)), false);
+                }
                 Flow::Continue
             }
             Err(body) => self.refuse(ctx, request, env, body),

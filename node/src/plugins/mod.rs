@@ -57,6 +57,21 @@ pub struct NodeState {
     pub cache: cache::ResponseCache,
 }
 
+/// Lower-case hex of bytes (hashes, trace ids).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An id as a header value (`X-Consumer-ID`, `X-Credential-Identifier`).
+pub fn id_header(id: Uuid) -> HeaderValue {
+    HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Wall-clock time since the Unix epoch: windows, expiries and log timestamps.
+pub fn unix_now() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
 /// Plugins that identify consumers: with none configured, consumers and credentials
 /// are not indexed.
 const AUTHENTICATION_PLUGINS: [&str; 4] = ["key-auth", "basic-auth", "jwt", "hmac-auth"];
@@ -247,7 +262,6 @@ pub fn log(ran: &[Arc<Instance>], ctx: &Ctx, summary: &LogSummary<'_>, state: &N
 /// One configured plugin instance.
 pub struct Instance {
     pub id: Uuid,
-    pub name: String,
     pub plugin: Box<dyn Plugin>,
     /// The request protocols it runs for (`http`, `https`, `grpc`, `grpcs`).
     pub protocols: Vec<String>,
@@ -265,8 +279,8 @@ struct Scope {
 pub struct PluginData {
     pub consumers: HashMap<Uuid, Arc<Consumer>>,
     pub consumers_by_username: HashMap<String, Uuid>,
-    /// key-auth keys → (consumer, credential id, the id as a header value).
-    pub keys: HashMap<String, (Uuid, Uuid, HeaderValue)>,
+    /// key-auth keys → the credential.
+    pub keys: HashMap<String, auth::Identity>,
     /// basic-auth usernames → the credential.
     pub basic: HashMap<String, basic::Credential>,
     /// jwt keys → the credential, its HMAC secrets taken as given, and as base64 (a
@@ -310,7 +324,7 @@ impl PluginData {
             let header = |value: &Option<String>| value.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
             let consumer = Consumer {
                 id,
-                id_header: HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static("")),
+                id_header: id_header(id),
                 username_header: header(&username),
                 custom_id_header: header(&custom_id),
                 username,
@@ -320,17 +334,15 @@ impl PluginData {
             data.consumers.insert(id, Arc::new(consumer));
         }
         for credential in state.table(EntityKind::KeyAuth).values() {
-            if let (Some(consumer), Some(key)) =
-                (foreign_id(credential, "consumer"), credential.get("key").and_then(Value::as_str))
+            if let (Some(identity), Some(key)) =
+                (auth::Identity::of(credential), credential.get("key").and_then(Value::as_str))
             {
-                let id = entity_id(credential);
-                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
-                data.keys.insert(key.to_string(), (consumer, id, header));
+                data.keys.insert(key.to_string(), identity);
             }
         }
         for credential in state.table(EntityKind::Jwt).values() {
             let text = |field: &str| credential.get(field).and_then(Value::as_str);
-            let (Some(consumer), Some(key)) = (foreign_id(credential, "consumer"), text("key")) else { continue };
+            let Some(key) = text("key") else { continue };
             let algorithm = text("algorithm").unwrap_or("HS256");
             let id = entity_id(credential);
             for (base64, map) in [(false, &mut data.jwt), (true, &mut data.jwt_base64)] {
@@ -341,9 +353,9 @@ impl PluginData {
                     base64,
                 ) {
                     Ok(verifier) => {
-                        let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
+                        let Some(identity) = auth::Identity::of(credential) else { break };
                         let algorithm = algorithm.to_string();
-                        map.insert(key.to_string(), jwt::JwtCredential { consumer, id, header, algorithm, verifier });
+                        map.insert(key.to_string(), jwt::JwtCredential { identity, algorithm, verifier });
                     }
                     Err(error) if !base64 => tracing::warn!(credential = %id, %error, "jwt credential not usable"),
                     Err(_) => {}
@@ -352,24 +364,20 @@ impl PluginData {
         }
         for credential in state.table(EntityKind::HmacAuth).values() {
             let text = |field: &str| credential.get(field).and_then(Value::as_str);
-            if let (Some(consumer), Some(username), Some(secret)) =
-                (foreign_id(credential, "consumer"), text("username"), text("secret"))
+            if let (Some(identity), Some(username), Some(secret)) =
+                (auth::Identity::of(credential), text("username"), text("secret"))
             {
-                let id = entity_id(credential);
-                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
                 let secret = secret.to_string();
-                data.hmac.insert(username.to_string(), hmac::HmacCredential { consumer, id, header, secret });
+                data.hmac.insert(username.to_string(), hmac::HmacCredential { identity, secret });
             }
         }
         for credential in state.table(EntityKind::BasicAuth).values() {
             let text = |field: &str| credential.get(field).and_then(Value::as_str);
-            if let (Some(consumer), Some(username), Some(hash)) =
-                (foreign_id(credential, "consumer"), text("username"), text("password"))
+            if let (Some(identity), Some(username), Some(hash)) =
+                (auth::Identity::of(credential), text("username"), text("password"))
             {
-                let id = entity_id(credential);
-                let header = HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""));
                 let hash = hash.to_string();
-                data.basic.insert(username.to_string(), basic::Credential { consumer, id, header, hash });
+                data.basic.insert(username.to_string(), basic::Credential { identity, hash });
             }
         }
         data
@@ -423,7 +431,7 @@ impl Plugins {
                 .and_then(Value::as_array)
                 .map(|list| list.iter().filter_map(Value::as_str).map(str::to_string).collect())
                 .unwrap_or_else(|| ["grpc", "grpcs", "http", "https"].map(String::from).to_vec());
-            let instance = Instance { id, name: name.to_string(), plugin: built, protocols };
+            let instance = Instance { id, plugin: built, protocols };
             instances.insert((index, scope), Arc::new(instance));
         }
         // Indexes were handed out in discovery order; re-key by priority order.

@@ -6,7 +6,7 @@ use std::sync::RwLock;
 use metrics::{Counter, Histogram};
 use tollgate_raft_store::plugins::PrometheusConfig;
 
-use super::{Ctx, LogSummary, Plugin};
+use super::{hex, Ctx, LogSummary, Plugin};
 
 /// Metric handles one prometheus instance caches (by service, route, status and
 /// consumer); past this, new label sets are recorded without caching their handle.
@@ -117,10 +117,6 @@ pub struct Trace {
     pub sampled: bool,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Parses `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; all-zero ids are
 /// invalid (W3C).
 pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], bool)> {
@@ -207,7 +203,7 @@ impl Plugin for OpenTelemetry {
 
     fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>, state: &super::NodeState) {
         let Some(trace) = ctx.trace.as_ref().filter(|trace| trace.sampled) else { return };
-        let end_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let end_ns = super::unix_now().as_nanos();
         let start_ns = end_ns.saturating_sub((summary.latency_ms * 1e6) as u128);
         let attribute = |key: &str, value: serde_json::Value| serde_json::json!({ "key": key, "value": value });
         let mut attributes = vec![

@@ -103,13 +103,6 @@ impl Transport {
         }
     }
 
-    pub fn scheme(&self) -> &'static str {
-        match self {
-            Transport::Tls(_) => "https",
-            _ => "http",
-        }
-    }
-
     /// Whether requests go over HTTP/2 (gRPC needs it for trailers).
     pub fn is_h2(&self) -> bool {
         match self {
