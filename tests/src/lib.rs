@@ -398,3 +398,15 @@ pub async fn proxy_request(
 ) -> anyhow::Result<ProxyReply> {
     ProxyClient::new().request(proxy_url, method, host, path, headers).await
 }
+
+/// Writes raw bytes and reads until the proxy closes the connection.
+pub async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy_url.trim_start_matches("http://")).await?;
+    stream.write_all(request).await?;
+    let mut answers = Vec::new();
+    tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_to_end(&mut answers)).await??;
+    let text = String::from_utf8_lossy(&answers).into_owned();
+    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}

@@ -352,7 +352,7 @@ async fn cors_request_size_limiting_and_prometheus() -> anyhow::Result<()> {
         "POST /small/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
         "b".repeat(0x800)
     );
-    let (status, _) = raw_exchange(&proxy, chunked.as_bytes()).await?;
+    let (status, _) = tollgate_tests::raw_exchange(&proxy, chunked.as_bytes()).await?;
     assert_eq!(status, 413);
 
     // prometheus: Kong's names on the node's /metrics.
@@ -369,18 +369,6 @@ async fn cors_request_size_limiting_and_prometheus() -> anyhow::Result<()> {
     assert!(line.ends_with(" 3"), "{line}");
     assert!(text.contains("kong_request_latency_ms_bucket"), "latency histograms exported");
     Ok(())
-}
-
-/// Writes raw bytes and reads until the proxy closes the connection.
-async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy_url.trim_start_matches("http://")).await?;
-    stream.write_all(request).await?;
-    let mut answers = Vec::new();
-    tokio::time::timeout(tollgate_tests::CONVERGE_TIMEOUT, stream.read_to_end(&mut answers)).await??;
-    let text = String::from_utf8_lossy(&answers).into_owned();
-    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    Ok((status, text))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,22 +391,7 @@ async fn basic_auth_stores_only_salted_hashes_and_verifies_off_the_worker() -> a
         .await?;
     settle(&cluster).await?;
     let proxy = cluster.nodes[0].proxy_url();
-    let basic = |user_pass: &str| {
-        const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let bytes = user_pass.as_bytes();
-        let mut out = String::from("Basic ");
-        for chunk in bytes.chunks(3) {
-            let group = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(TABLE[((group >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    };
+    let basic = |user_pass: &str| format!("Basic {}", base64(user_pass.as_bytes()));
 
     let missing = proxy_request(&proxy, "GET", None, "/basic/x", &[]).await?;
     assert_eq!(missing.status, 401);
@@ -462,16 +435,28 @@ async fn basic_auth_stores_only_salted_hashes_and_verifies_off_the_worker() -> a
     Ok(())
 }
 
-fn b64url(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// Base64 with `table`'s alphabet; `pad` with `=` (standard) or not (base64url).
+fn encode64(bytes: &[u8], table: &[u8; 64], pad: bool) -> String {
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let group = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(TABLE[((group >> (18 - 6 * i)) & 63) as usize] as char);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(table[((group >> (18 - 6 * i)) & 63) as usize] as char);
+            } else if pad {
+                out.push('=');
+            }
         }
     }
     out
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    encode64(bytes, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", false)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    encode64(bytes, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", true)
 }
 
 /// `header.claims` of a token, base64url encoded.
@@ -490,16 +475,8 @@ fn hs256(secret: &str, claims: &Value) -> String {
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
-    let standard: String = b64url(der)
-        .chars()
-        .map(|c| match c {
-            '-' => '+',
-            '_' => '/',
-            c => c,
-        })
-        .collect();
-    let padded = format!("{standard}{}", "=".repeat((4 - standard.len() % 4) % 4));
-    let lines: Vec<&str> = padded.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    let encoded = base64(der);
+    let lines: Vec<&str> = encoded.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
@@ -638,17 +615,6 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
         .await?;
     settle(&cluster).await?;
     let proxy = cluster.nodes[0].proxy_url();
-    let standard = |bytes: &[u8]| -> String {
-        b64url(bytes)
-            .chars()
-            .map(|c| match c {
-                '-' => '+',
-                '_' => '/',
-                c => c,
-            })
-            .collect::<String>()
-            + &"=".repeat((3 - bytes.len() % 3) % 3)
-    };
     let sign = |algorithm: &'static str, secret: &str, date: &str, path: &str, headers: &str| -> String {
         let lines: Vec<String> = headers
             .split(' ')
@@ -659,7 +625,7 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
             ring::hmac::sign(&ring::hmac::Key::new(ring_algorithm, secret.as_bytes()), lines.join("\n").as_bytes());
         format!(
             r#"hmac username="alice-hmac", algorithm="{algorithm}", headers="{headers}", signature="{}""#,
-            standard(tag.as_ref())
+            base64(tag.as_ref())
         )
     };
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());

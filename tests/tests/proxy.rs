@@ -181,18 +181,6 @@ async fn raw_status(proxy_url: &str, request: &[u8], trickle: bool) -> anyhow::R
     Ok(text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0))
 }
 
-/// Writes raw bytes and reads until the proxy closes the connection.
-async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy_url.trim_start_matches("http://")).await?;
-    stream.write_all(request).await?;
-    let mut answers = Vec::new();
-    tokio::time::timeout(CONVERGE_TIMEOUT, stream.read_to_end(&mut answers)).await??;
-    let text = String::from_utf8_lossy(&answers).into_owned();
-    let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    Ok((status, text))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_refused_and_path_tricks_do_not_escape_routes() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
@@ -243,7 +231,7 @@ async fn hostile_input_is_refused_and_path_tricks_do_not_escape_routes() -> anyh
     // chunked body), the conflicting Content-Length never reaches the upstream, and the
     // connection is closed after the answer so the leftover bytes are never a request.
     let smuggle = b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: t\r\n\r\n";
-    let (status, answers) = raw_exchange(&proxy, smuggle).await?;
+    let (status, answers) = tollgate_tests::raw_exchange(&proxy, smuggle).await?;
     assert_eq!(status, 200);
     assert_eq!(answers.matches("HTTP/1.1 ").count(), 1, "the smuggled request was not answered: {answers}");
     assert!(answers.contains("\"body\":\"\""), "the upstream saw the chunked (empty) body: {answers}");
