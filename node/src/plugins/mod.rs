@@ -154,11 +154,21 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(client_ip: IpAddr, route: Option<Uuid>, service: Option<Uuid>) -> Ctx {
+    /// A request's context: who sent it (the trusted client address), what matched it,
+    /// its method, and its protocol as plugin `protocols` name it.
+    pub fn new(
+        client_ip: IpAddr,
+        route: Option<Uuid>,
+        service: Option<Uuid>,
+        method: http::Method,
+        protocol: &'static str,
+    ) -> Ctx {
         Ctx {
             client_ip,
             route,
             service,
+            method,
+            protocol,
             consumer: None,
             credential: None,
             anonymous: false,
@@ -170,8 +180,6 @@ impl Ctx {
             upstream_method: None,
             log_request: None,
             trace: None,
-            method: http::Method::GET,
-            protocol: "http",
             cache_pending: None,
             cache_store: None,
             request_json: None,

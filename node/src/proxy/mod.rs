@@ -331,18 +331,18 @@ impl Proxy {
         // request-termination is often used so).
         let mut plugin_run = None;
         if !snapshot.plugins.is_empty() {
-            let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route_id), service_id);
-            ctx.method = parts.method.clone();
             let grpc = parts
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            ctx.protocol = match (grpc, tls) {
+            let protocol = match (grpc, tls) {
                 (true, true) => "grpcs",
                 (true, false) => "grpc",
                 (false, true) => "https",
                 (false, false) => "http",
             };
+            let mut ctx =
+                crate::plugins::Ctx::new(client_ip, Some(route_id), service_id, parts.method.clone(), protocol);
             let mut view = crate::plugins::RequestView {
                 method: &parts.method,
                 path: uri.path(),
