@@ -138,9 +138,6 @@ impl Check for KeyAuthConfig {
                 );
             }
         }
-        if self.key_in_body {
-            return fail("key_in_body", "keys in the request body are not supported yet");
-        }
         Ok(())
     }
 }
@@ -265,9 +262,6 @@ impl Check for HmacAuthConfig {
     fn check(&self) -> Result<(), (String, String)> {
         if self.clock_skew == 0 || self.clock_skew > 86_400 {
             return fail("clock_skew", "value should be between 1 and 86400");
-        }
-        if self.validate_request_body {
-            return fail("validate_request_body", "checking the request body's digest is not supported yet");
         }
         check_list("enforce_headers", &self.enforce_headers)?;
         if self.algorithms.is_empty() {

@@ -148,6 +148,71 @@ async fn key_auth_identifies_consumers_hides_credentials_and_falls_back_to_anony
     Ok(())
 }
 
+/// POSTs `body` with `content_type` through the proxy.
+async fn post_body(
+    proxy: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> anyhow::Result<tollgate_tests::ProxyReply> {
+    let request = http::Request::post(format!("{proxy}{path}"))
+        .header("content-type", content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))?;
+    tollgate_tests::ProxyClient::new().send(request).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_auth_finds_keys_in_form_and_json_bodies_and_hides_them() -> anyhow::Result<()> {
+    let echo = EchoServer::start().await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    let (_, routes) = service_with_routes(&client, &echo, "bodies", &["/body", "/hidden-body"]).await?;
+    consumer_with_key(&client, "alice", "alice-key").await?;
+    client
+        .post(&format!("/routes/{}/plugins", routes[0]), &json!({"name": "key-auth", "config": {"key_in_body": true}}))
+        .await?;
+    let hidden = json!({"name": "key-auth", "config": {"key_in_body": true, "hide_credentials": true}});
+    client.post(&format!("/routes/{}/plugins", routes[1]), &hidden).await?;
+    let transformer = json!({"name": "request-transformer", "config": {"add": {"body": ["via:tollgate"]}}});
+    client.post(&format!("/routes/{}/plugins", routes[1]), &transformer).await?;
+    settle(&cluster).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    const FORM: &str = "application/x-www-form-urlencoded";
+
+    let form = post_body(&proxy, "/body/x", FORM, "x=1&apikey=alice-key").await?;
+    assert_eq!(form.status, 200, "{}", form.body);
+    assert_eq!(upstream_header(&form, "x-consumer-username"), Some("alice"));
+    assert_eq!(form.body["body"], "x=1&apikey=alice-key", "kept without hide_credentials");
+    let json_body = post_body(&proxy, "/body/x", "application/json", r#"{"apikey":"alice-key","n":1}"#).await?;
+    assert_eq!(json_body.status, 200, "{}", json_body.body);
+    assert_eq!(upstream_header(&json_body, "x-consumer-username"), Some("alice"));
+    let missing = post_body(&proxy, "/body/x", FORM, "x=1").await?;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.body["message"], "No API key found in request");
+    let wrong = post_body(&proxy, "/body/x", FORM, "apikey=nope").await?;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.body["message"], "Invalid authentication credentials");
+    // A header key still works, and the body is not read for it.
+    let headed = proxy_request(&proxy, "GET", None, "/body/x", &[("apikey", "alice-key")]).await?;
+    assert_eq!(headed.status, 200, "{}", headed.body);
+
+    // hide_credentials takes the key out of the body; request-transformer then adds a
+    // field to what is left, form or JSON, and the upstream gets a length that fits.
+    let form = post_body(&proxy, "/hidden-body/x", FORM, "apikey=alice-key&x=a+b").await?;
+    assert_eq!(form.status, 200, "{}", form.body);
+    let sent = form.body["body"].as_str().unwrap_or_default();
+    let mut fields: Vec<&str> = sent.split('&').collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["via=tollgate", "x=a%20b"], "{sent}");
+    assert_eq!(upstream_header(&form, "content-length"), Some(sent.len().to_string().as_str()));
+    let json_body =
+        post_body(&proxy, "/hidden-body/x", "application/json", r#"{"apikey":"alice-key","keep":true}"#).await?;
+    assert_eq!(json_body.status, 200, "{}", json_body.body);
+    let sent: Value = serde_json::from_str(json_body.body["body"].as_str().unwrap_or_default())?;
+    assert_eq!(sent, json!({"keep": true, "via": "tollgate"}));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_ip_restriction_rate_limiting_correlation_id_and_termination() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
@@ -664,6 +729,37 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
     assert!(replayed.body["message"].as_str().is_some_and(|m| m.contains("valid date")), "{}", replayed.body);
     let missing = proxy_request(&proxy, "GET", None, "/signed/x", &[]).await?;
     assert_eq!((missing.status, missing.body["message"].as_str()), (401, Some("Unauthorized")));
+
+    // validate_request_body: `Digest: SHA-256=<base64>` must be the body's digest, and
+    // no Digest is only right for an empty body.
+    let digest_route = client.post("/services/signed/routes", &json!({"paths": ["/digest"]})).await?;
+    let validating = json!({"name": "hmac-auth", "config": {"validate_request_body": true}});
+    client.post(&format!("/routes/{}/plugins", id(&digest_route)), &validating).await?;
+    settle(&cluster).await?;
+    let post = |body: &'static str, digest_of: Option<&'static str>| {
+        let (proxy, now) = (proxy.clone(), now.clone());
+        let authorization = sign("hmac-sha256", "hmac-secret", &now, "", "date");
+        async move {
+            let mut request = http::Request::post(format!("{proxy}/digest/x"))
+                .header("authorization", authorization)
+                .header("date", now)
+                .header("content-type", "text/plain");
+            if let Some(text) = digest_of {
+                let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                request = request.header("digest", format!("SHA-256={}", base64(digest.as_ref())));
+            }
+            tollgate_tests::ProxyClient::new()
+                .send(request.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+                .await
+        }
+    };
+    let matching = post("hello", Some("hello")).await?;
+    assert_eq!(matching.status, 200, "{}", matching.body);
+    assert_eq!(matching.body["body"], "hello", "the body read for the digest goes upstream whole");
+    let tampered = post("hello", Some("other")).await?;
+    assert_eq!((tampered.status, tampered.body["message"].as_str()), (401, Some("HMAC signature does not match")));
+    assert_eq!(post("hello", None).await?.status, 401);
+    assert_eq!(post("", None).await?.status, 200);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tollgate_raft_store::plugins::KeyAuthConfig;
 
+use super::transform::{self, body_kind, BodyKind};
 use super::{Consumer, Ctx, Env, Exit, Flow, Plugin, RequestView};
 
 const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
@@ -125,27 +126,73 @@ impl KeyAuth {
         Flow::Exit(exit)
     }
 
-    /// The key sent, and where: `Ok(Some((key, Some(header))))` or from the query.
-    fn find_key(&self, request: &RequestView<'_>) -> Option<(String, Found)> {
+    /// The key sent, and where, looking for each of `key_names` in turn in the
+    /// headers, the query string and (`key_in_body`) the body, Kong's order. The body
+    /// is asked for only when a name is not in the headers or the query string.
+    fn find_key(&self, ctx: &Ctx, request: &RequestView<'_>) -> Lookup {
         for (index, name) in self.names.iter().enumerate() {
             if self.config.key_in_header {
                 if let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) {
-                    return Some((value.to_string(), Found::Header(name.clone())));
+                    return Lookup::Found(value.to_string(), Found::Header(name.clone()));
                 }
             }
+            let text_name = &self.config.key_names[index];
             if self.config.key_in_query {
-                if let Some(value) = request.query.and_then(|query| query_param(query, &self.config.key_names[index])) {
-                    return Some((value, Found::Query(self.config.key_names[index].clone())));
+                if let Some(value) = request.query.and_then(|query| query_param(query, text_name)) {
+                    return Lookup::Found(value, Found::Query(text_name.clone()));
+                }
+            }
+            if self.config.key_in_body {
+                let Some(kind) = body_kind(request.headers) else { continue };
+                let Some(body) = &ctx.request_body else { return Lookup::NeedBody };
+                if let Some(value) = body_field(kind, body, text_name) {
+                    return Lookup::Found(value, Found::Body(kind, text_name.clone()));
                 }
             }
         }
-        None
+        Lookup::Missing
     }
+}
+
+enum Lookup {
+    Found(String, Found),
+    NeedBody,
+    Missing,
 }
 
 enum Found {
     Header(HeaderName),
     Query(String),
+    Body(BodyKind, String),
+}
+
+/// A string field of a JSON object or form body.
+fn body_field(kind: BodyKind, body: &[u8], name: &str) -> Option<String> {
+    match kind {
+        BodyKind::Json => match serde_json::from_slice::<serde_json::Value>(body).ok()? {
+            serde_json::Value::Object(mut object) => match object.remove(name)? {
+                serde_json::Value::String(text) => Some(text),
+                _ => None,
+            },
+            _ => None,
+        },
+        BodyKind::Form => {
+            transform::form_fields(std::str::from_utf8(body).ok()?).find(|(field, _)| field == name).map(|(_, v)| v)
+        }
+    }
+}
+
+/// The body without field `name` (`hide_credentials`); `None` when it cannot be
+/// re-encoded (it was read as having the field, so this does not happen in practice).
+fn without_body_field(kind: BodyKind, body: &[u8], name: &str) -> Option<Vec<u8>> {
+    match kind {
+        BodyKind::Json => {
+            let serde_json::Value::Object(mut object) = serde_json::from_slice(body).ok()? else { return None };
+            object.remove(name);
+            serde_json::to_vec(&object).ok()
+        }
+        BodyKind::Form => Some(without_param(std::str::from_utf8(body).ok()?, name).into_bytes()),
+    }
 }
 
 impl Plugin for KeyAuth {
@@ -158,20 +205,33 @@ impl Plugin for KeyAuth {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;
         }
-        let found = self.find_key(request);
+        let found = match self.find_key(ctx, request) {
+            Lookup::NeedBody => return Flow::ReadBody,
+            Lookup::Found(key, place) => Some((key, place)),
+            Lookup::Missing => None,
+        };
         let matched = found.as_ref().and_then(|(key, _)| env.data.keys.get(key.as_str()));
         match (found, matched) {
             (Some((_, place)), Some(identity)) => {
-                let (hide_header, hide_query) = match place {
-                    Found::Header(name) if self.config.hide_credentials => (Some(name), None),
-                    Found::Query(name) if self.config.hide_credentials => (None, Some(name)),
-                    _ => (None, None),
+                let hide = self.config.hide_credentials;
+                let hide_header = match &place {
+                    Found::Header(name) if hide => Some(name.clone()),
+                    _ => None,
                 };
                 if !accept(ctx, request, env, identity, hide_header) {
                     return self.unauthorized("Invalid authentication credentials");
                 }
-                if let Some(name) = hide_query {
-                    ctx.upstream_query = Some(without_param(request.query.unwrap_or_default(), &name));
+                match place {
+                    Found::Query(name) if hide => {
+                        ctx.upstream_query = Some(without_param(request.query.unwrap_or_default(), &name));
+                    }
+                    Found::Body(kind, name) if hide => {
+                        let body = ctx.request_body.as_deref().unwrap_or_default();
+                        if let Some(kept) = without_body_field(kind, body, &name) {
+                            ctx.request_body = Some(bytes::Bytes::from(kept));
+                        }
+                    }
+                    _ => {}
                 }
                 Flow::Continue
             }

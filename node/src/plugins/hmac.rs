@@ -83,6 +83,8 @@ impl HmacAuth {
     }
 }
 
+const DIGEST: HeaderName = HeaderName::from_static("digest");
+
 impl Plugin for HmacAuth {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
@@ -139,6 +141,24 @@ impl Plugin for HmacAuth {
         let signature = base64_decode(&signed.signature, false).unwrap_or_default();
         if hmac::verify(&key, lines.join("\n").as_bytes(), &signature).is_err() {
             return self.refuse(ctx, request, env, "HMAC signature does not match");
+        }
+        // validate_request_body: `Digest: SHA-256=<base64>` must be the body's digest;
+        // with no Digest header the body must be empty (Kong's rule).
+        if self.config.validate_request_body {
+            let Some(body) = &ctx.request_body else { return Flow::ReadBody };
+            let valid = match request.headers.get(DIGEST).and_then(|v| v.to_str().ok()) {
+                None => body.is_empty(),
+                Some(received) => received
+                    .strip_prefix("SHA-256=")
+                    .and_then(|b64| base64_decode(b64, false))
+                    .is_some_and(|received| {
+                        let computed = ring::digest::digest(&ring::digest::SHA256, body);
+                        bool::from(subtle::ConstantTimeEq::ct_eq(computed.as_ref(), received.as_slice()))
+                    }),
+            };
+            if !valid {
+                return self.refuse(ctx, request, env, "HMAC signature does not match");
+            }
         }
         let hide = self.config.hide_credentials.then_some(header_name);
         if !accept(ctx, request, env, &credential.identity, hide) {

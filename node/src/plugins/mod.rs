@@ -2,16 +2,26 @@
 //! and the phases they run in.
 //!
 //! **Phases**, in order (in the spirit of Pingora's `ProxyHttp` and Kong's phases):
-//! 1. `access`: after routing, before the upstream is picked. A plugin may change the
-//!    request (headers, the query string sent upstream) or answer it itself
-//!    ([`Flow::Exit`]): authentication, access control, rate limits, termination.
-//! 2. `header_filter`: on the response headers, from the upstream or from an exit,
+//! 1. `rewrite`: before routing, for global instances only (Kong's rule: neither the
+//!    route nor the consumer is known yet). A plugin may change the headers the router
+//!    sees, or answer the request itself. No bundled plugin needs it, as in Kong,
+//!    where the bundled plugins do their work in `access`.
+//! 2. `access`: after routing, before the upstream is picked. A plugin may change the
+//!    request (headers, the query string sent upstream, the body), ask for the whole
+//!    request body ([`Flow::ReadBody`]), hand slow work off the worker
+//!    ([`Flow::Verify`]) or answer the request itself ([`Flow::Exit`]):
+//!    authentication, access control, rate limits, termination, request transforms.
+//! 3. `header_filter`: on the response headers, from the upstream or from an exit,
 //!    for every plugin whose `access` ran: rate-limit headers, echoed ids.
-//! 3. `log`: once the response headers went out, with status and latencies, for the
-//!    same plugins: metrics (prometheus).
+//! 4. `body_filter`: on the whole response body, for the plugins whose `wants_body`
+//!    said so after `header_filter` (the body is then read whole, at most
+//!    [`BODY_FILTER_BYTES_MAX`], and sent with its new length): response-transformer.
+//!    Kong's body filters see chunks and most buffer them; handing them the whole
+//!    body keeps every plugin simple. Other responses stream untouched.
+//! 5. `log`: once the response headers went out, with status and latencies, for the
+//!    same plugins: metrics (prometheus), log sinks, traces.
 //!
-//! Each phase has a default that does nothing. Kong's `rewrite` and `body_filter`
-//! phases arrive with the plugins that need them (request/response transformers).
+//! Each phase has a default that does nothing.
 //!
 //! **Order**: Kong's plugin priorities, highest first ([`priority`]).
 //!
@@ -47,6 +57,14 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 pub use self::access::RateCounters;
+
+/// Largest body a plugin reads whole, request ([`Flow::ReadBody`]) or response
+/// (`body_filter`). A larger request body is answered 413 when a plugin needs it; a
+/// larger response body 502.
+pub const BODY_FILTER_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// How long a client may take to send a body a plugin reads whole: 408 after it.
+pub const REQUEST_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Plugin state a node keeps across config changes, shared by its proxy workers.
 #[derive(Default)]
@@ -148,9 +166,9 @@ pub struct Ctx {
     /// proxy-cache: a miss whose response may be stored, then the decision to store.
     pub cache_pending: Option<cache::Pending>,
     pub cache_store: Option<cache::Store>,
-    /// JSON body operations for the request sent upstream and for the response.
-    pub request_json: Option<Arc<transform::JsonOperations>>,
-    pub response_json: Option<Arc<transform::JsonOperations>>,
+    /// The request body, once a plugin asked for it ([`Flow::ReadBody`]); what is
+    /// here is sent upstream, so plugins edit it in place.
+    pub request_body: Option<Bytes>,
 }
 
 impl Ctx {
@@ -182,8 +200,7 @@ impl Ctx {
             trace: None,
             cache_pending: None,
             cache_store: None,
-            request_json: None,
-            response_json: None,
+            request_body: None,
         }
     }
 }
@@ -214,6 +231,10 @@ pub enum Flow {
     /// Slow work off the worker thread (a password hash): the framework awaits it,
     /// puts its answer in [`Ctx::verified`] and runs the plugin's `access` again.
     Verify(std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>),
+    /// The plugin needs the whole request body: the framework reads it (at most
+    /// [`BODY_FILTER_BYTES_MAX`]), puts it in [`Ctx::request_body`] and runs the
+    /// plugin's `access` again. Asked when the body is already there, it continues.
+    ReadBody,
 }
 
 /// The request as plugins see it in `access`.
@@ -234,13 +255,34 @@ pub struct Env<'a> {
     pub cache: &'a cache::ResponseCache,
 }
 
+/// The request as global plugins see it in `rewrite`, before routing.
+pub struct RewriteView<'a> {
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub headers: &'a mut http::HeaderMap,
+}
+
 /// One plugin's behaviour. Every phase defaults to doing nothing.
 pub trait Plugin: Send + Sync {
+    /// Before routing; runs only for global instances.
+    fn rewrite(&self, _request: &mut RewriteView<'_>) -> Option<Exit> {
+        None
+    }
+
     fn access(&self, _ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         Flow::Continue
     }
 
     fn header_filter(&self, _ctx: &mut Ctx, _status: StatusCode, _headers: &mut http::HeaderMap) {}
+
+    /// Whether `body_filter` is to see this response's body; asked after every
+    /// `header_filter` ran.
+    fn wants_body(&self, _ctx: &Ctx, _status: StatusCode, _headers: &http::HeaderMap) -> bool {
+        false
+    }
+
+    /// On the whole response body, when `wants_body` said so; may replace it.
+    fn body_filter(&self, _ctx: &mut Ctx, _headers: &http::HeaderMap, _body: &mut Bytes) {}
 
     /// After the response headers went out, with what is known of the exchange. Runs
     /// on the worker: it must only count or queue, never wait.
@@ -401,6 +443,8 @@ pub struct Plugins {
     shapes: Vec<u8>,
     /// Plugin names with at least one instance, by Kong priority (highest first).
     names: Vec<String>,
+    /// The global instances, by priority: they alone run `rewrite`.
+    global: Vec<Arc<Instance>>,
     pub data: PluginData,
 }
 
@@ -453,9 +497,25 @@ impl Plugins {
         for (index, scope) in instances.keys() {
             shapes[*index] |= 1 << shape(scope.consumer.is_some(), scope.route.is_some(), scope.service.is_some());
         }
+        let mut global: Vec<(usize, Arc<Instance>)> = instances
+            .iter()
+            .filter(|((_, scope), _)| scope.consumer.is_none() && scope.route.is_none() && scope.service.is_none())
+            .map(|((index, _), instance)| (*index, instance.clone()))
+            .collect();
+        global.sort_by_key(|(index, _)| *index);
+        let global = global.into_iter().map(|(_, instance)| instance).collect();
         let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
         let data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
-        Plugins { instances, shapes, names, data }
+        Plugins { instances, shapes, names, global, data }
+    }
+
+    /// Runs the `rewrite` phase of the global instances for `protocol`; an exit
+    /// answers the request before routing.
+    pub fn rewrite(&self, protocol: &str, request: &mut RewriteView<'_>) -> Option<Exit> {
+        self.global
+            .iter()
+            .filter(|instance| instance.protocols.iter().any(|p| p == protocol))
+            .find_map(|instance| instance.plugin.rewrite(request))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -493,22 +553,38 @@ impl Plugins {
     }
 
     /// Runs the access phase; returns the instances that ran (for `header_filter`) and
-    /// an exit when one answered the request.
-    pub async fn access(
+    /// an exit when one answered the request. `body` is the request body, taken and
+    /// read whole only when a plugin asks for it ([`Flow::ReadBody`]).
+    pub async fn access<B>(
         &self,
         ctx: &mut Ctx,
         request: &mut RequestView<'_>,
+        body: &mut Option<B>,
         state: &NodeState,
-    ) -> (Vec<Arc<Instance>>, Option<Exit>) {
+    ) -> (Vec<Arc<Instance>>, Option<Exit>)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut ran = Vec::with_capacity(self.names.len());
         let mut from = 0;
-        // Only slow work (a password hash) leaves the synchronous loop, through a boxed
-        // future, so the common path keeps a small future.
+        // Only slow work (a password hash, reading a body) leaves the synchronous loop,
+        // so the common path keeps a small future.
         loop {
             match self.access_from(from, ctx, request, state, &mut ran) {
                 Step::Done(exit) => return (ran, exit),
                 Step::Verify(index, work) => {
                     ctx.verified = Some(work.await);
+                    from = index;
+                }
+                Step::ReadBody(index) => {
+                    match body.take() {
+                        Some(stream) => match read_whole(stream).await {
+                            Ok(bytes) => ctx.request_body = Some(bytes),
+                            Err(exit) => return (ran, Some(exit)),
+                        },
+                        None => ctx.request_body = Some(ctx.request_body.take().unwrap_or_default()),
+                    }
                     from = index;
                 }
             }
@@ -535,6 +611,8 @@ impl Plugins {
             ctx.verified = None;
             match flow {
                 Flow::Verify(work) if !resumed => return Step::Verify(index, work),
+                Flow::ReadBody if ctx.request_body.is_none() => return Step::ReadBody(index),
+                Flow::ReadBody => ran.push(instance.clone()),
                 Flow::Verify(_) => {
                     ran.push(instance.clone());
                     return Step::Done(Some(Exit::message(
@@ -558,6 +636,50 @@ enum Step {
     Done(Option<Exit>),
     /// Plugin `index` asked for slow work; run it again with the answer.
     Verify(usize, std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>),
+    /// Plugin `index` asked for the request body; run it again once it is read.
+    ReadBody(usize),
+}
+
+/// Reads a request body whole for a plugin: 413 above [`BODY_FILTER_BYTES_MAX`], 400
+/// when it is malformed, 408 when the client is too slow.
+async fn read_whole<B>(body: B) -> Result<Bytes, Exit>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, BODY_FILTER_BYTES_MAX);
+    match tokio::time::timeout(REQUEST_BODY_READ_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(failure)) if failure.is::<http_body_util::LengthLimitError>() => {
+            Err(Exit::message(StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded"))
+        }
+        Ok(Err(failure)) => {
+            tracing::debug!(%failure, "client request body failed");
+            Err(Exit::message(StatusCode::BAD_REQUEST, "invalid request body"))
+        }
+        Err(_) => Err(Exit::message(StatusCode::REQUEST_TIMEOUT, "request body timed out")),
+    }
+}
+
+/// Whether any instance that ran wants the response body (`body_filter`).
+pub fn wants_body(ran: &[Arc<Instance>], ctx: &Ctx, status: StatusCode, headers: &http::HeaderMap) -> bool {
+    ran.iter().any(|instance| instance.plugin.wants_body(ctx, status, headers))
+}
+
+/// Runs `body_filter` of the instances that want this body, in order.
+pub fn body_filter(
+    ran: &[Arc<Instance>],
+    ctx: &mut Ctx,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    body: &mut Bytes,
+) {
+    for instance in ran {
+        if instance.plugin.wants_body(ctx, status, headers) {
+            instance.plugin.body_filter(ctx, headers, body);
+        }
+    }
 }
 
 /// A scope shape's bit: which of consumer, route and service a scope names.
@@ -610,4 +732,113 @@ fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String>
         }
         other => return Err(format!("plugin '{other}' is not available in this build")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Marks each phase it runs in, with its name, where the phase lets it write.
+    struct Recorder {
+        name: &'static str,
+        logged: Arc<AtomicUsize>,
+    }
+
+    const TRAIL: HeaderName = HeaderName::from_static("x-trail");
+
+    impl Plugin for Recorder {
+        fn rewrite(&self, request: &mut RewriteView<'_>) -> Option<Exit> {
+            request.headers.append(TRAIL, HeaderValue::from_str(&format!("rewrite:{}", self.name)).unwrap());
+            None
+        }
+
+        fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+            if ctx.request_body.is_none() {
+                return Flow::ReadBody;
+            }
+            request.headers.append(TRAIL, HeaderValue::from_str(&format!("access:{}", self.name)).unwrap());
+            Flow::Continue
+        }
+
+        fn header_filter(&self, _ctx: &mut Ctx, _status: StatusCode, headers: &mut http::HeaderMap) {
+            headers.append(TRAIL, HeaderValue::from_str(&format!("header_filter:{}", self.name)).unwrap());
+        }
+
+        fn wants_body(&self, _ctx: &Ctx, _status: StatusCode, _headers: &http::HeaderMap) -> bool {
+            true
+        }
+
+        fn body_filter(&self, _ctx: &mut Ctx, _headers: &http::HeaderMap, body: &mut Bytes) {
+            *body = Bytes::from(format!("{}+{}", String::from_utf8_lossy(body), self.name));
+        }
+
+        fn log(&self, _ctx: &Ctx, _summary: &LogSummary<'_>, _state: &NodeState) {
+            self.logged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn phases_run_in_order_and_rewrite_only_for_global_instances() {
+        let logged = Arc::new(AtomicUsize::new(0));
+        let route = Uuid::new_v4();
+        let instance = |name| {
+            let plugin = Box::new(Recorder { name, logged: logged.clone() });
+            Arc::new(Instance { id: Uuid::new_v4(), plugin, protocols: vec!["http".to_string()] })
+        };
+        let global = instance("global");
+        let scoped = instance("route");
+        let none = Scope { consumer: None, route: None, service: None };
+        let on_route = Scope { consumer: None, route: Some(route), service: None };
+        let plugins = Plugins {
+            instances: HashMap::from([((0, none), global.clone()), ((1, on_route), scoped)]),
+            shapes: vec![1 << shape(false, false, false), 1 << shape(false, true, false)],
+            names: vec!["first".to_string(), "second".to_string()],
+            global: vec![global],
+            data: PluginData::default(),
+        };
+        let mut headers = http::HeaderMap::new();
+        let method = http::Method::POST;
+        assert!(plugins
+            .rewrite("http", &mut RewriteView { method: &method, path: "/", headers: &mut headers })
+            .is_none());
+        let mut ctx = Ctx::new(IpAddr::from([127, 0, 0, 1]), Some(route), None, method.clone(), "http");
+        let mut view = RequestView { method: &method, path: "/", query: None, headers: &mut headers };
+        let mut body = Some(http_body_util::Full::new(Bytes::from_static(b"sent")));
+        let state = NodeState::default();
+        let (ran, exit) = plugins.access(&mut ctx, &mut view, &mut body, &state).await;
+        assert!(exit.is_none());
+        assert!(body.is_none(), "the body was taken by the first ReadBody");
+        assert_eq!(ctx.request_body.as_deref(), Some(&b"sent"[..]));
+        let trail: Vec<&str> = headers.get_all(TRAIL).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(trail, ["rewrite:global", "access:global", "access:route"]);
+
+        let mut response = http::HeaderMap::new();
+        header_filter(&ran, &mut ctx, StatusCode::OK, &mut response);
+        assert!(wants_body(&ran, &ctx, StatusCode::OK, &response));
+        let mut out = Bytes::from_static(b"body");
+        body_filter(&ran, &mut ctx, StatusCode::OK, &response, &mut out);
+        let trail: Vec<&str> = response.get_all(TRAIL).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(trail, ["header_filter:global", "header_filter:route"]);
+        assert_eq!(out, "body+global+route");
+        let summary = LogSummary {
+            status: 200,
+            latency_ms: 1.0,
+            upstream_ms: None,
+            service: "",
+            route: "",
+            from_upstream: true,
+            response_bytes: None,
+        };
+        log(&ran, &ctx, &summary, &state);
+        assert_eq!(logged.load(Ordering::Relaxed), 2);
+
+        // Another protocol: neither instance runs.
+        let mut other = http::HeaderMap::new();
+        assert!(plugins
+            .rewrite("grpc", &mut RewriteView { method: &method, path: "/", headers: &mut other })
+            .is_none());
+        assert!(other.is_empty());
+    }
 }

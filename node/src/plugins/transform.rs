@@ -1,13 +1,12 @@
 //! request-transformer and response-transformer: remove, rename, replace, add and
-//! append, in that order (Kong's), on headers, the query string and JSON bodies (the
-//! top-level object of an `application/json` body, read whole, at most
-//! [`TRANSFORM_BODY_BYTES_MAX`]).
+//! append, in that order (Kong's), on headers, the query string and bodies: the
+//! top-level object of an `application/json` body and the fields of an
+//! `application/x-www-form-urlencoded` request body, read whole (at most
+//! [`super::BODY_FILTER_BYTES_MAX`]). Multipart bodies pass untouched.
 //!
 //! `remove` drops a name; `rename` moves every value to the new name; `replace` sets
 //! a name only if present; `add` sets it only if absent; `append` adds a value
 //! whatever is there. Entries are parsed when the snapshot compiles.
-
-use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
@@ -15,19 +14,8 @@ use tollgate_raft_store::plugins::{RequestTransformerConfig, ResponseParts, Resp
 
 use super::{Ctx, Env, Flow, Plugin, RequestView};
 
-/// Largest JSON body a transformer reads whole; a larger one passes untouched.
-pub const TRANSFORM_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
-
-/// Operations on the top-level object of a JSON body.
+/// Operations on the fields of a JSON object or a form body.
 pub type JsonOperations = Operations<String, Value>;
-
-/// Whether a `Content-Type` is JSON.
-pub fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json"))
-}
 
 impl JsonOperations {
     /// `types`: request-transformer's values are strings; response-transformer's
@@ -65,6 +53,48 @@ impl JsonOperations {
     /// Transforms a JSON body; `None` when it is not a JSON object (left as it is).
     pub fn apply_json(&self, body: &[u8]) -> Option<Vec<u8>> {
         let Value::Object(mut object) = serde_json::from_slice::<Value>(body).ok()? else { return None };
+        self.apply_object(&mut object);
+        serde_json::to_vec(&Value::Object(object)).ok()
+    }
+
+    /// Transforms an `application/x-www-form-urlencoded` body: the same operations on
+    /// its fields, a repeated field being a list (`append` repeats a field). `None`
+    /// when it is not UTF-8.
+    pub fn apply_form(&self, body: &[u8]) -> Option<Vec<u8>> {
+        let text = std::str::from_utf8(body).ok()?;
+        let mut object = serde_json::Map::new();
+        for (name, value) in form_fields(text) {
+            match object.get_mut(&name) {
+                Some(Value::Array(items)) => items.push(Value::from(value)),
+                Some(existing) => *existing = Value::Array(vec![existing.take(), Value::from(value)]),
+                None => {
+                    object.insert(name, Value::from(value));
+                }
+            }
+        }
+        self.apply_object(&mut object);
+        let mut out = String::new();
+        let mut field = |name: &str, value: &Value| {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.push_str(&encode(name));
+            out.push('=');
+            match value {
+                Value::String(text) => out.push_str(&encode(text)),
+                other => out.push_str(&encode(&other.to_string())),
+            }
+        };
+        for (name, value) in &object {
+            match value {
+                Value::Array(items) => items.iter().for_each(|item| field(name, item)),
+                value => field(name, value),
+            }
+        }
+        Some(out.into_bytes())
+    }
+
+    fn apply_object(&self, object: &mut serde_json::Map<String, Value>) {
         for name in &self.remove {
             object.remove(name);
         }
@@ -90,7 +120,34 @@ impl JsonOperations {
                 }
             }
         }
-        serde_json::to_vec(&Value::Object(object)).ok()
+    }
+}
+
+/// The fields of a form body, percent- and `+`-decoded.
+pub fn form_fields(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    text.split('&').filter(|pair| !pair.is_empty()).map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (crate::admin::percent_decode(name, true), crate::admin::percent_decode(value, true))
+    })
+}
+
+/// The body kinds transformers edit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Form,
+}
+
+/// What kind of body a `Content-Type` announces, when it is one transformers edit.
+pub fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
+    let media = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = media.split(';').next().unwrap_or_default().trim();
+    if media.eq_ignore_ascii_case("application/json") {
+        Some(BodyKind::Json)
+    } else if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Some(BodyKind::Form)
+    } else {
+        None
     }
 }
 
@@ -189,7 +246,7 @@ fn query_pairs(entries: &[String]) -> Result<Vec<(String, String)>, String> {
     entries.iter().map(|entry| split(entry).map(|(name, value)| (name.to_string(), encode(value)))).collect()
 }
 
-/// Percent-encodes a query value (RFC 3986 unreserved characters stay).
+/// Percent-encodes a query or form value (RFC 3986 unreserved characters stay).
 fn encode(value: &str) -> String {
     let mut encoded = String::with_capacity(value.len());
     for byte in value.bytes() {
@@ -260,7 +317,7 @@ pub struct RequestTransformer {
     uri: Option<String>,
     headers: HeaderOperations,
     query: QueryOperations,
-    body: Arc<JsonOperations>,
+    body: JsonOperations,
 }
 
 impl RequestTransformer {
@@ -293,14 +350,23 @@ impl RequestTransformer {
             (&config.add.body, no_types),
             (&config.append.body, no_types),
         ])?;
-        Ok(RequestTransformer { method, uri: config.replace.uri, headers, query, body: Arc::new(body) })
+        Ok(RequestTransformer { method, uri: config.replace.uri, headers, query, body })
     }
 }
 
 impl Plugin for RequestTransformer {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
-        if !self.body.is_empty() && is_json(request.headers) {
-            ctx.request_json = Some(self.body.clone());
+        // Body operations need the body whole: ask for it first, then edit it before
+        // the headers change (they may rename Content-Type).
+        if let Some(kind) = body_kind(request.headers).filter(|_| !self.body.is_empty()) {
+            let Some(body) = &ctx.request_body else { return Flow::ReadBody };
+            let edited = match kind {
+                BodyKind::Json => self.body.apply_json(body),
+                BodyKind::Form => self.body.apply_form(body),
+            };
+            if let Some(edited) = edited {
+                ctx.request_body = Some(bytes::Bytes::from(edited));
+            }
         }
         self.headers.apply(request.headers);
         if !self.query.is_empty() {
@@ -319,7 +385,7 @@ impl Plugin for RequestTransformer {
 
 pub struct ResponseTransformer {
     headers: HeaderOperations,
-    json: Arc<JsonOperations>,
+    json: JsonOperations,
 }
 
 impl ResponseTransformer {
@@ -342,21 +408,26 @@ impl ResponseTransformer {
             json(&config.add),
             json(&config.append),
         ])?;
-        Ok(ResponseTransformer { headers, json: Arc::new(json) })
+        Ok(ResponseTransformer { headers, json })
     }
 }
 
 impl Plugin for ResponseTransformer {
-    fn access(&self, ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
-        if !self.json.is_empty() {
-            ctx.response_json = Some(self.json.clone());
-        }
-        Flow::Continue
-    }
-
     fn header_filter(&self, _ctx: &mut Ctx, _status: http::StatusCode, headers: &mut HeaderMap) {
         if !self.headers.is_empty() {
             self.headers.apply(headers);
+        }
+    }
+
+    /// Kong's rule: the JSON operations apply to responses whose `Content-Type`
+    /// (after the header operations) is JSON.
+    fn wants_body(&self, _ctx: &Ctx, _status: http::StatusCode, headers: &HeaderMap) -> bool {
+        !self.json.is_empty() && body_kind(headers) == Some(BodyKind::Json)
+    }
+
+    fn body_filter(&self, _ctx: &mut Ctx, _headers: &HeaderMap, body: &mut bytes::Bytes) {
+        if let Some(edited) = self.json.apply_json(body) {
+            *body = bytes::Bytes::from(edited);
         }
     }
 }

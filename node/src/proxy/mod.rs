@@ -305,6 +305,24 @@ impl Proxy {
         let Some(path) = path::normalize(uri.path()) else {
             return error(StatusCode::BAD_REQUEST, "invalid request path", &request_id);
         };
+        let grpc = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let protocol = match (grpc, tls) {
+            (true, true) => "grpcs",
+            (true, false) => "grpc",
+            (false, true) => "https",
+            (false, false) => "http",
+        };
+        // Global plugins' rewrite phase, before the router reads the request.
+        if !snapshot.plugins.is_empty() {
+            let mut view =
+                crate::plugins::RewriteView { method: &parts.method, path: &path, headers: &mut parts.headers };
+            if let Some(exit) = snapshot.plugins.rewrite(protocol, &mut view) {
+                return exit_response(exit, &request_id);
+            }
+        }
         let found = {
             let host = request_host(&parts.headers, &uri);
             let view = RequestView {
@@ -329,18 +347,11 @@ impl Proxy {
         };
         // Plugins' access phase (they run for routes without a service too:
         // request-termination is often used so).
+        let declared_length = http_body::Body::size_hint(&body).exact();
+        let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
+        let mut body = Some(telemetry::CountingBody::new(body, ingress));
         let mut plugin_run = None;
         if !snapshot.plugins.is_empty() {
-            let grpc = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            let protocol = match (grpc, tls) {
-                (true, true) => "grpcs",
-                (true, false) => "grpc",
-                (false, true) => "https",
-                (false, false) => "http",
-            };
             let mut ctx =
                 crate::plugins::Ctx::new(client_ip, Some(route_id), service_id, parts.method.clone(), protocol);
             let mut view = crate::plugins::RequestView {
@@ -349,11 +360,18 @@ impl Proxy {
                 query: uri.query(),
                 headers: &mut parts.headers,
             };
-            let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &self.plugin_state).await;
+            let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, &mut body, &self.plugin_state).await;
             if let Some(exit) = exit {
+                // An exit goes through the response phases as an upstream answer would.
+                let mut body = exit.body.clone();
                 let mut response = exit_response(exit, &request_id);
                 let status = response.status();
                 crate::plugins::header_filter(&ran, &mut ctx, status, response.headers_mut());
+                if crate::plugins::wants_body(&ran, &ctx, status, response.headers()) {
+                    crate::plugins::body_filter(&ran, &mut ctx, status, response.headers(), &mut body);
+                    response.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                    *response.body_mut() = Full::new(body).map_err(|never| match never {}).boxed();
+                }
                 // A plugin's own answer is never stored by proxy-cache.
                 ctx.cache_store = None;
                 trace.plugins = Some((ran, ctx));
@@ -442,48 +460,48 @@ impl Proxy {
         // blamed on the upstream: the flag tells the two apart.
         let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = client_body_failed.clone();
-        let declared_length = http_body::Body::size_hint(&body).exact();
-        let ingress = trace.metrics.as_ref().map(|m| m.ingress_bytes.clone()).unwrap_or_else(metrics::Counter::noop);
-        let body = telemetry::CountingBody::new(body, ingress);
         let body_limit = plugin_run
             .as_ref()
             .and_then(|(_, ctx)| ctx.body_limit)
             .map_or(BODY_BYTES_MAX, |limit| limit.min(BODY_BYTES_MAX));
-        let body = http_body_util::Limited::new(body, body_limit as usize).map_err(flag_failure(flag));
         // Kong's `retries`: a connection that could not be made is tried on the next
         // target. Nothing reached the upstream then, so this is safe for any method.
         // Only an upstream with several targets has a next one: a service naming a host
         // already has every address of that name tried by the connector.
         let may_retry = service.retries > 0 && balancer.is_some_and(|balancer| balancer.len() > 1);
-        // A request can be sent again when all its bytes are at hand: no body, or a
-        // small one read whole first.
-        let request_json = plugin_run.as_ref().and_then(|(_, ctx)| ctx.request_json.clone());
-        let (replay, mut body): (Option<Bytes>, Option<UpstreamBody>) = match declared_length {
-            Some(0) => (Some(Bytes::new()), None),
-            // request-transformer edits a JSON body: read it whole (within the body
-            // limit), transform, and send the result with its new length.
-            _ if request_json.is_some() => match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
-                Ok(Ok(collected)) => {
-                    let original = collected.to_bytes();
-                    let operations = request_json.as_deref().expect("checked above");
-                    let edited = operations.apply_json(&original).map(Bytes::from).unwrap_or(original);
-                    parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(edited.len()));
-                    (Some(edited), None)
+        // A body a plugin read (and maybe edited) goes upstream as it is now, with its
+        // length. Otherwise a request can be sent again when all its bytes are at hand:
+        // no body, or a small one read whole first.
+        let read_body = plugin_run.as_mut().and_then(|(_, ctx)| ctx.request_body.take());
+        let (replay, mut body): (Option<Bytes>, Option<UpstreamBody>) = match (read_body, body) {
+            (Some(bytes), _) => {
+                if bytes.len() as u64 > body_limit {
+                    return error(StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded", &request_id);
                 }
-                Ok(Err(failure)) => return body_error(&*failure, &request_id),
-                Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
-            },
-            Some(length) if length <= RETRY_BODY_BYTES_MAX && may_retry => {
-                match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
-                    Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
-                    Ok(Err(failure)) => {
-                        tracing::debug!(%failure, "client request body failed");
-                        return body_error(&*failure, &request_id);
+                if !(bytes.is_empty() && declared_length == Some(0)) {
+                    parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                }
+                (Some(bytes), None)
+            }
+            // Only a plugin takes the body, and then it left it in `request_body`.
+            (None, None) => (Some(Bytes::new()), None),
+            (None, Some(body)) => {
+                let body = http_body_util::Limited::new(body, body_limit as usize).map_err(flag_failure(flag));
+                match declared_length {
+                    Some(0) => (Some(Bytes::new()), None),
+                    Some(length) if length <= RETRY_BODY_BYTES_MAX && may_retry => {
+                        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
+                            Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
+                            Ok(Err(failure)) => {
+                                tracing::debug!(%failure, "client request body failed");
+                                return body_error(&*failure, &request_id);
+                            }
+                            Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
+                        }
                     }
-                    Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "request body timed out", &request_id),
+                    _ => (None, Some(body.boxed())),
                 }
             }
-            _ => (None, Some(body.boxed())),
         };
         let attempts_max = if replay.is_some() && may_retry { service.retries.min(RETRIES_MAX) + 1 } else { 1 };
         let timeout = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
@@ -592,23 +610,20 @@ impl Proxy {
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
         parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
         let mut plugin_run = plugin_run;
-        // response-transformer edits a JSON body: read it whole, transform, and answer
-        // with the result (a body over the limit or not JSON passes untouched).
-        let response_json = plugin_run.as_ref().and_then(|(_, ctx)| ctx.response_json.clone());
-        let body: ProxyBody = match response_json {
-            Some(operations) if crate::plugins::transform::is_json(&parts.headers) => {
+        let mut cache_store = None;
+        let mut body: ProxyBody = body.boxed();
+        if let Some((ran, ctx)) = &mut plugin_run {
+            crate::plugins::header_filter(ran, ctx, parts.status, &mut parts.headers);
+            cache_store = ctx.cache_store.take();
+            // body_filter: the body read whole, filtered, and sent with its new length.
+            if crate::plugins::wants_body(ran, ctx, parts.status, &parts.headers) {
                 let request_id = parts.headers.get(REQUEST_ID_NAME).cloned().unwrap_or(HeaderValue::from_static("-"));
-                let limited = http_body_util::Limited::new(body, crate::plugins::transform::TRANSFORM_BODY_BYTES_MAX);
+                let limited = http_body_util::Limited::new(body, crate::plugins::BODY_FILTER_BYTES_MAX);
                 let read = Duration::from_millis(service.read_timeout_ms);
-                match tokio::time::timeout(read, limited.collect()).await {
-                    Ok(Ok(collected)) => {
-                        let original = collected.to_bytes();
-                        let edited = operations.apply_json(&original).map(Bytes::from).unwrap_or(original);
-                        parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(edited.len()));
-                        Full::new(edited).map_err(|never| match never {}).boxed()
-                    }
+                let mut whole = match tokio::time::timeout(read, limited.collect()).await {
+                    Ok(Ok(collected)) => collected.to_bytes(),
                     Ok(Err(failure)) => {
-                        tracing::debug!(%failure, "upstream body not transformed");
+                        tracing::debug!(%failure, "upstream body not read whole for body_filter");
                         return error(
                             StatusCode::BAD_GATEWAY,
                             "the upstream body could not be read whole",
@@ -618,14 +633,11 @@ impl Proxy {
                     Err(_) => {
                         return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id)
                     }
-                }
+                };
+                crate::plugins::body_filter(ran, ctx, parts.status, &parts.headers, &mut whole);
+                parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+                body = Full::new(whole).map_err(|never| match never {}).boxed();
             }
-            _ => body.boxed(),
-        };
-        let mut cache_store = None;
-        if let Some((ran, ctx)) = &mut plugin_run {
-            crate::plugins::header_filter(ran, ctx, parts.status, &mut parts.headers);
-            cache_store = ctx.cache_store.take();
         }
         trace.from_upstream = true;
         trace.plugins = plugin_run;
