@@ -215,31 +215,44 @@ impl RateCounters {
     }
 }
 
+/// Windows a rate-limiting config may set: second, minute, hour, day, month, year.
+const RATE_WINDOWS_MAX: usize = 6;
+
+/// One window of a rate-limiting config, with its header names and its limit as a
+/// header value, made when the config compiles.
+struct Window {
+    seconds: u64,
+    limit: u64,
+    limit_value: HeaderValue,
+    limit_header: HeaderName,
+    remaining_header: HeaderName,
+}
+
 /// rate-limiting with `policy: local`: fixed windows per node.
 pub struct RateLimiting {
     /// The plugin instance: counters are keyed by it.
     id: Uuid,
     config: RateLimitingConfig,
-    /// (window seconds, limit, `X-RateLimit-Limit-<Window>`, `X-RateLimit-Remaining-<Window>`).
-    limits: Vec<(u64, u64, HeaderName, HeaderName)>,
+    windows: Vec<Window>,
     header_name: Option<HeaderName>,
 }
 
 impl RateLimiting {
     pub fn new(id: Uuid, config: RateLimitingConfig) -> RateLimiting {
-        let limits = config
+        let windows = config
             .limits()
             .into_iter()
-            .filter_map(|(name, window_s, limit)| {
+            .take(RATE_WINDOWS_MAX)
+            .filter_map(|(name, seconds, limit)| {
                 let title = format!("{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
                 let limit_header = HeaderName::from_bytes(format!("x-ratelimit-limit-{title}").as_bytes()).ok()?;
                 let remaining_header =
                     HeaderName::from_bytes(format!("x-ratelimit-remaining-{title}").as_bytes()).ok()?;
-                Some((window_s, limit, limit_header, remaining_header))
+                Some(Window { seconds, limit, limit_value: HeaderValue::from(limit), limit_header, remaining_header })
             })
             .collect();
         let header_name = config.header_name.as_deref().and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok());
-        RateLimiting { id, config, limits, header_name }
+        RateLimiting { id, config, windows, header_name }
     }
 
     fn identifier(&self, ctx: &Ctx, request: &RequestView<'_>) -> Identifier {
@@ -260,60 +273,61 @@ impl RateLimiting {
     }
 }
 
+/// A window's counter as one request found it.
+struct Taken {
+    counter: Arc<AtomicU64>,
+    /// Used in the window, this request included.
+    used: u64,
+    /// Seconds until the window resets.
+    reset: u64,
+}
+
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         let now_s = super::unix_now().as_secs();
         let identifier = self.identifier(ctx, request);
-        // (counter, index into limits, used including this request, seconds to reset)
-        let mut taken: Vec<(Arc<AtomicU64>, usize, u64, u64)> = Vec::with_capacity(self.limits.len());
+        // Per window (the same index as `windows`); none when the counter table is full.
+        let mut taken: [Option<Taken>; RATE_WINDOWS_MAX] = [const { None }; RATE_WINDOWS_MAX];
         let mut exceeded = false;
-        for (index, (window_s, limit, ..)) in self.limits.iter().enumerate() {
-            let start_s = now_s - now_s % window_s;
-            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s: *window_s, start_s };
+        for (slot, window) in taken.iter_mut().zip(&self.windows) {
+            let start_s = now_s - now_s % window.seconds;
+            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s: window.seconds, start_s };
             let Some(counter) = env.counters.counter(key, now_s) else { continue };
             let used = counter.fetch_add(1, Ordering::Relaxed) + 1;
-            exceeded |= used > *limit;
-            taken.push((counter, index, used, start_s + window_s - now_s));
+            exceeded |= used > window.limit;
+            *slot = Some(Taken { counter, used, reset: start_s + window.seconds - now_s });
         }
         if exceeded {
             // A refused request uses nothing: give back what was taken.
-            for (counter, ..) in &taken {
-                counter.fetch_sub(1, Ordering::Relaxed);
+            for taken in taken.iter().flatten() {
+                taken.counter.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        let remaining = |index: usize, used: u64| {
-            let limit = self.limits[index].1;
-            limit.saturating_sub((used - u64::from(exceeded)).min(limit))
-        };
+        let remaining =
+            |window: &Window, used: u64| window.limit.saturating_sub((used - u64::from(exceeded)).min(window.limit));
+        let found = || self.windows.iter().zip(&taken).filter_map(|(window, taken)| Some((window, taken.as_ref()?)));
         if !self.config.hide_client_headers {
             // RateLimit-*: the window closest to running out.
-            if let Some((_, index, used, reset)) =
-                taken.iter().min_by_key(|(_, index, used, _)| remaining(*index, *used))
-            {
+            if let Some((window, taken)) = found().min_by_key(|(window, taken)| remaining(window, taken.used)) {
                 let headers = &mut ctx.response_headers;
-                headers.push((HeaderName::from_static("ratelimit-limit"), HeaderValue::from(self.limits[*index].1)));
+                headers.push((HeaderName::from_static("ratelimit-limit"), window.limit_value.clone()));
                 headers.push((
                     HeaderName::from_static("ratelimit-remaining"),
-                    HeaderValue::from(remaining(*index, *used)),
+                    super::number_value(remaining(window, taken.used)),
                 ));
-                headers.push((HeaderName::from_static("ratelimit-reset"), HeaderValue::from(*reset)));
+                headers.push((HeaderName::from_static("ratelimit-reset"), super::number_value(taken.reset)));
             }
-            for (_, index, used, _) in &taken {
-                let (_, limit, limit_header, remaining_header) = &self.limits[*index];
-                ctx.response_headers.push((limit_header.clone(), HeaderValue::from(*limit)));
-                ctx.response_headers.push((remaining_header.clone(), HeaderValue::from(remaining(*index, *used))));
+            for (window, taken) in found() {
+                ctx.response_headers.push((window.limit_header.clone(), window.limit_value.clone()));
+                ctx.response_headers
+                    .push((window.remaining_header.clone(), super::number_value(remaining(window, taken.used))));
             }
         }
         if exceeded {
-            let reset = taken
-                .iter()
-                .filter(|(_, index, used, _)| *used > self.limits[*index].1)
-                .map(|(.., reset)| *reset)
-                .max()
-                .unwrap_or(1);
+            let reset = found().filter(|(window, taken)| taken.used > window.limit).map(|(_, taken)| taken.reset).max();
             let status = StatusCode::from_u16(self.config.error_code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
             let mut exit = Exit::message(status, &self.config.error_message);
-            exit.headers.push((http::header::RETRY_AFTER, HeaderValue::from(reset)));
+            exit.headers.push((http::header::RETRY_AFTER, super::number_value(reset.unwrap_or(1))));
             return Flow::Exit(exit);
         }
         Flow::Continue
@@ -348,10 +362,10 @@ impl CorrelationId {
                 format!("{}-{}-{sequence}-{ms}", ctx.client_ip, std::process::id())
             }
             _ => {
+                use std::fmt::Write;
                 let mut id = String::with_capacity(self.prefix.len() + 21);
                 id.push_str(&self.prefix);
-                id.push('#');
-                id.push_str(&sequence.to_string());
+                let _ = write!(id, "#{sequence}");
                 id
             }
         }

@@ -129,24 +129,26 @@ impl KeyAuth {
     /// The key sent, and where, looking for each of `key_names` in turn in the
     /// headers, the query string and (`key_in_body`) the body, Kong's order. The body
     /// is asked for only when a name is not in the headers or the query string.
-    fn find_key(&self, ctx: &Ctx, request: &RequestView<'_>) -> Lookup {
+    /// Found keys are looked up at once, so the key itself is never copied.
+    fn find_key<'e>(&self, ctx: &Ctx, request: &RequestView<'_>, env: &Env<'e>) -> Lookup<'e> {
+        let keys = &env.data.keys;
         for (index, name) in self.names.iter().enumerate() {
             if self.config.key_in_header {
                 if let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) {
-                    return Lookup::Found(value.to_string(), Found::Header(name.clone()));
+                    return Lookup::Found(keys.get(value), Found::Header(name.clone()));
                 }
             }
             let text_name = &self.config.key_names[index];
             if self.config.key_in_query {
                 if let Some(value) = request.query.and_then(|query| query_param(query, text_name)) {
-                    return Lookup::Found(value, Found::Query(text_name.clone()));
+                    return Lookup::Found(keys.get(&value), Found::Query(text_name.clone()));
                 }
             }
             if self.config.key_in_body {
                 let Some(kind) = body_kind(request.headers) else { continue };
                 let Some(body) = &ctx.request_body else { return Lookup::NeedBody };
                 if let Some(value) = body_field(kind, body, text_name) {
-                    return Lookup::Found(value, Found::Body(kind, text_name.clone()));
+                    return Lookup::Found(keys.get(&value), Found::Body(kind, text_name.clone()));
                 }
             }
         }
@@ -154,8 +156,9 @@ impl KeyAuth {
     }
 }
 
-enum Lookup {
-    Found(String, Found),
+/// Where a key was, and the credential it names (`None` for an unknown key).
+enum Lookup<'e> {
+    Found(Option<&'e Identity>, Found),
     NeedBody,
     Missing,
 }
@@ -205,14 +208,13 @@ impl Plugin for KeyAuth {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;
         }
-        let found = match self.find_key(ctx, request) {
+        let (found, matched) = match self.find_key(ctx, request, env) {
             Lookup::NeedBody => return Flow::ReadBody,
-            Lookup::Found(key, place) => Some((key, place)),
-            Lookup::Missing => None,
+            Lookup::Found(identity, place) => (Some(place), identity),
+            Lookup::Missing => (None, None),
         };
-        let matched = found.as_ref().and_then(|(key, _)| env.data.keys.get(key.as_str()));
         match (found, matched) {
-            (Some((_, place)), Some(identity)) => {
+            (Some(place), Some(identity)) => {
                 let hide = self.config.hide_credentials;
                 let hide_header = match &place {
                     Found::Header(name) if hide => Some(name.clone()),

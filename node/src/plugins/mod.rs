@@ -75,6 +75,31 @@ pub struct NodeState {
     pub cache: cache::ResponseCache,
 }
 
+/// How many response headers plugins usually add to one response.
+const RESPONSE_HEADERS_USUAL: usize = 8;
+
+/// A map keyed by config ids (plugin instances, metric handles): nothing a client
+/// sends chooses its keys, so a fast hash serves.
+pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Header values of numbers below this are made once and shared (rate-limit headers).
+const SHARED_NUMBER_VALUES: u64 = 4096;
+
+/// A number as a header value; small ones come from a table made once, so the common
+/// rate-limit headers cost no allocation.
+pub fn number_value(n: u64) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    if n >= SHARED_NUMBER_VALUES {
+        return HeaderValue::from(n);
+    }
+    let table = TABLE.get_or_init(|| {
+        // One small leaked string per number, made once per process (about 20 KiB), so
+        // each value is static and clones for free.
+        (0..SHARED_NUMBER_VALUES).map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str()))).collect()
+    });
+    table[n as usize].clone()
+}
+
 /// Lower-case hex of bytes (hashes, trace ids).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -191,7 +216,8 @@ impl Ctx {
             credential: None,
             anonymous: false,
             upstream_query: None,
-            response_headers: Vec::new(),
+            // Room for the usual few (rate-limit headers, an echoed id) in one allocation.
+            response_headers: Vec::with_capacity(RESPONSE_HEADERS_USUAL),
             body_limit: None,
             verified: None,
             upstream_path: None,
@@ -327,7 +353,7 @@ struct Scope {
 /// Consumers and credentials, indexed for the authentication plugins.
 #[derive(Default)]
 pub struct PluginData {
-    pub consumers: HashMap<Uuid, Arc<Consumer>>,
+    pub consumers: IdMap<Uuid, Arc<Consumer>>,
     pub consumers_by_username: HashMap<String, Uuid>,
     /// key-auth keys → the credential.
     pub keys: HashMap<String, auth::Identity>,
@@ -437,7 +463,7 @@ impl PluginData {
 /// Every enabled plugin instance of a snapshot, by name and scope.
 #[derive(Default)]
 pub struct Plugins {
-    instances: HashMap<(usize, Scope), Arc<Instance>>,
+    instances: IdMap<(usize, Scope), Arc<Instance>>,
     /// Per plugin name, which of the 8 scope shapes have an instance, so a request
     /// looks up only those.
     shapes: Vec<u8>,
@@ -490,7 +516,7 @@ impl Plugins {
         let mut order: Vec<usize> = (0..names.len()).collect();
         order.sort_by_key(|&index| (-priority(&names[index]), names[index].clone()));
         let position: HashMap<usize, usize> = order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
-        let instances: HashMap<(usize, Scope), Arc<Instance>> =
+        let instances: IdMap<(usize, Scope), Arc<Instance>> =
             instances.into_iter().map(|((index, scope), instance)| ((position[&index], scope), instance)).collect();
         let names: Vec<String> = order.iter().map(|&index| names[index].clone()).collect();
         let mut shapes = vec![0u8; names.len()];
@@ -689,6 +715,8 @@ fn shape(consumer: bool, route: bool, service: bool) -> u8 {
 
 /// Runs `header_filter` of the instances whose `access` ran, in the same order.
 pub fn header_filter(ran: &[Arc<Instance>], ctx: &mut Ctx, status: StatusCode, headers: &mut http::HeaderMap) {
+    // Grow the map once, not once per doubling.
+    headers.reserve(ctx.response_headers.len());
     for (name, value) in ctx.response_headers.drain(..) {
         headers.insert(name, value);
     }
@@ -792,7 +820,7 @@ mod tests {
         let none = Scope { consumer: None, route: None, service: None };
         let on_route = Scope { consumer: None, route: Some(route), service: None };
         let plugins = Plugins {
-            instances: HashMap::from([((0, none), global.clone()), ((1, on_route), scoped)]),
+            instances: IdMap::from_iter([((0, none), global.clone()), ((1, on_route), scoped)]),
             shapes: vec![1 << shape(false, false, false), 1 << shape(false, true, false)],
             names: vec!["first".to_string(), "second".to_string()],
             global: vec![global],

@@ -1,12 +1,11 @@
 //! Observability plugins: prometheus.
 
-use std::collections::HashMap;
 use std::sync::RwLock;
 
 use metrics::{Counter, Histogram};
 use tollgate_raft_store::plugins::PrometheusConfig;
 
-use super::{hex, Ctx, LogSummary, Plugin};
+use super::{hex, Ctx, IdMap, LogSummary, Plugin};
 
 /// Metric handles one prometheus instance caches (by service, route, status and
 /// consumer); past this, new label sets are recorded without caching their handle.
@@ -16,9 +15,9 @@ pub const PROMETHEUS_CACHED_SERIES_MAX: usize = 10_000;
 /// from handles cached per label set, so a request costs a map lookup and atomics.
 pub struct Prometheus {
     config: PrometheusConfig,
-    requests: RwLock<HashMap<(Scope, u16, bool), Counter>>,
-    latencies: RwLock<HashMap<Scope, [Histogram; 3]>>,
-    bandwidth: RwLock<HashMap<Scope, Counter>>,
+    requests: RwLock<IdMap<(Scope, u16, bool), Counter>>,
+    latencies: RwLock<IdMap<Scope, [Histogram; 3]>>,
+    bandwidth: RwLock<IdMap<Scope, Counter>>,
 }
 
 /// Route, service and (with `per_consumer`) consumer of a request: the cache key. The
@@ -32,22 +31,27 @@ impl Prometheus {
     }
 }
 
-/// The cached handle for `key`, made by `make` the first time.
-fn cached<K: std::hash::Hash + Eq + Clone, V: Clone>(
-    cache: &RwLock<HashMap<K, V>>,
+/// Hands `use_it` the cached handle for `key`, made by `make` the first time; the
+/// handle is used under the read lock, not cloned.
+fn with_cached<K: std::hash::Hash + Eq + Clone, V>(
+    cache: &RwLock<IdMap<K, V>>,
     key: &K,
     make: impl FnOnce() -> V,
-) -> V {
-    if let Some(value) = cache.read().ok().and_then(|cache| cache.get(key).cloned()) {
-        return value;
-    }
-    let value = make();
-    if let Ok(mut cache) = cache.write() {
-        if cache.len() < PROMETHEUS_CACHED_SERIES_MAX {
-            cache.insert(key.clone(), value.clone());
+    use_it: impl FnOnce(&V),
+) {
+    if let Ok(cache) = cache.read() {
+        if let Some(value) = cache.get(key) {
+            use_it(value);
+            return;
         }
     }
-    value
+    let value = make();
+    use_it(&value);
+    if let Ok(mut cache) = cache.write() {
+        if cache.len() < PROMETHEUS_CACHED_SERIES_MAX {
+            cache.insert(key.clone(), value);
+        }
+    }
 }
 
 impl Plugin for Prometheus {
@@ -70,38 +74,41 @@ impl Plugin for Prometheus {
             labels
         };
         if self.config.status_code_metrics {
-            let counter = cached(&self.requests, &(scope, summary.status, summary.from_upstream), || {
+            let key = (scope, summary.status, summary.from_upstream);
+            let make = || {
                 let mut labels = base();
                 labels.push(("code", summary.status.to_string()));
                 labels.push(("source", if summary.from_upstream { "service" } else { "kong" }.to_string()));
                 metrics::counter!("kong_http_requests_total", &labels)
-            });
-            counter.increment(1);
+            };
+            with_cached(&self.requests, &key, make, |counter| counter.increment(1));
         }
         if self.config.latency_metrics {
-            let [total, upstream, kong] = cached(&self.latencies, &scope, || {
+            let make = || {
                 let labels = base();
                 [
                     metrics::histogram!("kong_request_latency_ms", &labels),
                     metrics::histogram!("kong_upstream_latency_ms", &labels),
                     metrics::histogram!("kong_kong_latency_ms", &labels),
                 ]
+            };
+            with_cached(&self.latencies, &scope, make, |[total, upstream, kong]| {
+                total.record(summary.latency_ms);
+                let proxy_ms = summary.upstream_ms.map_or(summary.latency_ms, |upstream| summary.latency_ms - upstream);
+                if let Some(upstream_ms) = summary.upstream_ms {
+                    upstream.record(upstream_ms);
+                }
+                kong.record(proxy_ms.max(0.0));
             });
-            total.record(summary.latency_ms);
-            let proxy_ms = summary.upstream_ms.map_or(summary.latency_ms, |upstream| summary.latency_ms - upstream);
-            if let Some(upstream_ms) = summary.upstream_ms {
-                upstream.record(upstream_ms);
-            }
-            kong.record(proxy_ms.max(0.0));
         }
         if self.config.bandwidth_metrics {
             if let Some(bytes) = summary.response_bytes {
-                let counter = cached(&self.bandwidth, &scope, || {
+                let make = || {
                     let mut labels = base();
                     labels.push(("direction", "egress".to_string()));
                     metrics::counter!("kong_bandwidth_bytes", &labels)
-                });
-                counter.increment(bytes);
+                };
+                with_cached(&self.bandwidth, &scope, make, |counter| counter.increment(bytes));
             }
         }
     }

@@ -39,6 +39,13 @@ use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request headers the proxy adds (`X-Forwarded-*`, `X-Real-IP`, `Via`, the request
+/// id) and room for a few from plugins: reserved at once.
+const REQUEST_HEADERS_ADDED: usize = 16;
+
+/// Response headers the proxy adds (`Via`, the request id, two latencies).
+const RESPONSE_HEADERS_ADDED: usize = 4;
+
 /// What is sent upstream: the client's body, bounded, with its errors boxed.
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
@@ -300,6 +307,8 @@ impl Proxy {
             return refusal;
         }
         let (mut parts, body) = request.into_parts();
+        // Room for what the proxy and plugins add, so the map grows once.
+        parts.headers.reserve(REQUEST_HEADERS_ADDED);
         // The client's URI is only read from here on; the upstream gets a new one.
         let uri = std::mem::take(&mut parts.uri);
         let Some(path) = path::normalize(uri.path()) else {
@@ -603,6 +612,8 @@ impl Proxy {
             return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
         }
         let (mut parts, body) = response.into_parts();
+        let from_plugins = plugin_run.as_ref().map_or(0, |(_, ctx)| ctx.response_headers.len());
+        parts.headers.reserve(RESPONSE_HEADERS_ADDED + from_plugins);
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.append(http::header::VIA, VIA_VALUE);
         parts.headers.insert(REQUEST_ID_NAME, request_id);
