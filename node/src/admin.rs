@@ -164,6 +164,7 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
             Some(entry) => Ok(json_response(StatusCode::OK, &entry)),
             None => Err(ApiError::new(ErrorCode::NotFound, "Not found")),
         },
+        (&Method::GET, ["rate-limits", plugin]) => rate_limits(node, request, plugin).await,
         (&Method::GET, ["config"]) => get_config(node, request).await,
         (&Method::POST, ["config"]) => post_config(node, request).await,
         (_, [collection]) => {
@@ -385,7 +386,8 @@ async fn write(node: &Node, op: Op) -> Result<Response<Full<Bytes>>, ApiError> {
         Outcome::Updated(entity) => json_response(StatusCode::OK, &entity.0),
         Outcome::Deleted => empty_response(StatusCode::NO_CONTENT),
         Outcome::Replaced { entities } => json_response(StatusCode::CREATED, &json!({ "entities": entities })),
-        Outcome::Internal => empty_response(StatusCode::NO_CONTENT),
+        // The Admin API never proposes grants; they have no HTTP shape.
+        Outcome::Internal | Outcome::Granted(_) => empty_response(StatusCode::NO_CONTENT),
     };
     Ok(versioned(response, version))
 }
@@ -403,6 +405,50 @@ async fn add_member(node: &Node, request: &AdminRequest) -> Result<Response<Full
     crate::config::check_host_port("address", address).map_err(|e| ApiError::field("address", e.to_string()))?;
     let version = node.cluster.add_member(node_id, address.to_string()).await?;
     Ok(versioned(json_response(StatusCode::CREATED, &node.cluster_view()), version))
+}
+
+/// `GET /rate-limits/{plugin}`: a `policy: cluster` rate-limiting instance's ledger
+/// as applied on this node (per key and window: limit, tokens granted and requests
+/// used per node), with this node's own leases beside it. `size` keys at most
+/// (100, up to 1000), in key order; `total` counts them all.
+async fn rate_limits(node: &Node, request: &AdminRequest, plugin: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let plugin = node.published.load().state.find(EntityKind::Plugin, plugin, None)?;
+    let id = tollgate_raft_store::state::entity_id(&plugin);
+    let size = page_size(request.query.get("size").map(String::as_str))?;
+    let leases: BTreeMap<_, _> =
+        node.plugin_state.quota.of_plugin(id).into_iter().map(|lease| (lease.key.clone(), lease)).collect();
+    let ledger = node.ledger.read().await;
+    let mut total = 0;
+    let mut data = Vec::new();
+    for (key, account) in ledger.accounts_of(id) {
+        total += 1;
+        if data.len() == size {
+            continue;
+        }
+        let this_node = leases
+            .get(key)
+            .map(|lease| json!({"available": lease.available(), "used": lease.used(), "granted": lease.granted()}));
+        data.push(json!({
+            "subject": key.subject,
+            "window_s": key.window_s,
+            "start_s": key.start_s,
+            "end_s": key.end_s(),
+            "limit": account.limit,
+            "granted": account.total,
+            "granted_by_node": account.granted.iter().map(|(node, n)| (node.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "used_by_node": account.used.iter().map(|(node, n)| (node.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "this_node": this_node,
+        }));
+    }
+    let body = json!({
+        "plugin": id.to_string(),
+        "policy": plugin.get("config").and_then(|c| c.get("policy")).cloned().unwrap_or(Value::Null),
+        "node_id": node.config.node_id,
+        "ledger_keys": ledger.len(),
+        "total": total,
+        "data": data,
+    });
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 async fn get_config(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {

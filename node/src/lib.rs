@@ -14,6 +14,7 @@ pub mod node;
 pub mod plugins;
 pub mod proxy;
 pub mod publish;
+pub mod quota;
 pub mod serve;
 
 pub use tollgate_raft_store::NodeId;

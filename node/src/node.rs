@@ -33,6 +33,8 @@ pub struct Node {
     /// Plugin state kept across config changes (counters, caches), shared with the
     /// proxy workers and read by the Admin API (`/proxy-cache`).
     pub plugin_state: Arc<crate::plugins::NodeState>,
+    /// The cluster rate-limit ledger as applied here (`/rate-limits`).
+    pub ledger: Arc<tokio::sync::RwLock<tollgate_raft_store::quota::QuotaLedger>>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -50,6 +52,19 @@ impl NodeHandle {
     /// Stops serving, then stops Raft.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // Tokens leased and unused go back to the ledger, so a clean restart loses none
+        // (a crash loses them: under the limit, never over).
+        let unused = self.node.plugin_state.quota.release_all();
+        if !unused.is_empty() {
+            let keys = unused.len();
+            match tokio::time::timeout(RELEASE_TIMEOUT, self.node.cluster.release(unused)).await {
+                Ok(Ok(())) => tracing::info!(keys, "gave unused rate-limit tokens back"),
+                _ => tracing::warn!(
+                    keys,
+                    "could not give unused rate-limit tokens back; they are lost for their windows"
+                ),
+            }
+        }
         if let Err(error) = self.node.cluster.raft.shutdown().await {
             tracing::warn!(%error, "raft shutdown failed");
         }
@@ -64,6 +79,9 @@ impl NodeHandle {
         .await;
     }
 }
+
+/// How long a stopping node tries to give its unused rate-limit tokens back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often queued histogram samples are folded into their buckets.
 pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -81,6 +99,7 @@ pub async fn start(
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let committed_index = log_store.committed_index();
     let applied = state_machine.subscribe();
+    let ledger = state_machine.ledger();
 
     let cluster_listener = TcpListener::bind(config.cluster_listen)
         .await
@@ -124,6 +143,7 @@ pub async fn start(
         committed_index,
         prometheus,
         plugin_state: Arc::default(),
+        ledger,
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -170,6 +190,7 @@ pub async fn start(
         shutdown_rx.clone(),
     ));
     tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
+    tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
 
     if !config.initial_cluster.is_empty() {
         cluster.bootstrap(&config.initial_cluster).await?;

@@ -22,7 +22,10 @@ pub struct CompiledConfig {
     /// The Raft log index of the last entry applied into this config.
     pub version: u64,
     pub state: ConfigState,
-    pub proxy: ProxySnapshot,
+    pub proxy: Arc<ProxySnapshot>,
+    /// The state machine's config revision this was compiled from (`None` before the
+    /// first compile).
+    revision: Option<u64>,
 }
 
 impl CompiledConfig {
@@ -30,8 +33,23 @@ impl CompiledConfig {
         CompiledConfig {
             version: applied.version(),
             state: applied.state.clone(),
-            proxy: ProxySnapshot::compile(&applied.state),
+            proxy: Arc::new(ProxySnapshot::compile(&applied.state)),
+            revision: Some(applied.config_revision),
         }
+    }
+
+    /// `applied` compiled, reusing `self` when the config is the same (entries that
+    /// only moved the applied index, such as quota grants).
+    fn next(&self, applied: &Applied) -> CompiledConfig {
+        if self.revision == Some(applied.config_revision) {
+            return CompiledConfig {
+                version: applied.version(),
+                state: self.state.clone(),
+                proxy: self.proxy.clone(),
+                revision: self.revision,
+            };
+        }
+        CompiledConfig::compile(applied)
     }
 }
 
@@ -70,7 +88,8 @@ impl Published {
 /// Compiles and publishes every new applied state until the channel closes.
 pub async fn run(mut applied: watch::Receiver<Applied>, published: Arc<Published>) {
     loop {
-        let compiled = CompiledConfig::compile(&applied.borrow_and_update());
+        let current = published.load();
+        let compiled = current.next(&applied.borrow_and_update());
         if compiled.version >= published.load().version {
             published.store(compiled);
         }

@@ -10,7 +10,8 @@ use serde::Serialize;
 /// The version byte of frames this build writes.
 /// 2: `ca_certificates` became an entity kind, which renumbers the kinds after
 /// certificates; version-1 data from pre-release builds is refused, not misread.
-pub const FORMAT_VERSION: u8 = 2;
+/// 3: snapshots carry the quota ledger, and commands may be quota grants.
+pub const FORMAT_VERSION: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

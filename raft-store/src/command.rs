@@ -41,6 +41,17 @@ pub enum Op {
     /// `POST /config`: replace the whole configuration with a declarative document.
     /// Entities without an id get one derived from `id_seed` and their position.
     ReplaceAll { document: JsonValue, id_seed: u128 },
+    /// Tokens of the cluster rate-limit ledger for `node`, many keys at once.
+    Grant { node: crate::NodeId, requests: Vec<crate::quota::GrantRequest> },
+    /// Tokens `node` gives back unused (it stops, and will not use them).
+    Release { node: crate::NodeId, releases: Vec<(crate::quota::QuotaKey, u64)> },
+}
+
+impl Op {
+    /// Whether applying this changes the configuration (the quota ledger is not).
+    pub fn changes_config(&self) -> bool {
+        !matches!(self, Op::Grant { .. } | Op::Release { .. })
+    }
 }
 
 /// What applying a command answered; errors change nothing.
@@ -56,6 +67,8 @@ pub enum Outcome {
     Replaced { entities: u64 },
     /// A Raft-internal entry (blank, membership).
     Internal,
+    /// The answers to a grant command, one per request, in order.
+    Granted(Vec<crate::quota::Grant>),
 }
 
 /// The state machine's answer to one log entry.

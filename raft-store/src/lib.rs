@@ -2,7 +2,8 @@
 //!
 //! - [`schema`] and [`error`]: the entity model and the Admin API error shape; usable
 //!   without the storage half (the client builds with `default-features = false`).
-//! - [`command`], [`state`], [`declarative`]: the deterministic state machine.
+//! - [`command`], [`state`], [`declarative`], [`quota`]: the deterministic state
+//!   machine (config and the cluster rate-limit ledger).
 //! - [`store`], [`codec`]: openraft log and state-machine storage on redb.
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,8 @@ pub mod command;
 pub mod declarative;
 #[cfg(feature = "storage")]
 pub mod json;
+#[cfg(feature = "storage")]
+pub mod quota;
 #[cfg(feature = "storage")]
 pub mod state;
 #[cfg(feature = "storage")]

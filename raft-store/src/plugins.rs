@@ -777,8 +777,9 @@ impl Check for RequestTerminationConfig {
     }
 }
 
-/// rate-limiting (priority 910). `policy: local` counts per node; `cluster` is the
-/// cluster-wide ledger (a later issue); `redis` needs Redis, which Tollgate does not use.
+/// rate-limiting (priority 910). `policy: local` counts per node; `cluster` leases
+/// tokens from the ledger in the Raft state machine (exact cluster-wide); `redis` needs
+/// Redis, which Tollgate does not use.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitingConfig {
@@ -874,8 +875,7 @@ impl Check for RateLimitingConfig {
             return fail("path", "required field missing when limit_by is 'path' (a path starting with '/')");
         }
         match self.policy.as_str() {
-            "local" => {}
-            "cluster" => return fail("policy", "policy 'cluster' is not available in this build yet; use 'local'"),
+            "local" | "cluster" => {}
             "redis" => return fail("policy", "Tollgate does not use Redis; use 'local'"),
             _ => return fail("policy", "expected one of: local, cluster"),
         }

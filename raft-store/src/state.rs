@@ -77,6 +77,10 @@ impl ConfigState {
                 *self = replacement;
                 Ok(Outcome::Replaced { entities })
             }
+            // The store applies grants to the quota ledger; the config is not involved.
+            Op::Grant { .. } | Op::Release { .. } => {
+                Err(ApiError::new(ErrorCode::Internal, "quota grants are not config writes"))
+            }
         }
     }
 

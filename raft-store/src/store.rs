@@ -35,7 +35,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
 use crate::codec;
-use crate::command::{CommandResponse, Outcome};
+use crate::command::{CommandResponse, Op, Outcome};
+use crate::quota::{LedgerImage, QuotaLedger};
 use crate::state::{ConfigState, StateImage};
 use crate::{NodeId, TypeConfig};
 
@@ -247,6 +248,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     image: StateImage,
+    ledger: LedgerImage,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -261,6 +263,10 @@ pub struct Applied {
     pub state: ConfigState,
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
+    /// Counts changes of `state` (config entries, installed snapshots) in this
+    /// process: the same revision is the same config, so a publication that only
+    /// moves the applied index (quota grants) need not recompile anything.
+    pub config_revision: u64,
 }
 
 impl Applied {
@@ -274,7 +280,9 @@ impl Applied {
 #[derive(Clone)]
 pub struct StateMachineStore {
     database: Arc<Database>,
+    /// Locked before `ledger` wherever both are.
     applied: Arc<RwLock<Applied>>,
+    ledger: Arc<RwLock<QuotaLedger>>,
     publish: Arc<watch::Sender<Applied>>,
 }
 
@@ -282,12 +290,22 @@ impl StateMachineStore {
     /// Opens the state machine from the last stored snapshot.
     pub async fn open(database: Arc<Database>) -> Result<StateMachineStore> {
         let stored = load_snapshot(&database)?;
-        let applied = match stored {
+        let (applied, ledger) = match stored {
             Some(snapshot) => applied_from_snapshot(&snapshot.meta, &snapshot.data)?,
-            None => Applied::default(),
+            None => (Applied::default(), QuotaLedger::new()),
         };
         let (publish, _) = watch::channel(applied.clone());
-        Ok(StateMachineStore { database, applied: Arc::new(RwLock::new(applied)), publish: Arc::new(publish) })
+        Ok(StateMachineStore {
+            database,
+            applied: Arc::new(RwLock::new(applied)),
+            ledger: Arc::new(RwLock::new(ledger)),
+            publish: Arc::new(publish),
+        })
+    }
+
+    /// The quota ledger as applied on this node (for the Admin API view).
+    pub fn ledger(&self) -> Arc<RwLock<QuotaLedger>> {
+        self.ledger.clone()
     }
 
     /// Every published state, latest first. The receiver always holds the newest.
@@ -309,12 +327,17 @@ fn load_snapshot(database: &Database) -> Result<Option<StoredSnapshot>> {
     codec::decode(frame.value()).map(Some).map_err(read_error)
 }
 
-fn applied_from_snapshot(meta: &SnapshotMeta<NodeId, openraft::BasicNode>, data: &[u8]) -> Result<Applied> {
+fn applied_from_snapshot(
+    meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: &[u8],
+) -> Result<(Applied, QuotaLedger)> {
     let body: SnapshotBody =
         codec::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
     let state = ConfigState::from_image(&body.image)
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)))?;
-    Ok(Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() })
+    let applied =
+        Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone(), config_revision: 0 };
+    Ok((applied, QuotaLedger::from_image(body.ledger)))
 }
 
 /// Stores `snapshot` unless a newer one is already stored. A snapshot build runs in its
@@ -343,11 +366,12 @@ async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> R
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let (image, last_applied, membership) = {
+        let (image, ledger, last_applied, membership) = {
             let applied = self.applied.read().await;
-            (applied.state.to_image(), applied.last_applied, applied.membership.clone())
+            let ledger = self.ledger.read().await;
+            (applied.state.to_image(), ledger.to_image(), applied.last_applied, applied.membership.clone())
         };
-        let data = codec::encode(&SnapshotBody { image }).map_err(io_error)?;
+        let data = codec::encode(&SnapshotBody { image, ledger }).map_err(io_error)?;
         let snapshot_id = match last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
             None => "empty".to_string(),
@@ -375,6 +399,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut applied = self.applied.write().await;
+        let mut ledger = self.ledger.write().await;
         let mut responses = Vec::new();
         for entry in entries {
             debug_assert!(
@@ -384,7 +409,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Internal),
-                EntryPayload::Normal(command) => applied.state.apply(&command),
+                EntryPayload::Normal(command) => match &command.op {
+                    Op::Grant { node, requests } => Ok(Outcome::Granted(ledger.grant(*node, command.now_s, requests))),
+                    Op::Release { node, releases } => {
+                        ledger.release(*node, command.now_s, releases);
+                        Ok(Outcome::Internal)
+                    }
+                    _ => {
+                        let result = applied.state.apply(&command);
+                        if result.is_ok() {
+                            applied.config_revision += 1;
+                        }
+                        result
+                    }
+                },
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Ok(Outcome::Internal)
@@ -410,10 +448,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let data = snapshot.into_inner();
-        let installed = applied_from_snapshot(meta, &data)?;
+        let (mut installed, installed_ledger) = applied_from_snapshot(meta, &data)?;
         store_snapshot(&self.database, StoredSnapshot { meta: meta.clone(), data }).await?;
         let mut applied = self.applied.write().await;
+        let mut ledger = self.ledger.write().await;
+        installed.config_revision = applied.config_revision + 1;
         *applied = installed;
+        *ledger = installed_ledger;
         self.publish(&applied);
         tracing::info!(snapshot_id = %meta.snapshot_id, "installed snapshot");
         Ok(())

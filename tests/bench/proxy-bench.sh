@@ -128,6 +128,7 @@ run() {
     fi
     printf "%-28s %12s %10s %10s %14s\n" "$name" "$rps" "$p50" "$p99" "$cpu_us"
     LAST_RPS=$rps
+    LAST_CPU=$cpu_us
 }
 
 printf "%-28s %12s %10s %10s %14s\n" "target" "requests/s" "p50" "p99" "proxy CPU-µs/req"
@@ -172,3 +173,27 @@ done
 run "tollgate, 4 plugins" "http://127.0.0.1:$TG_PROXY_PORT/bench-plugins" "$TG_PID" -H "apikey: bench-key"
 awk -v with="$LAST_RPS" -v without="$NO_PLUGINS_RPS" \
     'BEGIN {printf "requests/s with the 4 plugins / without: %.3f (goal >= 0.85)\n", with / without}'
+
+# Cluster rate limits (issue 5's figure): the same hour limit, never reached, counted
+# per node (`local`) and through the Raft ledger (`cluster`) on two more routes.
+# Reports the CPU per request of each and the quota Raft entries per admitted request.
+for policy in local cluster; do
+    admin POST /services/bench/routes "{\"name\":\"bench-$policy\",\"paths\":[\"/bench-$policy\"]}"
+    admin POST /routes/bench-$policy/plugins \
+        "{\"name\":\"rate-limiting\",\"config\":{\"hour\":1000000000,\"policy\":\"$policy\",\"limit_by\":\"service\"}}"
+done
+wait_for "http://127.0.0.1:$TG_PROXY_PORT/bench-cluster"
+quota_metric() { # name -> value from /metrics (0 when absent)
+    curl -fsS "http://127.0.0.1:$TG_ADMIN_PORT/metrics" | awk -v name="$1" '$1 == name {print $2; found=1} END {if (!found) print 0}'
+}
+run "tollgate, rate-limit local" "http://127.0.0.1:$TG_PROXY_PORT/bench-local" "$TG_PID"
+LOCAL_CPU=$LAST_CPU
+entries_before=$(quota_metric tollgate_quota_raft_entries_total)
+admitted_before=$(quota_metric tollgate_quota_admitted_total)
+run "tollgate, rate-limit cluster" "http://127.0.0.1:$TG_PROXY_PORT/bench-cluster" "$TG_PID"
+entries=$(( $(quota_metric tollgate_quota_raft_entries_total) - entries_before ))
+admitted=$(( $(quota_metric tollgate_quota_admitted_total) - admitted_before ))
+awk -v l="$LOCAL_CPU" -v c="$LAST_CPU" -v e="$entries" -v a="$admitted" 'BEGIN {
+    printf "cluster / local CPU per request: %.3f (goal <= 1.10)\n", c / l
+    printf "quota Raft entries: %d for %d admitted (%.4f per 100; goal <= 1)\n", e, a, (a > 0 ? e * 100 / a : 0)
+}'

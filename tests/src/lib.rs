@@ -410,3 +410,49 @@ pub async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u1
     let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     Ok((status, text))
 }
+
+/// An upstream in the test process that answers every request `200 ok` and counts
+/// what it received: what a rate limit let through.
+pub struct CountingUpstream {
+    pub address: String,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingUpstream {
+    pub async fn start() -> anyhow::Result<CountingUpstream> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port())).await?;
+        let address = listener.local_addr()?.to_string();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request: http::Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"ok"),
+                            )))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        Ok(CountingUpstream { address, received, task })
+    }
+
+    /// Requests received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -7,6 +7,7 @@
 //! leader yet) is retried until `write_leader_wait_ms`; one whose fate is unknown
 //! (timeout after sending) is answered with 503.
 
+pub mod grants;
 pub mod network;
 pub mod transport;
 
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tollgate_raft_store::command::{Command, Op, Outcome};
+use tollgate_raft_store::quota::{Grant, GrantRequest, QuotaKey};
 use tollgate_raft_store::store::Applied;
 use tollgate_raft_store::{ApiError, ErrorCode, NodeId, Raft, TypeConfig};
 
@@ -195,6 +197,29 @@ impl Cluster {
         }
     }
 
+    /// Asks the ledger for tokens, through the leader; one answer per request. Unlike
+    /// [`Cluster::write`] it does not wait for this node to apply the entry: the
+    /// answer is the leader's.
+    pub async fn grant(&self, requests: Vec<GrantRequest>) -> Result<Vec<Grant>, ApiError> {
+        let command = Command { now_s: self.clock.now_s(), op: Op::Grant { node: self.id, requests } };
+        match self.on_leader(LeaderRequest::Write(command)).await?.0 {
+            LeaderReply::Write { result: Ok(Outcome::Granted(grants)), .. } => Ok(grants),
+            LeaderReply::Write { result: Err(error), .. } => Err(error),
+            _ => Err(ApiError::new(ErrorCode::Internal, "leader answered a grant with something else")),
+        }
+    }
+
+    /// Gives tokens back to the ledger (the node stops and will not use them).
+    pub async fn release(&self, releases: Vec<(QuotaKey, u64)>) -> Result<(), ApiError> {
+        let command = Command { now_s: self.clock.now_s(), op: Op::Release { node: self.id, releases } };
+        self.on_leader(LeaderRequest::Write(command)).await.map(|_| ())
+    }
+
+    /// The node's clock, in seconds since the epoch.
+    pub fn now_s(&self) -> i64 {
+        self.clock.now_s()
+    }
+
     /// Waits until this node has applied `log_index` (bounded by the write wait).
     pub async fn wait_applied(&self, log_index: u64) -> Result<Applied, ApiError> {
         let mut applied = self.applied.clone();
@@ -289,7 +314,8 @@ impl Cluster {
                 // entry of its own term, that state holds every acknowledged write, so
                 // a refusal here is one the log would give too.
                 let applied = self.leader_applied_state().await?;
-                if applied.state.clone().apply(&command).is_err() {
+                // Quota grants always apply (the ledger answers 0 where it must).
+                if command.op.changes_config() && applied.state.clone().apply(&command).is_err() {
                     // A leader cut off from the majority still believes it leads: before
                     // refusing, confirm leadership and catch up (ReadIndex), then retry.
                     let confirmed = self.confirmed_state().await?;

@@ -12,10 +12,12 @@ use tollgate_raft_store::plugins::{
     is_origin_pattern, origin_regex, parse_cidr, AclConfig, CorrelationIdConfig, CorsConfig, IpRestrictionConfig,
     RateLimitingConfig, RequestSizeLimitingConfig, RequestTerminationConfig,
 };
+use tollgate_raft_store::quota::QuotaKey;
 use uuid::Uuid;
 
 use super::auth::query_param;
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use crate::quota::Take;
 
 /// acl: the consumer's groups against `allow` or `deny`.
 pub struct Acl {
@@ -191,6 +193,17 @@ enum Identifier {
     Text(String),
 }
 
+impl Identifier {
+    /// The ledger's subject string.
+    fn subject(&self) -> String {
+        match self {
+            Identifier::Id(id) => id.to_string(),
+            Identifier::Ip(ip) => ip.to_string(),
+            Identifier::Text(text) => text.clone(),
+        }
+    }
+}
+
 /// A node's `policy: local` counters, shared by its proxy workers and kept across
 /// config changes (a plugin instance keeps its counts while other entities change).
 #[derive(Default)]
@@ -235,6 +248,8 @@ pub struct RateLimiting {
     config: RateLimitingConfig,
     windows: Vec<Window>,
     header_name: Option<HeaderName>,
+    /// `policy: cluster`: tokens leased from the cluster ledger.
+    cluster: bool,
 }
 
 impl RateLimiting {
@@ -252,7 +267,8 @@ impl RateLimiting {
             })
             .collect();
         let header_name = config.header_name.as_deref().and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok());
-        RateLimiting { id, config, windows, header_name }
+        let cluster = config.policy == "cluster";
+        RateLimiting { id, config, windows, header_name, cluster }
     }
 
     fn identifier(&self, ctx: &Ctx, request: &RequestView<'_>) -> Identifier {
@@ -273,58 +289,157 @@ impl RateLimiting {
     }
 }
 
-/// A window's counter as one request found it.
-struct Taken {
-    counter: Arc<AtomicU64>,
-    /// Used in the window, this request included.
-    used: u64,
-    /// Seconds until the window resets.
+/// What one request found in one window: tokens left and seconds to the reset.
+#[derive(Clone, Copy)]
+struct Found {
+    remaining: u64,
     reset: u64,
+    /// This window refused the request.
+    over: bool,
+}
+
+impl RateLimiting {
+    /// `policy: local`: a counter per window on this node.
+    fn count_local(&self, now_s: u64, identifier: &Identifier, env: &Env<'_>) -> [Option<Found>; RATE_WINDOWS_MAX] {
+        let mut taken: [Option<(Arc<AtomicU64>, u64)>; RATE_WINDOWS_MAX] = [const { None }; RATE_WINDOWS_MAX];
+        let mut exceeded = false;
+        let mut found = [None; RATE_WINDOWS_MAX];
+        for ((slot, found), window) in taken.iter_mut().zip(found.iter_mut()).zip(&self.windows) {
+            let start_s = now_s - now_s % window.seconds;
+            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s: window.seconds, start_s };
+            let Some(counter) = env.counters.counter(key, now_s) else { continue };
+            let used = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            exceeded |= used > window.limit;
+            *found = Some(Found { remaining: 0, reset: start_s + window.seconds - now_s, over: used > window.limit });
+            *slot = Some((counter, used));
+        }
+        for ((slot, found), window) in taken.iter().zip(found.iter_mut()).zip(&self.windows) {
+            let (Some((counter, used)), Some(found)) = (slot, found) else { continue };
+            // A refused request uses nothing: give back what was taken.
+            if exceeded {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+            found.remaining = window.limit.saturating_sub((used - u64::from(exceeded)).min(window.limit));
+        }
+        found
+    }
+
+    /// `policy: cluster`: a token of this node's lease per window. `resumed` is true
+    /// when the request already waited for a grant round.
+    fn take_cluster(
+        &self,
+        now_s: u64,
+        identifier: &Identifier,
+        env: &Env<'_>,
+        resumed: bool,
+    ) -> Result<[Option<Found>; RATE_WINDOWS_MAX], Flow> {
+        let subject = identifier.subject();
+        let mut leases: [Option<Arc<crate::quota::Lease>>; RATE_WINDOWS_MAX] = [const { None }; RATE_WINDOWS_MAX];
+        let mut takes = [None; RATE_WINDOWS_MAX];
+        for ((lease, take), window) in leases.iter_mut().zip(takes.iter_mut()).zip(&self.windows) {
+            let start_s = now_s - now_s % window.seconds;
+            let key = QuotaKey {
+                plugin: self.id,
+                subject: subject.clone(),
+                window_s: window.seconds,
+                start_s: start_s as i64,
+            };
+            let Some(found) = env.quota.lease(&key, window.limit) else {
+                *take = Some(Take::Empty);
+                continue;
+            };
+            *take = Some(env.quota.take(&found));
+            *lease = Some(found);
+        }
+        let give_back = |leases: &[Option<Arc<crate::quota::Lease>>], takes: &[Option<Take>]| {
+            for (lease, take) in leases.iter().zip(takes) {
+                if let (Some(lease), Some(Take::Admitted { .. })) = (lease, take) {
+                    lease.give_back();
+                }
+            }
+        };
+        let spent = takes.contains(&Some(Take::Spent));
+        let empty = takes.contains(&Some(Take::Empty));
+        if empty && !spent && !resumed && !env.quota.is_cut_off() {
+            // The first request of a key in a window here: wait for one grant round.
+            give_back(&leases, &takes);
+            let waiting: Vec<_> = leases
+                .iter()
+                .zip(&takes)
+                .filter(|(_, take)| **take == Some(Take::Empty))
+                .filter_map(|(lease, _)| lease.clone())
+                .collect();
+            return Err(Flow::Verify(Box::pin(async move {
+                let all = async {
+                    for lease in waiting {
+                        lease.wait().await;
+                    }
+                };
+                tokio::time::timeout(crate::quota::GRANT_WAIT, all).await.is_ok()
+            })));
+        }
+        let mut fallback = false;
+        if empty && !spent && self.config.fault_tolerant {
+            // Cut off (or no grant in time): the documented local bound per window.
+            fallback = leases.iter().zip(&takes).all(|(lease, take)| match (lease, take) {
+                (Some(lease), Some(Take::Empty)) => env.quota.take_fallback(lease),
+                (None, Some(Take::Empty)) => false,
+                _ => true,
+            });
+        }
+        let admitted = !spent && (!empty || fallback);
+        if !admitted {
+            give_back(&leases, &takes);
+        }
+        metrics::counter!(if admitted { "tollgate_quota_admitted_total" } else { "tollgate_quota_rejected_total" })
+            .increment(1);
+        if fallback {
+            metrics::counter!("tollgate_quota_fallback_total").increment(1);
+        }
+        let mut found = [None; RATE_WINDOWS_MAX];
+        for (((found, take), lease), window) in found.iter_mut().zip(&takes).zip(&leases).zip(&self.windows) {
+            let start_s = now_s - now_s % window.seconds;
+            let reset = start_s + window.seconds - now_s;
+            let (remaining, over) = match take {
+                Some(Take::Admitted { remaining }) => (*remaining, false),
+                Some(Take::Spent) => (0, true),
+                _ => (lease.as_ref().map_or(0, |lease| lease.remaining()), !admitted),
+            };
+            *found = Some(Found { remaining, reset, over: over && !admitted });
+        }
+        Ok(found)
+    }
 }
 
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         let now_s = super::unix_now().as_secs();
         let identifier = self.identifier(ctx, request);
-        // Per window (the same index as `windows`); none when the counter table is full.
-        let mut taken: [Option<Taken>; RATE_WINDOWS_MAX] = [const { None }; RATE_WINDOWS_MAX];
-        let mut exceeded = false;
-        for (slot, window) in taken.iter_mut().zip(&self.windows) {
-            let start_s = now_s - now_s % window.seconds;
-            let key = CounterKey { plugin: self.id, identifier: identifier.clone(), window_s: window.seconds, start_s };
-            let Some(counter) = env.counters.counter(key, now_s) else { continue };
-            let used = counter.fetch_add(1, Ordering::Relaxed) + 1;
-            exceeded |= used > window.limit;
-            *slot = Some(Taken { counter, used, reset: start_s + window.seconds - now_s });
-        }
-        if exceeded {
-            // A refused request uses nothing: give back what was taken.
-            for taken in taken.iter().flatten() {
-                taken.counter.fetch_sub(1, Ordering::Relaxed);
+        let found = if self.cluster {
+            match self.take_cluster(now_s, &identifier, env, ctx.verified.is_some()) {
+                Ok(found) => found,
+                Err(flow) => return flow,
             }
-        }
-        let remaining =
-            |window: &Window, used: u64| window.limit.saturating_sub((used - u64::from(exceeded)).min(window.limit));
-        let found = || self.windows.iter().zip(&taken).filter_map(|(window, taken)| Some((window, taken.as_ref()?)));
+        } else {
+            self.count_local(now_s, &identifier, env)
+        };
+        let exceeded = found.iter().flatten().any(|found| found.over);
+        let found = || self.windows.iter().zip(&found).filter_map(|(window, found)| Some((window, found.as_ref()?)));
         if !self.config.hide_client_headers {
             // RateLimit-*: the window closest to running out.
-            if let Some((window, taken)) = found().min_by_key(|(window, taken)| remaining(window, taken.used)) {
+            if let Some((window, found)) = found().min_by_key(|(_, found)| found.remaining) {
                 let headers = &mut ctx.response_headers;
                 headers.push((HeaderName::from_static("ratelimit-limit"), window.limit_value.clone()));
-                headers.push((
-                    HeaderName::from_static("ratelimit-remaining"),
-                    super::number_value(remaining(window, taken.used)),
-                ));
-                headers.push((HeaderName::from_static("ratelimit-reset"), super::number_value(taken.reset)));
+                headers.push((HeaderName::from_static("ratelimit-remaining"), super::number_value(found.remaining)));
+                headers.push((HeaderName::from_static("ratelimit-reset"), super::number_value(found.reset)));
             }
-            for (window, taken) in found() {
+            for (window, found) in found() {
                 ctx.response_headers.push((window.limit_header.clone(), window.limit_value.clone()));
-                ctx.response_headers
-                    .push((window.remaining_header.clone(), super::number_value(remaining(window, taken.used))));
+                ctx.response_headers.push((window.remaining_header.clone(), super::number_value(found.remaining)));
             }
         }
         if exceeded {
-            let reset = found().filter(|(window, taken)| taken.used > window.limit).map(|(_, taken)| taken.reset).max();
+            let reset = found().filter(|(_, found)| found.over).map(|(_, found)| found.reset).max();
             let status = StatusCode::from_u16(self.config.error_code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
             let mut exit = Exit::message(status, &self.config.error_message);
             exit.headers.push((http::header::RETRY_AFTER, super::number_value(reset.unwrap_or(1))));

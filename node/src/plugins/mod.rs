@@ -73,6 +73,8 @@ pub struct NodeState {
     pub verified: basic::VerifiedCache,
     pub logs: logging::LogSinks,
     pub cache: cache::ResponseCache,
+    /// Leases of cluster rate-limit tokens (`policy: cluster`).
+    pub quota: Arc<crate::quota::Leases>,
 }
 
 /// How many response headers plugins usually add to one response.
@@ -279,6 +281,7 @@ pub struct Env<'a> {
     pub counters: &'a RateCounters,
     pub verified: &'a basic::VerifiedCache,
     pub cache: &'a cache::ResponseCache,
+    pub quota: &'a crate::quota::Leases,
 }
 
 /// The request as global plugins see it in `rewrite`, before routing.
@@ -626,7 +629,13 @@ impl Plugins {
         state: &NodeState,
         ran: &mut Vec<Arc<Instance>>,
     ) -> Step {
-        let env = Env { data: &self.data, counters: &state.counters, verified: &state.verified, cache: &state.cache };
+        let env = Env {
+            data: &self.data,
+            counters: &state.counters,
+            verified: &state.verified,
+            cache: &state.cache,
+            quota: &state.quota,
+        };
         for index in from..self.names.len() {
             let Some(instance) = self.resolve(index, ctx) else { continue };
             if !instance.protocols.iter().any(|protocol| protocol == ctx.protocol) {

@@ -1,0 +1,354 @@
+//! The node's side of cluster rate limits: leases of tokens the ledger granted this
+//! node, per (plugin, subject, window), and the demands that renew them.
+//!
+//! The data path only touches memory here: a request takes a token from its key's
+//! lease with one atomic operation. When a lease runs low (below what the key used in
+//! the last quarter second), a demand goes on a bounded queue; the grant task
+//! (`cluster::grants`) batches demands of many keys into one Raft entry and adds what
+//! the ledger granted. A request that finds no token and no lease yet waits for one
+//! grant round (the first request of a key in a window on this node), bounded by
+//! [`GRANT_WAIT`]. The design and the argument for "never over" are in `QUOTA.md`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tollgate_raft_store::quota::{Grant, QuotaKey};
+
+/// Leases a node holds at once; past it, new keys are not leased (their requests
+/// follow `fault_tolerant`) until windows end.
+pub const LEASES_MAX: usize = 1_000_000;
+/// Demands queued for the grant task; past it a demand is dropped and asked again
+/// by the next request that finds its lease low.
+pub const DEMANDS_MAX: usize = 65_536;
+/// How long a request without a token waits for a grant round.
+pub const GRANT_WAIT: Duration = Duration::from_millis(1000);
+/// Fewest tokens asked for at once.
+pub const WANT_MIN: u64 = 1;
+/// A lease is sized to this much of the key's recent rate.
+const RENEW_HORIZON_MS: u64 = 500;
+/// Renew once fewer tokens than this much of the recent rate are left.
+const LOW_WATER_MS: u64 = 250;
+
+/// What a request got from its key's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Admitted; about this many tokens are left cluster-wide (what no node holds
+    /// plus what this node holds).
+    Admitted { remaining: u64 },
+    /// The window's limit is spent cluster-wide.
+    Spent,
+    /// No token here now; a grant is on its way (or the cluster is unreachable).
+    Empty,
+}
+
+/// One key's lease on this node.
+pub struct Lease {
+    pub key: QuotaKey,
+    pub limit: u64,
+    /// Tokens held, not used yet.
+    available: AtomicU64,
+    /// Requests this node admitted with tokens of this lease.
+    used: AtomicU64,
+    /// Tokens granted to this node in all.
+    granted: AtomicU64,
+    /// Tokens granted to all nodes, as of the last grant.
+    cluster_total: AtomicU64,
+    /// A demand is queued or in flight.
+    pending: AtomicBool,
+    /// The ledger has nothing more to grant for this window.
+    spent: AtomicBool,
+    /// Requests admitted on the local fallback (`fault_tolerant` while cut off).
+    fallback_used: AtomicU64,
+    /// Requests in the current rate bucket, and the bucket's start (ms since start).
+    bucket_count: AtomicU64,
+    bucket_start_ms: AtomicU64,
+    /// Requests per second, from the last full bucket.
+    rate: AtomicU64,
+    granted_notify: Notify,
+}
+
+impl Lease {
+    fn new(key: QuotaKey, limit: u64) -> Lease {
+        Lease {
+            key,
+            limit,
+            available: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
+            cluster_total: AtomicU64::new(0),
+            pending: AtomicBool::new(false),
+            spent: AtomicBool::new(false),
+            fallback_used: AtomicU64::new(0),
+            bucket_count: AtomicU64::new(0),
+            bucket_start_ms: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
+            granted_notify: Notify::new(),
+        }
+    }
+
+    pub fn available(&self) -> u64 {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::Relaxed)
+    }
+
+    /// Takes one token, if one is held.
+    fn take_token(&self) -> bool {
+        self.available.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Gives back a token taken for a request another window refused.
+    pub fn give_back(&self) {
+        self.available.fetch_add(1, Ordering::AcqRel);
+        self.used.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request for the rate estimate (one-second buckets).
+    fn count(&self, now_ms: u64) {
+        let start = self.bucket_start_ms.load(Ordering::Relaxed);
+        if now_ms >= start + 1000
+            && self.bucket_start_ms.compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            let count = self.bucket_count.swap(0, Ordering::Relaxed);
+            let elapsed = (now_ms - start).max(1000);
+            self.rate.store(count * 1000 / elapsed, Ordering::Relaxed);
+        }
+        self.bucket_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens to ask for: the recent rate over the renew horizon, at least
+    /// [`WANT_MIN`], at most the limit.
+    fn want(&self) -> u64 {
+        let rate = self.rate.load(Ordering::Relaxed).max(self.bucket_count.load(Ordering::Relaxed));
+        (rate * RENEW_HORIZON_MS / 1000).clamp(WANT_MIN, self.limit.max(1))
+    }
+
+    fn low(&self) -> bool {
+        let rate = self.rate.load(Ordering::Relaxed);
+        self.available() <= rate * LOW_WATER_MS / 1000
+    }
+
+    /// Adds a grant's tokens and wakes requests waiting for them.
+    pub fn add_grant(&self, grant: Grant) {
+        if grant.granted > 0 {
+            self.granted.fetch_add(grant.granted, Ordering::Relaxed);
+            self.available.fetch_add(grant.granted, Ordering::AcqRel);
+        }
+        self.cluster_total.fetch_max(grant.total, Ordering::Relaxed);
+        if grant.spent {
+            self.spent.store(true, Ordering::Relaxed);
+        }
+        self.pending.store(false, Ordering::Release);
+        self.granted_notify.notify_waiters();
+    }
+
+    /// Waits until this lease's pending demand is answered or fails.
+    pub async fn wait(self: Arc<Self>) {
+        let notified = self.granted_notify.notified();
+        if !self.pending.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+
+    /// A demand failed (no quorum, timeout): nothing was added.
+    pub fn demand_failed(&self) {
+        self.pending.store(false, Ordering::Release);
+        self.granted_notify.notify_waiters();
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.cluster_total.load(Ordering::Relaxed)) + self.available()
+    }
+}
+
+/// A lease asking for tokens.
+pub struct Demand {
+    pub lease: Arc<Lease>,
+    pub want: u64,
+}
+
+/// Every lease of this node, and the queue of demands.
+pub struct Leases {
+    leases: RwLock<HashMap<QuotaKey, Arc<Lease>>>,
+    demands: mpsc::Sender<Demand>,
+    receiver: tokio::sync::Mutex<Option<mpsc::Receiver<Demand>>>,
+    /// The last grant round failed (no quorum reachable); cleared by the next success.
+    cut_off: AtomicBool,
+    /// Voters in the cluster, for the `fault_tolerant` local bound.
+    voters: AtomicU64,
+    started: tokio::time::Instant,
+}
+
+impl Default for Leases {
+    fn default() -> Leases {
+        let (demands, receiver) = mpsc::channel(DEMANDS_MAX);
+        Leases {
+            leases: RwLock::default(),
+            demands,
+            receiver: tokio::sync::Mutex::new(Some(receiver)),
+            cut_off: AtomicBool::new(false),
+            voters: AtomicU64::new(1),
+            started: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Leases {
+    /// The demand queue, for the grant task (once).
+    pub fn take_demands(&self) -> Option<mpsc::Receiver<Demand>> {
+        self.receiver.try_lock().ok()?.take()
+    }
+
+    pub fn set_cut_off(&self, cut_off: bool) {
+        if self.cut_off.swap(cut_off, Ordering::Relaxed) != cut_off {
+            tracing::warn!(
+                cut_off,
+                "cluster rate limits: grant rounds {}",
+                if cut_off { "fail" } else { "work again" }
+            );
+        }
+        metrics::gauge!("tollgate_quota_cut_off").set(if cut_off { 1.0 } else { 0.0 });
+    }
+
+    pub fn is_cut_off(&self) -> bool {
+        self.cut_off.load(Ordering::Relaxed)
+    }
+
+    pub fn set_voters(&self, voters: u64) {
+        self.voters.store(voters.max(1), Ordering::Relaxed);
+    }
+
+    /// The lease of `key`, made when missing; `None` when [`LEASES_MAX`] are held.
+    pub fn lease(&self, key: &QuotaKey, limit: u64) -> Option<Arc<Lease>> {
+        if let Some(lease) = self.leases.read().ok()?.get(key) {
+            return Some(lease.clone());
+        }
+        let mut leases = self.leases.write().ok()?;
+        if leases.len() >= LEASES_MAX && !leases.contains_key(key) {
+            metrics::counter!("tollgate_quota_leases_full_total").increment(1);
+            return None;
+        }
+        Some(leases.entry(key.clone()).or_insert_with(|| Arc::new(Lease::new(key.clone(), limit))).clone())
+    }
+
+    /// Takes a token of `lease` for one request, and asks for more ahead of need.
+    pub fn take(&self, lease: &Arc<Lease>) -> Take {
+        lease.count(self.started.elapsed().as_millis() as u64);
+        if lease.take_token() {
+            lease.used.fetch_add(1, Ordering::Relaxed);
+            if lease.low() {
+                self.demand(lease);
+            }
+            return Take::Admitted { remaining: lease.remaining() };
+        }
+        if lease.spent.load(Ordering::Relaxed) {
+            return Take::Spent;
+        }
+        self.demand(lease);
+        Take::Empty
+    }
+
+    /// Admits one request on the local fallback while cut off (`fault_tolerant`): at
+    /// most ⌈limit / voters⌉ per window on this node.
+    pub fn take_fallback(&self, lease: &Lease) -> bool {
+        let voters = self.voters.load(Ordering::Relaxed).max(1);
+        let bound = lease.limit.div_ceil(voters);
+        let admitted =
+            lease.fallback_used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < bound).then_some(n + 1));
+        admitted.is_ok()
+    }
+
+    /// Queues a demand for `lease` unless one is already pending.
+    fn demand(&self, lease: &Arc<Lease>) {
+        if lease.spent.load(Ordering::Relaxed) || lease.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let demand = Demand { lease: lease.clone(), want: lease.want() };
+        if self.demands.try_send(demand).is_err() {
+            lease.pending.store(false, Ordering::Release);
+            metrics::counter!("tollgate_quota_demands_dropped_total").increment(1);
+        }
+    }
+
+    /// Closes every lease and returns the tokens they held unused, to give back to
+    /// the ledger when the node stops: nothing is admitted with them after this.
+    pub fn release_all(&self) -> Vec<(QuotaKey, u64)> {
+        let Ok(leases) = self.leases.read() else { return Vec::new() };
+        let mut released = Vec::new();
+        for lease in leases.values() {
+            lease.spent.store(true, Ordering::Relaxed);
+            let unused = lease.available.swap(0, Ordering::AcqRel);
+            if unused > 0 {
+                released.push((lease.key.clone(), unused));
+            }
+        }
+        released
+    }
+
+    /// Drops the leases of windows over by `now_s`, counting their unused tokens.
+    pub fn expire(&self, now_s: i64) {
+        let Ok(mut leases) = self.leases.write() else { return };
+        leases.retain(|key, lease| {
+            let live = key.end_s() > now_s;
+            if !live {
+                metrics::counter!("tollgate_quota_tokens_unused_total").increment(lease.available());
+            }
+            live
+        });
+        metrics::gauge!("tollgate_quota_leases").set(leases.len() as f64);
+    }
+
+    /// This node's leases of one plugin instance (for the Admin API view).
+    pub fn of_plugin(&self, plugin: uuid::Uuid) -> Vec<Arc<Lease>> {
+        let Ok(leases) = self.leases.read() else { return Vec::new() };
+        let mut found: Vec<Arc<Lease>> = leases.values().filter(|lease| lease.key.plugin == plugin).cloned().collect();
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> QuotaKey {
+        QuotaKey { plugin: uuid::Uuid::from_u128(1), subject: "s".into(), window_s: 3600, start_s: 0 }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_taken_only_once_granted_and_demands_are_queued_once() {
+        let leases = Leases::default();
+        let mut demands = leases.take_demands().unwrap();
+        let lease = leases.lease(&key(), 10).unwrap();
+        assert_eq!(leases.take(&lease), Take::Empty);
+        assert_eq!(leases.take(&lease), Take::Empty);
+        let demand = demands.try_recv().unwrap();
+        assert!(demands.try_recv().is_err(), "one demand while one is pending");
+        demand.lease.add_grant(Grant { granted: 2, total: 2, spent: false });
+        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 9 });
+        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 8 });
+        // Out of tokens: another demand; a partial grant means the window is spent.
+        assert_eq!(leases.take(&lease), Take::Empty);
+        let demand = demands.try_recv().unwrap();
+        demand.lease.add_grant(Grant { granted: 1, total: 10, spent: true });
+        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 0 });
+        assert_eq!(leases.take(&lease), Take::Spent);
+        assert_eq!((lease.used(), lease.granted()), (3, 3));
+        // The fallback bound is the limit over the voters.
+        leases.set_voters(3);
+        let admitted = (0..10).filter(|_| leases.take_fallback(&lease)).count();
+        assert_eq!(admitted, 4);
+        leases.expire(3600);
+        assert!(leases.of_plugin(key().plugin).is_empty());
+    }
+}
