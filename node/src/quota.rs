@@ -197,7 +197,8 @@ impl Default for Leases {
             demands,
             receiver: tokio::sync::Mutex::new(Some(receiver)),
             cut_off: AtomicBool::new(false),
-            voters: AtomicU64::new(1),
+            // Unknown until the grant task reads the membership: the tightest bound.
+            voters: AtomicU64::new(u64::MAX),
             started: tokio::time::Instant::now(),
         }
     }
@@ -224,8 +225,12 @@ impl Leases {
         self.cut_off.load(Ordering::Relaxed)
     }
 
+    /// The cluster's voter count, for the fallback bound; 0 (no membership yet) is
+    /// ignored.
     pub fn set_voters(&self, voters: u64) {
-        self.voters.store(voters.max(1), Ordering::Relaxed);
+        if voters > 0 {
+            self.voters.store(voters, Ordering::Relaxed);
+        }
     }
 
     /// The lease of `key`, made when missing; `None` when [`LEASES_MAX`] are held.

@@ -117,10 +117,16 @@ impl TestNode {
         self.child.is_some()
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn start(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         let log = std::fs::File::create(self.data_dir.with_extension("log"))?;
-        let child = Command::new(tollgate_binary())
+        let mut command = Command::new(tollgate_binary());
+        command
             .arg("run")
             .args(["--node-id", &self.id.to_string()])
             .arg("--data-dir")
@@ -128,14 +134,8 @@ impl TestNode {
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--cluster-listen", &self.cluster_address()])
             .args(["--proxy-listen", &format!("127.0.0.1:{}", self.proxy_port)])
-            .args(&self.extra_args)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning tollgate")?;
-        self.child = Some(child);
+            .args(&self.extra_args);
+        self.child = Some(spawn_logged(&mut command, log)?);
         Ok(())
     }
 
@@ -293,6 +293,17 @@ impl TestCluster {
         }
         Ok(())
     }
+}
+
+/// Starts a `tollgate run` command with the tests' log level, its output in `log`.
+pub fn spawn_logged(command: &mut Command, log: std::fs::File) -> anyhow::Result<Child> {
+    command
+        .env("RUST_LOG", "info,openraft=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning tollgate")
 }
 
 /// `tollgate echo` as a separate process: the upstream the proxy tests talk to.

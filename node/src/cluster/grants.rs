@@ -32,8 +32,7 @@ pub async fn run(cluster: Cluster, leases: Arc<Leases>, mut stop: watch::Receive
             _ = &mut stopped => return,
             _ = expire.tick() => {
                 leases.expire(cluster.now_s());
-                let voters = cluster.raft.metrics().borrow().membership_config.membership().voter_ids().count();
-                leases.set_voters(voters as u64);
+                leases.set_voters(voters(&cluster));
             }
             first = demands.recv() => {
                 let Some(first) = first else { return };
@@ -51,8 +50,15 @@ pub async fn run(cluster: Cluster, leases: Arc<Leases>, mut stop: watch::Receive
     }
 }
 
+fn voters(cluster: &Cluster) -> u64 {
+    cluster.raft.metrics().borrow().membership_config.membership().voter_ids().count() as u64
+}
+
 /// One grant round: one Raft entry for the whole batch.
 async fn round(cluster: &Cluster, leases: &Leases, batch: Vec<Demand>) {
+    // Rounds can follow each other for long (while cut off, each waits out its
+    // timeout): keep the fallback bound's voter count fresh here too.
+    leases.set_voters(voters(cluster));
     let requests: Vec<GrantRequest> = batch
         .iter()
         .map(|demand| GrantRequest {
@@ -63,6 +69,9 @@ async fn round(cluster: &Cluster, leases: &Leases, batch: Vec<Demand>) {
         })
         .collect();
     metrics::counter!("tollgate_quota_grant_requests_total").increment(requests.len() as u64);
+    // The entry's size as the log stores it (the requests dominate it).
+    let bytes = tollgate_raft_store::codec::encode(&requests).map_or(0, |frame| frame.len() as u64);
+    metrics::counter!("tollgate_quota_raft_entry_bytes_total").increment(bytes);
     match tokio::time::timeout(GRANT_TIMEOUT, cluster.grant(requests)).await {
         Ok(Ok(grants)) if grants.len() == batch.len() => {
             metrics::counter!("tollgate_quota_raft_entries_total").increment(1);
