@@ -31,6 +31,9 @@ pub const WANT_MIN: u64 = 1;
 const RENEW_HORIZON_MS: u64 = 500;
 /// Renew once fewer tokens than this much of the recent rate are left.
 const LOW_WATER_MS: u64 = 250;
+/// How long before a window ends its next window's tokens are asked for (at most;
+/// half the window for windows shorter than twice this).
+const PREFETCH_MS: u64 = 1000;
 
 /// What a request got from its key's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,8 @@ pub struct Lease {
     bucket_start_ms: AtomicU64,
     /// Requests per second, from the last full bucket.
     rate: AtomicU64,
+    /// The next window's lease was made and asked for ahead of this window's end.
+    prefetched: AtomicBool,
     granted_notify: Notify,
 }
 
@@ -85,6 +90,7 @@ impl Lease {
             bucket_count: AtomicU64::new(0),
             bucket_start_ms: AtomicU64::new(0),
             rate: AtomicU64::new(0),
+            prefetched: AtomicBool::new(false),
             granted_notify: Notify::new(),
         }
     }
@@ -125,11 +131,16 @@ impl Lease {
         self.bucket_count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Requests per second lately: the last full bucket, or the current one when it
+    /// already counts more.
+    fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed).max(self.bucket_count.load(Ordering::Relaxed))
+    }
+
     /// Tokens to ask for: the recent rate over the renew horizon, at least
     /// [`WANT_MIN`], at most the limit.
     fn want(&self) -> u64 {
-        let rate = self.rate.load(Ordering::Relaxed).max(self.bucket_count.load(Ordering::Relaxed));
-        (rate * RENEW_HORIZON_MS / 1000).clamp(WANT_MIN, self.limit.max(1))
+        (self.rate() * RENEW_HORIZON_MS / 1000).clamp(WANT_MIN, self.limit.max(1))
     }
 
     fn low(&self) -> bool {
@@ -243,17 +254,29 @@ impl Leases {
             metrics::counter!("tollgate_quota_leases_full_total").increment(1);
             return None;
         }
-        Some(leases.entry(key.clone()).or_insert_with(|| Arc::new(Lease::new(key.clone(), limit))).clone())
+        // A key's next window starts at the rate its last one ended with, so its first
+        // grant is sized for the traffic rather than grown from one token.
+        let previous = QuotaKey { start_s: key.start_s - key.window_s as i64, ..key.clone() };
+        let previous_rate = leases.get(&previous).map_or(0, |lease| lease.rate());
+        let lease = leases.entry(key.clone()).or_insert_with(|| {
+            let lease = Lease::new(key.clone(), limit);
+            lease.rate.store(previous_rate, Ordering::Relaxed);
+            Arc::new(lease)
+        });
+        Some(lease.clone())
     }
 
-    /// Takes a token of `lease` for one request, and asks for more ahead of need.
-    pub fn take(&self, lease: &Arc<Lease>) -> Take {
+    /// Takes a token of `lease` for one request at `now_ms` (wall clock), and asks for
+    /// more ahead of need: this window's tokens when few are left, and the next
+    /// window's shortly before this one ends, so a busy key never waits at the turn.
+    pub fn take(&self, lease: &Arc<Lease>, now_ms: u64) -> Take {
         lease.count(self.started.elapsed().as_millis() as u64);
         if lease.take_token() {
             lease.used.fetch_add(1, Ordering::Relaxed);
             if lease.low() {
                 self.demand(lease);
             }
+            self.prefetch(lease, now_ms);
             return Take::Admitted { remaining: lease.remaining() };
         }
         if lease.spent.load(Ordering::Relaxed) {
@@ -261,6 +284,21 @@ impl Leases {
         }
         self.demand(lease);
         Take::Empty
+    }
+
+    /// Once per lease, shortly before its window ends (the last half of a window, at
+    /// most the last second), makes the next window's lease and asks for its tokens.
+    fn prefetch(&self, lease: &Arc<Lease>, now_ms: u64) {
+        let window_ms = lease.key.window_s.saturating_mul(1000);
+        let end_ms = (lease.key.end_s().max(0) as u64).saturating_mul(1000);
+        let ahead_ms = (window_ms / 2).min(PREFETCH_MS);
+        if now_ms + ahead_ms < end_ms || lease.prefetched.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let next = QuotaKey { start_s: lease.key.end_s(), ..lease.key.clone() };
+        if let Some(next) = self.lease(&next, lease.limit) {
+            self.demand(&next);
+        }
     }
 
     /// Admits one request on the local fallback while cut off (`fault_tolerant`): at
@@ -335,19 +373,19 @@ mod tests {
         let leases = Leases::default();
         let mut demands = leases.take_demands().unwrap();
         let lease = leases.lease(&key(), 10).unwrap();
-        assert_eq!(leases.take(&lease), Take::Empty);
-        assert_eq!(leases.take(&lease), Take::Empty);
+        assert_eq!(leases.take(&lease, 0), Take::Empty);
+        assert_eq!(leases.take(&lease, 0), Take::Empty);
         let demand = demands.try_recv().unwrap();
         assert!(demands.try_recv().is_err(), "one demand while one is pending");
         demand.lease.add_grant(Grant { granted: 2, total: 2, spent: false });
-        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 9 });
-        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 8 });
+        assert_eq!(leases.take(&lease, 0), Take::Admitted { remaining: 9 });
+        assert_eq!(leases.take(&lease, 0), Take::Admitted { remaining: 8 });
         // Out of tokens: another demand; a partial grant means the window is spent.
-        assert_eq!(leases.take(&lease), Take::Empty);
+        assert_eq!(leases.take(&lease, 0), Take::Empty);
         let demand = demands.try_recv().unwrap();
         demand.lease.add_grant(Grant { granted: 1, total: 10, spent: true });
-        assert_eq!(leases.take(&lease), Take::Admitted { remaining: 0 });
-        assert_eq!(leases.take(&lease), Take::Spent);
+        assert_eq!(leases.take(&lease, 0), Take::Admitted { remaining: 0 });
+        assert_eq!(leases.take(&lease, 0), Take::Spent);
         assert_eq!((lease.used(), lease.granted()), (3, 3));
         // The fallback bound is the limit over the voters.
         leases.set_voters(3);
@@ -355,5 +393,24 @@ mod tests {
         assert_eq!(admitted, 4);
         leases.expire(3600);
         assert!(leases.of_plugin(key().plugin).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_next_window_is_asked_for_once_shortly_before_this_one_ends() {
+        let leases = Leases::default();
+        let mut demands = leases.take_demands().unwrap();
+        let minute = QuotaKey { window_s: 60, start_s: 60, ..key() };
+        let lease = leases.lease(&minute, 1000).unwrap();
+        lease.add_grant(Grant { granted: 100, total: 100, spent: false });
+        assert!(matches!(leases.take(&lease, 110_000), Take::Admitted { .. }));
+        assert!(demands.try_recv().is_err(), "ten seconds before the end: nothing asked");
+        assert!(matches!(leases.take(&lease, 119_500), Take::Admitted { .. }));
+        let demand = demands.try_recv().expect("the next window asked for");
+        assert_eq!(demand.lease.key.start_s, 120);
+        assert!(matches!(leases.take(&lease, 119_900), Take::Admitted { .. }));
+        assert!(demands.try_recv().is_err(), "once per lease");
+        // The next window's lease is the one requests will find.
+        let next = leases.lease(&QuotaKey { start_s: 120, ..minute }, 1000).unwrap();
+        assert!(Arc::ptr_eq(&next, &demand.lease));
     }
 }

@@ -102,6 +102,31 @@ async fn an_hour_limit_holds_across_three_nodes_under_skewed_load() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_limit_holds_window_after_window() -> anyhow::Result<()> {
+    let upstream = CountingUpstream::start().await?;
+    let config = json!({"second": 100, "policy": "cluster", "limit_by": "service", "fault_tolerant": false});
+    let cluster = limited_cluster(&upstream, config).await?;
+    let seen = Arc::new(Seen::default());
+    let duration = Duration::from_secs(4);
+    let started = std::time::SystemTime::now();
+    load(skewed(&cluster), "/limited", duration, seen.clone()).await;
+    let elapsed = started.elapsed()?;
+    // Windows the load touched: whole seconds from its start to its end, both partial.
+    let first = started.duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let last = (started + elapsed).duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let windows = last - first + 1;
+    let received = upstream.received();
+    let (admitted, refused, _) = seen.get();
+    eprintln!(
+        "second limit 100 over {windows} windows: upstream received {received}, {admitted} admitted, {refused} refused"
+    );
+    assert!(received <= 100 * windows, "over the limit: {received} in {windows} windows");
+    // The whole windows inside the load were used (the edges are partial).
+    assert!(received >= 90 * (windows - 2), "under-used: {received} in {windows} windows");
+    Ok(())
+}
+
 /// Kills the leader (or a follower) with -9 once a third of the limit is admitted,
 /// while grants are being asked for, and restarts it a third of the load later.
 async fn load_through_a_crash(leader: bool) -> anyhow::Result<()> {

@@ -328,11 +328,12 @@ impl RateLimiting {
     /// when the request already waited for a grant round.
     fn take_cluster(
         &self,
-        now_s: u64,
+        now_ms: u64,
         identifier: &Identifier,
         env: &Env<'_>,
         resumed: bool,
     ) -> Result<[Option<Found>; RATE_WINDOWS_MAX], Flow> {
+        let now_s = now_ms / 1000;
         let subject = identifier.subject();
         let mut leases: [Option<Arc<crate::quota::Lease>>; RATE_WINDOWS_MAX] = [const { None }; RATE_WINDOWS_MAX];
         let mut takes = [None; RATE_WINDOWS_MAX];
@@ -348,7 +349,7 @@ impl RateLimiting {
                 *take = Some(Take::Empty);
                 continue;
             };
-            *take = Some(env.quota.take(&found));
+            *take = Some(env.quota.take(&found, now_ms));
             *lease = Some(found);
         }
         let give_back = |leases: &[Option<Arc<crate::quota::Lease>>], takes: &[Option<Take>]| {
@@ -413,10 +414,11 @@ impl RateLimiting {
 
 impl Plugin for RateLimiting {
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
-        let now_s = super::unix_now().as_secs();
+        let now = super::unix_now();
+        let now_s = now.as_secs();
         let identifier = self.identifier(ctx, request);
         let found = if self.cluster {
-            match self.take_cluster(now_s, &identifier, env, ctx.verified.is_some()) {
+            match self.take_cluster(now.as_millis() as u64, &identifier, env, ctx.verified.is_some()) {
                 Ok(found) => found,
                 Err(flow) => return flow,
             }
