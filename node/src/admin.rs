@@ -144,7 +144,7 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
         (&Method::GET, []) => Ok(json_response(StatusCode::OK, &node.info())),
         (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &node.status())),
         (&Method::GET, ["metrics"]) => Ok(text_response(node.metrics_text(), "text/plain; version=0.0.4")),
-        (&Method::GET, ["cluster"]) => Ok(json_response(StatusCode::OK, &node.cluster_view())),
+        (&Method::GET, ["cluster"]) => Ok(json_response(StatusCode::OK, &node.cluster_view_with_gossip().await)),
         (&Method::POST, ["cluster", "members"]) => add_member(node, request).await,
         (&Method::DELETE, ["cluster", "members", id]) => {
             let node_id: u64 = id.parse().map_err(|_| ApiError::field("id", "expected a node id (u64)"))?;

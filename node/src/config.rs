@@ -22,6 +22,10 @@ pub const SNAPSHOT_KEEP_LOGS_DEFAULT: u64 = 1000;
 pub const ADMIN_BODY_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
 /// How long a write waits for a leader to appear before answering 503.
 pub const WRITE_LEADER_WAIT_MS_DEFAULT: u64 = 5000;
+/// Gossip's cluster id when none is given.
+pub const CLUSTER_ID_DEFAULT: &str = "tollgate";
+/// Longest cluster id (it travels in every gossip message).
+pub const CLUSTER_ID_BYTES_MAX: usize = 128;
 
 /// How long a client may take to send a request's line and headers once its first
 /// byte arrived (slowloris): 408 and close after it (nginx's `client_header_timeout`).
@@ -55,6 +59,10 @@ pub struct NodeConfig {
     pub join: Vec<String>,
     pub workers: usize,
     pub admin_token: Option<String>,
+    /// Gossip's cluster id (`--cluster-id`).
+    pub cluster_id: String,
+    /// Authenticates gossip datagrams when set (`--cluster-secret`).
+    pub cluster_secret: Option<String>,
     pub raft_heartbeat_ms: u64,
     pub raft_election_min_ms: u64,
     pub raft_election_max_ms: u64,
@@ -86,6 +94,8 @@ impl NodeConfig {
             join: Vec::new(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             admin_token: None,
+            cluster_id: CLUSTER_ID_DEFAULT.to_string(),
+            cluster_secret: None,
             raft_heartbeat_ms: RAFT_HEARTBEAT_MS_DEFAULT,
             raft_election_min_ms: RAFT_ELECTION_MIN_MS_DEFAULT,
             raft_election_max_ms: RAFT_ELECTION_MAX_MS_DEFAULT,
@@ -115,6 +125,12 @@ impl NodeConfig {
         check_range("snapshot_keep_logs", self.snapshot_keep_logs, (0, SNAPSHOT_LOGS_RANGE.1))?;
         check_range("admin_body_bytes_max", self.admin_body_bytes_max, ADMIN_BODY_BYTES_RANGE)?;
         check_range("write_leader_wait_ms", self.write_leader_wait_ms, WRITE_LEADER_WAIT_MS_RANGE)?;
+        if self.cluster_id.is_empty() || self.cluster_id.len() > CLUSTER_ID_BYTES_MAX {
+            anyhow::bail!("cluster_id: between 1 and {CLUSTER_ID_BYTES_MAX} bytes");
+        }
+        if self.cluster_secret.as_deref().is_some_and(str::is_empty) {
+            anyhow::bail!("cluster_secret: empty; leave it out for unauthenticated gossip");
+        }
         check_range("workers", self.workers, (1, 1024))?;
         check_range("proxy_header_timeout_ms", self.proxy_header_timeout_ms, PROXY_HEADER_TIMEOUT_MS_RANGE)?;
         check_range("proxy_keepalive_timeout_ms", self.proxy_keepalive_timeout_ms, PROXY_KEEPALIVE_TIMEOUT_MS_RANGE)?;
@@ -180,6 +196,8 @@ pub struct FileConfig {
     pub join: Option<String>,
     pub workers: Option<usize>,
     pub admin_token: Option<String>,
+    pub cluster_id: Option<String>,
+    pub cluster_secret: Option<String>,
     pub raft_heartbeat_ms: Option<u64>,
     pub raft_election_min_ms: Option<u64>,
     pub raft_election_max_ms: Option<u64>,

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod echo;
+pub mod gossip;
 pub mod node;
 pub mod plugins;
 pub mod proxy;

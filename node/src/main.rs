@@ -61,6 +61,12 @@ struct RunArgs {
     workers: Option<usize>,
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Gossip's cluster id: nodes gossip only with nodes of the same id.
+    #[arg(long, env = "TOLLGATE_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// Authenticates gossip datagrams (HMAC-SHA256); every node needs the same one.
+    #[arg(long, env = "TOLLGATE_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
     #[arg(long, env = "TOLLGATE_RAFT_HEARTBEAT_MS")]
     raft_heartbeat_ms: Option<u64>,
     #[arg(long, env = "TOLLGATE_RAFT_ELECTION_MIN_MS")]
@@ -126,6 +132,10 @@ impl RunArgs {
         }
         config.proxy_tls_listen = self.proxy_tls_listen.or(file.proxy_tls_listen);
         config.admin_token = self.admin_token.or(file.admin_token);
+        if let Some(cluster_id) = self.cluster_id.or(file.cluster_id) {
+            config.cluster_id = cluster_id;
+        }
+        config.cluster_secret = self.cluster_secret.or(file.cluster_secret);
         config.advertise = self.advertise.or(file.advertise).unwrap_or_else(|| config.cluster_listen.to_string());
         config::check_host_port("advertise", &config.advertise)?;
         if let Some(members) = self.initial_cluster.or(file.initial_cluster) {

@@ -35,6 +35,8 @@ pub struct Node {
     pub plugin_state: Arc<crate::plugins::NodeState>,
     /// The cluster rate-limit ledger as applied here (`/rate-limits`).
     pub ledger: Arc<tokio::sync::RwLock<tollgate_raft_store::quota::QuotaLedger>>,
+    /// Soft cluster state over gossip (`/cluster`).
+    pub gossip: Arc<crate::gossip::Gossip>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -65,6 +67,7 @@ impl NodeHandle {
                 ),
             }
         }
+        self.node.gossip.shutdown().await;
         if let Err(error) = self.node.cluster.raft.shutdown().await {
             tracing::warn!(%error, "raft shutdown failed");
         }
@@ -134,8 +137,35 @@ pub async fn start(
         Duration::from_millis(config.write_leader_wait_ms),
     );
 
+    // Gossip on the cluster port's UDP side, seeded with the other members' addresses.
+    let advertise = tokio::net::lookup_host(&config.advertise)
+        .await
+        .with_context(|| format!("resolving advertise {}", config.advertise))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("advertise {} has no address", config.advertise))?;
+    let seeds: Vec<String> = config
+        .initial_cluster
+        .iter()
+        .filter(|(id, _)| *id != config.node_id)
+        .map(|(_, address)| address.clone())
+        .chain(config.join.iter().cloned())
+        .collect();
+    let gossip = crate::gossip::Gossip::start(crate::gossip::GossipSetup {
+        node_id: config.node_id,
+        cluster_id: config.cluster_id.clone(),
+        secret: config.cluster_secret.clone(),
+        listen: cluster_addr,
+        advertise,
+        seeds,
+        proxy_addr,
+        admin_addr,
+    })
+    .await
+    .context("starting gossip")?;
+
     let upkeep = prometheus.clone();
     let published = Arc::new(Published::default());
+    let applied_version = published.clone();
     let node = Arc::new(Node {
         config: config.clone(),
         cluster: cluster.clone(),
@@ -144,6 +174,7 @@ pub async fn start(
         prometheus,
         plugin_state: Arc::default(),
         ledger,
+        gossip: gossip.clone(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -191,6 +222,7 @@ pub async fn start(
     ));
     tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
     tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
+    tasks.spawn(gossip.publish_loop(move || applied_version.load().version, shutdown_rx.clone()));
 
     if !config.initial_cluster.is_empty() {
         cluster.bootstrap(&config.initial_cluster).await?;
@@ -267,6 +299,14 @@ impl Node {
             "term": metrics.current_term,
             "members": members,
         })
+    }
+
+    /// `/cluster`: Raft membership, and beside it gossip's view (who is live, and the
+    /// config version each node reports it applied and serves).
+    pub async fn cluster_view_with_gossip(&self) -> Value {
+        let mut view = self.cluster_view();
+        view["gossip"] = self.gossip.view().await;
+        view
     }
 
     /// Prometheus text: Raft gauges of this node, then whatever the process recorder holds.

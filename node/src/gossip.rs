@@ -1,0 +1,424 @@
+//! Gossip: soft, fast cluster state over chitchat on the cluster port's UDP side.
+//!
+//! Raft carries what must agree (config, quota ledger); gossip carries what may be
+//! briefly stale: each node's addresses, the config version it applied and serves, and
+//! (with the health-check work) what it observed of upstream targets. A node's view
+//! of who is live comes from chitchat's phi-accrual failure detector.
+//!
+//! chitchat has no security of its own; the transport here is ours. With a cluster
+//! secret (`--cluster-secret`), every datagram carries an HMAC-SHA256 tag (keyed by
+//! the secret and the cluster id), and datagrams without a valid tag are dropped
+//! before chitchat sees them (`tollgate_gossip_datagrams_rejected_total`). Without
+//! one, chitchat's own parser drops what is not a chitchat message, and the cluster id
+//! keeps foreign clusters apart. Either way, nothing that arrives on the socket can
+//! stop the node. A tag costs 32 bytes, so with a secret a datagram at chitchat's
+//! largest (about 64 KiB of state in one delta) does not fit and is not sent; gossip
+//! state stays far below that here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
+use chitchat::{
+    spawn_chitchat, ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId, FailureDetectorConfig,
+    ProtocolVersion,
+};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, watch};
+
+/// How often a node gossips with a few peers.
+pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
+/// Largest datagram accepted (chitchat's own bound).
+const DATAGRAM_BYTES_MAX: usize = 65_507;
+/// Length of the authentication tag appended to every datagram with a secret.
+const TAG_BYTES: usize = 32;
+/// How often this node's own keys (applied config version) are refreshed.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// Membership events queued for each subscriber; a slow one misses old events and
+/// reads the current view instead.
+pub const MEMBER_EVENTS_MAX: usize = 1024;
+
+/// Keys every node publishes about itself.
+pub const KEY_CLUSTER_ADDR: &str = "cluster_addr";
+pub const KEY_PROXY_ADDR: &str = "proxy_addr";
+pub const KEY_ADMIN_ADDR: &str = "admin_addr";
+pub const KEY_CONFIG_VERSION: &str = "config_version";
+
+/// A change in the live membership as gossip sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    Added(String),
+    Updated(String),
+    Removed(String),
+}
+
+/// The gossip side of a node.
+pub struct Gossip {
+    handle: ChitchatHandle,
+    events: broadcast::Sender<MemberEvent>,
+    /// Datagrams dropped unread (bad tag, too short).
+    rejected: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a node needs to start gossiping.
+pub struct GossipSetup {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub secret: Option<String>,
+    /// UDP address to bind (the cluster port).
+    pub listen: SocketAddr,
+    /// What peers send to.
+    pub advertise: SocketAddr,
+    /// Addresses of other members to start from.
+    pub seeds: Vec<String>,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl Gossip {
+    pub async fn start(setup: GossipSetup) -> anyhow::Result<Arc<Gossip>> {
+        // A restarted node is a new generation, so peers do not mistake its fresh
+        // state for an old one.
+        let generation =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(setup.node_id.to_string(), generation, setup.advertise),
+            cluster_id: setup.cluster_id.clone(),
+            gossip_interval: GOSSIP_INTERVAL,
+            listen_addr: setup.listen,
+            seed_nodes: setup.seeds,
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: GOSSIP_INTERVAL,
+                dead_node_grace_period: Duration::from_secs(3600),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        };
+        let initial = vec![
+            (KEY_CLUSTER_ADDR.to_string(), setup.advertise.to_string()),
+            (KEY_PROXY_ADDR.to_string(), setup.proxy_addr.to_string()),
+            (KEY_ADMIN_ADDR.to_string(), setup.admin_addr.to_string()),
+            (KEY_CONFIG_VERSION.to_string(), "0".to_string()),
+        ];
+        let rejected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let key = setup.secret.map(|secret| tag_key(&secret, &setup.cluster_id));
+        let transport = AuthTransport { key, rejected: rejected.clone() };
+        let handle = spawn_chitchat(config, initial, &transport).await?;
+        let (events, _) = broadcast::channel(MEMBER_EVENTS_MAX);
+        let gossip = Arc::new(Gossip { handle, events, rejected });
+        tokio::spawn(watch_members(gossip.clone()));
+        Ok(gossip)
+    }
+
+    /// Sets one of this node's keys.
+    pub async fn set(&self, key: &str, value: String) {
+        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().set(key, value.clone())).await;
+    }
+
+    /// Datagrams this node dropped unread (bad or missing tag).
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Membership changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<MemberEvent> {
+        self.events.subscribe()
+    }
+
+    /// Live node ids (this one included), by gossip's failure detector.
+    pub async fn live_nodes(&self) -> Vec<String> {
+        self.handle.with_chitchat(|chitchat| chitchat.live_nodes().map(|id| id.node_id.to_string()).collect()).await
+    }
+
+    /// The gossip view for `/cluster`: per node, live or not, and its keys.
+    pub async fn view(&self) -> Value {
+        self.handle
+            .with_chitchat(|chitchat| {
+                let live: std::collections::BTreeSet<String> =
+                    chitchat.live_nodes().map(|id| id.node_id.to_string()).collect();
+                let mut nodes = serde_json::Map::new();
+                for (id, state) in chitchat.node_states() {
+                    let keys: serde_json::Map<String, Value> =
+                        state.key_values().map(|(k, v)| (k.to_string(), Value::from(v))).collect();
+                    nodes.insert(
+                        id.node_id.to_string(),
+                        json!({
+                            "live": live.contains(id.node_id.as_ref()),
+                            "generation": id.generation_id,
+                            "gossip_addr": id.gossip_advertise_addr.to_string(),
+                            "keys": keys,
+                        }),
+                    );
+                }
+                json!({ "cluster_id": chitchat.cluster_id(), "live": live.len(), "nodes": nodes })
+            })
+            .await
+    }
+
+    /// Publishes this node's applied config version every second until `stop`.
+    pub async fn publish_loop(self: Arc<Self>, version: impl Fn() -> u64, mut stop: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(PUBLISH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => self.set(KEY_CONFIG_VERSION, version().to_string()).await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.handle.initiate_shutdown();
+    }
+}
+
+/// Turns chitchat's live-node snapshots into add/update/remove events.
+async fn watch_members(gossip: Arc<Gossip>) {
+    let mut watcher = gossip.handle.with_chitchat(|chitchat| chitchat.live_nodes_watcher()).await;
+    let mut known: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        let current: BTreeMap<String, u64> = watcher
+            .borrow_and_update()
+            .iter()
+            .map(|(id, state)| (id.node_id.to_string(), state.max_version()))
+            .collect();
+        for (id, version) in &current {
+            let event = match known.get(id) {
+                None => Some(MemberEvent::Added(id.clone())),
+                Some(old) if old != version => Some(MemberEvent::Updated(id.clone())),
+                Some(_) => None,
+            };
+            if let Some(event) = event {
+                if matches!(event, MemberEvent::Added(_)) {
+                    tracing::info!(node = %id, "gossip: node live");
+                }
+                let _ = gossip.events.send(event);
+            }
+        }
+        for id in known.keys().filter(|id| !current.contains_key(*id)) {
+            tracing::info!(node = %id, "gossip: node no longer live");
+            let _ = gossip.events.send(MemberEvent::Removed(id.clone()));
+        }
+        metrics::gauge!("tollgate_gossip_live_nodes").set(current.len() as f64);
+        known = current;
+        if watcher.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The key datagrams are tagged with: the secret, bound to the cluster id.
+fn tag_key(secret: &str, cluster_id: &str) -> ring::hmac::Key {
+    let material = format!("tollgate-gossip\0{cluster_id}\0{secret}");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, material.as_bytes())
+}
+
+/// UDP with an optional HMAC tag per datagram.
+///
+/// chitchat 0.13 keeps its wire encoding to itself, so the sealing socket lets
+/// chitchat's own UDP socket encode and decode, over loopback: an outgoing envelope
+/// is sent to a local outbox socket, read back as bytes, tagged and sent to the peer
+/// from the cluster port; an incoming datagram with a valid tag is passed, untagged,
+/// to chitchat's socket to decode. Without a secret, chitchat's socket is bound to
+/// the cluster port itself.
+struct AuthTransport {
+    key: Option<ring::hmac::Key>,
+    rejected: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl Transport for AuthTransport {
+    async fn open(&self, listen: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let Some(key) = self.key.clone() else {
+            return Ok(Box::new(CountingSocket(chitchat::transport::UdpTransport.open(listen).await?)));
+        };
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let inner = chitchat::transport::UdpTransport.open(loopback).await?;
+        let inner_addr = inner.local_addr()?;
+        Ok(Box::new(SealingSocket {
+            public: tokio::net::UdpSocket::bind(listen).await?,
+            outbox: tokio::net::UdpSocket::bind(loopback).await?,
+            inner,
+            inner_addr,
+            key,
+            rejected: self.rejected.clone(),
+            buffer: vec![0; DATAGRAM_BYTES_MAX],
+            destinations: std::collections::VecDeque::new(),
+            senders: std::collections::VecDeque::new(),
+        }))
+    }
+}
+
+/// chitchat's own UDP socket, with the gossip byte counters.
+struct CountingSocket(Box<dyn Socket>);
+
+#[async_trait::async_trait]
+impl Socket for CountingSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        let outcome = self.0.send(to, envelope).await?;
+        metrics::counter!("tollgate_gossip_bytes_sent_total").increment(outcome.num_bytes_sent as u64);
+        Ok(outcome)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        let outcome = self.0.recv().await?;
+        metrics::counter!("tollgate_gossip_bytes_received_total").increment(outcome.num_bytes_received as u64);
+        Ok(outcome)
+    }
+}
+
+struct SealingSocket {
+    /// The cluster port: tagged datagrams in and out.
+    public: tokio::net::UdpSocket,
+    /// Where chitchat's socket sends outgoing envelopes to be read back as bytes, and
+    /// where incoming payloads are sent from to be decoded.
+    outbox: tokio::net::UdpSocket,
+    /// chitchat's own socket, on loopback.
+    inner: Box<dyn Socket>,
+    inner_addr: SocketAddr,
+    key: ring::hmac::Key,
+    rejected: Arc<std::sync::atomic::AtomicU64>,
+    buffer: Vec<u8>,
+    /// Peers of envelopes encoded but not sent yet, in order (a cancelled send leaves
+    /// its bytes in the outbox; the next send delivers them first).
+    destinations: std::collections::VecDeque<SocketAddr>,
+    /// Senders of payloads passed to chitchat's socket but not decoded yet, in order.
+    senders: std::collections::VecDeque<SocketAddr>,
+}
+
+#[async_trait::async_trait]
+impl Socket for SealingSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.public.local_addr()?)
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        let outbox = self.outbox.local_addr()?;
+        self.inner.send(outbox, envelope).await?;
+        self.destinations.push_back(to);
+        let mut sent = 0;
+        while let Some(to) = self.destinations.front().copied() {
+            let (length, _) = self.outbox.recv_from(&mut self.buffer).await?;
+            self.destinations.pop_front();
+            let mut frame = self.buffer[..length].to_vec();
+            let tag = ring::hmac::sign(&self.key, &frame);
+            frame.extend_from_slice(tag.as_ref());
+            // A send that fails (too large with its tag, a peer unreachable now) is
+            // not fatal: gossip tries other peers next round.
+            match self.public.send_to(&frame, to).await {
+                Ok(bytes) => sent += bytes,
+                Err(error) => tracing::debug!(%error, %to, "gossip send failed"),
+            }
+        }
+        metrics::counter!("tollgate_gossip_bytes_sent_total").increment(sent as u64);
+        Ok(SendOutcome { num_bytes_sent: sent })
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            if let Some(from) = self.senders.front().copied() {
+                // Only authenticated payloads reach chitchat's socket, so each decodes.
+                let mut outcome = self.inner.recv().await?;
+                self.senders.pop_front();
+                outcome.from_addr = from;
+                return Ok(outcome);
+            }
+            let (length, from) = match self.public.recv_from(&mut self.buffer).await {
+                Ok(received) => received,
+                Err(error) => {
+                    tracing::debug!(%error, "gossip recv failed");
+                    continue;
+                }
+            };
+            metrics::counter!("tollgate_gossip_bytes_received_total").increment(length as u64);
+            let Some(split) = length.checked_sub(TAG_BYTES) else {
+                self.reject(from, "shorter than its tag");
+                continue;
+            };
+            let (payload, tag) = self.buffer[..length].split_at(split);
+            if ring::hmac::verify(&self.key, payload, tag).is_err() {
+                self.reject(from, "bad tag");
+                continue;
+            }
+            self.outbox.send_to(payload, self.inner_addr).await?;
+            self.senders.push_back(from);
+        }
+    }
+}
+
+impl SealingSocket {
+    fn reject(&self, from: SocketAddr, why: &str) {
+        tracing::debug!(%from, why, "gossip datagram dropped");
+        self.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("tollgate_gossip_datagrams_rejected_total").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_udp() -> SocketAddr {
+        std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port")
+    }
+
+    async fn node(id: u64, listen: SocketAddr, seed: SocketAddr, secret: Option<&str>) -> Arc<Gossip> {
+        Gossip::start(GossipSetup {
+            node_id: id,
+            cluster_id: "test".into(),
+            secret: secret.map(str::to_string),
+            listen,
+            advertise: listen,
+            seeds: vec![seed.to_string()],
+            proxy_addr: listen,
+            admin_addr: listen,
+        })
+        .await
+        .expect("gossip starts")
+    }
+
+    /// Waits for `wanted` on `events`, at most ten seconds.
+    async fn expect_event(events: &mut broadcast::Receiver<MemberEvent>, wanted: MemberEvent) {
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(event) = events.recv().await {
+                if event == wanted {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no {wanted:?}");
+    }
+
+    #[tokio::test]
+    async fn membership_changes_arrive_as_one_stream_and_a_wrong_secret_stays_out() {
+        let (a, b, c) = (free_udp(), free_udp(), free_udp());
+        let first = node(1, a, b, Some("s")).await;
+        let mut events = first.subscribe();
+        let second = node(2, b, a, Some("s")).await;
+        expect_event(&mut events, MemberEvent::Added("2".into())).await;
+        second.set(KEY_CONFIG_VERSION, "7".into()).await;
+        expect_event(&mut events, MemberEvent::Updated("2".into())).await;
+        // A node with another secret never becomes live for the others: its datagrams
+        // are dropped unread.
+        let stranger = node(3, c, a, Some("other")).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while first.rejected() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "the stranger's datagrams never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(first.live_nodes().await.len(), 2, "{}", first.view().await);
+        stranger.shutdown().await;
+        second.shutdown().await;
+        expect_event(&mut events, MemberEvent::Removed("2".into())).await;
+    }
+}
