@@ -165,6 +165,7 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
             None => Err(ApiError::new(ErrorCode::NotFound, "Not found")),
         },
         (&Method::GET, ["rate-limits", plugin]) => rate_limits(node, request, plugin).await,
+        (&Method::GET, ["upstreams", upstream, "health"]) => upstream_health(node, upstream),
         (&Method::GET, ["config"]) => get_config(node, request).await,
         (&Method::POST, ["config"]) => post_config(node, request).await,
         (_, [collection]) => {
@@ -405,6 +406,40 @@ async fn add_member(node: &Node, request: &AdminRequest) -> Result<Response<Full
     crate::config::check_host_port("address", address).map_err(|e| ApiError::field("address", e.to_string()))?;
     let version = node.cluster.add_member(node_id, address.to_string()).await?;
     Ok(versioned(json_response(StatusCode::CREATED, &node.cluster_view()), version))
+}
+
+/// `GET /upstreams/{u}/health`: Kong's shape (`data: [{target, weight, health}]`), the
+/// cluster-wide view as this node merged it from gossip, with who decided each state
+/// and when. `HEALTHCHECKS_OFF` when the upstream has no active checks.
+fn upstream_health(node: &Node, upstream: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let compiled = node.published.load();
+    let entity = compiled.state.find(EntityKind::Upstream, upstream, None)?;
+    let id = tollgate_raft_store::state::entity_id(&entity);
+    let checks_on = entity.get("healthchecks").and_then(crate::health::ActiveChecks::from_healthchecks).is_some();
+    let mut data = Vec::new();
+    for target in compiled.state.table(EntityKind::Target).values() {
+        if tollgate_raft_store::state::foreign_id(target, "upstream") != Some(id) {
+            continue;
+        }
+        let address = target.get("target").and_then(Value::as_str).unwrap_or_default();
+        let observed = node.health_states.get(id, &crate::health::target_address(address));
+        let health = match (&observed, checks_on) {
+            (_, false) => "HEALTHCHECKS_OFF",
+            (Some(observed), true) if !observed.healthy => "UNHEALTHY",
+            _ => "HEALTHY",
+        };
+        data.push(json!({
+            "id": target.get("id"),
+            "target": address,
+            "weight": target.get("weight"),
+            "upstream": {"id": id.to_string()},
+            "health": health,
+            "observed_by": observed.as_ref().map(|o| o.by.clone()),
+            "observed_at_ms": observed.as_ref().map(|o| o.at_ms),
+        }));
+    }
+    let body = json!({"data": data, "node_id": node.config.node_id, "total": data.len(), "next": null});
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// `GET /rate-limits/{plugin}`: a `policy: cluster` rate-limiting instance's ledger

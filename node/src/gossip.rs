@@ -130,6 +130,23 @@ impl Gossip {
         self.events.subscribe()
     }
 
+    /// Every live node's keys under `prefix`: (node id, key, value).
+    pub async fn entries(&self, prefix: &str) -> Vec<(String, String, String)> {
+        self.handle
+            .with_chitchat(|chitchat| {
+                let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
+                let mut found = Vec::new();
+                for id in &live {
+                    let Some(state) = chitchat.node_state(id) else { continue };
+                    for (key, value) in state.key_values().filter(|(key, _)| key.starts_with(prefix)) {
+                        found.push((id.node_id.to_string(), key.to_string(), value.to_string()));
+                    }
+                }
+                found
+            })
+            .await
+    }
+
     /// Live node ids (this one included), by gossip's failure detector.
     pub async fn live_nodes(&self) -> Vec<String> {
         self.handle.with_chitchat(|chitchat| chitchat.live_nodes().map(|id| id.node_id.to_string()).collect()).await

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dev;
 pub mod echo;
 pub mod gossip;
+pub mod health;
 pub mod node;
 pub mod plugins;
 pub mod proxy;

@@ -37,6 +37,10 @@ pub struct Node {
     pub ledger: Arc<tokio::sync::RwLock<tollgate_raft_store::quota::QuotaLedger>>,
     /// Soft cluster state over gossip (`/cluster`).
     pub gossip: Arc<crate::gossip::Gossip>,
+    /// Targets down cluster-wide, for the balancers; kept by the health checker.
+    pub health: Arc<crate::proxy::balancer::HealthView>,
+    /// What the health checker knows per target (`/upstreams/{u}/health`).
+    pub health_states: Arc<crate::health::HealthStates>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -175,6 +179,8 @@ pub async fn start(
         plugin_state: Arc::default(),
         ledger,
         gossip: gossip.clone(),
+        health: Arc::default(),
+        health_states: Arc::default(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -202,6 +208,7 @@ pub async fn start(
             keepalive: std::time::Duration::from_millis(config.proxy_keepalive_timeout_ms),
         },
         plugin_state: node.plugin_state.clone(),
+        health: node.health.clone(),
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
@@ -222,7 +229,15 @@ pub async fn start(
     ));
     tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
     tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
-    tasks.spawn(gossip.publish_loop(move || applied_version.load().version, shutdown_rx.clone()));
+    tasks.spawn(gossip.clone().publish_loop(move || applied_version.load().version, shutdown_rx.clone()));
+    let checker = crate::health::Checker {
+        node_id: config.node_id,
+        published: node.published.clone(),
+        gossip: gossip.clone(),
+        view: node.health.clone(),
+        states: node.health_states.clone(),
+    };
+    tasks.spawn(checker.run(shutdown_rx.clone()));
 
     if !config.initial_cluster.is_empty() {
         cluster.bootstrap(&config.initial_cluster).await?;

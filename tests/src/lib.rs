@@ -432,7 +432,12 @@ pub struct CountingUpstream {
 
 impl CountingUpstream {
     pub async fn start() -> anyhow::Result<CountingUpstream> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port())).await?;
+        CountingUpstream::start_at(&format!("127.0.0.1:{}", free_port())).await
+    }
+
+    /// On a given address (a target brought back where it was).
+    pub async fn start_at(address: &str) -> anyhow::Result<CountingUpstream> {
+        let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?.to_string();
         let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = received.clone();

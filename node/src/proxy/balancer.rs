@@ -78,12 +78,19 @@ impl RoundRobin {
     }
 
     /// The next target, or `None` when there is none in rotation.
-    pub fn pick(&self) -> Option<&Target> {
+    /// The next target in the schedule that `up` accepts.
+    pub fn pick(&self, up: &dyn Fn(usize) -> bool) -> Option<&Target> {
         if self.schedule.is_empty() {
             return None;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-        self.targets.get(self.schedule[turn] as usize)
+        for _ in 0..self.schedule.len() {
+            let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+            let index = self.schedule[turn] as usize;
+            if up(index) {
+                return self.targets.get(index);
+            }
+        }
+        None
     }
 }
 
@@ -252,6 +259,16 @@ impl Balancer {
         }
     }
 
+    /// The targets in rotation, in the order `pick`'s `up` indexes them.
+    pub fn targets(&self) -> &[Target] {
+        match self {
+            Balancer::RoundRobin(round_robin) => &round_robin.targets,
+            Balancer::LeastConnections { targets, .. }
+            | Balancer::ConsistentHashing { targets, .. }
+            | Balancer::Latency { targets, .. } => targets,
+        }
+    }
+
     /// Targets in rotation.
     pub fn len(&self) -> usize {
         match self {
@@ -267,12 +284,13 @@ impl Balancer {
     }
 
     /// The target for a request, or `None` when no target is in rotation.
-    pub fn pick(&self, key: &BalanceKey<'_>) -> Option<Pick<'_>> {
+    /// A target for a request, among those `up` accepts (the healthy ones).
+    pub fn pick(&self, key: &BalanceKey<'_>, up: &dyn Fn(usize) -> bool) -> Option<Pick<'_>> {
         let plain = |target| Pick { target, in_flight: None, ewma_us: None };
         match self {
-            Balancer::RoundRobin(round_robin) => round_robin.pick().map(plain),
+            Balancer::RoundRobin(round_robin) => round_robin.pick(up).map(plain),
             Balancer::LeastConnections { targets, in_flight } => {
-                let index = (0..targets.len()).min_by_key(|&i| {
+                let index = (0..targets.len()).filter(|&i| up(i)).min_by_key(|&i| {
                     // in_flight / weight, compared without division.
                     let load = in_flight[i].load(Ordering::Relaxed) as u128 * 1_000_000;
                     (load / u128::from(targets[i].weight), i)
@@ -282,7 +300,7 @@ impl Balancer {
             }
             Balancer::Latency { targets, in_flight, ewma_us } => {
                 // Untried targets (no sample yet) first, then the lowest expected wait.
-                let index = (0..targets.len()).min_by_key(|&i| {
+                let index = (0..targets.len()).filter(|&i| up(i)).min_by_key(|&i| {
                     let ewma = ewma_us[i].load(Ordering::Relaxed);
                     let waiting = in_flight[i].load(Ordering::Relaxed) as u64 + 1;
                     (ewma != 0, ewma.saturating_mul(waiting), i)
@@ -296,11 +314,15 @@ impl Balancer {
             }
             Balancer::ConsistentHashing { ring, targets, on, fallback, round_robin } => {
                 let value = key.value(on).or_else(|| key.value(fallback));
-                let Some(value) = value else { return round_robin.pick().map(plain) };
+                let Some(value) = value else { return round_robin.pick(up).map(plain) };
                 let hash = fnv1a(value.as_bytes());
-                let position = ring.partition_point(|(point, _)| *point < hash) % ring.len().max(1);
-                let (_, index) = ring.get(position)?;
-                targets.get(*index as usize).map(plain)
+                let start = ring.partition_point(|(point, _)| *point < hash);
+                // The key's point, or the next one on the ring whose target is up.
+                (0..ring.len())
+                    .map(|step| ring[(start + step) % ring.len()].1 as usize)
+                    .find(|&index| up(index))
+                    .and_then(|index| targets.get(index))
+                    .map(plain)
             }
         }
     }
@@ -317,11 +339,11 @@ mod tests {
     #[test]
     fn weights_are_respected_and_smooth() {
         let balancer = RoundRobin::new(vec![target("a", 500), target("b", 100), target("c", 100), target("d", 0)]);
-        let picks: Vec<&str> = (0..7).map(|_| balancer.pick().unwrap().address.as_str()).collect();
+        let picks: Vec<&str> = (0..7).map(|_| balancer.pick(&|_| true).unwrap().address.as_str()).collect();
         assert_eq!(picks, ["a", "a", "b", "a", "c", "a", "a"]);
         let mut counts = std::collections::HashMap::new();
         for _ in 0..700 {
-            *counts.entry(balancer.pick().unwrap().address.clone()).or_insert(0) += 1;
+            *counts.entry(balancer.pick(&|_| true).unwrap().address.clone()).or_insert(0) += 1;
         }
         assert_eq!((counts["a"], counts["b"], counts["c"]), (500, 100, 100));
         assert!(!counts.contains_key("d"));
@@ -336,12 +358,12 @@ mod tests {
         let balancer =
             Balancer::new("least-connections", vec![target("a", 100), target("b", 100)], HashOn::None, HashOn::None);
         let headers = http::HeaderMap::new();
-        let first = balancer.pick(&key(&headers, "/")).unwrap();
-        let second = balancer.pick(&key(&headers, "/")).unwrap();
+        let first = balancer.pick(&key(&headers, "/"), &|_| true).unwrap();
+        let second = balancer.pick(&key(&headers, "/"), &|_| true).unwrap();
         assert_ne!(first.target.address, second.target.address, "the busy target is avoided");
         let busy = first.target.address.clone();
         drop(second);
-        let third = balancer.pick(&key(&headers, "/")).unwrap();
+        let third = balancer.pick(&key(&headers, "/"), &|_| true).unwrap();
         assert_ne!(third.target.address, busy);
     }
 
@@ -353,8 +375,8 @@ mod tests {
         for user in 0..300 {
             let mut headers = http::HeaderMap::new();
             headers.insert("x-user", format!("user-{user}").parse().unwrap());
-            let first = balancer.pick(&key(&headers, "/")).unwrap().target.address.clone();
-            let again = balancer.pick(&key(&headers, "/")).unwrap().target.address.clone();
+            let first = balancer.pick(&key(&headers, "/"), &|_| true).unwrap().target.address.clone();
+            let again = balancer.pick(&key(&headers, "/"), &|_| true).unwrap().target.address.clone();
             assert_eq!(first, again, "the same key goes to the same target");
             *spread.entry(first).or_insert(0) += 1;
         }
@@ -370,8 +392,8 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-user", "user-7".parse().unwrap());
         assert_eq!(
-            balancer.pick(&key(&headers, "/")).unwrap().target.address,
-            twin.pick(&key(&headers, "/")).unwrap().target.address
+            balancer.pick(&key(&headers, "/"), &|_| true).unwrap().target.address,
+            twin.pick(&key(&headers, "/"), &|_| true).unwrap().target.address
         );
     }
 
@@ -381,20 +403,110 @@ mod tests {
             Balancer::new("latency", vec![target("slow", 100), target("fast", 100)], HashOn::None, HashOn::None);
         let headers = http::HeaderMap::new();
         for _ in 0..2 {
-            let pick = balancer.pick(&key(&headers, "/")).unwrap();
+            let pick = balancer.pick(&key(&headers, "/"), &|_| true).unwrap();
             let elapsed = if pick.target.address == "slow" { 50_000 } else { 1_000 };
             pick.observe(std::time::Duration::from_micros(elapsed));
         }
         for _ in 0..5 {
-            assert_eq!(balancer.pick(&key(&headers, "/")).unwrap().target.address, "fast");
+            assert_eq!(balancer.pick(&key(&headers, "/"), &|_| true).unwrap().target.address, "fast");
         }
     }
 
     #[test]
     fn empty_and_huge() {
-        assert!(RoundRobin::new(vec![target("a", 0)]).pick().is_none());
+        assert!(RoundRobin::new(vec![target("a", 0)]).pick(&|_| true).is_none());
         let balancer = RoundRobin::new(vec![target("a", 65535), target("b", 1)]);
         assert!(balancer.schedule.len() <= SCHEDULE_LEN_MAX + 2);
-        assert!((0..10_000).any(|_| balancer.pick().unwrap().address == "b"));
+        assert!((0..10_000).any(|_| balancer.pick(&|_| true).unwrap().address == "b"));
+    }
+}
+
+/// Targets known to be down, cluster-wide (merged from gossip by the health checker);
+/// the data path reads it without locks.
+#[derive(Default)]
+pub struct HealthView {
+    generation: AtomicU64,
+    down: arc_swap::ArcSwap<std::collections::HashSet<(uuid::Uuid, String)>>,
+}
+
+impl HealthView {
+    /// Replaces the set of down (upstream id, target address) pairs.
+    pub fn set_down(&self, down: std::collections::HashSet<(uuid::Uuid, String)>) {
+        self.down.store(Arc::new(down));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn is_down(&self, upstream: uuid::Uuid, target: &str) -> bool {
+        self.down.load().contains(&(upstream, target.to_string()))
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// An upstream entity compiled: its balancer, and which of its targets are down as of
+/// the health view's last change (refreshed on the first pick after a change).
+#[derive(Debug)]
+pub struct Upstream {
+    pub id: uuid::Uuid,
+    pub balancer: Balancer,
+    down: Vec<std::sync::atomic::AtomicBool>,
+    /// The view generation `down` reflects (`u64::MAX`: never refreshed).
+    seen: AtomicU64,
+}
+
+impl Upstream {
+    pub fn new(id: uuid::Uuid, balancer: Balancer) -> Upstream {
+        let down = (0..balancer.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
+        Upstream { id, balancer, down, seen: AtomicU64::new(u64::MAX) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.balancer.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.balancer.is_empty()
+    }
+
+    /// A healthy target for a request; `None` when every target is down (or there
+    /// are none).
+    pub fn pick(&self, key: &BalanceKey<'_>, health: &HealthView) -> Option<Pick<'_>> {
+        let generation = health.generation();
+        if self.seen.swap(generation, Ordering::AcqRel) != generation {
+            for (flag, target) in self.down.iter().zip(self.balancer.targets()) {
+                flag.store(health.is_down(self.id, &target.address), Ordering::Relaxed);
+            }
+        }
+        self.balancer.pick(key, &|index| !self.down[index].load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn down_targets_get_nothing_whatever_the_algorithm_and_all_down_is_none() {
+        let headers = http::HeaderMap::new();
+        let key =
+            BalanceKey { client_ip: std::net::IpAddr::from([127, 0, 0, 1]), headers: &headers, path: "/", query: None };
+        let targets =
+            || vec![Target::new("a:1".into(), 100), Target::new("b:1".into(), 100), Target::new("c:1".into(), 100)];
+        let id = uuid::Uuid::from_u128(5);
+        let view = HealthView::default();
+        for algorithm in ["round-robin", "least-connections", "latency", "consistent-hashing"] {
+            let upstream = Upstream::new(id, Balancer::new(algorithm, targets(), HashOn::Ip, HashOn::None));
+            view.set_down(["b:1"].map(|t| (id, t.to_string())).into());
+            for _ in 0..20 {
+                let pick = upstream.pick(&key, &view).expect("a healthy target");
+                assert_ne!(pick.target.address, "b:1", "{algorithm}");
+            }
+            view.set_down(["a:1", "b:1", "c:1"].map(|t| (id, t.to_string())).into());
+            assert!(upstream.pick(&key, &view).is_none(), "{algorithm}: every target down");
+            view.set_down(Default::default());
+            assert!(upstream.pick(&key, &view).is_some(), "{algorithm}: back up");
+        }
     }
 }

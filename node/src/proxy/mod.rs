@@ -87,7 +87,7 @@ pub struct ProxySnapshot {
     pub router: Router,
     pub services: Services,
     /// Upstreams by name, with their targets in rotation.
-    pub upstreams: HashMap<String, Arc<Balancer>>,
+    pub upstreams: HashMap<String, Arc<balancer::Upstream>>,
     /// Certificates by SNI name, for the TLS listener.
     pub certificates: tls::Certificates,
     /// Metric handles per route id, and for requests no route matched.
@@ -113,7 +113,7 @@ impl ProxySnapshot {
             let weight = target.get("weight").and_then(Value::as_u64).unwrap_or(100) as u32;
             targets_by_upstream.entry(upstream).or_default().push(Target::new(address, weight));
         }
-        let upstreams: HashMap<String, Arc<Balancer>> = state
+        let upstreams: HashMap<String, Arc<balancer::Upstream>> = state
             .table(EntityKind::Upstream)
             .values()
             .filter_map(|upstream| {
@@ -135,7 +135,8 @@ impl ProxySnapshot {
                     text("hash_fallback_query_arg"),
                 );
                 let algorithm = text("algorithm").unwrap_or("round-robin");
-                Some((name, Arc::new(Balancer::new(algorithm, targets, hash_on, hash_fallback))))
+                let balancer = Balancer::new(algorithm, targets, hash_on, hash_fallback);
+                Some((name, Arc::new(balancer::Upstream::new(id, balancer))))
             })
             .collect();
         let services = state
@@ -197,6 +198,8 @@ pub struct ProxySetup {
     /// Plugin state that outlives config changes (rate-limit counters, verified
     /// passwords), shared by the node's workers.
     pub plugin_state: Arc<crate::plugins::NodeState>,
+    /// Targets the cluster knows are down (from the health checker).
+    pub health: Arc<balancer::HealthView>,
 }
 
 /// Shared by every proxy connection of a node.
@@ -209,14 +212,15 @@ pub struct Proxy {
     request_counter: AtomicU64,
     timeouts: conn::Timeouts,
     plugin_state: Arc<crate::plugins::NodeState>,
+    health: Arc<balancer::HealthView>,
 }
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health } = setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
-        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, plugin_state }
+        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, plugin_state, health }
     }
 
     fn request_id(&self) -> HeaderValue {
@@ -524,12 +528,21 @@ impl Proxy {
             let pick = match balancer {
                 Some(balancer) => {
                     let key = BalanceKey { client_ip, headers: &parts.headers, path: &path, query: uri.query() };
-                    match balancer.pick(&key) {
+                    match balancer.pick(&key, &self.health) {
                         Some(pick) => Some(pick),
-                        None => {
+                        // Kong's 503; when targets exist, every one is down, and the
+                        // answer says so.
+                        None if balancer.is_empty() => {
                             return error(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "failure to get a peer from the ring-balancer",
+                                &request_id,
+                            )
+                        }
+                        None => {
+                            return error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "failure to get a peer from the ring-balancer: every target is unhealthy",
                                 &request_id,
                             )
                         }

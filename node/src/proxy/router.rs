@@ -377,7 +377,7 @@ pub struct CompiledService {
     /// which has the certificates a TLS service needs.
     pub transport: super::upstream::Transport,
     /// The upstream `host` names, when it names one; set with `transport`.
-    pub balancer: Option<std::sync::Arc<super::balancer::Balancer>>,
+    pub balancer: Option<std::sync::Arc<super::balancer::Upstream>>,
     /// `host:port` for the upstream request's URI when `host` names no upstream.
     pub authority: Option<http::uri::Authority>,
     /// The `Host` sent upstream: `host`, with `:port` when the port is not 80 and

@@ -1,0 +1,424 @@
+//! Active health checks, probing split across the cluster, results shared by gossip.
+//!
+//! Each target of an upstream with Kong's `healthchecks.active` enabled is probed by
+//! one live node: the one with the highest rendezvous hash of (node, upstream, target)
+//! among the nodes gossip sees live. When that node dies, gossip stops listing it and
+//! the next highest takes over, starting from the state the cluster last knew.
+//!
+//! A probe is a TCP connect (`type: tcp`), or a `GET http_path` whose status is
+//! counted against `healthy.http_statuses` / `unhealthy.http_statuses` (`http`;
+//! `https` probes connect with TCP only for now). Counters are consecutive, as in
+//! Kong: a success resets the failures and the other way round. A healthy target
+//! becomes unhealthy at `unhealthy.tcp_failures`, `timeouts` or `http_failures` (0
+//! disables that counter); an unhealthy one becomes healthy at `healthy.successes`.
+//! Healthy targets are probed every `healthy.interval` seconds, unhealthy ones every
+//! `unhealthy.interval` (0: not probed in that state).
+//!
+//! The prober publishes each state it decides as gossip key `health:{upstream}:{target}`
+//! = `up|down:{unix ms}`. Every node merges what live nodes published (the latest
+//! wins) into the balancers' view: a target down there gets no traffic on any node.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tollgate_raft_store::state::{entity_id, foreign_id};
+use tollgate_raft_store::EntityKind;
+use uuid::Uuid;
+
+use crate::gossip::Gossip;
+use crate::proxy::balancer::HealthView;
+use crate::publish::Published;
+
+/// How often the checker looks at what is due and merges the cluster's view.
+const TICK: Duration = Duration::from_millis(100);
+/// Probes in flight on one node.
+pub const PROBES_IN_FLIGHT_MAX: usize = 256;
+/// Largest response head read from a probed target.
+const PROBE_RESPONSE_BYTES_MAX: usize = 4096;
+/// Gossip key prefix of health states.
+const KEY_PREFIX: &str = "health:";
+
+/// What the cluster last decided about one target, and who decided it when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub healthy: bool,
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// The merged view, per (upstream id, target address), for the Admin API.
+#[derive(Default)]
+pub struct HealthStates {
+    states: RwLock<HashMap<(Uuid, String), Observed>>,
+}
+
+impl HealthStates {
+    pub fn get(&self, upstream: Uuid, target: &str) -> Option<Observed> {
+        self.states.read().ok()?.get(&(upstream, target.to_string())).cloned()
+    }
+}
+
+/// Kong's `healthchecks.active`, the parts Tollgate acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveChecks {
+    pub kind: String,
+    pub timeout: Duration,
+    pub http_path: String,
+    pub healthy_interval: Duration,
+    pub successes: u32,
+    pub healthy_statuses: Vec<u16>,
+    pub unhealthy_interval: Duration,
+    pub tcp_failures: u32,
+    pub timeouts: u32,
+    pub http_failures: u32,
+    pub unhealthy_statuses: Vec<u16>,
+}
+
+impl ActiveChecks {
+    /// The active checks of an upstream's `healthchecks`; `None` when both intervals
+    /// are 0 (Kong's "off").
+    pub fn from_healthchecks(healthchecks: &Value) -> Option<ActiveChecks> {
+        let active = healthchecks.get("active")?;
+        let number = |value: &Value, field: &str| value.get(field).and_then(Value::as_f64).unwrap_or(0.0);
+        // Fields left out take Kong's defaults (`schema::default_healthchecks`).
+        let defaults = tollgate_raft_store::schema::default_healthchecks();
+        let statuses = |value: &Value, side: &str| -> Vec<u16> {
+            value
+                .get("http_statuses")
+                .or_else(|| defaults["active"][side].get("http_statuses"))
+                .and_then(Value::as_array)
+                .map(|list| list.iter().filter_map(Value::as_u64).map(|s| s as u16).collect())
+                .unwrap_or_default()
+        };
+        let healthy = active.get("healthy").cloned().unwrap_or(Value::Null);
+        let unhealthy = active.get("unhealthy").cloned().unwrap_or(Value::Null);
+        let seconds = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 86_400.0));
+        let checks = ActiveChecks {
+            kind: active.get("type").and_then(Value::as_str).unwrap_or("http").to_string(),
+            timeout: seconds(number(active, "timeout").max(0.001)),
+            http_path: active.get("http_path").and_then(Value::as_str).unwrap_or("/").to_string(),
+            healthy_interval: seconds(number(&healthy, "interval")),
+            successes: number(&healthy, "successes") as u32,
+            healthy_statuses: statuses(&healthy, "healthy"),
+            unhealthy_interval: seconds(number(&unhealthy, "interval")),
+            tcp_failures: number(&unhealthy, "tcp_failures") as u32,
+            timeouts: number(&unhealthy, "timeouts") as u32,
+            http_failures: number(&unhealthy, "http_failures") as u32,
+            unhealthy_statuses: statuses(&unhealthy, "unhealthy"),
+        };
+        (!checks.healthy_interval.is_zero() || !checks.unhealthy_interval.is_zero()).then_some(checks)
+    }
+}
+
+/// The node that probes `target` of `upstream`: the live node with the highest
+/// rendezvous hash (stable while the live set is; only the dead node's targets move).
+pub fn prober<'a>(live: &'a [String], upstream: Uuid, target: &str) -> Option<&'a str> {
+    live.iter()
+        .max_by_key(|node| {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for byte in node.bytes().chain([0]).chain(upstream.as_bytes().iter().copied()).chain(target.bytes()) {
+                hash ^= u64::from(byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+            // FNV's low bits mix poorly; finish with a multiply-xorshift.
+            hash ^= hash >> 33;
+            hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            hash ^ (hash >> 33)
+        })
+        .map(String::as_str)
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    HttpFailure,
+    TcpFailure,
+    Timeout,
+    /// A status in neither list: counts for nothing.
+    Neutral,
+}
+
+async fn probe(checks: &ActiveChecks, target: &str) -> Outcome {
+    let attempt = async {
+        let mut stream = match tokio::net::TcpStream::connect(target).await {
+            Ok(stream) => stream,
+            Err(_) => return Outcome::TcpFailure,
+        };
+        if checks.kind != "http" {
+            return Outcome::Success;
+        }
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\nUser-Agent: tollgate-health\r\n\r\n",
+            checks.http_path
+        );
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return Outcome::TcpFailure;
+        }
+        let mut head = vec![0u8; PROBE_RESPONSE_BYTES_MAX];
+        let mut filled = 0;
+        while filled < 12 {
+            match stream.read(&mut head[filled..]).await {
+                Ok(0) | Err(_) => return Outcome::TcpFailure,
+                Ok(n) => filled += n,
+            }
+        }
+        let status = std::str::from_utf8(&head[9..12]).ok().and_then(|s| s.parse::<u16>().ok());
+        match status {
+            Some(status) if checks.healthy_statuses.contains(&status) => Outcome::Success,
+            Some(status) if checks.unhealthy_statuses.contains(&status) => Outcome::HttpFailure,
+            Some(_) => Outcome::Neutral,
+            None => Outcome::HttpFailure,
+        }
+    };
+    tokio::time::timeout(checks.timeout, attempt).await.unwrap_or(Outcome::Timeout)
+}
+
+/// One target this node probes.
+struct Probed {
+    healthy: bool,
+    successes: u32,
+    tcp_failures: u32,
+    timeouts: u32,
+    http_failures: u32,
+    next: Instant,
+    /// The state was published since this node took the target over.
+    published: bool,
+}
+
+impl Probed {
+    /// Counts an outcome; returns true when the state changed.
+    fn count(&mut self, outcome: Outcome, checks: &ActiveChecks) -> bool {
+        let reached = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
+        match outcome {
+            Outcome::Success => {
+                (self.tcp_failures, self.timeouts, self.http_failures) = (0, 0, 0);
+                self.successes += 1;
+            }
+            Outcome::Neutral => return false,
+            failure => {
+                self.successes = 0;
+                match failure {
+                    Outcome::TcpFailure => self.tcp_failures += 1,
+                    Outcome::Timeout => self.timeouts += 1,
+                    _ => self.http_failures += 1,
+                }
+            }
+        }
+        let flip = if self.healthy {
+            reached(self.tcp_failures, checks.tcp_failures)
+                || reached(self.timeouts, checks.timeouts)
+                || reached(self.http_failures, checks.http_failures)
+        } else {
+            reached(self.successes, checks.successes)
+        };
+        if flip {
+            self.healthy = !self.healthy;
+            (self.successes, self.tcp_failures, self.timeouts, self.http_failures) = (0, 0, 0, 0);
+            metrics::counter!("tollgate_health_transitions_total").increment(1);
+        }
+        flip
+    }
+
+    fn interval(&self, checks: &ActiveChecks) -> Duration {
+        if self.healthy {
+            checks.healthy_interval
+        } else {
+            checks.unhealthy_interval
+        }
+    }
+}
+
+/// A target's `host:port`, with Kong's default port when it names none (the balancer
+/// uses the same).
+pub fn target_address(target: &str) -> String {
+    if tollgate_raft_store::schema::split_host_port(target).1.is_some() {
+        target.to_string()
+    } else {
+        format!("{target}:8000")
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The checker: probes this node's share of targets and keeps the merged view.
+pub struct Checker {
+    pub node_id: u64,
+    pub published: Arc<Published>,
+    pub gossip: Arc<Gossip>,
+    pub view: Arc<HealthView>,
+    pub states: Arc<HealthStates>,
+}
+
+impl Checker {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let me = self.node_id.to_string();
+        let mut probed: HashMap<(Uuid, String), Probed> = HashMap::new();
+        let mut probes = tokio::task::JoinSet::new();
+        let mut in_flight: HashSet<(Uuid, String)> = HashSet::new();
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down_now: HashSet<(Uuid, String)> = HashSet::new();
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.changed() => return,
+            }
+            // Targets with active checks in the config this node serves.
+            let compiled = self.published.load();
+            let mut checks: HashMap<Uuid, Arc<ActiveChecks>> = HashMap::new();
+            for upstream in compiled.state.table(EntityKind::Upstream).values() {
+                if let Some(active) = upstream.get("healthchecks").and_then(ActiveChecks::from_healthchecks) {
+                    checks.insert(entity_id(upstream), Arc::new(active));
+                }
+            }
+            let mut targets: Vec<(Uuid, String)> = Vec::new();
+            for target in compiled.state.table(EntityKind::Target).values() {
+                let Some(upstream) = foreign_id(target, "upstream") else { continue };
+                if !checks.contains_key(&upstream) {
+                    continue;
+                }
+                let Some(address) = target.get("target").and_then(Value::as_str) else { continue };
+                targets.push((upstream, target_address(address)));
+            }
+            let mut live = self.gossip.live_nodes().await;
+            live.sort();
+            // The merged view: the latest state any live node published per target.
+            let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();
+            for (node, key, value) in self.gossip.entries(KEY_PREFIX).await {
+                let Some((upstream, target)) = key[KEY_PREFIX.len()..].split_once(':') else { continue };
+                let Ok(upstream) = Uuid::parse_str(upstream) else { continue };
+                let Some((state, at)) = value.split_once(':') else { continue };
+                let Ok(at_ms) = at.parse::<u64>() else { continue };
+                let observed = Observed { healthy: state == "up", by: node, at_ms };
+                let slot = merged.entry((upstream, target.to_string())).or_insert_with(|| observed.clone());
+                if observed.at_ms > slot.at_ms {
+                    *slot = observed;
+                }
+            }
+            // This node's share: start new ones from the cluster's last word, drop others.
+            let mine: HashSet<(Uuid, String)> = targets
+                .iter()
+                .filter(|(upstream, target)| prober(&live, *upstream, target) == Some(me.as_str()))
+                .cloned()
+                .collect();
+            probed.retain(|key, _| mine.contains(key));
+            let now = Instant::now();
+            for key in &mine {
+                let state = probed.entry(key.clone()).or_insert_with(|| Probed {
+                    healthy: merged.get(key).is_none_or(|observed| observed.healthy),
+                    successes: 0,
+                    tcp_failures: 0,
+                    timeouts: 0,
+                    http_failures: 0,
+                    next: now,
+                    published: false,
+                });
+                let Some(active) = checks.get(&key.0) else { continue };
+                let interval = state.interval(active);
+                if interval.is_zero()
+                    || state.next > now
+                    || in_flight.contains(key)
+                    || in_flight.len() >= PROBES_IN_FLIGHT_MAX
+                {
+                    continue;
+                }
+                state.next = now + interval;
+                in_flight.insert(key.clone());
+                let (key, active) = (key.clone(), active.clone());
+                metrics::counter!("tollgate_health_probes_total").increment(1);
+                probes.spawn(async move {
+                    let outcome = probe(&active, &key.1).await;
+                    (key, active, outcome)
+                });
+            }
+            while let Some(done) = probes.try_join_next() {
+                let Ok((key, active, outcome)) = done else { continue };
+                in_flight.remove(&key);
+                let Some(state) = probed.get_mut(&key) else { continue };
+                let changed = state.count(outcome, &active);
+                if changed || !state.published {
+                    state.published = true;
+                    let value = format!("{}:{}", if state.healthy { "up" } else { "down" }, now_ms());
+                    self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value.clone()).await;
+                    let observed = Observed { healthy: state.healthy, by: me.clone(), at_ms: now_ms() };
+                    merged.insert(key.clone(), observed);
+                    if changed {
+                        tracing::info!(upstream = %key.0, target = %key.1, healthy = state.healthy, "target health changed");
+                    }
+                }
+            }
+            let down: HashSet<(Uuid, String)> = merged
+                .iter()
+                .filter(|(key, observed)| !observed.healthy && checks.contains_key(&key.0))
+                .map(|(key, _)| key.clone())
+                .collect();
+            if down != down_now {
+                self.view.set_down(down.clone());
+                down_now = down;
+            }
+            if let Ok(mut states) = self.states.states.write() {
+                *states = merged;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_has_one_prober_and_only_a_dead_nodes_targets_move() {
+        let live: Vec<String> = ["1", "2", "3"].map(String::from).to_vec();
+        let upstream = Uuid::from_u128(9);
+        let targets: Vec<String> = (0..300).map(|i| format!("10.0.0.{}:80", i % 250)).collect();
+        let owners: Vec<&str> = targets.iter().map(|t| prober(&live, upstream, t).unwrap()).collect();
+        for node in ["1", "2", "3"] {
+            let share = owners.iter().filter(|o| **o == node).count();
+            assert!((60..=140).contains(&share), "node {node} probes {share} of 300");
+        }
+        let survivors: Vec<String> = ["1", "3"].map(String::from).to_vec();
+        for (target, owner) in targets.iter().zip(&owners) {
+            let now = prober(&survivors, upstream, target).unwrap();
+            if *owner != "2" {
+                assert_eq!(now, *owner, "{target} moved though its prober lives");
+            }
+        }
+    }
+
+    #[test]
+    fn consecutive_counters_flip_the_state_at_kongs_thresholds() {
+        let checks = ActiveChecks::from_healthchecks(&serde_json::json!({"active": {
+            "type": "http", "timeout": 1, "http_path": "/",
+            "healthy": {"interval": 1, "successes": 2, "http_statuses": [200]},
+            "unhealthy": {"interval": 1, "tcp_failures": 2, "timeouts": 0, "http_failures": 1, "http_statuses": [500]}
+        }}))
+        .unwrap();
+        let mut state = Probed {
+            healthy: true,
+            successes: 0,
+            tcp_failures: 0,
+            timeouts: 0,
+            http_failures: 0,
+            next: Instant::now(),
+            published: false,
+        };
+        assert!(!state.count(Outcome::TcpFailure, &checks));
+        assert!(!state.count(Outcome::Success, &checks), "a success resets the failures");
+        assert!(!state.count(Outcome::TcpFailure, &checks));
+        assert!(!state.count(Outcome::Timeout, &checks), "timeouts: 0 is off");
+        assert!(state.count(Outcome::TcpFailure, &checks) && !state.healthy);
+        assert!(!state.count(Outcome::Success, &checks));
+        assert!(state.count(Outcome::Success, &checks) && state.healthy);
+        assert!(state.count(Outcome::HttpFailure, &checks) && !state.healthy);
+        assert!(ActiveChecks::from_healthchecks(&tollgate_raft_store::schema::default_healthchecks()).is_none());
+    }
+}

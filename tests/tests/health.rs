@@ -1,0 +1,84 @@
+//! Active health checks on three nodes: each target probed by one node, a dead target
+//! seen `UNHEALTHY` by every node and sent nothing, a revived one `HEALTHY` again.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+use tollgate_tests::{eventually, CountingUpstream, ProxyClient, TestCluster};
+
+/// Polls every node's `/upstreams/pool/health` until `target` shows `health`; returns
+/// the time it took.
+async fn everywhere(cluster: &TestCluster, target: &str, health: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for node in &cluster.nodes {
+        eventually(&format!("node {} to see {target} {health}", node.id), Duration::from_secs(20), || async {
+            let view = cluster.client_of(node.id).get("/upstreams/pool/health").await.ok()?;
+            let found = view.body["data"].as_array()?.iter().any(|t| t["target"] == target && t["health"] == health);
+            found.then_some(())
+        })
+        .await?;
+    }
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_everywhere() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(3).await?;
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        targets.push(CountingUpstream::start().await?);
+    }
+    let client = cluster.client();
+    let healthchecks = json!({"active": {
+        "type": "http", "http_path": "/status", "timeout": 1,
+        "healthy": {"interval": 1, "successes": 1},
+        "unhealthy": {"interval": 1, "tcp_failures": 1, "http_failures": 1, "timeouts": 1}
+    }});
+    client.post("/upstreams", &json!({"name": "pool", "healthchecks": healthchecks})).await?;
+    for target in &targets {
+        client.post("/upstreams/pool/targets", &json!({"target": target.address})).await?;
+    }
+    client.post("/services", &json!({"name": "pooled", "host": "pool", "port": 80, "protocol": "http"})).await?;
+    let route = client.post("/services/pooled/routes", &json!({"paths": ["/pooled"]})).await?;
+    cluster.published(route.config_version.unwrap_or(0)).await?;
+    for target in &targets {
+        everywhere(&cluster, &target.address, "HEALTHY").await?;
+    }
+
+    // No traffic: probes per target per second, across the whole cluster.
+    let before: Vec<u64> = targets.iter().map(CountingUpstream::received).collect();
+    let window = Instant::now();
+    eventually("four seconds of probes", Duration::from_secs(10), || async {
+        (window.elapsed() >= Duration::from_secs(4)).then_some(())
+    })
+    .await?;
+    let seconds = window.elapsed().as_secs_f64();
+    let rates: Vec<f64> = targets.iter().zip(&before).map(|(t, b)| (t.received() - b) as f64 / seconds).collect();
+    eprintln!("probes per target per second across 3 nodes, no traffic: {rates:.2?}");
+    for rate in &rates {
+        assert!(*rate <= 1.6, "{rate:.2} probes/s: more than one node probes a target");
+        assert!(*rate >= 0.5, "{rate:.2} probes/s: the target is not probed every second");
+    }
+
+    // A target dies: every node sees it UNHEALTHY and sends it nothing.
+    let dead = targets.remove(1);
+    let dead_address = dead.address.clone();
+    drop(dead);
+    let down_after = everywhere(&cluster, &dead_address, "UNHEALTHY").await?;
+    let proxy = ProxyClient::new();
+    for node in &cluster.nodes {
+        for _ in 0..20 {
+            let reply = proxy.request(&node.proxy_url(), "GET", None, "/pooled", &[]).await?;
+            assert_eq!(reply.status, 200, "node {}: {}", node.id, reply.body);
+        }
+    }
+    // Revived on the same address: HEALTHY everywhere again.
+    let revived = CountingUpstream::start_at(&dead_address).await?;
+    let up_after = everywhere(&cluster, &dead_address, "HEALTHY").await?;
+    eprintln!("target killed: UNHEALTHY on every node after {down_after:?}; revived: HEALTHY after {up_after:?}");
+    assert!(down_after <= Duration::from_secs(5));
+    assert!(up_after <= Duration::from_secs(5));
+    drop(revived);
+    Ok(())
+}
