@@ -36,6 +36,10 @@ use crate::publish::Published;
 
 /// How often the checker looks at what is due and merges the cluster's view.
 const TICK: Duration = Duration::from_millis(100);
+/// How long after start a member gossip has not heard from yet still counts as live
+/// for choosing probers: without it, every node would probe everything until gossip
+/// first converges.
+const STARTUP_GRACE: Duration = Duration::from_secs(3);
 /// Probes in flight on one node.
 pub const PROBES_IN_FLIGHT_MAX: usize = 256;
 /// Largest response head read from a probed target.
@@ -251,6 +255,8 @@ fn now_ms() -> u64 {
 /// The checker: probes this node's share of targets and keeps the merged view.
 pub struct Checker {
     pub node_id: u64,
+    /// The Raft members' ids: the candidates for probing.
+    pub members: Box<dyn Fn() -> Vec<u64> + Send>,
     pub published: Arc<Published>,
     pub gossip: Arc<Gossip>,
     pub view: Arc<HealthView>,
@@ -266,6 +272,7 @@ impl Checker {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut down_now: HashSet<(Uuid, String)> = HashSet::new();
+        let started = Instant::now();
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -288,7 +295,17 @@ impl Checker {
                 let Some(address) = target.get("target").and_then(Value::as_str) else { continue };
                 targets.push((upstream, target_address(address)));
             }
-            let mut live = self.gossip.live_nodes().await;
+            // Probers: the Raft members gossip sees live. While this node starts (gossip
+            // has not heard from everyone yet, and counts the unheard as dead), every
+            // member counts, so all nodes compute the same owners from the start and
+            // later only a dead node's targets move.
+            let heard = self.gossip.live_nodes().await;
+            let in_grace = started.elapsed() < STARTUP_GRACE;
+            let mut live: Vec<String> = (self.members)()
+                .into_iter()
+                .map(|id| id.to_string())
+                .filter(|id| in_grace || heard.contains(id) || *id == me)
+                .collect();
             live.sort();
             // The merged view: the latest state any live node published per target.
             let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();

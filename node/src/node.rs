@@ -230,8 +230,10 @@ pub async fn start(
     tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
     tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
     tasks.spawn(gossip.clone().publish_loop(move || applied_version.load().version, shutdown_rx.clone()));
+    let membership = cluster.raft.clone();
     let checker = crate::health::Checker {
         node_id: config.node_id,
+        members: Box::new(move || membership.metrics().borrow().membership_config.membership().voter_ids().collect()),
         published: node.published.clone(),
         gossip: gossip.clone(),
         view: node.health.clone(),

@@ -82,3 +82,40 @@ async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_ev
     drop(revived);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_probing_node_dies_another_takes_its_targets_over() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(3).await?;
+    let started = Instant::now();
+    let target = CountingUpstream::start().await?;
+    let client = cluster.client();
+    let healthchecks =
+        json!({"active": {"type": "tcp", "healthy": {"interval": 1}, "unhealthy": {"interval": 1, "tcp_failures": 1}}});
+    client.post("/upstreams", &json!({"name": "pool", "healthchecks": healthchecks})).await?;
+    let written = client.post("/upstreams/pool/targets", &json!({"target": target.address})).await?;
+    cluster.published(written.config_version.unwrap_or(0)).await?;
+    // Who probes it: the node that published its state.
+    let prober = eventually("a prober to publish the target's state", Duration::from_secs(20), || async {
+        let view = cluster.client_of(1).get("/upstreams/pool/health").await.ok()?;
+        view.body["data"][0]["observed_by"].as_str().and_then(|id| id.parse::<u64>().ok())
+    })
+    .await?;
+    // Past the nodes' startup grace (3 s), the prober is chosen among the members
+    // gossip sees live, so what follows measures gossip's failure detection.
+    eventually("the startup grace to pass", Duration::from_secs(20), || async {
+        (started.elapsed() >= Duration::from_secs(5)).then_some(())
+    })
+    .await?;
+    cluster.node(prober).kill9();
+    let killed = Instant::now();
+    let survivor = cluster.nodes.iter().map(|n| n.id).find(|id| *id != prober).unwrap_or(1);
+    let successor = eventually("another node to take the target over", Duration::from_secs(60), || async {
+        let view = cluster.client_of(survivor).get("/upstreams/pool/health").await.ok()?;
+        let by = view.body["data"][0]["observed_by"].as_str()?.parse::<u64>().ok()?;
+        (by != prober).then_some(by)
+    })
+    .await?;
+    eprintln!("prober node {prober} killed -9: node {successor} probes its target after {:?}", killed.elapsed());
+    assert_ne!(successor, prober);
+    Ok(())
+}
