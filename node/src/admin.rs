@@ -415,7 +415,9 @@ fn upstream_health(node: &Node, upstream: &str) -> Result<Response<Full<Bytes>>,
     let compiled = node.published.load();
     let entity = compiled.state.find(EntityKind::Upstream, upstream, None)?;
     let id = tollgate_raft_store::state::entity_id(&entity);
-    let checks_on = entity.get("healthchecks").and_then(crate::health::ActiveChecks::from_healthchecks).is_some();
+    let healthchecks = entity.get("healthchecks");
+    let checks_on = healthchecks.and_then(crate::health::ActiveChecks::from_healthchecks).is_some()
+        || crate::proxy::balancer::passive_checks_on(healthchecks);
     let mut data = Vec::new();
     for target in compiled.state.table(EntityKind::Target).values() {
         if tollgate_raft_store::state::foreign_id(target, "upstream") != Some(id) {

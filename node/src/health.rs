@@ -31,7 +31,7 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 use crate::gossip::Gossip;
-use crate::proxy::balancer::HealthView;
+use crate::proxy::balancer::{HealthView, Observation};
 use crate::publish::Published;
 
 /// How often the checker looks at what is due and merges the cluster's view.
@@ -42,6 +42,8 @@ const TICK: Duration = Duration::from_millis(100);
 const STARTUP_GRACE: Duration = Duration::from_secs(3);
 /// Probes in flight on one node.
 pub const PROBES_IN_FLIGHT_MAX: usize = 256;
+/// Passive reports handled per tick, so one busy tick does not starve the probes.
+const PASSIVE_REPORTS_PER_TICK: usize = 100_000;
 /// Largest response head read from a probed target.
 const PROBE_RESPONSE_BYTES_MAX: usize = 4096;
 /// Gossip key prefix of health states.
@@ -116,6 +118,49 @@ impl ActiveChecks {
             unhealthy_statuses: statuses(&unhealthy, "unhealthy"),
         };
         (!checks.healthy_interval.is_zero() || !checks.unhealthy_interval.is_zero()).then_some(checks)
+    }
+
+    /// Kong's `healthchecks.passive` as thresholds on the same counters (no
+    /// intervals: real traffic does the probing); `None` when it is off.
+    pub fn passive_from_healthchecks(healthchecks: &Value) -> Option<ActiveChecks> {
+        if !crate::proxy::balancer::passive_checks_on(Some(healthchecks)) {
+            return None;
+        }
+        let passive = &healthchecks["passive"];
+        let defaults = tollgate_raft_store::schema::default_healthchecks();
+        let number = |side: &str, field: &str| passive[side][field].as_f64().unwrap_or(0.0) as u32;
+        let statuses = |side: &str| -> Vec<u16> {
+            passive[side]
+                .get("http_statuses")
+                .or_else(|| defaults["passive"][side].get("http_statuses"))
+                .and_then(Value::as_array)
+                .map(|list| list.iter().filter_map(Value::as_u64).map(|s| s as u16).collect())
+                .unwrap_or_default()
+        };
+        Some(ActiveChecks {
+            kind: "passive".to_string(),
+            timeout: Duration::ZERO,
+            http_path: String::new(),
+            healthy_interval: Duration::ZERO,
+            successes: number("healthy", "successes"),
+            healthy_statuses: statuses("healthy"),
+            unhealthy_interval: Duration::ZERO,
+            tcp_failures: number("unhealthy", "tcp_failures"),
+            timeouts: number("unhealthy", "timeouts"),
+            http_failures: number("unhealthy", "http_failures"),
+            unhealthy_statuses: statuses("unhealthy"),
+        })
+    }
+
+    /// What a request's observation counts as.
+    fn judge(&self, observation: Observation) -> Outcome {
+        match observation {
+            Observation::TcpFailure => Outcome::TcpFailure,
+            Observation::Timeout => Outcome::Timeout,
+            Observation::Status(status) if self.healthy_statuses.contains(&status) => Outcome::Success,
+            Observation::Status(status) if self.unhealthy_statuses.contains(&status) => Outcome::HttpFailure,
+            Observation::Status(_) => Outcome::Neutral,
+        }
     }
 }
 
@@ -273,6 +318,8 @@ impl Checker {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut down_now: HashSet<(Uuid, String)> = HashSet::new();
         let started = Instant::now();
+        let mut reports = self.view.take_reports();
+        let mut passive: HashMap<(Uuid, String), Probed> = HashMap::new();
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -281,9 +328,14 @@ impl Checker {
             // Targets with active checks in the config this node serves.
             let compiled = self.published.load();
             let mut checks: HashMap<Uuid, Arc<ActiveChecks>> = HashMap::new();
+            let mut passive_checks: HashMap<Uuid, ActiveChecks> = HashMap::new();
             for upstream in compiled.state.table(EntityKind::Upstream).values() {
-                if let Some(active) = upstream.get("healthchecks").and_then(ActiveChecks::from_healthchecks) {
+                let Some(healthchecks) = upstream.get("healthchecks") else { continue };
+                if let Some(active) = ActiveChecks::from_healthchecks(healthchecks) {
                     checks.insert(entity_id(upstream), Arc::new(active));
+                }
+                if let Some(passive) = ActiveChecks::passive_from_healthchecks(healthchecks) {
+                    passive_checks.insert(entity_id(upstream), passive);
                 }
             }
             let mut targets: Vec<(Uuid, String)> = Vec::new();
@@ -372,9 +424,52 @@ impl Checker {
                     }
                 }
             }
+            // Passive: what this node's requests found, counted against the same
+            // thresholds; a state it decides is published like a probe's.
+            let mut drained = 0;
+            while let Some(report) = reports.as_mut().and_then(|r| r.try_recv().ok()) {
+                drained += 1;
+                let key = (report.upstream, report.target);
+                if let Some(config) = passive_checks.get(&key.0) {
+                    let cluster_healthy = merged.get(&key).is_none_or(|observed| observed.healthy);
+                    let state = passive.entry(key.clone()).or_insert_with(|| Probed {
+                        healthy: cluster_healthy,
+                        successes: 0,
+                        tcp_failures: 0,
+                        timeouts: 0,
+                        http_failures: 0,
+                        next: now,
+                        published: true,
+                    });
+                    if state.healthy != cluster_healthy {
+                        // The cluster moved on (a probe revived it): start from there.
+                        *state = Probed {
+                            healthy: cluster_healthy,
+                            successes: 0,
+                            tcp_failures: 0,
+                            timeouts: 0,
+                            http_failures: 0,
+                            next: now,
+                            published: true,
+                        };
+                    }
+                    if state.count(config.judge(report.observation), config) {
+                        let at_ms = now_ms();
+                        let value = format!("{}:{at_ms}", if state.healthy { "up" } else { "down" });
+                        self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value).await;
+                        tracing::info!(upstream = %key.0, target = %key.1, healthy = state.healthy, "target health changed (passive)");
+                        merged.insert(key, Observed { healthy: state.healthy, by: me.clone(), at_ms });
+                    }
+                }
+                if drained >= PASSIVE_REPORTS_PER_TICK {
+                    break;
+                }
+            }
             let down: HashSet<(Uuid, String)> = merged
                 .iter()
-                .filter(|(key, observed)| !observed.healthy && checks.contains_key(&key.0))
+                .filter(|(key, observed)| {
+                    !observed.healthy && (checks.contains_key(&key.0) || passive_checks.contains_key(&key.0))
+                })
                 .map(|(key, _)| key.clone())
                 .collect();
             if down != down_now {

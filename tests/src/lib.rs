@@ -437,6 +437,16 @@ impl CountingUpstream {
 
     /// On a given address (a target brought back where it was).
     pub async fn start_at(address: &str) -> anyhow::Result<CountingUpstream> {
+        CountingUpstream::listen(address, 200).await
+    }
+
+    /// One that answers every request with `status` (a failing target).
+    pub async fn start_answering(status: u16) -> anyhow::Result<CountingUpstream> {
+        CountingUpstream::listen(&format!("127.0.0.1:{}", free_port()), status).await
+    }
+
+    async fn listen(address: &str, status: u16) -> anyhow::Result<CountingUpstream> {
+        let status = http::StatusCode::from_u16(status)?;
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?.to_string();
         let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -447,11 +457,10 @@ impl CountingUpstream {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_request: http::Request<hyper::body::Incoming>| {
                         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        async {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(b"ok"),
-                            )))
-                        }
+                        let mut response =
+                            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
+                        *response.status_mut() = status;
+                        async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;

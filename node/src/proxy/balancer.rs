@@ -421,15 +421,61 @@ mod tests {
     }
 }
 
+/// Passive health reports queued for the health checker; past it, reports are dropped
+/// (the next ones carry the same news).
+pub const PASSIVE_REPORTS_MAX: usize = 65_536;
+
+/// What one proxied request found of its target (passive health checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    Status(u16),
+    TcpFailure,
+    Timeout,
+}
+
+/// One passive health report.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub upstream: uuid::Uuid,
+    pub target: String,
+    pub observation: Observation,
+}
+
 /// Targets known to be down, cluster-wide (merged from gossip by the health checker);
-/// the data path reads it without locks.
-#[derive(Default)]
+/// the data path reads it without locks, and reports what its requests found.
 pub struct HealthView {
     generation: AtomicU64,
     down: arc_swap::ArcSwap<std::collections::HashSet<(uuid::Uuid, String)>>,
+    reports: tokio::sync::mpsc::Sender<Report>,
+    receiver: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Report>>>,
+}
+
+impl Default for HealthView {
+    fn default() -> HealthView {
+        let (reports, receiver) = tokio::sync::mpsc::channel(PASSIVE_REPORTS_MAX);
+        HealthView {
+            generation: AtomicU64::new(0),
+            down: Default::default(),
+            reports,
+            receiver: tokio::sync::Mutex::new(Some(receiver)),
+        }
+    }
 }
 
 impl HealthView {
+    /// Queues what a request found of `target` (never waits; dropped when full).
+    pub fn report(&self, upstream: uuid::Uuid, target: &str, observation: Observation) {
+        let report = Report { upstream, target: target.to_string(), observation };
+        if self.reports.try_send(report).is_err() {
+            metrics::counter!("tollgate_health_reports_dropped_total").increment(1);
+        }
+    }
+
+    /// The reports, for the health checker (once).
+    pub fn take_reports(&self) -> Option<tokio::sync::mpsc::Receiver<Report>> {
+        self.receiver.try_lock().ok()?.take()
+    }
+
     /// Replaces the set of down (upstream id, target address) pairs.
     pub fn set_down(&self, down: std::collections::HashSet<(uuid::Uuid, String)>) {
         self.down.store(Arc::new(down));
@@ -451,15 +497,17 @@ impl HealthView {
 pub struct Upstream {
     pub id: uuid::Uuid,
     pub balancer: Balancer,
+    /// Passive checks are on: requests report what they found.
+    pub passive: bool,
     down: Vec<std::sync::atomic::AtomicBool>,
     /// The view generation `down` reflects (`u64::MAX`: never refreshed).
     seen: AtomicU64,
 }
 
 impl Upstream {
-    pub fn new(id: uuid::Uuid, balancer: Balancer) -> Upstream {
+    pub fn new(id: uuid::Uuid, balancer: Balancer, passive: bool) -> Upstream {
         let down = (0..balancer.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect();
-        Upstream { id, balancer, down, seen: AtomicU64::new(u64::MAX) }
+        Upstream { id, balancer, passive, down, seen: AtomicU64::new(u64::MAX) }
     }
 
     pub fn len(&self) -> usize {
@@ -497,7 +545,7 @@ mod health_tests {
         let id = uuid::Uuid::from_u128(5);
         let view = HealthView::default();
         for algorithm in ["round-robin", "least-connections", "latency", "consistent-hashing"] {
-            let upstream = Upstream::new(id, Balancer::new(algorithm, targets(), HashOn::Ip, HashOn::None));
+            let upstream = Upstream::new(id, Balancer::new(algorithm, targets(), HashOn::Ip, HashOn::None), false);
             view.set_down(["b:1"].map(|t| (id, t.to_string())).into());
             for _ in 0..20 {
                 let pick = upstream.pick(&key, &view).expect("a healthy target");
@@ -509,4 +557,12 @@ mod health_tests {
             assert!(upstream.pick(&key, &view).is_some(), "{algorithm}: back up");
         }
     }
+}
+
+/// Whether an upstream's `healthchecks.passive` is on: any of its thresholds above 0.
+pub fn passive_checks_on(healthchecks: Option<&serde_json::Value>) -> bool {
+    let Some(passive) = healthchecks.and_then(|h| h.get("passive")) else { return false };
+    let above_zero = |side: &str, field: &str| passive[side][field].as_f64().is_some_and(|n| n > 0.0);
+    ["tcp_failures", "timeouts", "http_failures"].iter().any(|field| above_zero("unhealthy", field))
+        || above_zero("healthy", "successes")
 }

@@ -136,7 +136,8 @@ impl ProxySnapshot {
                 );
                 let algorithm = text("algorithm").unwrap_or("round-robin");
                 let balancer = Balancer::new(algorithm, targets, hash_on, hash_fallback);
-                Some((name, Arc::new(balancer::Upstream::new(id, balancer))))
+                let passive = balancer::passive_checks_on(upstream.get("healthchecks"));
+                Some((name, Arc::new(balancer::Upstream::new(id, balancer, passive))))
             })
             .collect();
         let services = state
@@ -575,7 +576,20 @@ impl Proxy {
             // The headers are cloned only while another attempt may need them.
             *upstream_request.headers_mut() =
                 if attempt < attempts_max { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-            match tokio::time::timeout(timeout, client.send(upstream_request)).await {
+            let sent = tokio::time::timeout(timeout, client.send(upstream_request)).await;
+            // Passive health checks: what this request found of its target.
+            if let (Some(balancer), Some(pick)) = (balancer.filter(|b| b.passive), &pick) {
+                let observation = match &sent {
+                    Err(_) => Some(balancer::Observation::Timeout),
+                    Ok(Ok((response, _))) => Some(balancer::Observation::Status(response.status().as_u16())),
+                    Ok(Err(_)) if client_body_failed.load(Ordering::Relaxed) => None,
+                    Ok(Err(_)) => Some(balancer::Observation::TcpFailure),
+                };
+                if let Some(observation) = observation {
+                    self.health.report(balancer.id, &pick.target.address, observation);
+                }
+            }
+            match sent {
                 Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out", &request_id),
                 Ok(Ok((response, back))) => {
                     if let Some(pick) = &pick {
