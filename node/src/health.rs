@@ -241,6 +241,11 @@ struct Probed {
 }
 
 impl Probed {
+    /// A target in `healthy` state with no counts yet, next probed at `next`.
+    fn new(healthy: bool, next: Instant, published: bool) -> Probed {
+        Probed { healthy, successes: 0, tcp_failures: 0, timeouts: 0, http_failures: 0, next, published }
+    }
+
     /// Counts an outcome; returns true when the state changed.
     fn count(&mut self, outcome: Outcome, checks: &ActiveChecks) -> bool {
         let reached = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
@@ -381,15 +386,8 @@ impl Checker {
             probed.retain(|key, _| mine.contains(key));
             let now = Instant::now();
             for key in &mine {
-                let state = probed.entry(key.clone()).or_insert_with(|| Probed {
-                    healthy: merged.get(key).is_none_or(|observed| observed.healthy),
-                    successes: 0,
-                    tcp_failures: 0,
-                    timeouts: 0,
-                    http_failures: 0,
-                    next: now,
-                    published: false,
-                });
+                let healthy = merged.get(key).is_none_or(|observed| observed.healthy);
+                let state = probed.entry(key.clone()).or_insert_with(|| Probed::new(healthy, now, false));
                 let Some(active) = checks.get(&key.0) else { continue };
                 let interval = state.interval(active);
                 if interval.is_zero()
@@ -432,26 +430,10 @@ impl Checker {
                 let key = (report.upstream, report.target);
                 if let Some(config) = passive_checks.get(&key.0) {
                     let cluster_healthy = merged.get(&key).is_none_or(|observed| observed.healthy);
-                    let state = passive.entry(key.clone()).or_insert_with(|| Probed {
-                        healthy: cluster_healthy,
-                        successes: 0,
-                        tcp_failures: 0,
-                        timeouts: 0,
-                        http_failures: 0,
-                        next: now,
-                        published: true,
-                    });
+                    let state = passive.entry(key.clone()).or_insert_with(|| Probed::new(cluster_healthy, now, true));
                     if state.healthy != cluster_healthy {
                         // The cluster moved on (a probe revived it): start from there.
-                        *state = Probed {
-                            healthy: cluster_healthy,
-                            successes: 0,
-                            tcp_failures: 0,
-                            timeouts: 0,
-                            http_failures: 0,
-                            next: now,
-                            published: true,
-                        };
+                        *state = Probed::new(cluster_healthy, now, true);
                     }
                     if state.count(config.judge(report.observation), config) {
                         let at_ms = now_ms();
@@ -514,15 +496,7 @@ mod tests {
             "unhealthy": {"interval": 1, "tcp_failures": 2, "timeouts": 0, "http_failures": 1, "http_statuses": [500]}
         }}))
         .unwrap();
-        let mut state = Probed {
-            healthy: true,
-            successes: 0,
-            tcp_failures: 0,
-            timeouts: 0,
-            http_failures: 0,
-            next: Instant::now(),
-            published: false,
-        };
+        let mut state = Probed::new(true, Instant::now(), false);
         assert!(!state.count(Outcome::TcpFailure, &checks));
         assert!(!state.count(Outcome::Success, &checks), "a success resets the failures");
         assert!(!state.count(Outcome::TcpFailure, &checks));

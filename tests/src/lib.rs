@@ -3,6 +3,7 @@
 //!
 //! Nothing here sleeps to wait: [`eventually`] polls a condition until a deadline.
 
+pub mod netns;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
