@@ -427,6 +427,7 @@ fn upstream_health(node: &Node, upstream: &str) -> Result<Response<Full<Bytes>>,
         let observed = node.health_states.get(id, &crate::health::target_address(address));
         let health = match (&observed, checks_on) {
             (_, false) => "HEALTHCHECKS_OFF",
+            (Some(observed), true) if observed.dns_error => "DNS_ERROR",
             (Some(observed), true) if !observed.healthy => "UNHEALTHY",
             _ => "HEALTHY",
         };

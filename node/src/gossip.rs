@@ -45,6 +45,21 @@ pub const KEY_CLUSTER_ADDR: &str = "cluster_addr";
 pub const KEY_PROXY_ADDR: &str = "proxy_addr";
 pub const KEY_ADMIN_ADDR: &str = "admin_addr";
 pub const KEY_CONFIG_VERSION: &str = "config_version";
+/// Requests the node's proxy is handling (until their response headers).
+pub const KEY_IN_FLIGHT: &str = "in_flight";
+/// Requests per second over the last publish interval.
+pub const KEY_REQUESTS_PER_S: &str = "requests_per_s";
+
+/// What a node publishes about itself every second.
+pub struct SelfState {
+    pub config_version: u64,
+    pub in_flight: u64,
+    /// Requests since start (the rate is derived from it).
+    pub requests_total: u64,
+    /// The Raft members' cluster addresses: any gossip does not see live is sent a
+    /// gossip round, so members that joined after start are found.
+    pub members: Vec<String>,
+}
 
 /// A change in the live membership as gossip sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,13 +192,36 @@ impl Gossip {
             .await
     }
 
-    /// Publishes this node's applied config version every second until `stop`.
-    pub async fn publish_loop(self: Arc<Self>, version: impl Fn() -> u64, mut stop: watch::Receiver<bool>) {
+    /// Publishes this node's applied config version and load every second until
+    /// `stop`, and reaches out to Raft members gossip does not see live.
+    pub async fn publish_loop(self: Arc<Self>, read: impl Fn() -> SelfState, mut stop: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(PUBLISH_INTERVAL);
+        let mut last: Option<(tokio::time::Instant, u64)> = None;
         loop {
             tokio::select! {
-                _ = ticks.tick() => self.set(KEY_CONFIG_VERSION, version().to_string()).await,
+                _ = ticks.tick() => {}
                 _ = stop.changed() => return,
+            }
+            let state = read();
+            let now = tokio::time::Instant::now();
+            let rate = last.map_or(0.0, |(at, total)| {
+                state.requests_total.saturating_sub(total) as f64 / now.duration_since(at).as_secs_f64().max(0.001)
+            });
+            last = Some((now, state.requests_total));
+            self.set(KEY_CONFIG_VERSION, state.config_version.to_string()).await;
+            self.set(KEY_IN_FLIGHT, state.in_flight.to_string()).await;
+            self.set(KEY_REQUESTS_PER_S, format!("{rate:.1}")).await;
+            let known: Vec<String> = self
+                .entries(KEY_CLUSTER_ADDR)
+                .await
+                .into_iter()
+                .filter(|(_, key, _)| key == KEY_CLUSTER_ADDR)
+                .map(|(_, _, address)| address)
+                .collect();
+            for member in state.members.iter().filter(|member| !known.contains(member)) {
+                if let Ok(address) = member.parse::<SocketAddr>() {
+                    let _ = self.handle.gossip(address);
+                }
             }
         }
     }

@@ -53,6 +53,8 @@ const KEY_PREFIX: &str = "health:";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub healthy: bool,
+    /// The target's host name did not resolve (Kong's `DNS_ERROR`; down as well).
+    pub dns_error: bool,
     pub by: String,
     pub at_ms: u64,
 }
@@ -189,13 +191,24 @@ enum Outcome {
     HttpFailure,
     TcpFailure,
     Timeout,
+    /// The target's host name did not resolve.
+    DnsError,
     /// A status in neither list: counts for nothing.
     Neutral,
 }
 
 async fn probe(checks: &ActiveChecks, target: &str) -> Outcome {
     let attempt = async {
-        let mut stream = match tokio::net::TcpStream::connect(target).await {
+        // A host name is resolved first, so a name that does not resolve is told
+        // apart from a target that refuses connections.
+        let address = match target.parse::<std::net::SocketAddr>() {
+            Ok(address) => address,
+            Err(_) => match tokio::net::lookup_host(target).await.ok().and_then(|mut found| found.next()) {
+                Some(address) => address,
+                None => return Outcome::DnsError,
+            },
+        };
+        let mut stream = match tokio::net::TcpStream::connect(address).await {
             Ok(stream) => stream,
             Err(_) => return Outcome::TcpFailure,
         };
@@ -231,6 +244,8 @@ async fn probe(checks: &ActiveChecks, target: &str) -> Outcome {
 /// One target this node probes.
 struct Probed {
     healthy: bool,
+    /// The last probe found no address for the host name.
+    dns_error: bool,
     successes: u32,
     tcp_failures: u32,
     timeouts: u32,
@@ -243,12 +258,34 @@ struct Probed {
 impl Probed {
     /// A target in `healthy` state with no counts yet, next probed at `next`.
     fn new(healthy: bool, next: Instant, published: bool) -> Probed {
-        Probed { healthy, successes: 0, tcp_failures: 0, timeouts: 0, http_failures: 0, next, published }
+        Probed {
+            healthy,
+            dns_error: false,
+            successes: 0,
+            tcp_failures: 0,
+            timeouts: 0,
+            http_failures: 0,
+            next,
+            published,
+        }
     }
 
     /// Counts an outcome; returns true when the state changed.
     fn count(&mut self, outcome: Outcome, checks: &ActiveChecks) -> bool {
         let reached = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
+        // A name that does not resolve is down at once (Kong's DNS_ERROR); once it
+        // resolves again, the target must earn its way back like any unhealthy one.
+        if outcome == Outcome::DnsError {
+            let changed = !self.dns_error || self.healthy;
+            self.dns_error = true;
+            self.healthy = false;
+            (self.successes, self.tcp_failures, self.timeouts, self.http_failures) = (0, 0, 0, 0);
+            if changed {
+                metrics::counter!("tollgate_health_transitions_total").increment(1);
+            }
+            return changed;
+        }
+        let was_dns_error = std::mem::take(&mut self.dns_error);
         match outcome {
             Outcome::Success => {
                 (self.tcp_failures, self.timeouts, self.http_failures) = (0, 0, 0);
@@ -276,7 +313,17 @@ impl Probed {
             (self.successes, self.tcp_failures, self.timeouts, self.http_failures) = (0, 0, 0, 0);
             metrics::counter!("tollgate_health_transitions_total").increment(1);
         }
-        flip
+        flip || was_dns_error
+    }
+
+    /// The gossip value of this state at `at_ms`.
+    fn published_value(&self, at_ms: u64) -> String {
+        let state = match (self.healthy, self.dns_error) {
+            (_, true) => "dns",
+            (true, false) => "up",
+            (false, false) => "down",
+        };
+        format!("{state}:{at_ms}")
     }
 
     fn interval(&self, checks: &ActiveChecks) -> Duration {
@@ -371,7 +418,7 @@ impl Checker {
                 let Ok(upstream) = Uuid::parse_str(upstream) else { continue };
                 let Some((state, at)) = value.split_once(':') else { continue };
                 let Ok(at_ms) = at.parse::<u64>() else { continue };
-                let observed = Observed { healthy: state == "up", by: node, at_ms };
+                let observed = Observed { healthy: state == "up", dns_error: state == "dns", by: node, at_ms };
                 let slot = merged.entry((upstream, target.to_string())).or_insert_with(|| observed.clone());
                 if observed.at_ms > slot.at_ms {
                     *slot = observed;
@@ -413,9 +460,10 @@ impl Checker {
                 let changed = state.count(outcome, &active);
                 if changed || !state.published {
                     state.published = true;
-                    let value = format!("{}:{}", if state.healthy { "up" } else { "down" }, now_ms());
-                    self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value.clone()).await;
-                    let observed = Observed { healthy: state.healthy, by: me.clone(), at_ms: now_ms() };
+                    let at_ms = now_ms();
+                    self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms)).await;
+                    let observed =
+                        Observed { healthy: state.healthy, dns_error: state.dns_error, by: me.clone(), at_ms };
                     merged.insert(key.clone(), observed);
                     if changed {
                         tracing::info!(upstream = %key.0, target = %key.1, healthy = state.healthy, "target health changed");
@@ -437,10 +485,12 @@ impl Checker {
                     }
                     if state.count(config.judge(report.observation), config) {
                         let at_ms = now_ms();
-                        let value = format!("{}:{at_ms}", if state.healthy { "up" } else { "down" });
-                        self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value).await;
+                        self.gossip
+                            .set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms))
+                            .await;
                         tracing::info!(upstream = %key.0, target = %key.1, healthy = state.healthy, "target health changed (passive)");
-                        merged.insert(key, Observed { healthy: state.healthy, by: me.clone(), at_ms });
+                        merged
+                            .insert(key, Observed { healthy: state.healthy, dns_error: false, by: me.clone(), at_ms });
                     }
                 }
                 if drained >= PASSIVE_REPORTS_PER_TICK {

@@ -41,6 +41,8 @@ pub struct Node {
     pub health: Arc<crate::proxy::balancer::HealthView>,
     /// What the health checker knows per target (`/upstreams/{u}/health`).
     pub health_states: Arc<crate::health::HealthStates>,
+    /// The proxy's load, published by gossip.
+    pub load: Arc<crate::proxy::Load>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -181,6 +183,7 @@ pub async fn start(
         gossip: gossip.clone(),
         health: Arc::default(),
         health_states: Arc::default(),
+        load: Arc::default(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -209,6 +212,7 @@ pub async fn start(
         },
         plugin_state: node.plugin_state.clone(),
         health: node.health.clone(),
+        load: node.load.clone(),
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
@@ -229,7 +233,14 @@ pub async fn start(
     ));
     tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
     tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
-    tasks.spawn(gossip.clone().publish_loop(move || applied_version.load().version, shutdown_rx.clone()));
+    let (load, raft) = (node.load.clone(), cluster.raft.clone());
+    let read_self = move || crate::gossip::SelfState {
+        config_version: applied_version.load().version,
+        in_flight: load.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        requests_total: load.requests.load(std::sync::atomic::Ordering::Relaxed),
+        members: raft.metrics().borrow().membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect(),
+    };
+    tasks.spawn(gossip.clone().publish_loop(read_self, shutdown_rx.clone()));
     let membership = cluster.raft.clone();
     let checker = crate::health::Checker {
         node_id: config.node_id,

@@ -80,6 +80,20 @@ async fn every_node_sees_the_others_live_with_their_applied_config_version() -> 
     assert_eq!(view["live"], 3);
     let node1 = &view["nodes"]["1"];
     assert_eq!(node1["keys"]["cluster_addr"], cluster.nodes[0].cluster_address().as_str(), "{view}");
+    // Load: requests through node 1 show in the rate it publishes.
+    let proxy = ProxyClient::new();
+    let client = cluster.client();
+    client.post("/services/seen/routes", &json!({"paths": ["/seen"]})).await?;
+    eventually("node 1's published request rate to show its traffic", Duration::from_secs(20), || async {
+        for _ in 0..20 {
+            let _ = proxy.request(&cluster.nodes[0].proxy_url(), "GET", None, "/seen", &[]).await;
+        }
+        let view = gossip_view(&cluster, 3).await?;
+        let keys = &view["nodes"]["1"]["keys"];
+        let rate: f64 = keys["requests_per_s"].as_str()?.parse().ok()?;
+        (keys["in_flight"].as_str().is_some() && rate > 0.0).then_some(())
+    })
+    .await?;
     // chitchat's own parser drops what is not gossip; nothing stops.
     send_garbage(&cluster).await?;
     all_live_at(&cluster, version).await?;

@@ -39,12 +39,15 @@ async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_ev
     for target in &targets {
         client.post("/upstreams/pool/targets", &json!({"target": target.address})).await?;
     }
+    // A target whose name does not resolve: DNS_ERROR, and no traffic.
+    client.post("/upstreams/pool/targets", &json!({"target": "nowhere.invalid:80"})).await?;
     client.post("/services", &json!({"name": "pooled", "host": "pool", "port": 80, "protocol": "http"})).await?;
     let route = client.post("/services/pooled/routes", &json!({"paths": ["/pooled"]})).await?;
     cluster.published(route.config_version.unwrap_or(0)).await?;
     for target in &targets {
         everywhere(&cluster, &target.address, "HEALTHY").await?;
     }
+    everywhere(&cluster, "nowhere.invalid:80", "DNS_ERROR").await?;
 
     // No traffic: probes per target per second, across the whole cluster.
     let before: Vec<u64> = targets.iter().map(CountingUpstream::received).collect();

@@ -201,6 +201,34 @@ pub struct ProxySetup {
     pub plugin_state: Arc<crate::plugins::NodeState>,
     /// Targets the cluster knows are down (from the health checker).
     pub health: Arc<balancer::HealthView>,
+    /// The node's proxy load, published by gossip.
+    pub load: Arc<Load>,
+}
+
+/// A node's proxy load, over all its workers.
+#[derive(Default)]
+pub struct Load {
+    /// Requests being handled, until their response headers.
+    pub in_flight: AtomicU64,
+    /// Requests since start.
+    pub requests: AtomicU64,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a Load);
+
+impl<'a> InFlight<'a> {
+    fn new(load: &'a Load) -> InFlight<'a> {
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        load.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(load)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Shared by every proxy connection of a node.
@@ -214,14 +242,26 @@ pub struct Proxy {
     timeouts: conn::Timeouts,
     plugin_state: Arc<crate::plugins::NodeState>,
     health: Arc<balancer::HealthView>,
+    load: Arc<Load>,
 }
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health, load } = setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
-        Proxy { published, trusted_ips, access_log, clients, node_id, request_counter, timeouts, plugin_state, health }
+        Proxy {
+            published,
+            trusted_ips,
+            access_log,
+            clients,
+            node_id,
+            request_counter,
+            timeouts,
+            plugin_state,
+            health,
+            load,
+        }
     }
 
     fn request_id(&self) -> HeaderValue {
@@ -237,6 +277,7 @@ impl Proxy {
             state.request_started(request.version() == http::Version::HTTP_2);
         }
         let guard = conn::RequestGuard::new(connection.state.clone());
+        let _in_flight = InFlight::new(&self.load);
         let started = tokio::time::Instant::now();
         // RFC 9112 §6.3: after a request framed by Transfer-Encoding (which may also have
         // carried a Content-Length hyper discarded), close the connection, so bytes a
