@@ -6,8 +6,10 @@
 //! the next highest takes over, starting from the state the cluster last knew.
 //!
 //! A probe is a TCP connect (`type: tcp`), or a `GET http_path` whose status is
-//! counted against `healthy.http_statuses` / `unhealthy.http_statuses` (`http`;
-//! `https` probes connect with TCP only for now). Counters are consecutive, as in
+//! counted against `healthy.http_statuses` / `unhealthy.http_statuses` (`http`, and
+//! `https` after a TLS handshake whose certificate is checked against the system's
+//! roots unless `https_verify_certificate` is false; a failed handshake is a TCP
+//! failure). Counters are consecutive, as in
 //! Kong: a success resets the failures and the other way round. A healthy target
 //! becomes unhealthy at `unhealthy.tcp_failures`, `timeouts` or `http_failures` (0
 //! disables that counter); an unhealthy one becomes healthy at `healthy.successes`.
@@ -75,6 +77,8 @@ impl HealthStates {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveChecks {
     pub kind: String,
+    /// `https_verify_certificate` (https probes).
+    pub verify: bool,
     pub timeout: Duration,
     pub http_path: String,
     pub healthy_interval: Duration,
@@ -108,6 +112,7 @@ impl ActiveChecks {
         let seconds = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 86_400.0));
         let checks = ActiveChecks {
             kind: active.get("type").and_then(Value::as_str).unwrap_or("http").to_string(),
+            verify: active.get("https_verify_certificate").and_then(Value::as_bool).unwrap_or(true),
             timeout: seconds(number(active, "timeout").max(0.001)),
             http_path: active.get("http_path").and_then(Value::as_str).unwrap_or("/").to_string(),
             healthy_interval: seconds(number(&healthy, "interval")),
@@ -141,6 +146,7 @@ impl ActiveChecks {
         };
         Some(ActiveChecks {
             kind: "passive".to_string(),
+            verify: false,
             timeout: Duration::ZERO,
             http_path: String::new(),
             healthy_interval: Duration::ZERO,
@@ -208,37 +214,56 @@ async fn probe(checks: &ActiveChecks, target: &str) -> Outcome {
                 None => return Outcome::DnsError,
             },
         };
-        let mut stream = match tokio::net::TcpStream::connect(address).await {
+        let stream = match tokio::net::TcpStream::connect(address).await {
             Ok(stream) => stream,
             Err(_) => return Outcome::TcpFailure,
         };
-        if checks.kind != "http" {
-            return Outcome::Success;
-        }
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\nUser-Agent: tollgate-health\r\n\r\n",
-            checks.http_path
-        );
-        if stream.write_all(request.as_bytes()).await.is_err() {
-            return Outcome::TcpFailure;
-        }
-        let mut head = vec![0u8; PROBE_RESPONSE_BYTES_MAX];
-        let mut filled = 0;
-        while filled < 12 {
-            match stream.read(&mut head[filled..]).await {
-                Ok(0) | Err(_) => return Outcome::TcpFailure,
-                Ok(n) => filled += n,
+        match checks.kind.as_str() {
+            "http" => http_status(stream, checks, target).await,
+            "https" => {
+                let host = tollgate_raft_store::schema::split_host_port(target).0;
+                let Ok((config, server_name)) = crate::proxy::upstream::probe_tls(host, checks.verify) else {
+                    return Outcome::TcpFailure;
+                };
+                match tokio_rustls::TlsConnector::from(config).connect(server_name, stream).await {
+                    Ok(tls) => http_status(tls, checks, target).await,
+                    // A failed handshake (or certificate check) is a failed connection.
+                    Err(_) => Outcome::TcpFailure,
+                }
             }
-        }
-        let status = std::str::from_utf8(&head[9..12]).ok().and_then(|s| s.parse::<u16>().ok());
-        match status {
-            Some(status) if checks.healthy_statuses.contains(&status) => Outcome::Success,
-            Some(status) if checks.unhealthy_statuses.contains(&status) => Outcome::HttpFailure,
-            Some(_) => Outcome::Neutral,
-            None => Outcome::HttpFailure,
+            _ => Outcome::Success,
         }
     };
     tokio::time::timeout(checks.timeout, attempt).await.unwrap_or(Outcome::Timeout)
+}
+
+/// `GET http_path` on `stream`, judged by the status of the answer.
+async fn http_status<S>(mut stream: S, checks: &ActiveChecks, target: &str) -> Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\nUser-Agent: tollgate-health\r\n\r\n",
+        checks.http_path
+    );
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return Outcome::TcpFailure;
+    }
+    let mut head = vec![0u8; PROBE_RESPONSE_BYTES_MAX];
+    let mut filled = 0;
+    while filled < 12 {
+        match stream.read(&mut head[filled..]).await {
+            Ok(0) | Err(_) => return Outcome::TcpFailure,
+            Ok(n) => filled += n,
+        }
+    }
+    let status = std::str::from_utf8(&head[9..12]).ok().and_then(|s| s.parse::<u16>().ok());
+    match status {
+        Some(status) if checks.healthy_statuses.contains(&status) => Outcome::Success,
+        Some(status) if checks.unhealthy_statuses.contains(&status) => Outcome::HttpFailure,
+        Some(_) => Outcome::Neutral,
+        None => Outcome::HttpFailure,
+    }
 }
 
 /// One target this node probes.

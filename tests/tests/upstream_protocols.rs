@@ -410,3 +410,37 @@ async fn websocket_messages_echo_through_the_proxy() -> anyhow::Result<()> {
     socket.close(None).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_health_probes_speak_tls_and_check_the_certificate_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_, chain, key) = ca_and_leaf(dir.path(), "probed")?;
+    let port = start_upstream(Some(server_tls(&chain, &key)?)).await?;
+    let cluster = TestCluster::start(1).await?;
+    let client = cluster.client();
+    // The same TLS target under two upstreams: probes that skip the certificate check
+    // find it healthy; probes that check it against the system's roots cannot trust a
+    // private CA, and find it unhealthy (Kong's https_verify_certificate).
+    let target = format!("localhost:{port}");
+    let mut last = 0;
+    for (name, verify) in [("unchecked", false), ("checked", true)] {
+        let healthchecks = json!({"active": {
+            "type": "https", "https_verify_certificate": verify, "http_path": "/health",
+            "healthy": {"interval": 1, "successes": 1},
+            "unhealthy": {"interval": 1, "tcp_failures": 1}
+        }});
+        client.post("/upstreams", &json!({"name": name, "healthchecks": healthchecks})).await?;
+        let written = client.post(&format!("/upstreams/{name}/targets"), &json!({"target": target})).await?;
+        last = written.config_version.unwrap_or(0);
+    }
+    cluster.published(last).await?;
+    for (name, expected) in [("unchecked", "HEALTHY"), ("checked", "UNHEALTHY")] {
+        tollgate_tests::eventually(&format!("{name} to be {expected}"), std::time::Duration::from_secs(20), || async {
+            let view = client.get(&format!("/upstreams/{name}/health")).await.ok()?;
+            let health = &view.body["data"][0];
+            (health["health"] == expected && health["observed_by"].is_string()).then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}

@@ -204,6 +204,14 @@ impl TlsProfile {
     }
 }
 
+/// A TLS client config for health probes of `host` (its SNI), verifying the target's
+/// certificate against the system's roots when `verify` (Kong's
+/// `https_verify_certificate`).
+pub fn probe_tls(host: &str, verify: bool) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
+    let profile = TlsProfile::build(TlsSettings { host, verify, depth: None, anchors: &[], client: None, h2: false })?;
+    Ok((profile.config, profile.server_name))
+}
+
 /// What a TLS profile is built from; its hash keys the profile's pool.
 #[derive(Hash)]
 struct TlsSettings<'a> {
