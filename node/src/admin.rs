@@ -424,7 +424,7 @@ fn upstream_health(node: &Node, upstream: &str) -> Result<Response<Full<Bytes>>,
             continue;
         }
         let address = target.get("target").and_then(Value::as_str).unwrap_or_default();
-        let observed = node.health_states.get(id, &crate::health::target_address(address));
+        let observed = node.health_states.get(id, &crate::proxy::balancer::target_address(address));
         let health = match (&observed, checks_on) {
             (_, false) => "HEALTHCHECKS_OFF",
             (Some(observed), true) if observed.dns_error => "DNS_ERROR",

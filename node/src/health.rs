@@ -33,14 +33,14 @@ use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 use crate::gossip::Gossip;
-use crate::proxy::balancer::{HealthView, Observation};
+use crate::proxy::balancer::{target_address, HealthView, Observation};
 use crate::publish::Published;
 
 /// How often the checker looks at what is due and merges the cluster's view.
 const TICK: Duration = Duration::from_millis(100);
 /// How long after start a member gossip has not heard from yet still counts as live
-/// for choosing probers: without it, every node would probe everything until gossip
-/// first converges.
+/// for choosing probers (ending early once every member was heard): without it, every
+/// node would probe everything until gossip first converges.
 const STARTUP_GRACE: Duration = Duration::from_secs(3);
 /// Probes in flight on one node.
 pub const PROBES_IN_FLIGHT_MAX: usize = 256;
@@ -73,6 +73,18 @@ impl HealthStates {
     }
 }
 
+/// `http_statuses` of one side (`healthy`/`unhealthy`) of `kind` (`active`/`passive`),
+/// or Kong's default list when it is left out.
+fn statuses(side_value: &Value, kind: &str, side: &str) -> Vec<u16> {
+    let defaults = tollgate_raft_store::schema::default_healthchecks();
+    side_value
+        .get("http_statuses")
+        .or_else(|| defaults[kind][side].get("http_statuses"))
+        .and_then(Value::as_array)
+        .map(|list| list.iter().filter_map(Value::as_u64).map(|s| s as u16).collect())
+        .unwrap_or_default()
+}
+
 /// Kong's `healthchecks.active`, the parts Tollgate acts on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveChecks {
@@ -97,16 +109,7 @@ impl ActiveChecks {
     pub fn from_healthchecks(healthchecks: &Value) -> Option<ActiveChecks> {
         let active = healthchecks.get("active")?;
         let number = |value: &Value, field: &str| value.get(field).and_then(Value::as_f64).unwrap_or(0.0);
-        // Fields left out take Kong's defaults (`schema::default_healthchecks`).
-        let defaults = tollgate_raft_store::schema::default_healthchecks();
-        let statuses = |value: &Value, side: &str| -> Vec<u16> {
-            value
-                .get("http_statuses")
-                .or_else(|| defaults["active"][side].get("http_statuses"))
-                .and_then(Value::as_array)
-                .map(|list| list.iter().filter_map(Value::as_u64).map(|s| s as u16).collect())
-                .unwrap_or_default()
-        };
+        let statuses = |value: &Value, side: &str| statuses(value, "active", side);
         let healthy = active.get("healthy").cloned().unwrap_or(Value::Null);
         let unhealthy = active.get("unhealthy").cloned().unwrap_or(Value::Null);
         let seconds = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 86_400.0));
@@ -134,16 +137,8 @@ impl ActiveChecks {
             return None;
         }
         let passive = &healthchecks["passive"];
-        let defaults = tollgate_raft_store::schema::default_healthchecks();
         let number = |side: &str, field: &str| passive[side][field].as_f64().unwrap_or(0.0) as u32;
-        let statuses = |side: &str| -> Vec<u16> {
-            passive[side]
-                .get("http_statuses")
-                .or_else(|| defaults["passive"][side].get("http_statuses"))
-                .and_then(Value::as_array)
-                .map(|list| list.iter().filter_map(Value::as_u64).map(|s| s as u16).collect())
-                .unwrap_or_default()
-        };
+        let statuses = |side: &str| statuses(&passive[side], "passive", side);
         Some(ActiveChecks {
             kind: "passive".to_string(),
             verify: false,
@@ -360,18 +355,43 @@ impl Probed {
     }
 }
 
-/// A target's `host:port`, with Kong's default port when it names none (the balancer
-/// uses the same).
-pub fn target_address(target: &str) -> String {
-    if tollgate_raft_store::schema::split_host_port(target).1.is_some() {
-        target.to_string()
-    } else {
-        format!("{target}:8000")
-    }
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one config version asks the checker to do.
+struct Configured {
+    version: u64,
+    checks: HashMap<Uuid, Arc<ActiveChecks>>,
+    passive_checks: HashMap<Uuid, ActiveChecks>,
+    /// Targets of upstreams with active checks: (upstream, address).
+    targets: Vec<(Uuid, String)>,
+}
+
+impl Configured {
+    fn of(compiled: &crate::publish::CompiledConfig) -> Configured {
+        let mut checks = HashMap::new();
+        let mut passive_checks = HashMap::new();
+        for upstream in compiled.state.table(EntityKind::Upstream).values() {
+            let Some(healthchecks) = upstream.get("healthchecks") else { continue };
+            if let Some(active) = ActiveChecks::from_healthchecks(healthchecks) {
+                checks.insert(entity_id(upstream), Arc::new(active));
+            }
+            if let Some(passive) = ActiveChecks::passive_from_healthchecks(healthchecks) {
+                passive_checks.insert(entity_id(upstream), passive);
+            }
+        }
+        let targets = compiled
+            .state
+            .table(EntityKind::Target)
+            .values()
+            .filter_map(|target| {
+                let upstream = foreign_id(target, "upstream").filter(|id| checks.contains_key(id))?;
+                Some((upstream, target_address(target.get("target").and_then(Value::as_str)?)))
+            })
+            .collect();
+        Configured { version: compiled.version, checks, passive_checks, targets }
+    }
 }
 
 /// The checker: probes this node's share of targets and keeps the merged view.
@@ -396,6 +416,9 @@ impl Checker {
         let mut down_now: HashSet<(Uuid, String)> = HashSet::new();
         let started = Instant::now();
         let mut reports = self.view.take_reports();
+        let mut configured: Option<Configured> = None;
+        // Gossip has heard from every member at least once: the grace is over.
+        let mut heard_everyone = false;
         let mut passive: HashMap<(Uuid, String), Probed> = HashMap::new();
         loop {
             tokio::select! {
@@ -403,38 +426,33 @@ impl Checker {
                 _ = stop.changed() => return,
             }
             // Targets with active checks in the config this node serves.
+            // The checks of the config this node serves, parsed once per version.
             let compiled = self.published.load();
-            let mut checks: HashMap<Uuid, Arc<ActiveChecks>> = HashMap::new();
-            let mut passive_checks: HashMap<Uuid, ActiveChecks> = HashMap::new();
-            for upstream in compiled.state.table(EntityKind::Upstream).values() {
-                let Some(healthchecks) = upstream.get("healthchecks") else { continue };
-                if let Some(active) = ActiveChecks::from_healthchecks(healthchecks) {
-                    checks.insert(entity_id(upstream), Arc::new(active));
-                }
-                if let Some(passive) = ActiveChecks::passive_from_healthchecks(healthchecks) {
-                    passive_checks.insert(entity_id(upstream), passive);
-                }
+            if configured.as_ref().is_none_or(|c| c.version != compiled.version) {
+                configured = Some(Configured::of(&compiled));
             }
-            let mut targets: Vec<(Uuid, String)> = Vec::new();
-            for target in compiled.state.table(EntityKind::Target).values() {
-                let Some(upstream) = foreign_id(target, "upstream") else { continue };
-                if !checks.contains_key(&upstream) {
-                    continue;
+            let Some(Configured { checks, passive_checks, targets, .. }) = &configured else { continue };
+            if checks.is_empty() && passive_checks.is_empty() {
+                // Nothing to check: no gossip to read, nothing down.
+                while reports.as_mut().is_some_and(|r| r.try_recv().is_ok()) {}
+                if !down_now.is_empty() {
+                    down_now.clear();
+                    self.view.set_down(HashSet::new());
                 }
-                let Some(address) = target.get("target").and_then(Value::as_str) else { continue };
-                targets.push((upstream, target_address(address)));
+                probed.clear();
+                passive.clear();
+                continue;
             }
             // Probers: the Raft members gossip sees live. While this node starts (gossip
             // has not heard from everyone yet, and counts the unheard as dead), every
             // member counts, so all nodes compute the same owners from the start and
             // later only a dead node's targets move.
             let heard = self.gossip.live_nodes().await;
-            let in_grace = started.elapsed() < STARTUP_GRACE;
-            let mut live: Vec<String> = (self.members)()
-                .into_iter()
-                .map(|id| id.to_string())
-                .filter(|id| in_grace || heard.contains(id) || *id == me)
-                .collect();
+            let members: Vec<String> = (self.members)().into_iter().map(|id| id.to_string()).collect();
+            heard_everyone |= members.iter().all(|id| heard.contains(id));
+            let in_grace = !heard_everyone && started.elapsed() < STARTUP_GRACE;
+            let mut live: Vec<String> =
+                members.into_iter().filter(|id| in_grace || heard.contains(id) || *id == me).collect();
             live.sort();
             // The merged view: the latest state any live node published per target.
             let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();

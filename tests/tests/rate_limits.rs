@@ -128,7 +128,7 @@ async fn a_second_limit_holds_window_after_window() -> anyhow::Result<()> {
 }
 
 /// Kills the leader (or a follower) with -9 once a third of the limit is admitted,
-/// while grants are being asked for, and restarts it a third of the load later.
+/// while grants are being asked for, and restarts it once the others carried on.
 async fn load_through_a_crash(leader: bool) -> anyhow::Result<()> {
     let upstream = CountingUpstream::start().await?;
     let config = json!({"hour": 3000, "policy": "cluster", "limit_by": "service", "fault_tolerant": false});
@@ -145,7 +145,15 @@ async fn load_through_a_crash(leader: bool) -> anyhow::Result<()> {
     .await?;
     let admitted_at_kill = seen.admitted.load(Ordering::SeqCst);
     cluster.node(victim).kill9();
-    tokio::time::sleep(duration / 3).await;
+    // The victim stays down until the survivors agree on a leader and the load has
+    // gone on without it for a while (1000 more answers).
+    cluster.leader().await?;
+    let answered = |seen: &Seen| seen.admitted.load(Ordering::SeqCst) + seen.refused.load(Ordering::SeqCst);
+    let at_kill = answered(&seen);
+    tollgate_tests::eventually("the load to go on without the victim", duration, || async {
+        (answered(&seen) >= at_kill + 1000).then_some(())
+    })
+    .await?;
     cluster.node(victim).start()?;
     running.await?;
     let (admitted, refused, failed) = seen.get();

@@ -25,6 +25,16 @@ pub struct Target {
     pub authority: Option<http::uri::Authority>,
 }
 
+/// A target's `host:port` as configured, with Kong's default port (8000) when it
+/// names none: the address balancers dial and health checks probe.
+pub fn target_address(target: &str) -> String {
+    if tollgate_raft_store::schema::split_host_port(target).1.is_some() {
+        target.to_string()
+    } else {
+        format!("{target}:8000")
+    }
+}
+
 impl Target {
     pub fn new(address: String, weight: u32) -> Target {
         let authority = http::uri::Authority::try_from(address.as_str()).ok();

@@ -103,13 +103,7 @@ impl ProxySnapshot {
         let mut targets_by_upstream: HashMap<Uuid, Vec<Target>> = HashMap::new();
         for target in state.table(EntityKind::Target).values() {
             let Some(upstream) = tollgate_raft_store::state::foreign_id(target, "upstream") else { continue };
-            let address = target.get("target").and_then(Value::as_str).unwrap_or_default();
-            let address = if tollgate_raft_store::schema::split_host_port(address).1.is_some() {
-                address.to_string()
-            } else {
-                // Kong's default target port.
-                format!("{address}:8000")
-            };
+            let address = balancer::target_address(target.get("target").and_then(Value::as_str).unwrap_or_default());
             let weight = target.get("weight").and_then(Value::as_u64).unwrap_or(100) as u32;
             targets_by_upstream.entry(upstream).or_default().push(Target::new(address, weight));
         }
