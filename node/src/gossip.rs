@@ -32,6 +32,9 @@ use tokio::sync::{broadcast, watch};
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest datagram accepted (chitchat's own bound).
 const DATAGRAM_BYTES_MAX: usize = 65_507;
+/// Authenticated datagrams handed to chitchat's socket and not decoded yet; past it,
+/// new ones are dropped (normally there is at most one).
+const PENDING_DATAGRAMS_MAX: usize = 256;
 /// Length of the authentication tag appended to every datagram with a secret.
 const TAG_BYTES: usize = 32;
 /// How often this node's own keys (applied config version) are refreshed.
@@ -401,6 +404,10 @@ impl Socket for SealingSocket {
             let (payload, tag) = self.buffer[..length].split_at(split);
             if ring::hmac::verify(&self.key, payload, tag).is_err() {
                 self.reject(from, "bad tag");
+                continue;
+            }
+            if self.senders.len() >= PENDING_DATAGRAMS_MAX {
+                self.reject(from, "too many datagrams waiting to be decoded");
                 continue;
             }
             self.outbox.send_to(payload, self.inner_addr).await?;
