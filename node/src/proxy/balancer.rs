@@ -270,6 +270,12 @@ impl Balancer {
     }
 
     /// The targets in rotation, in the order `pick`'s `up` indexes them.
+    /// Whether picks read request headers (hashing on a header or a cookie).
+    pub fn reads_headers(&self) -> bool {
+        let reads = |on: &HashOn| matches!(on, HashOn::Header(_) | HashOn::Cookie(_));
+        matches!(self, Balancer::ConsistentHashing { on, fallback, .. } if reads(on) || reads(fallback))
+    }
+
     pub fn targets(&self) -> &[Target] {
         match self {
             Balancer::RoundRobin(round_robin) => &round_robin.targets,

@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod conn;
+pub mod direct;
 pub mod path;
 pub mod pool;
 pub mod router;
@@ -237,6 +238,9 @@ pub struct Proxy {
     plugin_state: Arc<crate::plugins::NodeState>,
     health: Arc<balancer::HealthView>,
     load: Arc<Load>,
+    /// Requests answered by the direct path, and connections it handed to hyper.
+    direct_requests: metrics::Counter,
+    handoffs: metrics::Counter,
 }
 
 impl Proxy {
@@ -255,6 +259,8 @@ impl Proxy {
             plugin_state,
             health,
             load,
+            direct_requests: metrics::counter!("tollgate_proxy_direct_requests_total"),
+            handoffs: metrics::counter!("tollgate_proxy_handoffs_total"),
         }
     }
 
@@ -307,21 +313,20 @@ impl Proxy {
             crate::plugins::log(&ran, &ctx, &summary, &self.plugin_state);
         }
         if let Some(access_log) = &self.access_log {
-            let line = serde_json::json!({
-                "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-                "request_id": response.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()),
-                "client_ip": connection.peer.ip().to_string(),
-                "method": method.as_ref().map(http::Method::as_str),
-                "path": original_path,
-                "tls": connection.tls,
-                "status": status,
-                "service": metrics.as_ref().map(|m| m.service_label.as_str()),
-                "route": metrics.as_ref().map(|m| m.route_label.as_str()),
-                "upstream": trace.upstream,
-                "latency_ms": (latency_ms * 1000.0).round() / 1000.0,
-                "upstream_latency_ms": trace.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
-            });
-            access_log.log(line.to_string());
+            let entry = AccessEntry {
+                request_id: response.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()),
+                client_ip: connection.peer.ip(),
+                method: method.as_ref().map(http::Method::as_str),
+                path: original_path.as_deref(),
+                tls: connection.tls,
+                status,
+                service: metrics.as_ref().map(|m| m.service_label.as_str()),
+                route: metrics.as_ref().map(|m| m.route_label.as_str()),
+                upstream: trace.upstream.as_deref(),
+                latency_ms,
+                upstream_latency_ms: trace.upstream_ms,
+            };
+            access_log.log(entry.line());
         }
         // The body counts what it sends and, when it is done, tells the connection.
         let egress = metrics.map_or_else(metrics::Counter::noop, |metrics| metrics.egress_bytes.clone());
@@ -854,6 +859,41 @@ fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> std::borrow::Cow<'a
     }
 }
 
+/// One request's access log line, from either path.
+struct AccessEntry<'a> {
+    request_id: Option<&'a str>,
+    client_ip: std::net::IpAddr,
+    method: Option<&'a str>,
+    path: Option<&'a str>,
+    tls: bool,
+    status: u16,
+    service: Option<&'a str>,
+    route: Option<&'a str>,
+    upstream: Option<&'a str>,
+    latency_ms: f64,
+    upstream_latency_ms: Option<f64>,
+}
+
+impl AccessEntry<'_> {
+    fn line(&self) -> String {
+        serde_json::json!({
+            "time_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "request_id": self.request_id,
+            "client_ip": self.client_ip.to_string(),
+            "method": self.method,
+            "path": self.path,
+            "tls": self.tls,
+            "status": self.status,
+            "service": self.service,
+            "route": self.route,
+            "upstream": self.upstream,
+            "latency_ms": (self.latency_ms * 1000.0).round() / 1000.0,
+            "upstream_latency_ms": self.upstream_latency_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+        })
+        .to_string()
+    }
+}
+
 /// What the data path learnt about a request, for metrics and the access log.
 #[derive(Default)]
 struct RequestTrace {
@@ -930,10 +970,14 @@ fn exit_response(exit: crate::plugins::Exit, request_id: &HeaderValue) -> Respon
     response
 }
 
+/// The body of a JSON error answer, Kong's shape: `{"message": ...}`.
+fn error_body(message: &str, request_id: &HeaderValue) -> String {
+    serde_json::json!({ "message": message, "request_id": request_id.to_str().unwrap_or_default() }).to_string()
+}
+
 /// A JSON error answer, Kong's shape: `{"message": ...}`.
 fn error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "message": message, "request_id": request_id.to_str().unwrap_or_default() });
-    let body = body.to_string();
+    let body = error_body(message, request_id);
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -1027,6 +1071,21 @@ async fn serve_stream<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let mut stream = stream;
+    let mut prefix = bytes::BytesMut::new();
+    if !h2 {
+        // The common request takes the direct path; the first one it leaves hands
+        // the connection (and the bytes read of that request) to hyper below.
+        let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);
+        tokio::select! {
+            outcome = direct::serve(&mut stream, &connection) => match outcome {
+                direct::Outcome::Closed => return,
+                direct::Outcome::HandOff(read) => prefix = read,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+    let stream = direct::Prefixed::new(prefix, stream);
     let (stream, state) = conn::TimedIo::new(stream, proxy.timeouts, h2);
     let connection = Arc::new(ClientConn::new(proxy, peer, local, tls, Some(state)));
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {

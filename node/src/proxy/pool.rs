@@ -196,3 +196,90 @@ impl Drop for PoolReturn {
 
 /// Longest a finished exchange's connection is waited for before it is closed.
 const RETURN_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// An upstream connection of the direct HTTP/1.1 path ([`super::direct`]): the socket
+/// and the bytes read from it, owned by one request at a time.
+pub struct DirectConn {
+    pub stream: tokio::net::TcpStream,
+    pub buf: bytes::BytesMut,
+    /// It served an earlier request (and the upstream may have closed it since).
+    pub reused: bool,
+}
+
+/// Idle connections with when each went idle; foldhash, as the map is looked up
+/// twice per request and its keys come from the config.
+type IdleDirect = HashMap<Authority, Vec<(DirectConn, Instant)>, foldhash::fast::RandomState>;
+
+/// One worker's idle upstream connections for the direct path, by address.
+pub struct DirectPool {
+    /// Only ever locked with `try_lock` by the worker's own thread, never across an
+    /// await, so never waited on.
+    idle: Mutex<IdleDirect>,
+    tcp: HttpConnector<DnsCache>,
+}
+
+/// Bytes an upstream connection's read buffer starts with.
+const DIRECT_BUFFER_BYTES: usize = 8 * 1024;
+
+impl DirectPool {
+    pub fn new(dns: DnsCache) -> Arc<DirectPool> {
+        let mut tcp = HttpConnector::new_with_resolver(dns);
+        tcp.set_nodelay(true);
+        let pool = Arc::new(DirectPool { idle: Mutex::default(), tcp });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(sweep_direct(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    /// An idle connection to `authority` that still looks open: one the upstream
+    /// closed (or wrote to unasked) reads as ready, and is dropped.
+    pub fn checkout(&self, authority: &Authority) -> Option<DirectConn> {
+        let mut idle = self.idle.try_lock().ok()?;
+        let connections = idle.get_mut(authority)?;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while let Some((connection, since)) = connections.pop() {
+            if since.elapsed() < UPSTREAM_IDLE_TIMEOUT && connection.stream.poll_read_ready(&mut cx).is_pending() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// A new connection to `authority` (its name resolved through the DNS cache).
+    pub async fn connect(&self, authority: &Authority) -> Result<DirectConn, BoxError> {
+        use tower_service::Service;
+        let uri = Uri::builder().scheme("http").authority(authority.clone()).path_and_query("/").build()?;
+        let stream = self.tcp.clone().call(uri).await?.into_inner();
+        metrics::counter!("tollgate_upstream_connections_opened_total").increment(1);
+        Ok(DirectConn { stream, buf: bytes::BytesMut::with_capacity(DIRECT_BUFFER_BYTES), reused: false })
+    }
+
+    /// Keeps a connection whose exchange ended cleanly for the next request.
+    pub fn put(&self, authority: &Authority, mut connection: DirectConn) {
+        let Ok(mut idle) = self.idle.try_lock() else { return };
+        if idle.len() >= POOL_AUTHORITIES_MAX && !idle.contains_key(authority) {
+            idle.clear();
+        }
+        let connections = idle.entry(authority.clone()).or_default();
+        if connections.len() < UPSTREAM_IDLE_CONNECTIONS_MAX {
+            connection.buf.clear();
+            connection.reused = true;
+            connections.push((connection, Instant::now()));
+        }
+    }
+}
+
+/// Closes the direct path's idle connections past their time, until the pool is gone.
+async fn sweep_direct(pool: Weak<DirectPool>) {
+    let mut ticks = tokio::time::interval(POOL_SWEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let Ok(mut idle) = pool.idle.try_lock() else { continue };
+        idle.retain(|_, connections| {
+            connections.retain(|(_, since)| since.elapsed() < UPSTREAM_IDLE_TIMEOUT);
+            !connections.is_empty()
+        });
+    }
+}

@@ -120,6 +120,8 @@ pub struct Router {
     /// within the regex crate's size limits (each regex is then tried in turn).
     regex_set: Option<regex::RegexSet>,
     pathless: Vec<PathEntry>,
+    /// Some route matches on request headers (the direct path then builds a map).
+    reads_headers: bool,
     /// Paths refused at compile time (route id, path, reason), for the log.
     pub refused: Vec<(Uuid, String, String)>,
 }
@@ -168,6 +170,7 @@ impl Router {
                 })
                 .unwrap_or_default();
             headers.sort();
+            router.reads_headers |= !headers.is_empty();
             let methods = strings(route.get("methods"));
             let paths = strings(route.get("paths"));
             let snis = strings(route.get("snis"));
@@ -279,6 +282,11 @@ impl Router {
             };
         }
         self.trie[node].entries.push(entry);
+    }
+
+    /// Whether some route matches on request headers.
+    pub fn reads_headers(&self) -> bool {
+        self.reads_headers
     }
 
     /// The best route for a request, if any.

@@ -47,7 +47,7 @@ use tollgate_raft_store::schema::Object;
 use tollgate_raft_store::state::{foreign_id, ConfigState};
 use tollgate_raft_store::EntityKind;
 
-use super::pool::{H1Pool, PoolReturn, SendError};
+use super::pool::{DirectPool, H1Pool, PoolReturn, SendError};
 use super::BoxError;
 use super::UpstreamBody;
 
@@ -429,6 +429,8 @@ pub type UpstreamClient = Client<Connector, UpstreamBody>;
 pub struct Clients {
     dns: DnsCache,
     http1: Arc<H1Pool>,
+    /// The direct path's own connections (plain HTTP/1.1 only).
+    pub direct: Arc<DirectPool>,
     h2c: UpstreamClient,
     tls: ArcSwap<HashMap<u64, UpstreamClient>>,
 }
@@ -474,7 +476,13 @@ impl Sender<'_> {
 
 impl Clients {
     pub fn new(dns: DnsCache) -> Clients {
-        Clients { http1: H1Pool::new(dns.clone()), h2c: build_client(&dns, None, true), dns, tls: ArcSwap::default() }
+        Clients {
+            http1: H1Pool::new(dns.clone()),
+            direct: DirectPool::new(dns.clone()),
+            h2c: build_client(&dns, None, true),
+            dns,
+            tls: ArcSwap::default(),
+        }
     }
 
     /// Where a service's requests go.

@@ -1,0 +1,1124 @@
+//! The direct HTTP/1.1 path: the common request, proxied by one task with no HTTP
+//! library between the two sockets.
+//!
+//! A plain (or TLS, ALPN http/1.1) client connection starts here. Each request's head
+//! is parsed in place with `httparse`; when the request is one this path handles, the
+//! upstream request is written straight from the client's bytes onto a pooled upstream
+//! connection the same task owns, and the upstream's response head is rewritten into
+//! the client's buffer and sent with the first body bytes in one write. No header map,
+//! no boxed body, no channel to a connection task, no second task. nginx works so; the
+//! general path (hyper on both sides) costs about half again as much CPU per request.
+//!
+//! What this path handles is narrow on purpose, and everything else is *handed off*:
+//! the connection, with every byte read of the request it could not take, goes to the
+//! general path (hyper), which then serves it to the end. A hand-off happens only
+//! before anything of the request was sent anywhere, so the general path sees the
+//! request exactly as the client sent it. Handed off:
+//! - a head not complete in the first read (a slow or large client: hyper's timers
+//!   and limits apply), or one `httparse` refuses (hostile input gets the general
+//!   path's exact answers);
+//! - anything but HTTP/1.1 with an origin-form target (h2c's preface, HTTP/1.0,
+//!   `CONNECT`, absolute URIs), a target over [`super::URI_BYTES_MAX`] or with `#`;
+//! - `Transfer-Encoding`, `Upgrade`, `Expect`, a duplicate `Host` or
+//!   `Content-Length`, a body not whole in the buffer (at most
+//!   [`DIRECT_BODY_BYTES_MAX`]), gRPC;
+//! - any plugin configured (plugins run on the general path), no route matched, a
+//!   service that is missing, disabled or not plain `http`.
+//!
+//! The answers are the general path's: the same upstream request headers
+//! (`X-Forwarded-*` with `trusted_ips`, `X-Real-IP`, `Via`, the request id, `Host` per
+//! `preserve_host`, hop-by-hop fields and the names `Connection` lists removed), the
+//! same response headers, the same JSON errors (502, 503, 504), `retries` on a
+//! connect failure, passive health reports, metrics and access log line. The
+//! proxy's tests run through both paths.
+
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::balancer::{self, BalanceKey};
+use super::pool::{DirectConn, DirectPool};
+use super::router::{strip_port, RequestView};
+use super::upstream::Transport;
+use super::{path, AccessEntry, ClientConn, InFlight, HEADERS_COUNT_MAX, RETRIES_MAX, URI_BYTES_MAX};
+
+/// Bytes a client connection's read buffer starts with: a request head and a small
+/// body fit in one read.
+pub const CLIENT_BUFFER_BYTES: usize = 16 * 1024;
+/// Largest request body the direct path sends (it must be whole in the buffer);
+/// larger ones take the general path, which streams them.
+pub const DIRECT_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Upstream response line and headers, in bytes: 502 above (hyper's client allows
+/// about as much).
+pub const UPSTREAM_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Upstream response headers, in number: 502 above.
+pub const UPSTREAM_HEADERS_MAX: usize = 100;
+/// Chunk extensions of one chunk, and trailers of one response, in bytes: the
+/// response is cut off above.
+pub const CHUNK_EXTENSION_BYTES_MAX: usize = 4 * 1024;
+pub const TRAILER_BYTES_MAX: usize = 16 * 1024;
+
+/// How a connection left the direct path.
+pub enum Outcome {
+    /// It is done: closed by either side, failed, or idle past the keep-alive time.
+    Closed,
+    /// A request this path leaves to the general one: the bytes read from its first
+    /// on, none of them answered or sent anywhere.
+    HandOff(BytesMut),
+}
+
+/// Serves `stream`'s requests until it closes or a request is handed off.
+pub async fn serve<S>(stream: &mut S, conn: &ClientConn) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let keepalive = conn.proxy.timeouts.keepalive;
+    let mut buf = BytesMut::with_capacity(CLIENT_BUFFER_BYTES);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        if buf.is_empty() {
+            buf.reserve(CLIENT_BUFFER_BYTES);
+            match timeout(keepalive, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Outcome::Closed,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    metrics::counter!("tollgate_proxy_timeouts_total", "kind" => "keepalive").increment(1);
+                    return Outcome::Closed;
+                }
+            }
+        }
+        match exchange(stream, conn, &buf, &mut out).await {
+            Step::Next(used) => {
+                conn.proxy.direct_requests.increment(1);
+                buf.advance(used);
+            }
+            Step::Close => {
+                conn.proxy.direct_requests.increment(1);
+                return Outcome::Closed;
+            }
+            Step::HandOff => {
+                conn.proxy.handoffs.increment(1);
+                return Outcome::HandOff(buf);
+            }
+        }
+    }
+}
+
+/// What one request left the connection to do.
+enum Step {
+    /// Answered; these bytes of the buffer were the request.
+    Next(usize),
+    /// Answered (or broken) and the connection closes.
+    Close,
+    HandOff,
+}
+
+/// What the direct path does with one request header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Sent upstream as it came.
+    Copy,
+    Host,
+    ContentLength,
+    ContentType,
+    Connection,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
+    ForwardedPort,
+    /// Hop-by-hop, named by `Connection`, or replaced by the proxy: not sent.
+    Drop,
+    /// The direct path does not take this request.
+    Refuse,
+}
+
+fn request_header_kind(name: &str) -> Kind {
+    let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
+    match name.len() {
+        2 if is("te") => Kind::Drop,
+        4 if is("host") => Kind::Host,
+        6 if is("expect") => Kind::Refuse,
+        7 if is("upgrade") => Kind::Refuse,
+        7 if is("trailer") => Kind::Drop,
+        9 if is("x-real-ip") => Kind::Drop,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::Drop,
+        12 if is("content-type") => Kind::ContentType,
+        14 if is("content-length") => Kind::ContentLength,
+        15 if is("x-forwarded-for") => Kind::ForwardedFor,
+        16 if is("x-forwarded-host") => Kind::ForwardedHost,
+        16 if is("x-forwarded-port") => Kind::ForwardedPort,
+        16 if is("proxy-connection") => Kind::Drop,
+        17 if is("transfer-encoding") => Kind::Refuse,
+        17 if is("x-forwarded-proto") => Kind::ForwardedProto,
+        21 if is(super::REQUEST_ID_HEADER) => Kind::Drop,
+        _ => Kind::Copy,
+    }
+}
+
+/// Visible ASCII and spaces only: what `HeaderValue::to_str` accepts.
+fn text(value: &[u8]) -> Option<&str> {
+    value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)).then(|| std::str::from_utf8(value).ok()).flatten()
+}
+
+/// The comma-separated tokens of a `Connection` value.
+fn tokens(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(|token| token.trim_matches([' ', '\t'])).filter(|token| !token.is_empty())
+}
+
+/// What the request's headers say, read in one pass; `None` to hand it off.
+struct Head<'a> {
+    kinds: [Kind; HEADERS_COUNT_MAX],
+    content_length: usize,
+    host: &'a str,
+    /// The client asked to close after this request.
+    close: bool,
+    /// The first `X-Forwarded-For` as sent, for the client address.
+    forwarded_for: Option<&'a str>,
+    /// The first `X-Forwarded-For` left after removing what `Connection` names.
+    forwarded_for_kept: Option<&'a str>,
+    forwarded_proto: bool,
+    forwarded_host: bool,
+    forwarded_port: bool,
+}
+
+impl<'a> Head<'a> {
+    fn read(headers: &'a [httparse::Header<'a>]) -> Option<Head<'a>> {
+        let mut head = Head {
+            kinds: [Kind::Copy; HEADERS_COUNT_MAX],
+            content_length: 0,
+            host: "",
+            close: false,
+            forwarded_for: None,
+            forwarded_for_kept: None,
+            forwarded_proto: false,
+            forwarded_host: false,
+            forwarded_port: false,
+        };
+        let mut named: Vec<&str> = Vec::new();
+        let (mut host, mut length) = (None, None);
+        for (index, header) in headers.iter().enumerate() {
+            let kind = request_header_kind(header.name);
+            head.kinds[index] = kind;
+            match kind {
+                Kind::Refuse => return None,
+                Kind::Connection => {
+                    for token in tokens(text(header.value)?) {
+                        if token.eq_ignore_ascii_case("upgrade") {
+                            return None;
+                        }
+                        head.close |= token.eq_ignore_ascii_case("close");
+                        named.push(token);
+                    }
+                }
+                Kind::Host if host.is_none() => host = Some(text(header.value)?),
+                Kind::ContentLength if length.is_none() => {
+                    let value = text(header.value)?;
+                    let parsed: usize = value.parse().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?;
+                    length = Some(parsed);
+                }
+                Kind::Host | Kind::ContentLength => return None,
+                Kind::ContentType if header.value.starts_with(b"application/grpc") => return None,
+                Kind::ForwardedFor if head.forwarded_for.is_none() => head.forwarded_for = text(header.value),
+                _ => {}
+            }
+        }
+        head.host = host?;
+        head.content_length = length.unwrap_or(0);
+        if head.content_length > DIRECT_BODY_BYTES_MAX {
+            return None;
+        }
+        for (index, header) in headers.iter().enumerate() {
+            if !named.is_empty() && named.iter().any(|name| name.eq_ignore_ascii_case(header.name)) {
+                head.kinds[index] = Kind::Drop;
+                continue;
+            }
+            match head.kinds[index] {
+                Kind::ForwardedFor if head.forwarded_for_kept.is_none() => head.forwarded_for_kept = text(header.value),
+                Kind::ForwardedProto => head.forwarded_proto = true,
+                Kind::ForwardedHost => head.forwarded_host = true,
+                Kind::ForwardedPort => head.forwarded_port = true,
+                _ => {}
+            }
+        }
+        Some(head)
+    }
+}
+
+/// A header map of the request, for a router or balancer that reads headers.
+fn header_map(headers: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for header in headers {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
+        {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// RFC 9110 §9.2.2: requests a client may send again when a connection failed.
+fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE")
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Handles the request at the start of `buf`.
+async fn exchange<S>(stream: &mut S, conn: &ClientConn, buf: &[u8], out: &mut Vec<u8>) -> Step
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let proxy = &*conn.proxy;
+    let started = Instant::now();
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_COUNT_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head_len)) = request.parse(buf) else { return Step::HandOff };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
+        return Step::HandOff;
+    };
+    if !target.starts_with('/') || target.len() > URI_BYTES_MAX || target.contains('#') || method == "CONNECT" {
+        return Step::HandOff;
+    }
+    let headers = request.headers;
+    let Some(head) = Head::read(headers) else { return Step::HandOff };
+    let request_end = head_len + head.content_length;
+    if request_end > buf.len() {
+        return Step::HandOff;
+    }
+    let (raw_path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let Some(path) = path::normalize(raw_path) else { return Step::HandOff };
+
+    let compiled = proxy.published.load();
+    let snapshot = &compiled.proxy;
+    if !snapshot.plugins.is_empty() {
+        return Step::HandOff;
+    }
+    let host = if head.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(head.host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(head.host)
+    };
+    let empty = HeaderMap::new();
+    let built;
+    let route_map = if snapshot.router.reads_headers() {
+        built = header_map(headers);
+        &built
+    } else {
+        &empty
+    };
+    let view = RequestView {
+        method,
+        host: &host,
+        path: &path,
+        headers: route_map,
+        protocol: if conn.tls { "https" } else { "http" },
+    };
+    let Some(found) = snapshot.router.find(&view) else { return Step::HandOff };
+    let route = found.route;
+    let Some(service) = route.service.and_then(|id| snapshot.services.get(&id)) else { return Step::HandOff };
+    if !service.enabled || !matches!(service.transport, Transport::Http1) {
+        return Step::HandOff;
+    }
+    let postfix = if route.strip_path { &path[found.matched_len.min(path.len())..] } else { &*path };
+    let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, route.strip_path);
+    if let Some(query) = query {
+        upstream_path.push('?');
+        upstream_path.push_str(query);
+    }
+    if !upstream_path.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#') {
+        return Step::HandOff;
+    }
+
+    // From here on the request is this path's: it is answered whatever happens.
+    let in_flight = InFlight::new(&proxy.load);
+    let metrics = snapshot.route_metrics.get(&route.id).cloned();
+    let request_id = proxy.request_id();
+    let peer_ip = conn.peer.ip();
+    let client_ip = match head.forwarded_for {
+        Some(chain) => proxy.trusted_ips.client_ip(peer_ip, Some(chain)),
+        None => peer_ip,
+    };
+    let peer_trusted = proxy.trusted_ips.contains(peer_ip);
+
+    // The upstream request: line, the client's headers as the general path leaves
+    // them, the proxy's own, and the body.
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(upstream_path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (header, kind) in headers.iter().zip(head.kinds) {
+        let keep = match kind {
+            Kind::Copy | Kind::ContentLength | Kind::ContentType => true,
+            Kind::ForwardedProto => peer_trusted && head.forwarded_proto,
+            Kind::ForwardedHost => peer_trusted && head.forwarded_host,
+            Kind::ForwardedPort => peer_trusted && head.forwarded_port,
+            _ => false,
+        };
+        if keep {
+            put_header(out, header.name.as_bytes(), header.value);
+        }
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(existing) = head.forwarded_for_kept {
+        out.extend_from_slice(existing.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(conn.peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !(peer_trusted && head.forwarded_proto) {
+        put_header(out, b"x-forwarded-proto", if conn.tls { b"https" } else { b"http" });
+    }
+    if !(peer_trusted && head.forwarded_host) {
+        put_header(out, b"x-forwarded-host", strip_port(head.host).as_bytes());
+    }
+    if !(peer_trusted && head.forwarded_port) {
+        put_header(out, b"x-forwarded-port", conn.local_port.as_bytes());
+    }
+    if client_ip == peer_ip {
+        put_header(out, b"x-real-ip", conn.peer_ip.as_bytes());
+    } else {
+        put_header(out, b"x-real-ip", client_ip.to_string().as_bytes());
+    }
+    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+    put_header(out, b"via", super::VIA_VALUE.as_bytes());
+    match (&service.host_header, route.preserve_host) {
+        (Some(host), false) => put_header(out, b"host", host.as_bytes()),
+        _ => put_header(out, b"host", head.host.as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&buf[head_len..request_end]);
+
+    // Kong's `retries`: a connection that could not be made is tried on the next
+    // target (nothing reached the upstream). The body is at hand, so any method may be.
+    let balancer = service.balancer.as_deref();
+    let attempts_max = match balancer {
+        Some(balancer) if service.retries > 0 && balancer.len() > 1 => service.retries.min(RETRIES_MAX) + 1,
+        _ => 1,
+    };
+    let balancer_headers;
+    let balance_map = match balancer {
+        Some(balancer) if balancer.balancer.reads_headers() && !snapshot.router.reads_headers() => {
+            balancer_headers = header_map(headers);
+            &balancer_headers
+        }
+        _ => route_map,
+    };
+    let per_attempt = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
+    let pool = &proxy.clients.direct;
+    let upstream_started = Instant::now();
+    let mut upstream_label = None;
+    let mut attempt = 0;
+    let answer = loop {
+        attempt += 1;
+        let pick = match balancer {
+            Some(balancer) => {
+                let key = BalanceKey { client_ip, headers: balance_map, path: &path, query };
+                match balancer.pick(&key, &proxy.health) {
+                    Some(pick) => Some(pick),
+                    None if balancer.is_empty() => {
+                        break Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"))
+                    }
+                    None => {
+                        break Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "failure to get a peer from the ring-balancer: every target is unhealthy",
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let authority = match &pick {
+            Some(pick) => pick.target.authority.as_ref(),
+            None => service.authority.as_ref(),
+        };
+        let Some(authority) = authority else {
+            break Err((StatusCode::BAD_GATEWAY, "the upstream address is not usable"));
+        };
+        if proxy.access_log.is_some() {
+            upstream_label = Some(authority.to_string());
+        }
+        let sent = send(pool, authority, out, idempotent(method), Instant::now() + per_attempt).await;
+        if let (Some(balancer), Some(pick)) = (balancer.filter(|b| b.passive), &pick) {
+            let observation = match &sent {
+                Ok(exchange) => balancer::Observation::Status(exchange.status),
+                Err(Failure::Timeout) => balancer::Observation::Timeout,
+                Err(_) => balancer::Observation::TcpFailure,
+            };
+            proxy.health.report(balancer.id, &pick.target.address, observation);
+        }
+        match sent {
+            Ok(exchange) => {
+                if let Some(pick) = &pick {
+                    pick.observe(upstream_started.elapsed());
+                }
+                break Ok((exchange, authority));
+            }
+            Err(Failure::Timeout) => break Err((StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")),
+            Err(Failure::Connect(failure)) if attempt < attempts_max => {
+                tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
+            }
+            Err(failure) => {
+                tracing::debug!(%failure, "upstream request failed");
+                break Err((StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"));
+            }
+        }
+    };
+    let log = |status: u16, upstream_ms: Option<f64>| {
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(metrics) = &metrics {
+            metrics.record(status, latency_ms, upstream_ms);
+            metrics.ingress_bytes.increment(head.content_length as u64);
+        }
+        if let Some(access_log) = &proxy.access_log {
+            let entry = AccessEntry {
+                request_id: request_id.to_str().ok(),
+                client_ip: conn.peer.ip(),
+                method: Some(method),
+                path: Some(raw_path),
+                tls: conn.tls,
+                status,
+                service: metrics.as_ref().map(|m| m.service_label.as_str()),
+                route: metrics.as_ref().map(|m| m.route_label.as_str()),
+                upstream: upstream_label.as_deref(),
+                latency_ms,
+                upstream_latency_ms: upstream_ms,
+            };
+            access_log.log(entry.line());
+        }
+    };
+    let (exchange, authority) = match answer {
+        Ok(answer) => answer,
+        Err((status, message)) => {
+            drop(in_flight);
+            log(status.as_u16(), None);
+            error_answer(out, status, message, &request_id, head.close);
+            if stream.write_all(out).await.is_err() || head.close {
+                return Step::Close;
+            }
+            return Step::Next(request_end);
+        }
+    };
+    let Exchange { mut connection, head_len: response_head_len, status } = exchange;
+    let upstream_elapsed = upstream_started.elapsed();
+    let upstream_ms = upstream_elapsed.as_millis() as u64;
+    let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
+
+    // The response head, rewritten for the client.
+    let framing = {
+        let mut response_headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS_MAX];
+        let mut response = httparse::Response::new(&mut response_headers);
+        let parsed = response.parse(&connection.buf);
+        match parsed {
+            Ok(httparse::Status::Complete(_)) => {
+                response_head(out, &response, method, &request_id, upstream_ms, proxy_ms, head.close)
+            }
+            _ => None,
+        }
+    };
+    let Some(framing) = framing else {
+        drop(in_flight);
+        log(StatusCode::BAD_GATEWAY.as_u16(), Some(upstream_elapsed.as_secs_f64() * 1e3));
+        error_answer(
+            out,
+            StatusCode::BAD_GATEWAY,
+            "An invalid response was received from the upstream server",
+            &request_id,
+            head.close,
+        );
+        if stream.write_all(out).await.is_err() || head.close {
+            return Step::Close;
+        }
+        return Step::Next(request_end);
+    };
+    drop(in_flight);
+    log(status, Some(upstream_elapsed.as_secs_f64() * 1e3));
+    let read_timeout = Duration::from_millis(service.read_timeout_ms);
+    let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, read_timeout).await;
+    if let Some(metrics) = &metrics {
+        metrics.egress_bytes.increment(relayed.body_bytes);
+    }
+    if relayed.upstream_reusable && framing.upstream_keepalive {
+        pool.put(authority, connection);
+    }
+    if !relayed.client_ok || framing.close_client {
+        return Step::Close;
+    }
+    Step::Next(request_end)
+}
+
+/// How the response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    /// None (`HEAD`, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes.
+    UntilClose,
+}
+
+struct Framing {
+    body: Body,
+    /// The upstream keeps the connection open after this response.
+    upstream_keepalive: bool,
+    /// The client connection closes after this response.
+    close_client: bool,
+}
+
+/// Writes the client's response head into `out`; `None` when the upstream's head is
+/// not one to pass on (502).
+fn response_head(
+    out: &mut Vec<u8>,
+    response: &httparse::Response<'_, '_>,
+    method: &str,
+    request_id: &HeaderValue,
+    upstream_ms: u64,
+    proxy_ms: u64,
+    client_close: bool,
+) -> Option<Framing> {
+    let code = response.code?;
+    let mut keepalive = response.version == Some(1);
+    let mut named: Vec<&str> = Vec::new();
+    let (mut length, mut chunked, mut encoded, mut dated) = (None::<u64>, false, false, false);
+    for header in response.headers.iter() {
+        let is = |wanted: &str| header.name.eq_ignore_ascii_case(wanted);
+        if is("content-length") {
+            let value = text(header.value)?.trim();
+            let parsed: u64 = value.parse().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?;
+            if length.is_some_and(|seen| seen != parsed) {
+                return None;
+            }
+            length = Some(parsed);
+        } else if is("transfer-encoding") {
+            encoded = true;
+            chunked =
+                text(header.value)?.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if is("connection") {
+            for token in tokens(text(header.value)?) {
+                keepalive &= !token.eq_ignore_ascii_case("close");
+                named.push(token);
+            }
+        } else if is("date") {
+            dated = true;
+        }
+    }
+    let body = if method == "HEAD" || code == 204 || code == 304 || (100..200).contains(&code) {
+        Body::Empty
+    } else if encoded {
+        if chunked {
+            Body::Chunked
+        } else {
+            Body::UntilClose
+        }
+    } else {
+        length.map_or(Body::UntilClose, Body::Length)
+    };
+    let close_client = client_close || body == Body::UntilClose;
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {code} ");
+    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for header in response.headers.iter() {
+        let name = header.name;
+        let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
+        let hop_by_hop = is("connection")
+            || is("keep-alive")
+            || is("proxy-connection")
+            || is("te")
+            || is("trailer")
+            || is("transfer-encoding")
+            || is("upgrade");
+        let replaced = is(super::REQUEST_ID_HEADER)
+            || is("x-tollgate-upstream-latency")
+            || is("x-tollgate-proxy-latency")
+            || (encoded && is("content-length"));
+        if hop_by_hop || replaced || named.iter().any(|token| token.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    put_header(out, b"via", super::VIA_VALUE.as_bytes());
+    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+    let _ = write!(out, "x-tollgate-upstream-latency: {upstream_ms}\r\nx-tollgate-proxy-latency: {proxy_ms}\r\n");
+    if body == Body::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !dated {
+        put_header(out, b"date", httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(Framing { body, upstream_keepalive: keepalive, close_client })
+}
+
+/// Kong's JSON error, as the general path answers it.
+fn error_answer(out: &mut Vec<u8>, status: StatusCode, message: &str, request_id: &HeaderValue, close: bool) {
+    let body = super::error_body(message, request_id);
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json; charset=utf-8\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default()
+    );
+    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
+    put_header(out, b"via", super::VIA_VALUE.as_bytes());
+    put_header(out, b"date", httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    let _ = write!(out, "content-length: {}\r\n", body.len());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+/// An upstream response head, whole at the start of the connection's buffer.
+struct Exchange {
+    connection: DirectConn,
+    head_len: usize,
+    status: u16,
+}
+
+enum Failure {
+    /// No connection could be made: nothing reached the upstream.
+    Connect(super::BoxError),
+    Timeout,
+    /// The request may have reached the upstream; no usable answer came.
+    Broken(std::io::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(failure) => write!(f, "connect: {failure}"),
+            Failure::Timeout => f.write_str("timed out"),
+            Failure::Broken(failure) => write!(f, "exchange: {failure}"),
+        }
+    }
+}
+
+/// Sends `request` to `authority` and reads the response head, by `deadline`. A
+/// pooled connection the upstream closed before answering is replaced once by a new
+/// one, for an idempotent request (RFC 9110 §9.2.2).
+async fn send(
+    pool: &DirectPool,
+    authority: &Authority,
+    request: &[u8],
+    idempotent: bool,
+    deadline: Instant,
+) -> Result<Exchange, Failure> {
+    let mut fresh_only = false;
+    loop {
+        let pooled = if fresh_only { None } else { pool.checkout(authority) };
+        let mut connection = match pooled {
+            Some(connection) => connection,
+            None => match timeout_at(deadline, pool.connect(authority)).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(failure)) => return Err(Failure::Connect(failure)),
+                Err(_) => return Err(Failure::Timeout),
+            },
+        };
+        match timeout_at(deadline, read_head(&mut connection, request)).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Ok((head_len, status))) => return Ok(Exchange { connection, head_len, status }),
+            Ok(Err(HeadFailure::Unanswered(_))) if connection.reused && idempotent => fresh_only = true,
+            Ok(Err(HeadFailure::Unanswered(failure) | HeadFailure::Broken(failure))) => {
+                return Err(Failure::Broken(failure))
+            }
+        }
+    }
+}
+
+enum HeadFailure {
+    /// The connection failed before a byte of the response arrived.
+    Unanswered(std::io::Error),
+    Broken(std::io::Error),
+}
+
+/// Writes the request and reads until a final response head is whole in the
+/// connection's buffer (interim 1xx answers other than 101 are skipped).
+async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize, u16), HeadFailure> {
+    connection.stream.write_all(request).await.map_err(HeadFailure::Unanswered)?;
+    let invalid =
+        |what: &str| HeadFailure::Broken(std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()));
+    let mut answered = false;
+    loop {
+        if !connection.buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS_MAX];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&connection.buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let code = response.code.unwrap_or_default();
+                    if (100..200).contains(&code) && code != 101 {
+                        connection.buf.advance(head_len);
+                        continue;
+                    }
+                    if code == 101 {
+                        return Err(invalid("the upstream switched protocols unasked"));
+                    }
+                    return Ok((head_len, code));
+                }
+                Ok(httparse::Status::Partial) if connection.buf.len() < UPSTREAM_HEAD_BYTES_MAX => {}
+                Ok(httparse::Status::Partial) => return Err(invalid("upstream response head too large")),
+                Err(error) => return Err(invalid(&error.to_string())),
+            }
+        }
+        connection.buf.reserve(4096);
+        match connection.stream.read_buf(&mut connection.buf).await {
+            Ok(0) if !answered => {
+                return Err(HeadFailure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(0) => return Err(HeadFailure::Broken(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => answered = true,
+            Err(error) if !answered => return Err(HeadFailure::Unanswered(error)),
+            Err(error) => return Err(HeadFailure::Broken(error)),
+        }
+    }
+}
+
+/// What relaying a response body came to.
+struct Relayed {
+    body_bytes: u64,
+    /// The body ended where its framing said, with nothing after it.
+    upstream_reusable: bool,
+    /// Everything reached the client's socket.
+    client_ok: bool,
+}
+
+/// Sends the head in `out` with the body that follows `head_len` in the connection's
+/// buffer, then the rest of the body as it arrives.
+async fn relay<S>(
+    client: &mut S,
+    connection: &mut DirectConn,
+    head_len: usize,
+    body: Body,
+    out: &mut Vec<u8>,
+    read_timeout: Duration,
+) -> Relayed
+where
+    S: AsyncWrite + Unpin,
+{
+    connection.buf.advance(head_len);
+    let mut relayed = Relayed { body_bytes: 0, upstream_reusable: false, client_ok: true };
+    let mut remaining = match body {
+        Body::Length(length) => length,
+        _ => u64::MAX,
+    };
+    let mut chunks = Chunked::default();
+    let mut first = true;
+    loop {
+        // What of the buffer belongs to this body, and whether the body ends there.
+        let available = connection.buf.len();
+        let (take, ended) = match body {
+            Body::Empty => (0, true),
+            Body::Length(_) => {
+                let take = (remaining.min(available as u64)) as usize;
+                (take, take as u64 == remaining)
+            }
+            Body::Chunked => match chunks.feed(&connection.buf) {
+                Ok(Some(end)) => (end, true),
+                Ok(None) => (available, false),
+                Err(()) => {
+                    tracing::debug!("upstream sent a malformed chunked body");
+                    relayed.client_ok = false;
+                    return relayed;
+                }
+            },
+            Body::UntilClose => (available, false),
+        };
+        remaining = remaining.saturating_sub(take as u64);
+        relayed.body_bytes += if body == Body::Chunked { 0 } else { take as u64 };
+        let written = if first {
+            first = false;
+            out.extend_from_slice(&connection.buf[..take]);
+            client.write_all(out).await
+        } else if take > 0 {
+            client.write_all(&connection.buf[..take]).await
+        } else {
+            Ok(())
+        };
+        if written.is_err() {
+            relayed.client_ok = false;
+            return relayed;
+        }
+        if ended {
+            relayed.upstream_reusable = available == take;
+            if body == Body::Chunked {
+                relayed.body_bytes = chunks.data;
+            }
+            return relayed;
+        }
+        connection.buf.clear();
+        connection.buf.reserve(16 * 1024);
+        match timeout(read_timeout, connection.stream.read_buf(&mut connection.buf)).await {
+            Ok(Ok(0)) if body == Body::UntilClose => {
+                // The body ends with the connection; the client's closes after it.
+                let _ = client.flush().await;
+                return relayed;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                tracing::debug!("upstream response body cut off");
+                relayed.client_ok = false;
+                return relayed;
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Follows a chunked body's framing (RFC 9112 §7.1) to find where it ends; the bytes
+/// themselves pass through unchanged.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    /// Bytes of the current extension or of all trailers, for their limits.
+    extra: usize,
+    /// Payload bytes seen.
+    data: u64,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl Chunked {
+    /// Reads `bytes`; `Some(n)` when the body ends after the first `n` of them.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        let mut index = 0;
+        while index < bytes.len() {
+            let byte = bytes[index];
+            match self.state {
+                ChunkState::Size => {
+                    if let Some(digit) = (byte as char).to_digit(16) {
+                        if self.digits == 15 {
+                            return Err(());
+                        }
+                        self.size = self.size * 16 + u64::from(digit);
+                        self.digits += 1;
+                    } else if self.digits == 0 {
+                        return Err(());
+                    } else if byte == b'\r' {
+                        self.state = ChunkState::SizeLf;
+                    } else if byte == b';' || byte == b' ' || byte == b'\t' {
+                        self.state = ChunkState::Extension;
+                        self.extra = 0;
+                    } else {
+                        return Err(());
+                    }
+                }
+                ChunkState::Extension => {
+                    self.extra += 1;
+                    if byte == b'\r' {
+                        self.state = ChunkState::SizeLf;
+                    } else if byte == b'\n' || self.extra > CHUNK_EXTENSION_BYTES_MAX {
+                        return Err(());
+                    }
+                }
+                ChunkState::SizeLf => {
+                    if byte != b'\n' {
+                        return Err(());
+                    }
+                    self.state = if self.size == 0 { ChunkState::TrailerStart } else { ChunkState::Data };
+                    self.extra = 0;
+                }
+                ChunkState::Data => {
+                    let take = self.size.min((bytes.len() - index) as u64);
+                    self.size -= take;
+                    self.data += take;
+                    index += take as usize;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataCr;
+                    }
+                    continue;
+                }
+                ChunkState::DataCr if byte == b'\r' => self.state = ChunkState::DataLf,
+                ChunkState::DataLf if byte == b'\n' => {
+                    self.state = ChunkState::Size;
+                    self.digits = 0;
+                }
+                ChunkState::DataCr | ChunkState::DataLf => return Err(()),
+                ChunkState::TrailerStart | ChunkState::Trailer => {
+                    self.extra += 1;
+                    if self.extra > TRAILER_BYTES_MAX {
+                        return Err(());
+                    }
+                    self.state = match (self.state, byte) {
+                        (ChunkState::TrailerStart, b'\r') => ChunkState::EndLf,
+                        (_, b'\r') => ChunkState::TrailerLf,
+                        (_, b'\n') => return Err(()),
+                        _ => ChunkState::Trailer,
+                    };
+                }
+                ChunkState::TrailerLf if byte == b'\n' => self.state = ChunkState::TrailerStart,
+                ChunkState::TrailerLf => return Err(()),
+                ChunkState::EndLf if byte == b'\n' => return Ok(Some(index + 1)),
+                ChunkState::EndLf => return Err(()),
+            }
+            index += 1;
+        }
+        Ok(None)
+    }
+}
+
+/// A connection handed off by the direct path: the bytes it read come first.
+pub struct Prefixed<S> {
+    prefix: BytesMut,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: BytesMut, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let take = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..take]);
+            this.prefix.advance(take);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(pieces: &[&[u8]]) -> Result<Option<usize>, ()> {
+        let mut chunked = Chunked::default();
+        let mut offset = 0;
+        for piece in pieces {
+            if let Some(end) = chunked.feed(piece)? {
+                return Ok(Some(offset + end));
+            }
+            offset += piece.len();
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn chunked_framing_finds_the_end_however_the_bytes_are_cut() {
+        let body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        assert_eq!(ends(&[body]), Ok(Some(end)));
+        for cut in 1..body.len() {
+            assert_eq!(ends(&[&body[..cut], &body[cut..]]), Ok(Some(end)), "cut at {cut}");
+        }
+        let mut chunked = Chunked::default();
+        assert_eq!(chunked.feed(&body[..end]), Ok(Some(end)));
+        assert_eq!(chunked.data, 11);
+        assert_eq!(ends(&[b"0\r\n\r\n"]), Ok(Some(5)));
+        assert_eq!(ends(&[b"a\r\n0123456789"]), Ok(None));
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n",
+            b"5\r\nhelloX\r\n",
+            b"1234567890abcdef0\r\n",
+            b"0\r\nbad\nx\r\n\r\n",
+            b"0\r\n\rX",
+        ] {
+            assert_eq!(ends(&[bad]), Err(()), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let long_extension = [&b"1;"[..], &vec![b'a'; CHUNK_EXTENSION_BYTES_MAX + 1]].concat();
+        assert_eq!(ends(&[&long_extension]), Err(()));
+    }
+
+    #[test]
+    fn request_heads_the_direct_path_leaves_to_the_general_one() {
+        let parse = |raw: &'static [u8]| {
+            let headers = Box::leak(Box::new([httparse::EMPTY_HEADER; HEADERS_COUNT_MAX]));
+            let mut request = httparse::Request::new(headers);
+            request.parse(raw).unwrap();
+            Head::read(request.headers).map(|head| (head.content_length, head.close))
+        };
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Some((0, false)));
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"),
+            Some((3, true))
+        );
+        for refused in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n",
+        ] {
+            assert_eq!(parse(refused), None, "{}", String::from_utf8_lossy(refused));
+        }
+    }
+}

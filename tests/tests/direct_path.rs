@@ -1,0 +1,234 @@
+//! The direct HTTP/1.1 path (`node/src/proxy/direct.rs`) against a scripted upstream
+//! that answers in every framing HTTP/1.1 has, and misbehaves on purpose.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate_tests::{raw_exchange, ProxyClient, TestCluster};
+
+const BIG_BODY_BYTES: usize = 300_000;
+
+/// An upstream speaking raw HTTP/1.1, its answer chosen by the request path. It counts
+/// the connections it accepted; on `/drop-second` connections it closes, unanswered,
+/// when a second request arrives (what an upstream closing an idle keep-alive
+/// connection looks like to a proxy that just reused it).
+struct ScriptedUpstream {
+    address: String,
+    connections: Arc<AtomicU64>,
+}
+
+impl ScriptedUpstream {
+    async fn start() -> anyhow::Result<ScriptedUpstream> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_scripted(stream));
+            }
+        });
+        Ok(ScriptedUpstream { address, connections })
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_scripted(mut stream: tokio::net::TcpStream) {
+    let mut buf = Vec::new();
+    let mut answered = 0;
+    loop {
+        // One request head (the tests send no bodies here).
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buf.extend_from_slice(&chunk[..read]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        // Skip a body: by its length, or (chunked) through its last chunk.
+        let lower = head.to_ascii_lowercase();
+        let length = lower
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse::<usize>().ok());
+        let body_end = |buf: &[u8]| match length {
+            Some(length) => (buf.len() >= length).then_some(length),
+            None if lower.contains("transfer-encoding: chunked") => {
+                buf.windows(5).position(|w| w == b"0\r\n\r\n").map(|at| at + 5)
+            }
+            None => Some(0),
+        };
+        loop {
+            if let Some(skip) = body_end(&buf) {
+                buf.drain(..skip);
+                break;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buf.extend_from_slice(&chunk[..read]),
+            }
+        }
+        let mut line = head.split(' ');
+        let (method, path) = (line.next().unwrap_or_default(), line.next().unwrap_or_default());
+        if path.ends_with("/drop-second") && answered == 1 {
+            return;
+        }
+        answered += 1;
+        let answer: Vec<u8> = match path.rsplit('/').next().unwrap_or_default() {
+            "length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Private: 1\r\nConnection: X-Private\r\nX-Tollgate-Request-Id: forged\r\n\r\nhello".to_vec(),
+            "chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5;note=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
+            "empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            "interim" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "big" => {
+                let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_BODY_BYTES}\r\n\r\n").into_bytes();
+                answer.extend((0..BIG_BODY_BYTES).map(|i| b'a' + (i % 26) as u8));
+                answer
+            }
+            "drop-second" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "bad" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_vec(),
+            "until-close" => {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ").await;
+                let _ = stream.write_all(b"close").await;
+                return;
+            }
+            _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        };
+        let answer = if method == "HEAD" {
+            answer[..answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4].to_vec()
+        } else {
+            answer
+        };
+        if stream.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node's counter from its `/metrics`.
+async fn counter(cluster: &TestCluster, name: &str) -> anyhow::Result<u64> {
+    let text = cluster.client().get("/metrics").await?.body.as_str().unwrap_or_default().to_string();
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0) as u64)
+}
+
+async fn cluster_routing_to(upstream: &ScriptedUpstream) -> anyhow::Result<TestCluster> {
+    // One proxy worker: each worker has its own upstream pool, and the tests count
+    // upstream connections.
+    let cluster = TestCluster::start_with(1, &["--workers", "1"]).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "scripted", "url": format!("http://{}", upstream.address)})).await?;
+    let last = client.post("/services/scripted/routes", &json!({"name": "scripted", "paths": ["/s"]})).await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+    Ok(cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_passes_through_on_one_reused_upstream_connection() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let client = ProxyClient::new();
+
+    let reply = client.request(&proxy, "GET", None, "/s/length", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("hello")));
+    assert!(reply.headers.get("x-private").is_none(), "a header the upstream's Connection names is hop-by-hop");
+    assert_ne!(reply.headers["x-tollgate-request-id"], "forged");
+    assert_eq!(reply.headers["via"], "1.1 tollgate");
+
+    let reply = client.request(&proxy, "GET", None, "/s/chunked", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("hello world")));
+    let reply = client.request(&proxy, "GET", None, "/s/empty", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (204, Some("")));
+    let reply = client.request(&proxy, "HEAD", None, "/s/length", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("")));
+    assert_eq!(reply.headers["content-length"], "5", "HEAD keeps the length the GET would have");
+    let reply = client.request(&proxy, "GET", None, "/s/interim", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("ok")));
+    let reply = client.request(&proxy, "GET", None, "/s/big", &[]).await?;
+    let body = reply.body.as_str().unwrap_or_default();
+    assert_eq!((reply.status, body.len()), (200, BIG_BODY_BYTES));
+    assert!(body.bytes().enumerate().all(|(i, b)| b == b'a' + (i % 26) as u8), "the body arrived intact");
+    assert_eq!(upstream.connections(), 1, "each exchange gave the connection back for the next");
+
+    // An answer as long as the upstream's connection: the client's closes after it.
+    let (status, text) = raw_exchange(&proxy, b"GET /s/until-close HTTP/1.1\r\nHost: t\r\n\r\n").await?;
+    assert_eq!(status, 200);
+    assert!(text.ends_with("\r\n\r\nuntil close"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+
+    // Two Content-Lengths that disagree: Kong's 502, and the connection is not reused.
+    let reply = client.request(&proxy, "GET", None, "/s/bad", &[]).await?;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.body["message"], "An invalid response was received from the upstream server");
+
+    // Pipelined requests on one client connection, each answered in order.
+    let (status, text) = raw_exchange(
+        &proxy,
+        b"GET /s/length HTTP/1.1\r\nHost: t\r\n\r\nGET /s/chunked HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.contains("hello\r\n") || text.contains("\r\n\r\nhello"), "{text}");
+
+    assert!(counter(&cluster, "tollgate_proxy_direct_requests_total").await? >= 10);
+    assert_eq!(counter(&cluster, "tollgate_proxy_handoffs_total").await?, 0, "nothing here needed hyper");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_the_upstream_closed_is_replaced_only_for_idempotent_requests() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let client = ProxyClient::new();
+    // The first request opens a connection; the second reuses it, the upstream closes
+    // it unanswered, and the GET goes again on a new one.
+    for round in 0..2 {
+        let reply = client.request(&proxy, "GET", None, "/s/drop-second", &[]).await?;
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.body);
+    }
+    assert_eq!(upstream.connections(), 2);
+    // A POST may have been acted on: it is not sent again.
+    let reply = client.request(&proxy, "POST", None, "/s/drop-second", &[]).await?;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(upstream.connections(), 2, "no second connection for the POST");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_direct_path_leaves_is_served_by_the_general_path_on_the_same_connection() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    // A direct request, then one with `Upgrade` but no `Connection: upgrade` (handed
+    // off with its bytes; the general path drops the hop-by-hop field), then one more
+    // that the general path now serves: three answers, in order.
+    let (status, text) = raw_exchange(
+        &proxy,
+        b"GET /s/length HTTP/1.1\r\nHost: t\r\n\r\n\
+          GET /s/length HTTP/1.1\r\nHost: t\r\nUpgrade: h2c\r\n\r\n\
+          GET /s/chunked HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert!(text.contains("hello world") || text.contains("hello\r\n6\r\n world"), "{text}");
+    assert_eq!(counter(&cluster, "tollgate_proxy_direct_requests_total").await?, 1);
+    assert_eq!(counter(&cluster, "tollgate_proxy_handoffs_total").await?, 1);
+    Ok(())
+}
