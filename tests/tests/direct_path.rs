@@ -232,3 +232,60 @@ async fn a_request_the_direct_path_leaves_is_served_by_the_general_path_on_the_s
     assert_eq!(counter(&cluster, "tollgate_proxy_handoffs_total").await?, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_run_on_the_direct_path_unless_one_needs_the_response_body() -> anyhow::Result<()> {
+    let echo = tollgate_tests::EchoServer::start().await?;
+    let cluster = TestCluster::start_with(1, &["--workers", "1"]).await?;
+    let client = cluster.client();
+    client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+    client.post("/services/echo/routes", &json!({"name": "guarded", "paths": ["/guarded"]})).await?;
+    client.post("/services/echo/routes", &json!({"name": "open", "paths": ["/open"]})).await?;
+    client.post("/consumers", &json!({"username": "ana"})).await?;
+    client.post("/consumers/ana/key-auth", &json!({"key": "ana-key"})).await?;
+    for plugin in [
+        json!({"name": "key-auth"}),
+        json!({"name": "rate-limiting", "config": {"minute": 1000, "policy": "local"}}),
+        json!({"name": "correlation-id", "config": {"echo_downstream": true}}),
+        json!({"name": "request-transformer", "config": {"add": {"headers": ["x-added:yes"]}}}),
+    ] {
+        client.post("/routes/guarded/plugins", &plugin).await?;
+    }
+    let last = client.post("/plugins", &json!({"name": "prometheus"})).await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let http = ProxyClient::new();
+
+    // A plugin's own answer (key-auth's 401), then the upstream's with every plugin's
+    // work on it: the header added upstream, the consumer named, the id echoed, the
+    // limit counted.
+    let refused = http.request(&proxy, "GET", None, "/guarded", &[]).await?;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let reply = http.request(&proxy, "GET", None, "/guarded/x", &[("apikey", "ana-key")]).await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["headers"]["x-added"], json!(["yes"]));
+    assert_eq!(reply.body["headers"]["x-consumer-username"], json!(["ana"]));
+    assert!(reply.body["headers"]["apikey"].is_array(), "hide_credentials is off by default");
+    assert_eq!(reply.body["headers"]["kong-request-id"], json!([reply.headers["kong-request-id"].to_str()?]));
+    assert_eq!(reply.headers["x-ratelimit-remaining-minute"], "999");
+    let open = http.request(&proxy, "GET", None, "/open", &[]).await?;
+    assert_eq!(open.status, 200, "a route without plugins of its own runs the global ones only");
+    assert!(open.body["headers"]["x-added"].is_null());
+    assert_eq!(counter(&cluster, "tollgate_proxy_direct_requests_total").await?, 3);
+    assert_eq!(counter(&cluster, "tollgate_proxy_handoffs_total").await?, 0);
+
+    // response-transformer edits response bodies: requests go to the general path,
+    // with the same answers.
+    let last = client
+        .post(
+            "/routes/open/plugins",
+            &json!({"name": "response-transformer", "config": {"add": {"headers": ["x-out:1"]}}}),
+        )
+        .await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+    let reply = http.request(&proxy, "GET", None, "/guarded/x", &[("apikey", "ana-key")]).await?;
+    assert_eq!((reply.status, &reply.body["headers"]["x-added"]), (200, &json!(["yes"])));
+    assert_eq!(http.request(&proxy, "GET", None, "/open", &[]).await?.headers["x-out"], "1");
+    assert!(counter(&cluster, "tollgate_proxy_handoffs_total").await? >= 1);
+    Ok(())
+}

@@ -119,6 +119,12 @@ pub fn unix_now() -> std::time::Duration {
 
 /// Plugins that identify consumers: with none configured, consumers and credentials
 /// are not indexed.
+/// Plugins with response phases of their own (`header_filter`, `body_filter`,
+/// proxy-cache's stored copy): requests they may run on take the general path, which
+/// has the response as a header map and a stream of frames. The others only leave
+/// headers in [`Ctx::response_headers`], and run on either path.
+const RESPONSE_PLUGINS: [&str; 2] = ["proxy-cache", "response-transformer"];
+
 const AUTHENTICATION_PLUGINS: [&str; 4] = ["key-auth", "basic-auth", "jwt", "hmac-auth"];
 
 /// Kong's priority of a bundled plugin (higher runs first).
@@ -475,6 +481,12 @@ pub struct Plugins {
     /// The global instances, by priority: they alone run `rewrite`.
     global: Vec<Arc<Instance>>,
     pub data: PluginData,
+    /// No configured plugin has response phases of its own (see [`RESPONSE_PLUGINS`]).
+    direct: bool,
+    /// Routes and services with an instance not scoped to a consumer: a request on
+    /// any other runs no plugin unless there are global ones (a consumer's instances
+    /// need an authentication plugin to have identified the consumer first).
+    scoped: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
 }
 
 impl Plugins {
@@ -535,7 +547,14 @@ impl Plugins {
         let global = global.into_iter().map(|(_, instance)| instance).collect();
         let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
         let data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
-        Plugins { instances, shapes, names, global, data }
+        let direct = names.iter().all(|name| !RESPONSE_PLUGINS.contains(&name.as_str()));
+        let scoped = instances
+            .keys()
+            .filter(|(_, scope)| scope.consumer.is_none())
+            .flat_map(|(_, scope)| [scope.route, scope.service])
+            .flatten()
+            .collect();
+        Plugins { instances, shapes, names, global, data, direct, scoped }
     }
 
     /// Runs the `rewrite` phase of the global instances for `protocol`; an exit
@@ -549,6 +568,22 @@ impl Plugins {
 
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
+    }
+
+    /// Whether the direct HTTP/1.1 path may run these plugins: none of them has a
+    /// response phase of its own (their `header_filter` is the default).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether there are global instances (they run `rewrite`, before routing).
+    pub fn has_global(&self) -> bool {
+        !self.global.is_empty()
+    }
+
+    /// Whether any plugin may run for a request on `route` of `service`.
+    pub fn may_run(&self, route: Uuid, service: Option<Uuid>) -> bool {
+        self.has_global() || self.scoped.contains(&route) || service.is_some_and(|id| self.scoped.contains(&id))
     }
 
     /// The most specific instance of plugin `index` for this request so far.
@@ -834,6 +869,8 @@ mod tests {
             names: vec!["first".to_string(), "second".to_string()],
             global: vec![global],
             data: PluginData::default(),
+            direct: true,
+            scoped: [route].into_iter().collect(),
         };
         let mut headers = http::HeaderMap::new();
         let method = http::Method::POST;

@@ -33,16 +33,20 @@
 //! proxy's tests run through both paths.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::io::Write as _;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::HOST;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{Instant, Sleep};
 
 use super::balancer::{self, BalanceKey};
 use super::pool::{DirectConn, DirectPool};
@@ -83,19 +87,20 @@ where
     let keepalive = conn.proxy.timeouts.keepalive;
     let mut buf = BytesMut::with_capacity(CLIENT_BUFFER_BYTES);
     let mut out = Vec::with_capacity(1024);
+    let mut watchdog = Watchdog::new();
     loop {
         if buf.is_empty() {
             buf.reserve(CLIENT_BUFFER_BYTES);
-            match timeout(keepalive, stream.read_buf(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return Outcome::Closed,
-                Ok(Ok(_)) => {}
-                Err(_) => {
+            match watchdog.within(Instant::now() + keepalive, stream.read_buf(&mut buf)).await {
+                Some(Ok(0)) | Some(Err(_)) => return Outcome::Closed,
+                Some(Ok(_)) => {}
+                None => {
                     metrics::counter!("tollgate_proxy_timeouts_total", "kind" => "keepalive").increment(1);
                     return Outcome::Closed;
                 }
             }
         }
-        match exchange(stream, conn, &buf, &mut out).await {
+        match exchange(stream, conn, &buf, &mut out, &mut watchdog).await {
             Step::Next(used) => {
                 conn.proxy.direct_requests.increment(1);
                 buf.advance(used);
@@ -110,6 +115,15 @@ where
             }
         }
     }
+}
+
+/// Parses a response head into `response`, with uninitialised room for its headers.
+fn parse_response<'h, 'b>(
+    response: &mut httparse::Response<'h, 'b>,
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(response, buf, headers)
 }
 
 /// What one request left the connection to do.
@@ -253,13 +267,22 @@ impl<'a> Head<'a> {
     }
 }
 
-/// A header map of the request, for a router or balancer that reads headers.
-fn header_map(headers: &[httparse::Header<'_>]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
+/// A header map of parsed `headers`, for plugins or a router or balancer that reads
+/// headers. `head` is the buffer they were parsed from: it is copied once and the
+/// values share that copy (a value each would be an allocation each).
+fn header_map(headers: &[httparse::Header<'_>], head: &[u8]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len() + super::REQUEST_HEADERS_ADDED);
+    let shared = Bytes::copy_from_slice(head);
+    let base = head.as_ptr() as usize;
     for header in headers {
-        if let (Ok(name), Ok(value)) =
-            (http::HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
-        {
+        let start = (header.value.as_ptr() as usize).wrapping_sub(base);
+        let value = match shared.get(start..start + header.value.len()) {
+            Some(within) if within == header.value => {
+                HeaderValue::from_maybe_shared(shared.slice(start..start + header.value.len()))
+            }
+            _ => HeaderValue::from_bytes(header.value),
+        };
+        if let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(header.name.as_bytes()), value) {
             map.append(name, value);
         }
     }
@@ -278,16 +301,34 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Writes `value` in decimal (`write!` goes through the formatting machinery).
+fn put_number(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// Handles the request at the start of `buf`.
-async fn exchange<S>(stream: &mut S, conn: &ClientConn, buf: &[u8], out: &mut Vec<u8>) -> Step
+async fn exchange<S>(stream: &mut S, conn: &ClientConn, buf: &[u8], out: &mut Vec<u8>, watchdog: &mut Watchdog) -> Step
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let proxy = &*conn.proxy;
     let started = Instant::now();
-    let mut headers = [httparse::EMPTY_HEADER; HEADERS_COUNT_MAX];
-    let mut request = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(head_len)) = request.parse(buf) else { return Step::HandOff };
+    // Uninitialised: filling 100 empty headers per request costs more than parsing.
+    let mut headers = [const { MaybeUninit::uninit() }; HEADERS_COUNT_MAX];
+    let mut request = httparse::Request::new(&mut []);
+    let Ok(httparse::Status::Complete(head_len)) = request.parse_with_uninit_headers(buf, &mut headers) else {
+        return Step::HandOff;
+    };
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
         return Step::HandOff;
     };
@@ -308,63 +349,380 @@ where
 
     let compiled = proxy.published.load();
     let snapshot = &compiled.proxy;
-    if !snapshot.plugins.is_empty() {
+    let plugins = &snapshot.plugins;
+    if !plugins.is_empty() && !plugins.direct() {
         return Step::HandOff;
     }
-    let host = if head.host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(head.host.to_ascii_lowercase())
+    let protocol = if conn.tls { "https" } else { "http" };
+    // A header map only for what reads one: plugins, or routes matching on headers.
+    let mut map =
+        (plugins.has_global() || snapshot.router.reads_headers()).then(|| header_map(headers, &buf[..head_len]));
+    let method_of = || http::Method::from_bytes(method.as_bytes()).ok();
+    if plugins.has_global() {
+        // Global plugins' rewrite phase, before routing. An answer from it is left to
+        // the general path, which runs the phase again (no plugin keeps state there).
+        let (Some(map), Some(http_method)) = (map.as_mut(), method_of()) else { return Step::HandOff };
+        let mut view = crate::plugins::RewriteView { method: &http_method, path: &path, headers: map };
+        if plugins.rewrite(protocol, &mut view).is_some() {
+            return Step::HandOff;
+        }
+    }
+    let host_header = match &map {
+        Some(map) if plugins.has_global() => map.get(HOST).and_then(|host| host.to_str().ok()).unwrap_or(head.host),
+        _ => head.host,
+    };
+    let host = if host_header.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host_header.to_ascii_lowercase())
     } else {
-        Cow::Borrowed(head.host)
+        Cow::Borrowed(host_header)
     };
     let empty = HeaderMap::new();
-    let built;
-    let route_map = if snapshot.router.reads_headers() {
-        built = header_map(headers);
-        &built
-    } else {
-        &empty
-    };
-    let view = RequestView {
-        method,
-        host: &host,
-        path: &path,
-        headers: route_map,
-        protocol: if conn.tls { "https" } else { "http" },
-    };
+    let view = RequestView { method, host: &host, path: &path, headers: map.as_ref().unwrap_or(&empty), protocol };
     let Some(found) = snapshot.router.find(&view) else { return Step::HandOff };
     let route = found.route;
     let Some(service) = route.service.and_then(|id| snapshot.services.get(&id)) else { return Step::HandOff };
     if !service.enabled || !matches!(service.transport, Transport::Http1) {
         return Step::HandOff;
     }
-    let postfix = if route.strip_path { &path[found.matched_len.min(path.len())..] } else { &*path };
-    let mut upstream_path = path::upstream_path_v0(&service.path, &path, postfix, route.strip_path);
-    if let Some(query) = query {
-        upstream_path.push('?');
-        upstream_path.push_str(query);
-    }
-    if !upstream_path.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#') {
-        return Step::HandOff;
+    let with_plugins = !plugins.is_empty() && plugins.may_run(route.id, route.service);
+    let http_method = match with_plugins {
+        true => match method_of() {
+            Some(method) => Some(method),
+            None => return Step::HandOff,
+        },
+        false => None,
+    };
+    if with_plugins && map.is_none() {
+        map = Some(header_map(headers, &buf[..head_len]));
     }
 
     // From here on the request is this path's: it is answered whatever happens.
     let in_flight = InFlight::new(&proxy.load);
     let metrics = snapshot.route_metrics.get(&route.id).cloned();
-    let request_id = proxy.request_id();
+    let request_id = proxy.next_request_id();
     let peer_ip = conn.peer.ip();
     let client_ip = match head.forwarded_for {
         Some(chain) => proxy.trusted_ips.client_ip(peer_ip, Some(chain)),
         None => peer_ip,
     };
-    let peer_trusted = proxy.trusted_ips.contains(peer_ip);
+    let mut upstream_label = None;
+    // Metrics and the access log line, as of `now` (a clock read is not free: the
+    // request reads it three times).
+    let log = |status: u16, now: Instant, upstream_ms: Option<f64>, upstream: Option<&str>| {
+        let latency_ms = now.duration_since(started).as_secs_f64() * 1e3;
+        if let Some(metrics) = &metrics {
+            metrics.record(status, latency_ms, upstream_ms);
+            metrics.ingress_bytes.increment(head.content_length as u64);
+        }
+        if let Some(access_log) = &proxy.access_log {
+            let entry = AccessEntry {
+                request_id: Some(request_id.as_str()),
+                client_ip: conn.peer.ip(),
+                method: Some(method),
+                path: Some(raw_path),
+                tls: conn.tls,
+                status,
+                service: metrics.as_ref().map(|m| m.service_label.as_str()),
+                route: metrics.as_ref().map(|m| m.route_label.as_str()),
+                upstream,
+                latency_ms,
+                upstream_latency_ms: upstream_ms,
+            };
+            access_log.log(entry.line());
+        }
+        latency_ms
+    };
+    let labels = || {
+        let service = metrics.as_ref().map_or("", |m| m.service_label.as_str());
+        (service, metrics.as_ref().map_or("", |m| m.route_label.as_str()))
+    };
 
-    // The upstream request: line, the client's headers as the general path leaves
-    // them, the proxy's own, and the body.
+    // Plugins' access phase, with the body at hand for those that read it.
+    let mut body = Bytes::new();
+    let mut plugin_run: Option<PluginRun> = None;
+    if let (Some(map), Some(http_method)) = (map.as_mut(), &http_method) {
+        let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route.id), route.service, http_method.clone(), protocol);
+        let mut view = crate::plugins::RequestView { method: http_method, path: raw_path, query, headers: map };
+        let sent = Bytes::copy_from_slice(&buf[head_len..request_end]);
+        let mut whole = Some(http_body_util::Full::new(sent.clone()));
+        let (ran, exit) = plugins.access(&mut ctx, &mut view, &mut whole, &proxy.plugin_state).await;
+        if let Some(exit) = exit {
+            // A plugin's answer goes through header_filter and the log phase, as an
+            // upstream's would.
+            drop(in_flight);
+            let status = exit.status;
+            let mut answer = HeaderMap::new();
+            for (name, value) in exit.headers {
+                answer.insert(name, value);
+            }
+            answer.insert(super::REQUEST_ID_NAME, request_id.header_value());
+            answer.append(http::header::VIA, super::VIA_VALUE);
+            crate::plugins::header_filter(&ran, &mut ctx, status, &mut answer);
+            answer.insert(http::header::CONTENT_LENGTH, HeaderValue::from(exit.body.len()));
+            let latency_ms = log(status.as_u16(), Instant::now(), None, None);
+            let (service, route) = labels();
+            let summary = crate::plugins::LogSummary {
+                status: status.as_u16(),
+                latency_ms,
+                upstream_ms: None,
+                service,
+                route,
+                from_upstream: false,
+                response_bytes: None,
+            };
+            crate::plugins::log(&ran, &ctx, &summary, &proxy.plugin_state);
+            let reason = status.canonical_reason().unwrap_or_default();
+            map_head(out, status.as_u16(), reason, &answer, Body::Length(exit.body.len() as u64), head.close, false);
+            out.extend_from_slice(&exit.body);
+            return answered(stream, out, head.close, request_end).await;
+        }
+        let body_limit = ctx.body_limit.map_or(super::BODY_BYTES_MAX, |limit| limit.min(super::BODY_BYTES_MAX));
+        match ctx.request_body.take() {
+            // A plugin read the body (and may have changed it): it goes with its length.
+            Some(read) => {
+                if !(read.is_empty() && head.content_length == 0) {
+                    map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(read.len()));
+                }
+                body = read;
+            }
+            None => body = sent,
+        }
+        if body.len() as u64 > body_limit {
+            drop(in_flight);
+            log(StatusCode::PAYLOAD_TOO_LARGE.as_u16(), Instant::now(), None, None);
+            error_answer(
+                out,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request size limit exceeded",
+                request_id.as_str(),
+                head.close,
+            );
+            return answered(stream, out, head.close, request_end).await;
+        }
+        plugin_run = Some((ran, ctx));
+    }
+
+    let (upstream_method, replaced_path, upstream_query) = match &plugin_run {
+        Some((_, ctx)) => (
+            ctx.upstream_method.as_ref().map_or(method, http::Method::as_str),
+            ctx.upstream_path.clone(),
+            if ctx.upstream_query.is_some() { ctx.upstream_query.as_deref().filter(|q| !q.is_empty()) } else { query },
+        ),
+        None => (method, None, query),
+    };
+    let postfix = if route.strip_path { &path[found.matched_len.min(path.len())..] } else { &*path };
+    let mut upstream_path =
+        replaced_path.unwrap_or_else(|| path::upstream_path_v0(&service.path, &path, postfix, route.strip_path));
+    if let Some(query) = upstream_query {
+        upstream_path.push('?');
+        upstream_path.push_str(query);
+    }
+    if !upstream_path.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#') {
+        drop(in_flight);
+        log(StatusCode::BAD_REQUEST.as_u16(), Instant::now(), None, None);
+        error_answer(out, StatusCode::BAD_REQUEST, "invalid request path", request_id.as_str(), head.close);
+        return answered(stream, out, head.close, request_end).await;
+    }
+
+    // The upstream request: line, headers as the general path leaves them, body.
     out.clear();
-    out.extend_from_slice(method.as_bytes());
+    out.extend_from_slice(upstream_method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(upstream_path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    match (map.as_mut(), with_plugins) {
+        (Some(map), true) => {
+            let client_host = map.get(HOST).cloned();
+            super::remove_hop_by_hop(map);
+            let upstream_host = if route.preserve_host { client_host.clone() } else { service.host_header.clone() };
+            let id = request_id.header_value();
+            proxy.forwarded_headers(map, conn, client_ip, &id, client_host.as_ref(), upstream_host);
+            for (name, value) in map.iter() {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&body);
+        }
+        _ => {
+            let host = if route.preserve_host { None } else { service.host_header.as_ref() };
+            raw_request_headers(out, conn, headers, &head, client_ip, request_id.as_str(), host);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&buf[head_len..request_end]);
+        }
+    }
+
+    // Kong's `retries`: a connection that could not be made is tried on the next
+    // target (nothing reached the upstream). The body is at hand, so any method may be.
+    let balancer = service.balancer.as_deref();
+    let attempts_max = match balancer {
+        Some(balancer) if service.retries > 0 && balancer.len() > 1 => service.retries.min(RETRIES_MAX) + 1,
+        _ => 1,
+    };
+    let balancer_headers;
+    let balance_map = match (balancer, &map) {
+        (_, Some(map)) => map,
+        (Some(balancer), None) if balancer.balancer.reads_headers() => {
+            balancer_headers = header_map(headers, &buf[..head_len]);
+            &balancer_headers
+        }
+        _ => &empty,
+    };
+    let per_attempt = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
+    let pool = &proxy.clients.direct;
+    let upstream_started = Instant::now();
+    let mut attempt = 0;
+    let answer = loop {
+        attempt += 1;
+        let pick = match balancer {
+            Some(balancer) => {
+                let key = BalanceKey { client_ip, headers: balance_map, path: &path, query };
+                match balancer.pick(&key, &proxy.health) {
+                    Some(pick) => Some(pick),
+                    None if balancer.is_empty() => {
+                        break Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"))
+                    }
+                    None => {
+                        break Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "failure to get a peer from the ring-balancer: every target is unhealthy",
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let authority = match &pick {
+            Some(pick) => pick.target.authority.as_ref(),
+            None => service.authority.as_ref(),
+        };
+        let Some(authority) = authority else {
+            break Err((StatusCode::BAD_GATEWAY, "the upstream address is not usable"));
+        };
+        if proxy.access_log.is_some() {
+            upstream_label = Some(authority.to_string());
+        }
+        let now = if attempt == 1 { upstream_started } else { Instant::now() };
+        let sent = send(pool, authority, out, idempotent(upstream_method), now, now + per_attempt, watchdog).await;
+        if let (Some(balancer), Some(pick)) = (balancer.filter(|b| b.passive), &pick) {
+            let observation = match &sent {
+                Ok(exchange) => balancer::Observation::Status(exchange.status),
+                Err(Failure::Timeout) => balancer::Observation::Timeout,
+                Err(_) => balancer::Observation::TcpFailure,
+            };
+            proxy.health.report(balancer.id, &pick.target.address, observation);
+        }
+        match sent {
+            Ok(exchange) => {
+                if let Some(pick) = &pick {
+                    pick.observe(upstream_started.elapsed());
+                }
+                break Ok((exchange, authority));
+            }
+            Err(Failure::Timeout) => break Err((StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")),
+            Err(Failure::Connect(failure)) if attempt < attempts_max => {
+                tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
+            }
+            Err(failure) => {
+                tracing::debug!(%failure, "upstream request failed");
+                break Err((StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"));
+            }
+        }
+    };
+    let (exchange, authority) = match answer {
+        Ok(answer) => answer,
+        Err((status, message)) => {
+            drop(in_flight);
+            log(status.as_u16(), Instant::now(), None, upstream_label.as_deref());
+            error_answer(out, status, message, request_id.as_str(), head.close);
+            return answered(stream, out, head.close, request_end).await;
+        }
+    };
+    let Exchange { mut connection, head_len: response_head_len, status } = exchange;
+    let answered_at = Instant::now();
+    let upstream_elapsed = answered_at.duration_since(upstream_started);
+    let upstream_ms = upstream_elapsed.as_millis() as u64;
+    let proxy_ms = (answered_at.duration_since(started).as_millis() as u64).saturating_sub(upstream_ms);
+
+    // The response head, rewritten for the client.
+    let framing = {
+        let mut response_headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = parse_response(&mut response, &connection.buf, &mut response_headers);
+        match (parsed, framing(&response, method, head.close)) {
+            (Ok(httparse::Status::Complete(_)), Some(framing)) => {
+                // The plugins here have no response phase of their own (see
+                // `Plugins::direct`): `header_filter` comes down to the headers they
+                // left in the context, which replace the upstream's of those names.
+                let added = plugin_run.as_ref().map_or(&[][..], |(_, ctx)| &ctx.response_headers[..]);
+                let ids = (request_id.as_str(), upstream_ms, proxy_ms);
+                raw_response_head(out, &response, &framing, ids, added);
+                Some(framing)
+            }
+            _ => None,
+        }
+    };
+    let upstream_ms_f = Some(upstream_elapsed.as_secs_f64() * 1e3);
+    let Some(framing) = framing else {
+        drop(in_flight);
+        log(StatusCode::BAD_GATEWAY.as_u16(), answered_at, upstream_ms_f, upstream_label.as_deref());
+        let message = "An invalid response was received from the upstream server";
+        error_answer(out, StatusCode::BAD_GATEWAY, message, request_id.as_str(), head.close);
+        return answered(stream, out, head.close, request_end).await;
+    };
+    drop(in_flight);
+    let latency_ms = log(status, answered_at, upstream_ms_f, upstream_label.as_deref());
+    if let Some((ran, ctx)) = &plugin_run {
+        let (service, route) = labels();
+        let summary = crate::plugins::LogSummary {
+            status,
+            latency_ms,
+            upstream_ms: upstream_ms_f,
+            service,
+            route,
+            from_upstream: true,
+            response_bytes: framing.length,
+        };
+        crate::plugins::log(ran, ctx, &summary, &proxy.plugin_state);
+    }
+    let read_timeout = Duration::from_millis(service.read_timeout_ms);
+    let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, read_timeout, watchdog).await;
+    if let Some(metrics) = &metrics {
+        metrics.egress_bytes.increment(relayed.body_bytes);
+    }
+    if relayed.upstream_reusable && framing.upstream_keepalive {
+        pool.put(authority, connection, answered_at);
+    }
+    if !relayed.client_ok || framing.close_client {
+        return Step::Close;
+    }
+    Step::Next(request_end)
+}
+
+/// The plugins whose access phase ran for a request, and its context.
+type PluginRun = (Vec<Arc<crate::plugins::Instance>>, crate::plugins::Ctx);
+
+/// Sends an answer the proxy made (in `out`) and says what the connection does next.
+async fn answered<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8], close: bool, used: usize) -> Step {
+    if stream.write_all(out).await.is_err() || close {
+        return Step::Close;
+    }
+    Step::Next(used)
+}
+
+/// The client's request headers as they go upstream, written from the parsed head
+/// without a header map: what [`super::Proxy::forwarded_headers`] makes of them on the
+/// general path. `host` replaces the client's `Host` (`None`: it is kept).
+fn raw_request_headers(
+    out: &mut Vec<u8>,
+    conn: &ClientConn,
+    headers: &[httparse::Header<'_>],
+    head: &Head<'_>,
+    client_ip: std::net::IpAddr,
+    request_id: &str,
+    host: Option<&HeaderValue>,
+) {
+    let peer_ip = conn.peer.ip();
+    let peer_trusted = conn.proxy.trusted_ips.contains(peer_ip);
     for (header, kind) in headers.iter().zip(head.kinds) {
         let keep = match kind {
             Kind::Copy | Kind::ContentLength | Kind::ContentType => true,
@@ -400,170 +758,7 @@ where
     }
     put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
     put_header(out, b"via", super::VIA_VALUE.as_bytes());
-    match (&service.host_header, route.preserve_host) {
-        (Some(host), false) => put_header(out, b"host", host.as_bytes()),
-        _ => put_header(out, b"host", head.host.as_bytes()),
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&buf[head_len..request_end]);
-
-    // Kong's `retries`: a connection that could not be made is tried on the next
-    // target (nothing reached the upstream). The body is at hand, so any method may be.
-    let balancer = service.balancer.as_deref();
-    let attempts_max = match balancer {
-        Some(balancer) if service.retries > 0 && balancer.len() > 1 => service.retries.min(RETRIES_MAX) + 1,
-        _ => 1,
-    };
-    let balancer_headers;
-    let balance_map = match balancer {
-        Some(balancer) if balancer.balancer.reads_headers() && !snapshot.router.reads_headers() => {
-            balancer_headers = header_map(headers);
-            &balancer_headers
-        }
-        _ => route_map,
-    };
-    let per_attempt = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
-    let pool = &proxy.clients.direct;
-    let upstream_started = Instant::now();
-    let mut upstream_label = None;
-    let mut attempt = 0;
-    let answer = loop {
-        attempt += 1;
-        let pick = match balancer {
-            Some(balancer) => {
-                let key = BalanceKey { client_ip, headers: balance_map, path: &path, query };
-                match balancer.pick(&key, &proxy.health) {
-                    Some(pick) => Some(pick),
-                    None if balancer.is_empty() => {
-                        break Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"))
-                    }
-                    None => {
-                        break Err((
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "failure to get a peer from the ring-balancer: every target is unhealthy",
-                        ))
-                    }
-                }
-            }
-            None => None,
-        };
-        let authority = match &pick {
-            Some(pick) => pick.target.authority.as_ref(),
-            None => service.authority.as_ref(),
-        };
-        let Some(authority) = authority else {
-            break Err((StatusCode::BAD_GATEWAY, "the upstream address is not usable"));
-        };
-        if proxy.access_log.is_some() {
-            upstream_label = Some(authority.to_string());
-        }
-        let sent = send(pool, authority, out, idempotent(method), Instant::now() + per_attempt).await;
-        if let (Some(balancer), Some(pick)) = (balancer.filter(|b| b.passive), &pick) {
-            let observation = match &sent {
-                Ok(exchange) => balancer::Observation::Status(exchange.status),
-                Err(Failure::Timeout) => balancer::Observation::Timeout,
-                Err(_) => balancer::Observation::TcpFailure,
-            };
-            proxy.health.report(balancer.id, &pick.target.address, observation);
-        }
-        match sent {
-            Ok(exchange) => {
-                if let Some(pick) = &pick {
-                    pick.observe(upstream_started.elapsed());
-                }
-                break Ok((exchange, authority));
-            }
-            Err(Failure::Timeout) => break Err((StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")),
-            Err(Failure::Connect(failure)) if attempt < attempts_max => {
-                tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
-            }
-            Err(failure) => {
-                tracing::debug!(%failure, "upstream request failed");
-                break Err((StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"));
-            }
-        }
-    };
-    let log = |status: u16, upstream_ms: Option<f64>| {
-        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-        if let Some(metrics) = &metrics {
-            metrics.record(status, latency_ms, upstream_ms);
-            metrics.ingress_bytes.increment(head.content_length as u64);
-        }
-        if let Some(access_log) = &proxy.access_log {
-            let entry = AccessEntry {
-                request_id: request_id.to_str().ok(),
-                client_ip: conn.peer.ip(),
-                method: Some(method),
-                path: Some(raw_path),
-                tls: conn.tls,
-                status,
-                service: metrics.as_ref().map(|m| m.service_label.as_str()),
-                route: metrics.as_ref().map(|m| m.route_label.as_str()),
-                upstream: upstream_label.as_deref(),
-                latency_ms,
-                upstream_latency_ms: upstream_ms,
-            };
-            access_log.log(entry.line());
-        }
-    };
-    let (exchange, authority) = match answer {
-        Ok(answer) => answer,
-        Err((status, message)) => {
-            drop(in_flight);
-            log(status.as_u16(), None);
-            error_answer(out, status, message, &request_id, head.close);
-            if stream.write_all(out).await.is_err() || head.close {
-                return Step::Close;
-            }
-            return Step::Next(request_end);
-        }
-    };
-    let Exchange { mut connection, head_len: response_head_len, status } = exchange;
-    let upstream_elapsed = upstream_started.elapsed();
-    let upstream_ms = upstream_elapsed.as_millis() as u64;
-    let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
-
-    // The response head, rewritten for the client.
-    let framing = {
-        let mut response_headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS_MAX];
-        let mut response = httparse::Response::new(&mut response_headers);
-        let parsed = response.parse(&connection.buf);
-        match parsed {
-            Ok(httparse::Status::Complete(_)) => {
-                response_head(out, &response, method, &request_id, upstream_ms, proxy_ms, head.close)
-            }
-            _ => None,
-        }
-    };
-    let Some(framing) = framing else {
-        drop(in_flight);
-        log(StatusCode::BAD_GATEWAY.as_u16(), Some(upstream_elapsed.as_secs_f64() * 1e3));
-        error_answer(
-            out,
-            StatusCode::BAD_GATEWAY,
-            "An invalid response was received from the upstream server",
-            &request_id,
-            head.close,
-        );
-        if stream.write_all(out).await.is_err() || head.close {
-            return Step::Close;
-        }
-        return Step::Next(request_end);
-    };
-    drop(in_flight);
-    log(status, Some(upstream_elapsed.as_secs_f64() * 1e3));
-    let read_timeout = Duration::from_millis(service.read_timeout_ms);
-    let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, read_timeout).await;
-    if let Some(metrics) = &metrics {
-        metrics.egress_bytes.increment(relayed.body_bytes);
-    }
-    if relayed.upstream_reusable && framing.upstream_keepalive {
-        pool.put(authority, connection);
-    }
-    if !relayed.client_ok || framing.close_client {
-        return Step::Close;
-    }
-    Step::Next(request_end)
+    put_header(out, b"host", host.map_or(head.host.as_bytes(), HeaderValue::as_bytes));
 }
 
 /// How the response body is framed.
@@ -583,22 +778,18 @@ struct Framing {
     upstream_keepalive: bool,
     /// The client connection closes after this response.
     close_client: bool,
+    /// The response had `Transfer-Encoding` (its `Content-Length`, if any, is void).
+    encoded: bool,
+    dated: bool,
+    /// Its `Content-Length`, when it counts (for the log phase).
+    length: Option<u64>,
 }
 
-/// Writes the client's response head into `out`; `None` when the upstream's head is
-/// not one to pass on (502).
-fn response_head(
-    out: &mut Vec<u8>,
-    response: &httparse::Response<'_, '_>,
-    method: &str,
-    request_id: &HeaderValue,
-    upstream_ms: u64,
-    proxy_ms: u64,
-    client_close: bool,
-) -> Option<Framing> {
+/// How an upstream's response is framed (RFC 9112 §6.3); `None` when it is not one
+/// to pass on (502): unparseable lengths, or lengths that disagree.
+fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bool) -> Option<Framing> {
     let code = response.code?;
     let mut keepalive = response.version == Some(1);
-    let mut named: Vec<&str> = Vec::new();
     let (mut length, mut chunked, mut encoded, mut dated) = (None::<u64>, false, false, false);
     for header in response.headers.iter() {
         let is = |wanted: &str| header.name.eq_ignore_ascii_case(wanted);
@@ -614,10 +805,7 @@ fn response_head(
             chunked =
                 text(header.value)?.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         } else if is("connection") {
-            for token in tokens(text(header.value)?) {
-                keepalive &= !token.eq_ignore_ascii_case("close");
-                named.push(token);
-            }
+            keepalive &= !tokens(text(header.value)?).any(|token| token.eq_ignore_ascii_case("close"));
         } else if is("date") {
             dated = true;
         }
@@ -634,8 +822,32 @@ fn response_head(
         length.map_or(Body::UntilClose, Body::Length)
     };
     let close_client = client_close || body == Body::UntilClose;
+    let length = length.filter(|_| !encoded);
+    Some(Framing { body, upstream_keepalive: keepalive, close_client, encoded, dated, length })
+}
+
+/// Writes the client's response head into `out` from the upstream's parsed head,
+/// without a header map: what [`super::answer_headers`] and then
+/// [`crate::plugins::header_filter`] make of it. `ids` are the request id and the
+/// upstream and proxy latencies (ms); `added` are headers plugins set, each replacing
+/// any of its name.
+fn raw_response_head(
+    out: &mut Vec<u8>,
+    response: &httparse::Response<'_, '_>,
+    framing: &Framing,
+    ids: (&str, u64, u64),
+    added: &[(http::HeaderName, HeaderValue)],
+) {
+    let (request_id, upstream_ms, proxy_ms) = ids;
+    let mut named: Vec<&str> = Vec::new();
+    for header in response.headers.iter().filter(|header| header.name.eq_ignore_ascii_case("connection")) {
+        named.extend(text(header.value).into_iter().flat_map(tokens));
+    }
+    let replaced_by_plugin = |name: &str| added.iter().any(|(added, _)| added.as_str().eq_ignore_ascii_case(name));
     out.clear();
-    let _ = write!(out, "HTTP/1.1 {code} ");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_number(out, u64::from(response.code.unwrap_or_default()));
+    out.push(b' ');
     out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     for header in response.headers.iter() {
@@ -651,30 +863,69 @@ fn response_head(
         let replaced = is(super::REQUEST_ID_HEADER)
             || is("x-tollgate-upstream-latency")
             || is("x-tollgate-proxy-latency")
-            || (encoded && is("content-length"));
+            || (framing.encoded && is("content-length"))
+            || (!added.is_empty() && replaced_by_plugin(name));
         if hop_by_hop || replaced || named.iter().any(|token| token.eq_ignore_ascii_case(name)) {
             continue;
         }
         put_header(out, name.as_bytes(), header.value);
     }
-    put_header(out, b"via", super::VIA_VALUE.as_bytes());
-    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
-    let _ = write!(out, "x-tollgate-upstream-latency: {upstream_ms}\r\nx-tollgate-proxy-latency: {proxy_ms}\r\n");
+    let via = super::VIA_VALUE;
+    let ours: [(&str, &[u8]); 2] = [("via", via.as_bytes()), (super::REQUEST_ID_HEADER, request_id.as_bytes())];
+    for (name, value) in ours {
+        if !replaced_by_plugin(name) {
+            put_header(out, name.as_bytes(), value);
+        }
+    }
+    for (name, value) in [("x-tollgate-upstream-latency", upstream_ms), ("x-tollgate-proxy-latency", proxy_ms)] {
+        if !replaced_by_plugin(name) {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            put_number(out, value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    // `insert` semantics: of several added headers of one name, the last stands.
+    for (index, (name, value)) in added.iter().enumerate() {
+        if !added[index + 1..].iter().any(|(later, _)| later == name) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    let dated =
+        framing.dated && !replaced_by_plugin("date") || added.iter().any(|(name, _)| name == http::header::DATE);
+    framing_headers(out, framing.body, framing.close_client, dated);
+}
+
+/// Writes a response head from a header map (plugins had it), then what frames the
+/// body.
+fn map_head(out: &mut Vec<u8>, code: u16, reason: &str, headers: &HeaderMap, body: Body, close: bool, dated: bool) {
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {code} ");
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    framing_headers(out, body, close, dated);
+}
+
+/// The end of a response head: `Transfer-Encoding` for a chunked body, `Connection:
+/// close` when the client connection closes after it, a `Date` when none came.
+fn framing_headers(out: &mut Vec<u8>, body: Body, close: bool, dated: bool) {
     if body == Body::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if close_client {
+    if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     if !dated {
         put_header(out, b"date", httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    Some(Framing { body, upstream_keepalive: keepalive, close_client })
 }
 
 /// Kong's JSON error, as the general path answers it.
-fn error_answer(out: &mut Vec<u8>, status: StatusCode, message: &str, request_id: &HeaderValue, close: bool) {
+fn error_answer(out: &mut Vec<u8>, status: StatusCode, message: &str, request_id: &str, close: bool) {
     let body = super::error_body(message, request_id);
     out.clear();
     let _ = write!(
@@ -719,7 +970,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Sends `request` to `authority` and reads the response head, by `deadline`. A
+/// Sends `request` to `authority` and reads the response head, by `deadline` (`now`
+/// is the time it starts). A
 /// pooled connection the upstream closed before answering is replaced once by a new
 /// one, for an idempotent request (RFC 9110 §9.2.2).
 async fn send(
@@ -727,24 +979,26 @@ async fn send(
     authority: &Authority,
     request: &[u8],
     idempotent: bool,
+    now: Instant,
     deadline: Instant,
+    watchdog: &mut Watchdog,
 ) -> Result<Exchange, Failure> {
     let mut fresh_only = false;
     loop {
-        let pooled = if fresh_only { None } else { pool.checkout(authority) };
+        let pooled = if fresh_only { None } else { pool.checkout(authority, now) };
         let mut connection = match pooled {
             Some(connection) => connection,
-            None => match timeout_at(deadline, pool.connect(authority)).await {
-                Ok(Ok(connection)) => connection,
-                Ok(Err(failure)) => return Err(Failure::Connect(failure)),
-                Err(_) => return Err(Failure::Timeout),
+            None => match watchdog.within(deadline, pool.connect(authority)).await {
+                Some(Ok(connection)) => connection,
+                Some(Err(failure)) => return Err(Failure::Connect(failure)),
+                None => return Err(Failure::Timeout),
             },
         };
-        match timeout_at(deadline, read_head(&mut connection, request)).await {
-            Err(_) => return Err(Failure::Timeout),
-            Ok(Ok((head_len, status))) => return Ok(Exchange { connection, head_len, status }),
-            Ok(Err(HeadFailure::Unanswered(_))) if connection.reused && idempotent => fresh_only = true,
-            Ok(Err(HeadFailure::Unanswered(failure) | HeadFailure::Broken(failure))) => {
+        match watchdog.within(deadline, read_head(&mut connection, request)).await {
+            None => return Err(Failure::Timeout),
+            Some(Ok((head_len, status))) => return Ok(Exchange { connection, head_len, status }),
+            Some(Err(HeadFailure::Unanswered(_))) if connection.reused && idempotent => fresh_only = true,
+            Some(Err(HeadFailure::Unanswered(failure) | HeadFailure::Broken(failure))) => {
                 return Err(Failure::Broken(failure))
             }
         }
@@ -766,9 +1020,9 @@ async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize
     let mut answered = false;
     loop {
         if !connection.buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; UPSTREAM_HEADERS_MAX];
-            let mut response = httparse::Response::new(&mut headers);
-            match response.parse(&connection.buf) {
+            let mut headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
+            let mut response = httparse::Response::new(&mut []);
+            match parse_response(&mut response, &connection.buf, &mut headers) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let code = response.code.unwrap_or_default();
                     if (100..200).contains(&code) && code != 101 {
@@ -816,6 +1070,7 @@ async fn relay<S>(
     body: Body,
     out: &mut Vec<u8>,
     read_timeout: Duration,
+    watchdog: &mut Watchdog,
 ) -> Relayed
 where
     S: AsyncWrite + Unpin,
@@ -872,19 +1127,58 @@ where
         }
         connection.buf.clear();
         connection.buf.reserve(16 * 1024);
-        match timeout(read_timeout, connection.stream.read_buf(&mut connection.buf)).await {
-            Ok(Ok(0)) if body == Body::UntilClose => {
+        let read = connection.stream.read_buf(&mut connection.buf);
+        match watchdog.within(Instant::now() + read_timeout, read).await {
+            Some(Ok(0)) if body == Body::UntilClose => {
                 // The body ends with the connection; the client's closes after it.
                 let _ = client.flush().await;
                 return relayed;
             }
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+            Some(Ok(0)) | Some(Err(_)) | None => {
                 tracing::debug!("upstream response body cut off");
                 relayed.client_ok = false;
                 return relayed;
             }
-            Ok(Ok(_)) => {}
+            Some(Ok(_)) => {}
         }
+    }
+}
+
+/// One timer per client connection for every deadline of its requests: the idle
+/// keep-alive wait, the upstream's answer, body reads. Arming a tokio timer per wait
+/// (`tokio::time::timeout`) costs a timer-wheel insertion and removal each time; this
+/// one stays armed, and moves only when it fires before the deadline in force (it
+/// then checks the time and re-arms) or when a deadline earlier than its own comes.
+/// With the usual deadlines (tens of seconds) it moves about once per keep-alive
+/// period, not per request.
+struct Watchdog {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)) }
+    }
+
+    /// Runs `work` until `deadline`; `None` when the deadline came first.
+    async fn within<F: Future>(&mut self, deadline: Instant, work: F) -> Option<F::Output> {
+        if self.sleep.deadline() > deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            while self.sleep.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(None);
+                }
+                self.sleep.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -1060,6 +1354,37 @@ mod tests {
             offset += piece.len();
         }
         Ok(None)
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for value in [0, 7, 10, 12345, u64::MAX] {
+            let mut out = Vec::new();
+            put_number(&mut out, value);
+            assert_eq!(out, value.to_string().into_bytes());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_holds_every_deadline_whatever_it_was_armed_for() {
+        let second = Duration::from_secs(1);
+        let mut watchdog = Watchdog::new();
+        let start = Instant::now();
+        assert_eq!(watchdog.within(start + 10 * second, async { 7 }).await, Some(7));
+        // A long deadline: the timer fires early (armed for less), re-arms, and ends
+        // at the deadline.
+        assert_eq!(watchdog.within(start + 60 * second, std::future::pending::<()>()).await, None);
+        assert_eq!(Instant::now(), start + 60 * second);
+        // A deadline shorter than the one it is armed for moves it.
+        let now = Instant::now();
+        assert_eq!(watchdog.within(now + 120 * second, async {}).await, Some(()));
+        assert_eq!(watchdog.within(now + 2 * second, std::future::pending::<()>()).await, None);
+        assert_eq!(Instant::now(), now + 2 * second);
+        // Work that finishes in time is not cut.
+        let now = Instant::now();
+        let slow = tokio::time::sleep(5 * second);
+        assert_eq!(watchdog.within(now + 6 * second, slow).await, Some(()));
+        assert_eq!(Instant::now(), now + 5 * second);
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub struct ProxySnapshot {
     /// Certificates by SNI name, for the TLS listener.
     pub certificates: tls::Certificates,
     /// Metric handles per route id, and for requests no route matched.
-    pub route_metrics: HashMap<Uuid, Arc<telemetry::RouteMetrics>>,
+    pub route_metrics: crate::plugins::IdMap<Uuid, Arc<telemetry::RouteMetrics>>,
     pub unmatched_metrics: Option<Arc<telemetry::RouteMetrics>>,
     /// Plugin instances by scope, consumers and credentials.
     pub plugins: crate::plugins::Plugins,
@@ -209,6 +209,40 @@ pub struct Load {
     pub requests: AtomicU64,
 }
 
+/// A request id, `{node:x}-{sequence:x}`, on the stack (the direct path writes it
+/// without allocating).
+pub struct RequestId {
+    bytes: [u8; 33],
+    len: usize,
+}
+
+impl RequestId {
+    fn new(node: u64, sequence: u64) -> RequestId {
+        let mut id = RequestId { bytes: [0; 33], len: 0 };
+        id.push_hex(node);
+        id.bytes[id.len] = b'-';
+        id.len += 1;
+        id.push_hex(sequence);
+        id
+    }
+
+    fn push_hex(&mut self, value: u64) {
+        let digits = (16 - value.leading_zeros() as usize / 4).max(1);
+        for position in (0..digits).rev() {
+            self.bytes[self.len] = b"0123456789abcdef"[((value >> (position * 4)) & 0xf) as usize];
+            self.len += 1;
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("-")
+    }
+
+    pub fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_str(self.as_str()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
 /// Counts a request in flight until dropped.
 struct InFlight<'a>(&'a Load);
 
@@ -264,10 +298,59 @@ impl Proxy {
         }
     }
 
+    fn next_request_id(&self) -> RequestId {
+        RequestId::new(self.node_id, self.request_counter.fetch_add(1, Ordering::Relaxed))
+    }
+
     fn request_id(&self) -> HeaderValue {
-        let sequence = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        let text = format!("{:x}-{sequence:x}", self.node_id);
-        HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        self.next_request_id().header_value()
+    }
+
+    /// What the proxy adds to a request going upstream (step 7 of `node/PROXY.md`),
+    /// once hop-by-hop fields are gone: `X-Forwarded-*` (a trusted peer's kept),
+    /// `X-Real-IP`, the request id, `Via`, and `Host`. `client_host` is the client's
+    /// `Host` as it came.
+    fn forwarded_headers(
+        &self,
+        headers: &mut HeaderMap,
+        connection: &ClientConn,
+        client_ip: std::net::IpAddr,
+        request_id: &HeaderValue,
+        client_host: Option<&HeaderValue>,
+        upstream_host: Option<HeaderValue>,
+    ) {
+        let peer_ip = connection.peer.ip();
+        let peer_trusted = self.trusted_ips.contains(peer_ip);
+        let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(existing) => HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(),
+            None => Some(connection.peer_ip.clone()),
+        };
+        if let Some(forwarded_for) = forwarded_for {
+            headers.insert(X_FORWARDED_FOR, forwarded_for);
+        }
+        // A trusted peer's X-Forwarded-Proto/-Host/-Port describe the client: keep them.
+        if !(peer_trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+            let proto = HeaderValue::from_static(if connection.tls { "https" } else { "http" });
+            headers.insert(X_FORWARDED_PROTO, proto);
+        }
+        if !(peer_trusted && headers.contains_key(X_FORWARDED_HOST)) {
+            if let Some(host) = client_host.and_then(|h| h.to_str().ok()) {
+                set_header(headers, "x-forwarded-host", strip_port(host));
+            }
+        }
+        if !(peer_trusted && headers.contains_key(X_FORWARDED_PORT)) {
+            headers.insert(X_FORWARDED_PORT, connection.local_port.clone());
+        }
+        if client_ip == peer_ip {
+            headers.insert(X_REAL_IP, connection.peer_ip.clone());
+        } else {
+            set_header(headers, "x-real-ip", &client_ip.to_string());
+        }
+        headers.insert(REQUEST_ID_NAME, request_id.clone());
+        headers.append(http::header::VIA, VIA_VALUE);
+        if let Some(host) = upstream_host {
+            headers.insert(HOST, host);
+        }
     }
 
     /// Answers one request of `connection`, which is told when the request started and
@@ -477,38 +560,15 @@ impl Proxy {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let peer_trusted = self.trusted_ips.contains(peer_ip);
-        let forwarded_for = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) => HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(),
-            None => Some(connection.peer_ip.clone()),
-        };
-        if let Some(forwarded_for) = forwarded_for {
-            parts.headers.insert(X_FORWARDED_FOR, forwarded_for);
-        }
-        // A trusted peer's X-Forwarded-Proto/-Host/-Port describe the client: keep them.
-        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_PROTO)) {
-            let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
-            parts.headers.insert(X_FORWARDED_PROTO, proto);
-        }
-        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_HOST)) {
-            if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
-                set_header(&mut parts.headers, "x-forwarded-host", strip_port(host));
-            }
-        }
-        if !(peer_trusted && parts.headers.contains_key(X_FORWARDED_PORT)) {
-            parts.headers.insert(X_FORWARDED_PORT, connection.local_port.clone());
-        }
-        if client_ip == peer_ip {
-            parts.headers.insert(X_REAL_IP, connection.peer_ip.clone());
-        } else {
-            set_header(&mut parts.headers, "x-real-ip", &client_ip.to_string());
-        }
-        parts.headers.insert(REQUEST_ID_NAME, request_id.clone());
-        parts.headers.append(http::header::VIA, VIA_VALUE);
-        let upstream_host = if preserve_host { client_host } else { service.host_header.clone() };
-        if let Some(host) = upstream_host {
-            parts.headers.insert(HOST, host);
-        }
+        let upstream_host = if preserve_host { client_host.clone() } else { service.host_header.clone() };
+        self.forwarded_headers(
+            &mut parts.headers,
+            connection,
+            client_ip,
+            &request_id,
+            client_host.as_ref(),
+            upstream_host,
+        );
 
         // A failure of the client's body (bad chunk, over the size limit) must not be
         // blamed on the upstream: the flag tells the two apart.
@@ -681,12 +741,8 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let from_plugins = plugin_run.as_ref().map_or(0, |(_, ctx)| ctx.response_headers.len());
         parts.headers.reserve(RESPONSE_HEADERS_ADDED + from_plugins);
-        remove_hop_by_hop(&mut parts.headers);
-        parts.headers.append(http::header::VIA, VIA_VALUE);
-        parts.headers.insert(REQUEST_ID_NAME, request_id);
-        parts.headers.insert(UPSTREAM_LATENCY_NAME, HeaderValue::from(upstream_ms));
         let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
-        parts.headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
+        answer_headers(&mut parts.headers, request_id, upstream_ms, proxy_ms);
         let mut plugin_run = plugin_run;
         let mut cache_store = None;
         let mut body: ProxyBody = body.boxed();
@@ -921,6 +977,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// RFC 9110 §7.6.1: hop-by-hop fields, and every field `Connection` names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none: one pass over the names (no hashing) says so.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -936,6 +996,16 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// An upstream's response headers as the client gets them: hop-by-hop fields gone,
+/// `Via`, the request id and the two latencies (ms) added.
+fn answer_headers(headers: &mut HeaderMap, request_id: HeaderValue, upstream_ms: u64, proxy_ms: u64) {
+    remove_hop_by_hop(headers);
+    headers.append(http::header::VIA, VIA_VALUE);
+    headers.insert(REQUEST_ID_NAME, request_id);
+    headers.insert(UPSTREAM_LATENCY_NAME, HeaderValue::from(upstream_ms));
+    headers.insert(PROXY_LATENCY_NAME, HeaderValue::from(proxy_ms));
 }
 
 fn set_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -971,13 +1041,13 @@ fn exit_response(exit: crate::plugins::Exit, request_id: &HeaderValue) -> Respon
 }
 
 /// The body of a JSON error answer, Kong's shape: `{"message": ...}`.
-fn error_body(message: &str, request_id: &HeaderValue) -> String {
-    serde_json::json!({ "message": message, "request_id": request_id.to_str().unwrap_or_default() }).to_string()
+fn error_body(message: &str, request_id: &str) -> String {
+    serde_json::json!({ "message": message, "request_id": request_id }).to_string()
 }
 
 /// A JSON error answer, Kong's shape: `{"message": ...}`.
 fn error(status: StatusCode, message: &str, request_id: &HeaderValue) -> Response<ProxyBody> {
-    let body = error_body(message, request_id);
+    let body = error_body(message, request_id.to_str().unwrap_or_default());
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -1114,5 +1184,18 @@ async fn serve_stream<S>(
             }
         }
         _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    use super::RequestId;
+
+    #[test]
+    fn request_ids_are_node_and_sequence_in_hex() {
+        assert_eq!(RequestId::new(1, 0).as_str(), "1-0");
+        assert_eq!(RequestId::new(0x2a, 0xbeef).as_str(), "2a-beef");
+        assert_eq!(RequestId::new(u64::MAX, u64::MAX).as_str(), "ffffffffffffffff-ffffffffffffffff");
+        assert_eq!(RequestId::new(3, 16).as_str(), format!("{:x}-{:x}", 3, 16));
     }
 }

@@ -208,7 +208,9 @@ pub struct DirectConn {
 
 /// Idle connections with when each went idle; foldhash, as the map is looked up
 /// twice per request and its keys come from the config.
-type IdleDirect = HashMap<Authority, Vec<(DirectConn, Instant)>, foldhash::fast::RandomState>;
+/// Keyed by the authority's text: `Authority` hashes and compares byte by byte,
+/// lower-casing each.
+type IdleDirect = HashMap<Box<str>, Vec<(DirectConn, Instant)>, foldhash::fast::RandomState>;
 
 /// One worker's idle upstream connections for the direct path, by address.
 pub struct DirectPool {
@@ -234,12 +236,13 @@ impl DirectPool {
 
     /// An idle connection to `authority` that still looks open: one the upstream
     /// closed (or wrote to unasked) reads as ready, and is dropped.
-    pub fn checkout(&self, authority: &Authority) -> Option<DirectConn> {
+    pub fn checkout(&self, authority: &Authority, now: Instant) -> Option<DirectConn> {
         let mut idle = self.idle.try_lock().ok()?;
-        let connections = idle.get_mut(authority)?;
+        let connections = idle.get_mut(authority.as_str())?;
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some((connection, since)) = connections.pop() {
-            if since.elapsed() < UPSTREAM_IDLE_TIMEOUT && connection.stream.poll_read_ready(&mut cx).is_pending() {
+            let fresh = now.saturating_duration_since(since) < UPSTREAM_IDLE_TIMEOUT;
+            if fresh && connection.stream.poll_read_ready(&mut cx).is_pending() {
                 return Some(connection);
             }
         }
@@ -255,17 +258,21 @@ impl DirectPool {
         Ok(DirectConn { stream, buf: bytes::BytesMut::with_capacity(DIRECT_BUFFER_BYTES), reused: false })
     }
 
-    /// Keeps a connection whose exchange ended cleanly for the next request.
-    pub fn put(&self, authority: &Authority, mut connection: DirectConn) {
+    /// Keeps a connection whose exchange ended cleanly (`now`, about) for the next
+    /// request.
+    pub fn put(&self, authority: &Authority, mut connection: DirectConn, now: Instant) {
         let Ok(mut idle) = self.idle.try_lock() else { return };
-        if idle.len() >= POOL_AUTHORITIES_MAX && !idle.contains_key(authority) {
-            idle.clear();
+        if !idle.contains_key(authority.as_str()) {
+            if idle.len() >= POOL_AUTHORITIES_MAX {
+                idle.clear();
+            }
+            idle.insert(authority.as_str().into(), Vec::new());
         }
-        let connections = idle.entry(authority.clone()).or_default();
+        let Some(connections) = idle.get_mut(authority.as_str()) else { return };
         if connections.len() < UPSTREAM_IDLE_CONNECTIONS_MAX {
             connection.buf.clear();
             connection.reused = true;
-            connections.push((connection, Instant::now()));
+            connections.push((connection, now));
         }
     }
 }

@@ -19,8 +19,6 @@
 //! no look-around or back-references (Kong's PCRE has); such paths are refused when
 //! the config is compiled, and the route never matches.
 
-use std::collections::HashMap;
-
 use regex::Regex;
 use serde_json::Value;
 use uuid::Uuid;
@@ -364,7 +362,7 @@ pub fn strip_port(host: &str) -> &str {
 }
 
 /// Services by id, for the data path.
-pub type Services = HashMap<Uuid, std::sync::Arc<CompiledService>>;
+pub type Services = crate::plugins::IdMap<Uuid, std::sync::Arc<CompiledService>>;
 
 /// One service as the data path needs it.
 #[derive(Debug)]
