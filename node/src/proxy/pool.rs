@@ -10,7 +10,7 @@
 //! closed it while idle) is sent again on a fresh connection: nothing of it left.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -50,15 +50,44 @@ pub struct H1Pool {
     tcp: HttpConnector<DnsCache>,
 }
 
+/// The TCP connector of both pools: names through the DNS cache, `TCP_NODELAY` set.
+fn connector(dns: DnsCache) -> HttpConnector<DnsCache> {
+    let mut tcp = HttpConnector::new_with_resolver(dns);
+    tcp.set_nodelay(true);
+    tcp
+}
+
+/// Runs `sweep` on `pool` every [`POOL_SWEEP_INTERVAL`] until the pool is gone (when
+/// there is a runtime to run it on).
+fn spawn_sweeper<P: Send + Sync + 'static>(pool: &Arc<P>, sweep: fn(&P)) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let pool = Arc::downgrade(pool);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(POOL_SWEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            sweep(&pool);
+        }
+    });
+}
+
 impl H1Pool {
     pub fn new(dns: DnsCache) -> Arc<H1Pool> {
-        let mut tcp = HttpConnector::new_with_resolver(dns);
-        tcp.set_nodelay(true);
-        let pool = Arc::new(H1Pool { idle: Mutex::default(), tcp });
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(sweep(Arc::downgrade(&pool)));
-        }
+        let pool = Arc::new(H1Pool { idle: Mutex::default(), tcp: connector(dns) });
+        spawn_sweeper(&pool, H1Pool::sweep);
         pool
+    }
+
+    /// Closes idle connections past their time.
+    fn sweep(&self) {
+        let Ok(mut idle) = self.idle.try_lock() else { return };
+        idle.retain(|_, senders| {
+            senders.retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT);
+            !senders.is_empty()
+        });
     }
 
     /// Sends `request` to `authority` over a pooled or new connection. The request's
@@ -142,20 +171,6 @@ impl H1Pool {
     }
 }
 
-/// Closes idle connections past their time, until the pool is gone.
-async fn sweep(pool: Weak<H1Pool>) {
-    let mut ticks = tokio::time::interval(POOL_SWEEP_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        let Ok(mut idle) = pool.idle.try_lock() else { continue };
-        idle.retain(|_, senders| {
-            senders.retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT);
-            !senders.is_empty()
-        });
-    }
-}
-
 /// Gives a connection back to its pool when dropped (with the response body), if it
 /// is ready for another request; [`PoolReturn::discard`] keeps it out (an upgrade).
 pub struct PoolReturn {
@@ -225,13 +240,19 @@ const DIRECT_BUFFER_BYTES: usize = 8 * 1024;
 
 impl DirectPool {
     pub fn new(dns: DnsCache) -> Arc<DirectPool> {
-        let mut tcp = HttpConnector::new_with_resolver(dns);
-        tcp.set_nodelay(true);
-        let pool = Arc::new(DirectPool { idle: Mutex::default(), tcp });
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(sweep_direct(Arc::downgrade(&pool)));
-        }
+        let pool = Arc::new(DirectPool { idle: Mutex::default(), tcp: connector(dns) });
+        spawn_sweeper(&pool, DirectPool::sweep);
         pool
+    }
+
+    /// Closes idle connections past their time.
+    fn sweep(&self) {
+        let Ok(mut idle) = self.idle.try_lock() else { return };
+        let now = Instant::now();
+        idle.retain(|_, connections| {
+            connections.retain(|(_, since)| now.saturating_duration_since(*since) < UPSTREAM_IDLE_TIMEOUT);
+            !connections.is_empty()
+        });
     }
 
     /// An idle connection to `authority` that still looks open: one the upstream
@@ -274,19 +295,5 @@ impl DirectPool {
             connection.reused = true;
             connections.push((connection, now));
         }
-    }
-}
-
-/// Closes the direct path's idle connections past their time, until the pool is gone.
-async fn sweep_direct(pool: Weak<DirectPool>) {
-    let mut ticks = tokio::time::interval(POOL_SWEEP_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        let Ok(mut idle) = pool.idle.try_lock() else { continue };
-        idle.retain(|_, connections| {
-            connections.retain(|(_, since)| since.elapsed() < UPSTREAM_IDLE_TIMEOUT);
-            !connections.is_empty()
-        });
     }
 }
