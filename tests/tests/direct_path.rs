@@ -17,6 +17,8 @@ const BIG_BODY_BYTES: usize = 300_000;
 struct ScriptedUpstream {
     address: String,
     connections: Arc<AtomicU64>,
+    /// Requests for `/secret`, which no test route should let through.
+    secrets: Arc<AtomicU64>,
 }
 
 impl ScriptedUpstream {
@@ -24,14 +26,15 @@ impl ScriptedUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
         let connections = Arc::new(AtomicU64::new(0));
-        let counted = connections.clone();
+        let secrets = Arc::new(AtomicU64::new(0));
+        let (counted, secret) = (connections.clone(), secrets.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_scripted(stream));
+                tokio::spawn(serve_scripted(stream, secret.clone()));
             }
         });
-        Ok(ScriptedUpstream { address, connections })
+        Ok(ScriptedUpstream { address, connections, secrets })
     }
 
     fn connections(&self) -> u64 {
@@ -39,7 +42,7 @@ impl ScriptedUpstream {
     }
 }
 
-async fn serve_scripted(mut stream: tokio::net::TcpStream) {
+async fn serve_scripted(mut stream: tokio::net::TcpStream, secrets: Arc<AtomicU64>) {
     let mut buf = Vec::new();
     let mut answered = 0;
     loop {
@@ -82,6 +85,9 @@ async fn serve_scripted(mut stream: tokio::net::TcpStream) {
         }
         let mut line = head.split(' ');
         let (method, path) = (line.next().unwrap_or_default(), line.next().unwrap_or_default());
+        if path.ends_with("/secret") {
+            secrets.fetch_add(1, Ordering::SeqCst);
+        }
         if path.ends_with("/drop-second") && answered == 1 {
             return;
         }
@@ -96,7 +102,8 @@ async fn serve_scripted(mut stream: tokio::net::TcpStream) {
                 answer.extend((0..BIG_BODY_BYTES).map(|i| b'a' + (i % 26) as u8));
                 answer
             }
-            "drop-second" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "drop-second" | "secret" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "hidden-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello".to_vec(),
             "bad" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_vec(),
             "until-close" => {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ").await;
@@ -287,5 +294,50 @@ async fn plugins_run_on_the_direct_path_unless_one_needs_the_response_body() -> 
     assert_eq!((reply.status, &reply.body["headers"]["x-added"]), (200, &json!(["yes"])));
     assert_eq!(http.request(&proxy, "GET", None, "/open", &[]).await?.headers["x-out"], "1");
     assert!(counter(&cluster, "tollgate_proxy_handoffs_total").await? >= 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_fields_named_by_connection_and_answers_to_head_keep_both_sides_in_step() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+
+    // `Connection: content-length` on a request must not strip its length while its
+    // body, itself a request, goes on: the upstream sees one POST, never `/secret`.
+    let inner = "GET /s/secret HTTP/1.1\r\nHost: t\r\n\r\n";
+    let smuggling = format!(
+        "POST /s/length HTTP/1.1\r\nHost: t\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{inner}\
+         GET /s/length HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        inner.len()
+    );
+    let (status, text) = raw_exchange(&proxy, smuggling.as_bytes()).await?;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(upstream.secrets.load(Ordering::SeqCst), 0, "the body was not read as a request: {text}");
+
+    // An upstream's `Connection: content-length`: the client still gets a length, so
+    // the next answer on its connection starts where it should.
+    let (_, text) = raw_exchange(
+        &proxy,
+        b"GET /s/hidden-length HTTP/1.1\r\nHost: t\r\n\r\nGET /s/length HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.to_ascii_lowercase().contains("content-length: 5\r\n"), "{text}");
+
+    // A proxy-made answer to HEAD has no body: the next answer follows its head.
+    let (status, text) = raw_exchange(
+        &proxy,
+        b"HEAD /s/bad HTTP/1.1\r\nHost: t\r\n\r\nGET /s/length HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, 502, "{text}");
+    assert!(!text.contains("\"message\""), "no JSON body after a HEAD: {text}");
+    assert!(text.contains("\r\n\r\nHTTP/1.1 200 OK"), "{text}");
+
+    // A target hyper's parser refuses is not routed here either: the general path
+    // answers it.
+    let (status, _) = raw_exchange(&proxy, b"GET /s/<length> HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await?;
+    assert_eq!(status, 400);
     Ok(())
 }

@@ -304,6 +304,12 @@ pub trait Plugin: Send + Sync {
         None
     }
 
+    /// Whether [`Plugin::rewrite`] does anything: a global instance that does sends
+    /// every request to the general path, which runs the phase before routing.
+    fn rewrites(&self) -> bool {
+        false
+    }
+
     fn access(&self, _ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         Flow::Continue
     }
@@ -487,6 +493,8 @@ pub struct Plugins {
     /// any other runs no plugin unless there are global ones (a consumer's instances
     /// need an authentication plugin to have identified the consumer first).
     scoped: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
+    /// A global instance has a rewrite phase.
+    rewrites: bool,
 }
 
 impl Plugins {
@@ -544,7 +552,7 @@ impl Plugins {
             .map(|((index, _), instance)| (*index, instance.clone()))
             .collect();
         global.sort_by_key(|(index, _)| *index);
-        let global = global.into_iter().map(|(_, instance)| instance).collect();
+        let global: Vec<Arc<Instance>> = global.into_iter().map(|(_, instance)| instance).collect();
         let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
         let data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
         let direct = names.iter().all(|name| !RESPONSE_PLUGINS.contains(&name.as_str()));
@@ -554,7 +562,8 @@ impl Plugins {
             .flat_map(|(_, scope)| [scope.route, scope.service])
             .flatten()
             .collect();
-        Plugins { instances, shapes, names, global, data, direct, scoped }
+        let rewrites = global.iter().any(|instance| instance.plugin.rewrites());
+        Plugins { instances, shapes, names, global, data, direct, scoped, rewrites }
     }
 
     /// Runs the `rewrite` phase of the global instances for `protocol`; an exit
@@ -576,9 +585,14 @@ impl Plugins {
         self.direct
     }
 
-    /// Whether there are global instances (they run `rewrite`, before routing).
+    /// Whether there are global instances.
     pub fn has_global(&self) -> bool {
         !self.global.is_empty()
+    }
+
+    /// Whether a global instance has a rewrite phase ([`Plugin::rewrites`]).
+    pub fn rewrites(&self) -> bool {
+        self.rewrites
     }
 
     /// Whether any plugin may run for a request on `route` of `service`.
@@ -821,6 +835,10 @@ mod tests {
     const TRAIL: HeaderName = HeaderName::from_static("x-trail");
 
     impl Plugin for Recorder {
+        fn rewrites(&self) -> bool {
+            true
+        }
+
         fn rewrite(&self, request: &mut RewriteView<'_>) -> Option<Exit> {
             request.headers.append(TRAIL, HeaderValue::from_str(&format!("rewrite:{}", self.name)).unwrap());
             None
@@ -871,6 +889,7 @@ mod tests {
             data: PluginData::default(),
             direct: true,
             scoped: [route].into_iter().collect(),
+            rewrites: true,
         };
         let mut headers = http::HeaderMap::new();
         let method = http::Method::POST;

@@ -101,14 +101,8 @@ where
             }
         }
         match exchange(stream, conn, &buf, &mut out, &mut watchdog).await {
-            Step::Next(used) => {
-                conn.proxy.direct_requests.increment(1);
-                buf.advance(used);
-            }
-            Step::Close => {
-                conn.proxy.direct_requests.increment(1);
-                return Outcome::Closed;
-            }
+            Step::Next(used) => buf.advance(used),
+            Step::Close => return Outcome::Closed,
             Step::HandOff => {
                 conn.proxy.handoffs.increment(1);
                 return Outcome::HandOff(buf);
@@ -192,6 +186,8 @@ fn tokens(value: &str) -> impl Iterator<Item = &str> {
 struct Head<'a> {
     kinds: [Kind; HEADERS_COUNT_MAX],
     content_length: usize,
+    /// The client sent a `Content-Length`.
+    declared: bool,
     host: &'a str,
     /// The client asked to close after this request.
     close: bool,
@@ -209,6 +205,7 @@ impl<'a> Head<'a> {
         let mut head = Head {
             kinds: [Kind::Copy; HEADERS_COUNT_MAX],
             content_length: 0,
+            declared: false,
             host: "",
             close: false,
             forwarded_for: None,
@@ -218,7 +215,7 @@ impl<'a> Head<'a> {
             forwarded_port: false,
         };
         let mut named: Vec<&str> = Vec::new();
-        let (mut host, mut length) = (None, None);
+        let (mut host, mut length, mut forwarded_for_seen) = (None, None, false);
         for (index, header) in headers.iter().enumerate() {
             let kind = request_header_kind(header.name);
             head.kinds[index] = kind;
@@ -226,7 +223,12 @@ impl<'a> Head<'a> {
                 Kind::Refuse => return None,
                 Kind::Connection => {
                     for token in tokens(text(header.value)?) {
-                        if token.eq_ignore_ascii_case("upgrade") {
+                        // `Connection` naming a framing field would have it removed
+                        // while the body stays (a smuggled request): not here.
+                        if ["upgrade", "content-length", "transfer-encoding", "host"]
+                            .iter()
+                            .any(|framing| token.eq_ignore_ascii_case(framing))
+                        {
                             return None;
                         }
                         head.close |= token.eq_ignore_ascii_case("close");
@@ -241,22 +243,31 @@ impl<'a> Head<'a> {
                 }
                 Kind::Host | Kind::ContentLength => return None,
                 Kind::ContentType if header.value.starts_with(b"application/grpc") => return None,
-                Kind::ForwardedFor if head.forwarded_for.is_none() => head.forwarded_for = text(header.value),
+                // Only the first, as the general path reads it (`HeaderMap::get`).
+                Kind::ForwardedFor if !forwarded_for_seen => {
+                    forwarded_for_seen = true;
+                    head.forwarded_for = text(header.value);
+                }
                 _ => {}
             }
         }
         head.host = host?;
+        head.declared = length.is_some();
         head.content_length = length.unwrap_or(0);
         if head.content_length > DIRECT_BODY_BYTES_MAX {
             return None;
         }
+        let mut kept_seen = false;
         for (index, header) in headers.iter().enumerate() {
             if !named.is_empty() && named.iter().any(|name| name.eq_ignore_ascii_case(header.name)) {
                 head.kinds[index] = Kind::Drop;
                 continue;
             }
             match head.kinds[index] {
-                Kind::ForwardedFor if head.forwarded_for_kept.is_none() => head.forwarded_for_kept = text(header.value),
+                Kind::ForwardedFor if !kept_seen => {
+                    kept_seen = true;
+                    head.forwarded_for_kept = text(header.value);
+                }
                 Kind::ForwardedProto => head.forwarded_proto = true,
                 Kind::ForwardedHost => head.forwarded_host = true,
                 Kind::ForwardedPort => head.forwarded_port = true,
@@ -335,6 +346,11 @@ where
     if !target.starts_with('/') || target.len() > URI_BYTES_MAX || target.contains('#') || method == "CONNECT" {
         return Step::HandOff;
     }
+    // Only targets the general path's URI parser takes: it refuses some that
+    // httparse lets through (`<`, `>`, a backtick), and answers them itself.
+    if http::uri::PathAndQuery::try_from(target).is_err() {
+        return Step::HandOff;
+    }
     let headers = request.headers;
     let Some(head) = Head::read(headers) else { return Step::HandOff };
     let request_end = head_len + head.content_length;
@@ -353,28 +369,19 @@ where
     if !plugins.is_empty() && !plugins.direct() {
         return Step::HandOff;
     }
+    // A global rewrite phase runs before routing, so before this path knows whether
+    // it takes the request: requests then take the general path.
+    if plugins.rewrites() {
+        return Step::HandOff;
+    }
     let protocol = if conn.tls { "https" } else { "http" };
     // A header map only for what reads one: plugins, or routes matching on headers.
-    let mut map =
-        (plugins.has_global() || snapshot.router.reads_headers()).then(|| header_map(headers, &buf[..head_len]));
+    let mut map = snapshot.router.reads_headers().then(|| header_map(headers, &buf[..head_len]));
     let method_of = || http::Method::from_bytes(method.as_bytes()).ok();
-    if plugins.has_global() {
-        // Global plugins' rewrite phase, before routing. An answer from it is left to
-        // the general path, which runs the phase again (no plugin keeps state there).
-        let (Some(map), Some(http_method)) = (map.as_mut(), method_of()) else { return Step::HandOff };
-        let mut view = crate::plugins::RewriteView { method: &http_method, path: &path, headers: map };
-        if plugins.rewrite(protocol, &mut view).is_some() {
-            return Step::HandOff;
-        }
-    }
-    let host_header = match &map {
-        Some(map) if plugins.has_global() => map.get(HOST).and_then(|host| host.to_str().ok()).unwrap_or(head.host),
-        _ => head.host,
-    };
-    let host = if host_header.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(host_header.to_ascii_lowercase())
+    let host = if head.host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(head.host.to_ascii_lowercase())
     } else {
-        Cow::Borrowed(host_header)
+        Cow::Borrowed(head.host)
     };
     let empty = HeaderMap::new();
     let view = RequestView { method, host: &host, path: &path, headers: map.as_ref().unwrap_or(&empty), protocol };
@@ -397,6 +404,8 @@ where
     }
 
     // From here on the request is this path's: it is answered whatever happens.
+    // (Counted now, before its answer can reach the client.)
+    proxy.direct_requests.increment(1);
     let in_flight = InFlight::new(&proxy.load);
     let metrics = snapshot.route_metrics.get(&route.id).cloned();
     let request_id = proxy.next_request_id();
@@ -431,6 +440,12 @@ where
             access_log.log(entry.line());
         }
         latency_ms
+    };
+    // Bytes of an answer the proxy or a plugin made, as the general path counts them.
+    let egress = |bytes: u64| {
+        if let Some(metrics) = &metrics {
+            metrics.egress_bytes.increment(bytes);
+        }
     };
     let labels = || {
         let service = metrics.as_ref().map_or("", |m| m.service_label.as_str());
@@ -473,30 +488,31 @@ where
             crate::plugins::log(&ran, &ctx, &summary, &proxy.plugin_state);
             let reason = status.canonical_reason().unwrap_or_default();
             map_head(out, status.as_u16(), reason, &answer, Body::Length(exit.body.len() as u64), head.close, false);
-            out.extend_from_slice(&exit.body);
+            // An answer to `HEAD` keeps its length and sends no body, as hyper does.
+            if method != "HEAD" {
+                out.extend_from_slice(&exit.body);
+                egress(exit.body.len() as u64);
+            }
             return answered(stream, out, head.close, request_end).await;
         }
         let body_limit = ctx.body_limit.map_or(super::BODY_BYTES_MAX, |limit| limit.min(super::BODY_BYTES_MAX));
         match ctx.request_body.take() {
-            // A plugin read the body (and may have changed it): it goes with its length.
-            Some(read) => {
-                if !(read.is_empty() && head.content_length == 0) {
-                    map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(read.len()));
-                }
-                body = read;
-            }
+            // A plugin read the body (and may have changed it): it goes as it is now,
+            // with its length (set with the other headers below).
+            Some(read) => body = read,
             None => body = sent,
         }
         if body.len() as u64 > body_limit {
             drop(in_flight);
             log(StatusCode::PAYLOAD_TOO_LARGE.as_u16(), Instant::now(), None, None);
-            error_answer(
+            egress(error_answer(
                 out,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "Request size limit exceeded",
                 request_id.as_str(),
                 head.close,
-            );
+                method == "HEAD",
+            ));
             return answered(stream, out, head.close, request_end).await;
         }
         plugin_run = Some((ran, ctx));
@@ -517,18 +533,26 @@ where
         upstream_path.push('?');
         upstream_path.push_str(query);
     }
-    if !upstream_path.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'#') {
+    // The general path's parser decides, as there (it drops a fragment).
+    let Ok(upstream_target) = http::uri::PathAndQuery::try_from(upstream_path) else {
         drop(in_flight);
         log(StatusCode::BAD_REQUEST.as_u16(), Instant::now(), None, None);
-        error_answer(out, StatusCode::BAD_REQUEST, "invalid request path", request_id.as_str(), head.close);
+        egress(error_answer(
+            out,
+            StatusCode::BAD_REQUEST,
+            "invalid request path",
+            request_id.as_str(),
+            head.close,
+            method == "HEAD",
+        ));
         return answered(stream, out, head.close, request_end).await;
-    }
+    };
 
     // The upstream request: line, headers as the general path leaves them, body.
     out.clear();
     out.extend_from_slice(upstream_method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(upstream_path.as_bytes());
+    out.extend_from_slice(upstream_target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     match (map.as_mut(), with_plugins) {
         (Some(map), true) => {
@@ -537,6 +561,16 @@ where
             let upstream_host = if route.preserve_host { client_host.clone() } else { service.host_header.clone() };
             let id = request_id.header_value();
             proxy.forwarded_headers(map, conn, client_ip, &id, client_host.as_ref(), upstream_host);
+            // A plugin may have taken `Host` away; the pool of the general path then
+            // sends the upstream's.
+            if let (false, Some(host)) = (map.contains_key(HOST), &service.host_header) {
+                map.insert(HOST, host.clone());
+            }
+            // The body's length is ours to say, never a header the client sent.
+            map.remove(http::header::CONTENT_LENGTH);
+            if head.declared || !body.is_empty() {
+                map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            }
             for (name, value) in map.iter() {
                 put_header(out, name.as_str().as_bytes(), value.as_bytes());
             }
@@ -633,7 +667,7 @@ where
         Err((status, message)) => {
             drop(in_flight);
             log(status.as_u16(), Instant::now(), None, upstream_label.as_deref());
-            error_answer(out, status, message, request_id.as_str(), head.close);
+            egress(error_answer(out, status, message, request_id.as_str(), head.close, method == "HEAD"));
             return answered(stream, out, head.close, request_end).await;
         }
     };
@@ -648,7 +682,7 @@ where
         let mut response_headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
         let mut response = httparse::Response::new(&mut []);
         let parsed = parse_response(&mut response, &connection.buf, &mut response_headers);
-        match (parsed, framing(&response, method, head.close)) {
+        match (parsed, framing(&response, upstream_method, head.close)) {
             (Ok(httparse::Status::Complete(_)), Some(framing)) => {
                 // The plugins here have no response phase of their own (see
                 // `Plugins::direct`): `header_filter` comes down to the headers they
@@ -666,7 +700,7 @@ where
         drop(in_flight);
         log(StatusCode::BAD_GATEWAY.as_u16(), answered_at, upstream_ms_f, upstream_label.as_deref());
         let message = "An invalid response was received from the upstream server";
-        error_answer(out, StatusCode::BAD_GATEWAY, message, request_id.as_str(), head.close);
+        egress(error_answer(out, StatusCode::BAD_GATEWAY, message, request_id.as_str(), head.close, method == "HEAD"));
         return answered(stream, out, head.close, request_end).await;
     };
     drop(in_flight);
@@ -680,7 +714,7 @@ where
             service,
             route,
             from_upstream: true,
-            response_bytes: framing.length,
+            response_bytes: framing.content_length,
         };
         crate::plugins::log(ran, ctx, &summary, &proxy.plugin_state);
     }
@@ -725,7 +759,7 @@ fn raw_request_headers(
     let peer_trusted = conn.proxy.trusted_ips.contains(peer_ip);
     for (header, kind) in headers.iter().zip(head.kinds) {
         let keep = match kind {
-            Kind::Copy | Kind::ContentLength | Kind::ContentType => true,
+            Kind::Copy | Kind::ContentType => true,
             Kind::ForwardedProto => peer_trusted && head.forwarded_proto,
             Kind::ForwardedHost => peer_trusted && head.forwarded_host,
             Kind::ForwardedPort => peer_trusted && head.forwarded_port,
@@ -759,6 +793,11 @@ fn raw_request_headers(
     put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
     put_header(out, b"via", super::VIA_VALUE.as_bytes());
     put_header(out, b"host", host.map_or(head.host.as_bytes(), HeaderValue::as_bytes));
+    if head.declared {
+        out.extend_from_slice(b"content-length: ");
+        put_number(out, head.content_length as u64);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// How the response body is framed.
@@ -778,17 +817,17 @@ struct Framing {
     upstream_keepalive: bool,
     /// The client connection closes after this response.
     close_client: bool,
-    /// The response had `Transfer-Encoding` (its `Content-Length`, if any, is void).
-    encoded: bool,
     dated: bool,
-    /// Its `Content-Length`, when it counts (for the log phase).
-    length: Option<u64>,
+    /// The `Content-Length` the client gets (the upstream's is never copied: a
+    /// `Connection` naming it would leave the body unframed).
+    content_length: Option<u64>,
 }
 
 /// How an upstream's response is framed (RFC 9112 §6.3); `None` when it is not one
 /// to pass on (502): unparseable lengths, or lengths that disagree.
 fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bool) -> Option<Framing> {
-    let code = response.code?;
+    // Below 100 is no HTTP status (hyper's client refuses it too).
+    let code = response.code.filter(|code| *code >= 100)?;
     let mut keepalive = response.version == Some(1);
     let (mut length, mut chunked, mut encoded, mut dated) = (None::<u64>, false, false, false);
     for header in response.headers.iter() {
@@ -822,8 +861,13 @@ fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bo
         length.map_or(Body::UntilClose, Body::Length)
     };
     let close_client = client_close || body == Body::UntilClose;
-    let length = length.filter(|_| !encoded);
-    Some(Framing { body, upstream_keepalive: keepalive, close_client, encoded, dated, length })
+    let content_length = match body {
+        Body::Length(length) => Some(length),
+        // `HEAD` and 304 keep the length the body would have had.
+        Body::Empty if code != 204 && code >= 200 && !encoded => length,
+        _ => None,
+    };
+    Some(Framing { body, upstream_keepalive: keepalive, close_client, dated, content_length })
 }
 
 /// Writes the client's response head into `out` from the upstream's parsed head,
@@ -863,7 +907,7 @@ fn raw_response_head(
         let replaced = is(super::REQUEST_ID_HEADER)
             || is("x-tollgate-upstream-latency")
             || is("x-tollgate-proxy-latency")
-            || (framing.encoded && is("content-length"))
+            || is("content-length")
             || (!added.is_empty() && replaced_by_plugin(name));
         if hop_by_hop || replaced || named.iter().any(|token| token.eq_ignore_ascii_case(name)) {
             continue;
@@ -893,7 +937,7 @@ fn raw_response_head(
     }
     let dated =
         framing.dated && !replaced_by_plugin("date") || added.iter().any(|(name, _)| name == http::header::DATE);
-    framing_headers(out, framing.body, framing.close_client, dated);
+    framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
 }
 
 /// Writes a response head from a header map (plugins had it), then what frames the
@@ -906,12 +950,17 @@ fn map_head(out: &mut Vec<u8>, code: u16, reason: &str, headers: &HeaderMap, bod
     for (name, value) in headers {
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    framing_headers(out, body, close, dated);
+    framing_headers(out, body, None, close, dated);
 }
 
-/// The end of a response head: `Transfer-Encoding` for a chunked body, `Connection:
+/// The end of a response head: `Content-Length` or `Transfer-Encoding`, `Connection:
 /// close` when the client connection closes after it, a `Date` when none came.
-fn framing_headers(out: &mut Vec<u8>, body: Body, close: bool, dated: bool) {
+fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bool, dated: bool) {
+    if let Some(length) = length {
+        out.extend_from_slice(b"content-length: ");
+        put_number(out, length);
+        out.extend_from_slice(b"\r\n");
+    }
     if body == Body::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -925,7 +974,15 @@ fn framing_headers(out: &mut Vec<u8>, body: Body, close: bool, dated: bool) {
 }
 
 /// Kong's JSON error, as the general path answers it.
-fn error_answer(out: &mut Vec<u8>, status: StatusCode, message: &str, request_id: &str, close: bool) {
+/// Returns the bytes of body it wrote (none in answer to `HEAD`, as hyper does).
+fn error_answer(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+    close: bool,
+    head: bool,
+) -> u64 {
     let body = super::error_body(message, request_id);
     out.clear();
     let _ = write!(
@@ -942,7 +999,11 @@ fn error_answer(out: &mut Vec<u8>, status: StatusCode, message: &str, request_id
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    if head {
+        return 0;
+    }
     out.extend_from_slice(body.as_bytes());
+    body.len() as u64
 }
 
 /// An upstream response head, whole at the start of the connection's buffer.
