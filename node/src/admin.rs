@@ -34,6 +34,11 @@ use crate::node::Node;
 
 pub const CONFIG_VERSION_HEADER: &str = "tollgate-config-version";
 
+/// Bytes of an over-long Admin API body read and dropped before its 413 goes out, and
+/// how long that may take (nginx's lingering close does the same for its errors).
+pub const ADMIN_DISCARD_BYTES_MAX: usize = 64 * 1024 * 1024;
+pub const ADMIN_DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Top-level collections. Credentials and targets are reached through their parent.
 const TOP_LEVEL: [EntityKind; 8] = [
     EntityKind::Service,
@@ -107,12 +112,17 @@ async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Re
     let content_type =
         request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let limit = node.config.admin_body_bytes_max;
-    let body = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
+    let mut body = request.into_body();
+    let body = match Limited::new(&mut body, limit).collect().await {
+        Ok(read) => read.to_bytes(),
         Err(_) => {
             let mut error = ApiError::new(ErrorCode::BadRequest, format!("request body larger than {limit} bytes"));
             error.fields.insert("@body".into(), format!("at most {limit} bytes (admin_body_bytes_max)"));
-            // The rest of the body is unread: close the connection rather than reuse it.
+            // Read and drop what is left (bounded) before answering: a connection
+            // closed with unread bytes is reset, and the client, still sending, sees
+            // the reset instead of this answer. It closes after the answer anyway.
+            let rest = Limited::new(&mut body, ADMIN_DISCARD_BYTES_MAX).collect();
+            let _ = tokio::time::timeout(ADMIN_DISCARD_TIMEOUT, rest).await;
             let mut response = with_status(error_response(&error), StatusCode::PAYLOAD_TOO_LARGE);
             response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             return response;
