@@ -185,13 +185,14 @@ async fn a_day_quota_survives_a_full_cluster_restart() -> anyhow::Result<()> {
     let mut cluster = limited_cluster(&upstream, config).await?;
     let client = ProxyClient::new();
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.proxy_url()).collect();
+    // The 900 go through one node: spread over three, the ledger's last tokens can
+    // sit in two nodes' leases while the third is refused (QUOTA.md, failure cases),
+    // which is not what this test is about.
     let mut used = 0;
-    let mut sent = 0;
     while used < 900 {
-        let reply = client.request(&urls[sent % 3], "GET", None, "/limited", &[]).await?;
+        let reply = client.request(&urls[0], "GET", None, "/limited", &[]).await?;
         assert_eq!(reply.status, 200, "{} after {used} admitted", reply.body);
         used += 1;
-        sent += 1;
     }
     for id in 1..=3 {
         cluster.node(id).stop();
