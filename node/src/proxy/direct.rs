@@ -5,25 +5,31 @@
 //! is parsed in place with `httparse`; when the request is one this path handles, the
 //! upstream request is written straight from the client's bytes onto a pooled upstream
 //! connection the same task owns, and the upstream's response head is rewritten into
-//! the client's buffer and sent with the first body bytes in one write. No header map,
-//! no boxed body, no channel to a connection task, no second task. nginx works so; the
-//! general path (hyper on both sides) costs about half again as much CPU per request.
+//! the client's buffer and sent with the first body bytes in one write. No boxed body,
+//! no channel to a connection task, no second task, and a header map only when a
+//! plugin may run or a route matches on headers. nginx works so; the general path
+//! (hyper on both sides) costs about half again as much CPU per request.
 //!
 //! What this path handles is narrow on purpose, and everything else is *handed off*:
 //! the connection, with every byte read of the request it could not take, goes to the
 //! general path (hyper), which then serves it to the end. A hand-off happens only
-//! before anything of the request was sent anywhere, so the general path sees the
-//! request exactly as the client sent it. Handed off:
+//! before anything of the request was sent anywhere or any plugin ran, so the general
+//! path sees the request exactly as the client sent it. Handed off:
 //! - a head not complete in the first read (a slow or large client: hyper's timers
 //!   and limits apply), or one `httparse` refuses (hostile input gets the general
 //!   path's exact answers);
 //! - anything but HTTP/1.1 with an origin-form target (h2c's preface, HTTP/1.0,
 //!   `CONNECT`, absolute URIs), a target over [`super::URI_BYTES_MAX`] or with `#`;
+//! - a target hyper's URI parser refuses;
 //! - `Transfer-Encoding`, `Upgrade`, `Expect`, a duplicate `Host` or
-//!   `Content-Length`, a body not whole in the buffer (at most
-//!   [`DIRECT_BODY_BYTES_MAX`]), gRPC;
-//! - any plugin configured (plugins run on the general path), no route matched, a
+//!   `Content-Length`, a `Connection` naming a framing field, a body not whole in the
+//!   buffer (at most [`DIRECT_BODY_BYTES_MAX`]), gRPC;
+//! - proxy-cache or response-transformer configured, or a global plugin with a
+//!   rewrite phase (`Plugins::direct`, `Plugins::rewrites`); no route matched; a
 //!   service that is missing, disabled or not plain `http`.
+//!
+//! Other plugins run here: the request's headers become a header map for their access
+//! phase, and the headers they add to the response are written into the copied head.
 //!
 //! The answers are the general path's: the same upstream request headers
 //! (`X-Forwarded-*` with `trusted_ips`, `X-Real-IP`, `Via`, the request id, `Host` per
