@@ -117,14 +117,14 @@ pub fn unix_now() -> std::time::Duration {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Plugins that identify consumers: with none configured, consumers and credentials
-/// are not indexed.
 /// Plugins with response phases of their own (`header_filter`, `body_filter`,
 /// proxy-cache's stored copy): requests they may run on take the general path, which
 /// has the response as a header map and a stream of frames. The others only leave
 /// headers in [`Ctx::response_headers`], and run on either path.
 const RESPONSE_PLUGINS: [&str; 2] = ["proxy-cache", "response-transformer"];
 
+/// Plugins that identify consumers: with none configured, consumers and credentials
+/// are not indexed.
 const AUTHENTICATION_PLUGINS: [&str; 4] = ["key-auth", "basic-auth", "jwt", "hmac-auth"];
 
 /// Kong's priority of a bundled plugin (higher runs first).
@@ -585,11 +585,6 @@ impl Plugins {
         self.direct
     }
 
-    /// Whether there are global instances.
-    pub fn has_global(&self) -> bool {
-        !self.global.is_empty()
-    }
-
     /// Whether a global instance has a rewrite phase ([`Plugin::rewrites`]).
     pub fn rewrites(&self) -> bool {
         self.rewrites
@@ -597,7 +592,7 @@ impl Plugins {
 
     /// Whether any plugin may run for a request on `route` of `service`.
     pub fn may_run(&self, route: Uuid, service: Option<Uuid>) -> bool {
-        self.has_global() || self.scoped.contains(&route) || service.is_some_and(|id| self.scoped.contains(&id))
+        !self.global.is_empty() || self.scoped.contains(&route) || service.is_some_and(|id| self.scoped.contains(&id))
     }
 
     /// The most specific instance of plugin `index` for this request so far.

@@ -66,6 +66,8 @@ pub const CLIENT_BUFFER_BYTES: usize = 16 * 1024;
 /// Largest request body the direct path sends (it must be whole in the buffer);
 /// larger ones take the general path, which streams them.
 pub const DIRECT_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Room made in an upstream connection's buffer before each read of it.
+pub const UPSTREAM_READ_BYTES: usize = 16 * 1024;
 /// Upstream response line and headers, in bytes: 502 above (hyper's client allows
 /// about as much).
 pub const UPSTREAM_HEAD_BYTES_MAX: usize = 64 * 1024;
@@ -453,6 +455,17 @@ where
             metrics.egress_bytes.increment(bytes);
         }
     };
+    // A JSON error the proxy makes: metrics, the access log line, and the answer in
+    // `out` (without its body for `HEAD`).
+    let refuse = |out: &mut Vec<u8>,
+                  status: StatusCode,
+                  message: &str,
+                  now: Instant,
+                  upstream_ms: Option<f64>,
+                  upstream: Option<&str>| {
+        log(status.as_u16(), now, upstream_ms, upstream);
+        egress(error_answer(out, status, message, request_id.as_str(), head.close, method == "HEAD"));
+    };
     let labels = || {
         let service = metrics.as_ref().map_or("", |m| m.service_label.as_str());
         (service, metrics.as_ref().map_or("", |m| m.route_label.as_str()))
@@ -492,8 +505,7 @@ where
                 response_bytes: None,
             };
             crate::plugins::log(&ran, &ctx, &summary, &proxy.plugin_state);
-            let reason = status.canonical_reason().unwrap_or_default();
-            map_head(out, status.as_u16(), reason, &answer, Body::Length(exit.body.len() as u64), head.close, false);
+            exit_head(out, status, &answer, head.close);
             // An answer to `HEAD` keeps its length and sends no body, as hyper does.
             if method != "HEAD" {
                 out.extend_from_slice(&exit.body);
@@ -510,15 +522,7 @@ where
         }
         if body.len() as u64 > body_limit {
             drop(in_flight);
-            log(StatusCode::PAYLOAD_TOO_LARGE.as_u16(), Instant::now(), None, None);
-            egress(error_answer(
-                out,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "Request size limit exceeded",
-                request_id.as_str(),
-                head.close,
-                method == "HEAD",
-            ));
+            refuse(out, StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded", Instant::now(), None, None);
             return answered(stream, out, head.close, request_end).await;
         }
         plugin_run = Some((ran, ctx));
@@ -542,15 +546,7 @@ where
     // The general path's parser decides, as there (it drops a fragment).
     let Ok(upstream_target) = http::uri::PathAndQuery::try_from(upstream_path) else {
         drop(in_flight);
-        log(StatusCode::BAD_REQUEST.as_u16(), Instant::now(), None, None);
-        egress(error_answer(
-            out,
-            StatusCode::BAD_REQUEST,
-            "invalid request path",
-            request_id.as_str(),
-            head.close,
-            method == "HEAD",
-        ));
+        refuse(out, StatusCode::BAD_REQUEST, "invalid request path", Instant::now(), None, None);
         return answered(stream, out, head.close, request_end).await;
     };
 
@@ -672,8 +668,7 @@ where
         Ok(answer) => answer,
         Err((status, message)) => {
             drop(in_flight);
-            log(status.as_u16(), Instant::now(), None, upstream_label.as_deref());
-            egress(error_answer(out, status, message, request_id.as_str(), head.close, method == "HEAD"));
+            refuse(out, status, message, Instant::now(), None, upstream_label.as_deref());
             return answered(stream, out, head.close, request_end).await;
         }
     };
@@ -704,9 +699,8 @@ where
     let upstream_ms_f = Some(upstream_elapsed.as_secs_f64() * 1e3);
     let Some(framing) = framing else {
         drop(in_flight);
-        log(StatusCode::BAD_GATEWAY.as_u16(), answered_at, upstream_ms_f, upstream_label.as_deref());
         let message = "An invalid response was received from the upstream server";
-        egress(error_answer(out, StatusCode::BAD_GATEWAY, message, request_id.as_str(), head.close, method == "HEAD"));
+        refuse(out, StatusCode::BAD_GATEWAY, message, answered_at, upstream_ms_f, upstream_label.as_deref());
         return answered(stream, out, head.close, request_end).await;
     };
     drop(in_flight);
@@ -946,17 +940,20 @@ fn raw_response_head(
     framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
 }
 
-/// Writes a response head from a header map (plugins had it), then what frames the
-/// body.
-fn map_head(out: &mut Vec<u8>, code: u16, reason: &str, headers: &HeaderMap, body: Body, close: bool, dated: bool) {
+/// Writes the head of a plugin's own answer from its header map (which has its
+/// `Content-Length`).
+fn exit_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, close: bool) {
     out.clear();
-    let _ = write!(out, "HTTP/1.1 {code} ");
-    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_number(out, u64::from(status.as_u16()));
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    framing_headers(out, body, None, close, dated);
+    // Its `Content-Length` is in the map; no `Date` came with it.
+    framing_headers(out, Body::Empty, None, close, false);
 }
 
 /// The end of a response head: `Content-Length` or `Transfer-Encoding`, `Connection:
@@ -1106,7 +1103,7 @@ async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize
                 Err(error) => return Err(invalid(&error.to_string())),
             }
         }
-        connection.buf.reserve(4096);
+        connection.buf.reserve(UPSTREAM_READ_BYTES);
         match connection.stream.read_buf(&mut connection.buf).await {
             Ok(0) if !answered => {
                 return Err(HeadFailure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
@@ -1193,7 +1190,7 @@ where
             return relayed;
         }
         connection.buf.clear();
-        connection.buf.reserve(16 * 1024);
+        connection.buf.reserve(UPSTREAM_READ_BYTES);
         let read = connection.stream.read_buf(&mut connection.buf);
         match watchdog.within(Instant::now() + read_timeout, read).await {
             Some(Ok(0)) if body == Body::UntilClose => {
