@@ -89,7 +89,14 @@ async fn a_cut_off_node_admits_only_what_it_holds_or_its_documented_bound() -> a
     let (strict_admitted, strict_refused) = send(&nodes[2].proxy, "/strict", 200).await;
     // fault_tolerant true: what it holds, then at most ceil(limit / 3) on its own.
     let (tolerant_admitted, tolerant_refused) = send(&nodes[2].proxy, "/tolerant", 600).await;
-    // The connected side, meanwhile, takes everything the ledger has left.
+    // The connected side takes everything the ledger has left once it has a leader
+    // (node 3 may have been it; until the election is over no node gets grants, and
+    // `fault_tolerant` nodes fall back, QUOTA.md): a write through node 1 says so.
+    let node1 = split.admin_of(0);
+    eventually("the connected side to elect a leader", Duration::from_secs(30), || async {
+        node1.put("/consumers/election-probe", &json!({})).await.ok()
+    })
+    .await?;
     let (cluster_strict, _) = send(&nodes[0].proxy, "/strict", 900).await;
     let (cluster_tolerant, _) = send(&nodes[1].proxy, "/tolerant", 900).await;
     let bound = LIMIT.div_ceil(3);
