@@ -7,7 +7,10 @@
 //! (`cluster::grants`) batches demands of many keys into one Raft entry and adds what
 //! the ledger granted. A request that finds no token and no lease yet waits for one
 //! grant round (the first request of a key in a window on this node), bounded by
-//! [`GRANT_WAIT`]. The design and the argument for "never over" are in `QUOTA.md`.
+//! [`GRANT_WAIT`]; if the round's tokens were taken by concurrent requests first, it
+//! asks again within the same bound ([`Leases::wait_for_tokens`]). Only a round that
+//! failed or did not answer in time lets `fault_tolerant` admit without a token.
+//! The design and the argument for "never over" are in `QUOTA.md`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +64,8 @@ pub struct Lease {
     cluster_total: AtomicU64,
     /// A demand is queued or in flight.
     pending: AtomicBool,
+    /// The last grant round for this lease failed (no quorum, no answer in time).
+    round_failed: AtomicBool,
     /// The ledger has nothing more to grant for this window.
     spent: AtomicBool,
     /// Requests admitted on the local fallback (`fault_tolerant` while cut off).
@@ -85,6 +90,7 @@ impl Lease {
             granted: AtomicU64::new(0),
             cluster_total: AtomicU64::new(0),
             pending: AtomicBool::new(false),
+            round_failed: AtomicBool::new(false),
             spent: AtomicBool::new(false),
             fallback_used: AtomicU64::new(0),
             bucket_count: AtomicU64::new(0),
@@ -158,6 +164,7 @@ impl Lease {
         if grant.spent {
             self.spent.store(true, Ordering::Relaxed);
         }
+        self.round_failed.store(false, Ordering::Relaxed);
         self.pending.store(false, Ordering::Release);
         self.granted_notify.notify_waiters();
     }
@@ -173,6 +180,7 @@ impl Lease {
 
     /// A demand failed (no quorum, timeout): nothing was added.
     pub fn demand_failed(&self) {
+        self.round_failed.store(true, Ordering::Relaxed);
         self.pending.store(false, Ordering::Release);
         self.granted_notify.notify_waiters();
     }
@@ -181,6 +189,11 @@ impl Lease {
         self.limit.saturating_sub(self.cluster_total.load(Ordering::Relaxed)) + self.available()
     }
 }
+
+/// No grant round answered a waiting request in time, or one failed: the node may
+/// be cut off from the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantsUnavailable;
 
 /// A lease asking for tokens.
 pub struct Demand {
@@ -269,9 +282,13 @@ impl Leases {
     /// Takes a token of `lease` for one request at `now_ms` (wall clock), and asks for
     /// more ahead of need: this window's tokens when few are left, and the next
     /// window's shortly before this one ends, so a busy key never waits at the turn.
+    ///
+    /// The rate that sizes demands counts the requests that took a token or could have
+    /// (the window not spent), not those refused once the limit is reached: sized from
+    /// offered load, a lease would strand far more tokens when its node crashes.
     pub fn take(&self, lease: &Arc<Lease>, now_ms: u64) -> Take {
-        lease.count(self.started.elapsed().as_millis() as u64);
         if lease.take_token() {
+            lease.count(self.started.elapsed().as_millis() as u64);
             lease.used.fetch_add(1, Ordering::Relaxed);
             if lease.low() {
                 self.demand(lease);
@@ -282,8 +299,41 @@ impl Leases {
         if lease.spent.load(Ordering::Relaxed) {
             return Take::Spent;
         }
+        lease.count(self.started.elapsed().as_millis() as u64);
         self.demand(lease);
         Take::Empty
+    }
+
+    /// Waits, at most [`GRANT_WAIT`], until each of `leases` holds a token or is spent,
+    /// asking again when a round's tokens were taken by concurrent requests before this
+    /// one's turn. `Ok` when every round answered (the caller takes its tokens, or is
+    /// refused if others were faster again); `Err` when a round failed or the wait ran
+    /// out: only then may `fault_tolerant` admit without a token.
+    pub async fn wait_for_tokens(&self, leases: &[Arc<Lease>]) -> Result<(), GrantsUnavailable> {
+        let deadline = tokio::time::Instant::now() + GRANT_WAIT;
+        loop {
+            for lease in leases {
+                if tokio::time::timeout_at(deadline, lease.clone().wait()).await.is_err() {
+                    return Err(GrantsUnavailable);
+                }
+            }
+            if leases.iter().any(|lease| lease.round_failed.load(Ordering::Relaxed)) {
+                return Err(GrantsUnavailable);
+            }
+            let mut ready = true;
+            for lease in leases {
+                if lease.available() == 0 && !lease.spent.load(Ordering::Relaxed) {
+                    ready = false;
+                    // A full demand queue: the grant task is overwhelmed; do not spin.
+                    if !self.demand(lease) {
+                        return Err(GrantsUnavailable);
+                    }
+                }
+            }
+            if ready {
+                return Ok(());
+            }
+        }
     }
 
     /// Once per lease, shortly before its window ends (the last half of a window, at
@@ -311,16 +361,22 @@ impl Leases {
         admitted.is_ok()
     }
 
-    /// Queues a demand for `lease` unless one is already pending.
-    fn demand(&self, lease: &Arc<Lease>) {
-        if lease.spent.load(Ordering::Relaxed) || lease.pending.swap(true, Ordering::AcqRel) {
-            return;
+    /// Queues a demand for `lease` unless one is already pending; whether one is
+    /// pending afterwards (not when the lease is spent or the queue is full).
+    fn demand(&self, lease: &Arc<Lease>) -> bool {
+        if lease.spent.load(Ordering::Relaxed) {
+            return false;
+        }
+        if lease.pending.swap(true, Ordering::AcqRel) {
+            return true;
         }
         let demand = Demand { lease: lease.clone(), want: lease.want() };
         if self.demands.try_send(demand).is_err() {
             lease.pending.store(false, Ordering::Release);
             metrics::counter!("tollgate_quota_demands_dropped_total").increment(1);
+            return false;
         }
+        true
     }
 
     /// Closes every lease and returns the tokens they held unused, to give back to

@@ -28,6 +28,12 @@ pub const QUOTA_SUBJECT_BYTES_MAX: usize = 512;
 /// A grant is at most this fraction (1/n) of what is left ungranted, so that near the
 /// limit leases shrink and few tokens sit unused on one node while another runs dry.
 pub const GRANT_SHARE_OF_REST: u64 = 4;
+/// A grant is at most this fraction (1/n) of the window's limit. Tokens leased to a
+/// node that crashes are lost for their window; this bounds the loss to about two
+/// grants per key per crashed node (the lease and its renewal), whatever the load.
+/// Limits of at least 100 × this keep leases of 100 tokens or more, so quota entries
+/// stay at most one per 100 admitted requests (P2).
+pub const GRANT_SHARE_OF_LIMIT: u64 = 16;
 /// How far ahead of the leader's clock a window may start and still be granted, so
 /// nodes can fetch the next window's tokens before it begins.
 pub const WINDOW_AHEAD_S: i64 = 2;
@@ -146,7 +152,8 @@ impl QuotaLedger {
         let used = account.used.entry(node).or_default();
         *used = (*used).max(request.used);
         let rest = account.limit.saturating_sub(account.total);
-        let granted = request.want.min(rest.div_ceil(GRANT_SHARE_OF_REST));
+        let granted =
+            request.want.min(rest.div_ceil(GRANT_SHARE_OF_REST)).min(account.limit.div_ceil(GRANT_SHARE_OF_LIMIT));
         if granted > 0 {
             *account.granted.entry(node).or_default() += granted;
             account.total += granted;
@@ -219,34 +226,40 @@ mod tests {
     fn grants_never_sum_past_the_limit_and_die_with_their_window() {
         let mut ledger = QuotaLedger::new();
         let hour = key("svc", 3600, 3600);
-        // A quarter of what is left at most, so leases shrink near the limit.
-        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 100, 60)]), [25]);
-        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 100, 35)]), [19]);
-        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 100, 16)]), [14]);
-        let mut rounds = 0;
-        while ledger.grant(2, 3701, &[ask(&hour, 100, 60)])[0].granted > 0 {
-            rounds += 1;
+        // What was asked, at most a sixteenth of the limit (63 of 1000).
+        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 1000, 60)]), [60]);
+        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 1000, 35)]), [35]);
+        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&hour, 1000, 100)]), [63]);
+        // Near the limit, a quarter of what is left at most, so leases shrink.
+        let mut drained = Vec::new();
+        loop {
+            let grant = ledger.grant(2, 3701, &[ask(&hour, 1000, 100)])[0];
+            if grant.granted == 0 {
+                break;
+            }
+            drained.push(grant.granted);
         }
-        assert_eq!(rounds, 11, "the last 42 tokens in shrinking grants");
-        let last = ledger.grant(3, 3702, &[ask(&hour, 100, 1)])[0];
-        assert_eq!((last.granted, last.total, last.spent), (0, 100, true));
-        // Node 2 stops and gives back more than it holds: only its 42 return, and
+        assert_eq!(drained[..10], [63; 10]);
+        assert_eq!(drained[10..], [53, 40, 30, 23, 17, 13, 9, 7, 5, 4, 3, 2, 2, 1, 1, 1, 1]);
+        let last = ledger.grant(3, 3702, &[ask(&hour, 1000, 1)])[0];
+        assert_eq!((last.granted, last.total, last.spent), (0, 1000, true));
+        // Node 2 stops and gives back more than it holds: only its 842 return, and
         // they can be granted again, no more.
-        ledger.release(2, 3702, &[(hour.clone(), 30), (hour.clone(), 30)]);
+        ledger.release(2, 3702, &[(hour.clone(), 500), (hour.clone(), 500)]);
         let mut regranted = 0;
         loop {
-            let grant = ledger.grant(3, 3702, &[ask(&hour, 100, 50)])[0];
+            let grant = ledger.grant(3, 3702, &[ask(&hour, 1000, 500)])[0];
             regranted += grant.granted;
             if grant.granted == 0 {
                 break;
             }
         }
-        assert_eq!(regranted, 42);
+        assert_eq!(regranted, 842);
         let account = ledger.accounts_of(hour.plugin).next().unwrap().1;
-        assert_eq!((account.total, account.granted[&1], account.granted[&3]), (100, 58, 42));
+        assert_eq!((account.total, account.granted[&1], account.granted[&3]), (1000, 158, 842));
         // A lowered limit holds at once; a window over or too far ahead gets nothing.
         let minute = key("svc", 60, 3660);
-        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&minute, 10, 8), ask(&minute, 5, 8)]), [3, 1]);
+        assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&minute, 40, 8), ask(&minute, 20, 8)]), [3, 2]);
         assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&key("svc", 60, 3600), 10, 1)]), [0], "over");
         assert_eq!(granted(&mut ledger, 1, 3700, &[ask(&key("svc", 60, 3780), 10, 1)]), [0], "ahead");
         assert_eq!(granted(&mut ledger, 1, 3719, &[ask(&key("svc", 60, 3720), 10, 1)]), [1], "just ahead");

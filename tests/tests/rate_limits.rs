@@ -4,11 +4,14 @@
 //! The load lasts `TOLLGATE_RL_LOAD_S` seconds (6 by default, to keep the suite short;
 //! the figures in `node/QUOTA.md` were taken with 20).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+use tokio::sync::Mutex;
 use tollgate_tests::{CountingUpstream, ProxyClient, TestCluster};
 
 fn load_duration() -> Duration {
@@ -22,6 +25,14 @@ struct Seen {
     admitted: AtomicU64,
     refused: AtomicU64,
     failed: AtomicU64,
+    /// Admitted requests per wall-clock second, counting only those sent and answered
+    /// within one second: the node admitted each of them in that second's window, so
+    /// these counts are lower bounds of what each window admitted.
+    admitted_by_second: Mutex<BTreeMap<u64, u64>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 impl Seen {
@@ -40,8 +51,15 @@ async fn load(targets: Vec<(String, usize)>, path: &'static str, duration: Durat
             tasks.spawn(async move {
                 let client = ProxyClient::new();
                 while tokio::time::Instant::now() < deadline {
+                    let sent_ms = unix_ms();
                     match client.request(&url, "GET", None, path, &[]).await {
-                        Ok(reply) if reply.status == 200 => seen.admitted.fetch_add(1, Ordering::SeqCst),
+                        Ok(reply) if reply.status == 200 => {
+                            let second = sent_ms / 1000;
+                            if unix_ms() / 1000 == second {
+                                *seen.admitted_by_second.lock().await.entry(second).or_default() += 1;
+                            }
+                            seen.admitted.fetch_add(1, Ordering::SeqCst)
+                        }
                         Ok(reply) if reply.status == 429 => seen.refused.fetch_add(1, Ordering::SeqCst),
                         _ => {
                             // A killed node: back off a little instead of spinning.
@@ -124,6 +142,40 @@ async fn a_second_limit_holds_window_after_window() -> anyhow::Result<()> {
     assert!(received <= 100 * windows, "over the limit: {received} in {windows} windows");
     // The whole windows inside the load were used (the edges are partial).
     assert!(received >= 90 * (windows - 2), "under-used: {received} in {windows} windows");
+    Ok(())
+}
+
+/// Issue 12: with `fault_tolerant` at its default (true) and nothing failing, a
+/// saturating load over the three proxies is never admitted past the limit in any
+/// window. The fallback is for nodes cut off from the ledger, not for a request that
+/// lost its freshly granted token to a concurrent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_default_fault_tolerant_limit_is_never_over_without_faults() -> anyhow::Result<()> {
+    const LIMIT: u64 = 30;
+    const WINDOWS_MIN: usize = 30;
+    let upstream = CountingUpstream::start().await?;
+    let config = json!({"second": LIMIT, "policy": "cluster", "limit_by": "service"});
+    let cluster = limited_cluster(&upstream, config).await?;
+    let seen = Arc::new(Seen::default());
+    let targets = cluster.nodes.iter().map(|node| (node.proxy_url(), 4)).collect();
+    load(targets, "/limited", Duration::from_secs(WINDOWS_MIN as u64 + 2), seen.clone()).await;
+    let (admitted, refused, failed) = seen.get();
+    let by_second = seen.admitted_by_second.lock().await.clone();
+    // The first and last seconds were partly outside the load.
+    let whole: Vec<(u64, u64)> = by_second.into_iter().skip(1).collect::<Vec<_>>();
+    let whole = &whole[..whole.len().saturating_sub(1)];
+    let over: Vec<&(u64, u64)> = whole.iter().filter(|(_, count)| *count > LIMIT).collect();
+    let counts: Vec<u64> = whole.iter().map(|(_, count)| *count).collect();
+    eprintln!(
+        "second limit {LIMIT}, fault_tolerant default, 4+4+4 clients: {admitted} admitted, {refused} refused, {failed} failed; per window {counts:?}"
+    );
+    assert!(whole.len() >= WINDOWS_MIN, "only {} whole windows measured", whole.len());
+    assert!(
+        refused > 100 * admitted / 10,
+        "the load did not saturate the limit: {admitted} admitted, {refused} refused"
+    );
+    assert!(over.is_empty(), "windows over the limit of {LIMIT}: {over:?}");
+    assert_eq!(failed, 0, "every request answered");
     Ok(())
 }
 

@@ -324,14 +324,15 @@ impl RateLimiting {
         found
     }
 
-    /// `policy: cluster`: a token of this node's lease per window. `resumed` is true
-    /// when the request already waited for a grant round.
+    /// `policy: cluster`: a token of this node's lease per window. `waited` is how the
+    /// request's wait for grant rounds ended, when it already waited: `Some(true)` when
+    /// every round answered, `Some(false)` when one failed or ran out of time.
     fn take_cluster(
         &self,
         now_ms: u64,
         identifier: &Identifier,
         env: &Env<'_>,
-        resumed: bool,
+        waited: Option<bool>,
     ) -> Result<[Option<Found>; RATE_WINDOWS_MAX], Flow> {
         let now_s = now_ms / 1000;
         let subject = identifier.subject();
@@ -361,8 +362,9 @@ impl RateLimiting {
         };
         let spent = takes.contains(&Some(Take::Spent));
         let empty = takes.contains(&Some(Take::Empty));
-        if empty && !spent && !resumed && !env.quota.is_cut_off() {
-            // The first request of a key in a window here: wait for one grant round.
+        let cut_off = env.quota.is_cut_off();
+        if empty && !spent && waited.is_none() && !cut_off {
+            // The first request of a key in a window here: wait for grant rounds.
             give_back(&leases, &takes);
             let waiting: Vec<_> = leases
                 .iter()
@@ -370,18 +372,16 @@ impl RateLimiting {
                 .filter(|(_, take)| **take == Some(Take::Empty))
                 .filter_map(|(lease, _)| lease.clone())
                 .collect();
-            return Err(Flow::Verify(Box::pin(async move {
-                let all = async {
-                    for lease in waiting {
-                        lease.wait().await;
-                    }
-                };
-                tokio::time::timeout(crate::quota::GRANT_WAIT, all).await.is_ok()
-            })));
+            let quota = env.quota.clone();
+            return Err(Flow::Verify(Box::pin(async move { quota.wait_for_tokens(&waiting).await.is_ok() })));
         }
         let mut fallback = false;
-        if empty && !spent && self.config.fault_tolerant {
-            // Cut off (or no grant in time): the documented local bound per window.
+        // The local bound only where the ledger cannot be reached: cut off, or the
+        // rounds this request waited for failed. A request whose rounds answered but
+        // whose tokens went to concurrent requests is refused like any other over the
+        // limit; admitting it would pass the limit with nothing failing.
+        let unreachable = cut_off || waited == Some(false);
+        if empty && !spent && unreachable && self.config.fault_tolerant {
             fallback = leases.iter().zip(&takes).all(|(lease, take)| match (lease, take) {
                 (Some(lease), Some(Take::Empty)) => env.quota.take_fallback(lease),
                 (None, Some(Take::Empty)) => false,
@@ -418,7 +418,7 @@ impl Plugin for RateLimiting {
         let now_s = now.as_secs();
         let identifier = self.identifier(ctx, request);
         let found = if self.cluster {
-            match self.take_cluster(now.as_millis() as u64, &identifier, env, ctx.verified.is_some()) {
+            match self.take_cluster(now.as_millis() as u64, &identifier, env, ctx.verified) {
                 Ok(found) => found,
                 Err(flow) => return flow,
             }

@@ -287,7 +287,7 @@ pub struct Env<'a> {
     pub counters: &'a RateCounters,
     pub verified: &'a basic::VerifiedCache,
     pub cache: &'a cache::ResponseCache,
-    pub quota: &'a crate::quota::Leases,
+    pub quota: &'a Arc<crate::quota::Leases>,
 }
 
 /// The request as global plugins see it in `rewrite`, before routing.
