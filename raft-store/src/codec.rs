@@ -11,7 +11,9 @@ use serde::Serialize;
 /// 2: `ca_certificates` became an entity kind, which renumbers the kinds after
 /// certificates; version-1 data from pre-release builds is refused, not misread.
 /// 3: snapshots carry the quota ledger, and commands may be quota grants.
-pub const FORMAT_VERSION: u8 = 3;
+/// 4: commands carry a write id, snapshots the writes applied lately by id, and
+/// forwarded leader requests the term the sender saw the receiver lead in.
+pub const FORMAT_VERSION: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -47,6 +49,7 @@ mod tests {
     fn commands_round_trip_with_json_bodies() {
         let command = Command {
             now_s: 12,
+            write_id: Some(crate::command::WriteId(u128::MAX - 1)),
             op: Op::Create {
                 kind: EntityKind::Plugin,
                 id: uuid::Uuid::new_v4(),

@@ -16,8 +16,16 @@ pub struct Command {
     /// Wall-clock seconds since the epoch, stamped by the leader before proposing.
     /// The state machine never reads a clock.
     pub now_s: i64,
+    /// Set on writes a node may send to a leader more than once (admin writes, quota
+    /// releases): the state machine applies a write id once ([`crate::recent`]).
+    pub write_id: Option<WriteId>,
     pub op: Op,
 }
+
+/// Names one write across the attempts to get it committed; chosen at random by the
+/// node that took the write, before its first attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WriteId(pub u128);
 
 /// The entity a nested Admin API path is scoped to (`/services/{key}/routes`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -120,6 +120,7 @@ pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, 
     for item in pending {
         let command = Command {
             now_s,
+            write_id: None,
             op: Op::Create { kind: item.kind, id: item.id, parent: None, body: Value::Object(item.body).into() },
         };
         state.apply(&command).map_err(|error| declarative_error(&item.path, error))?;

@@ -2,8 +2,9 @@
 //!
 //! - [`schema`] and [`error`]: the entity model and the Admin API error shape; usable
 //!   without the storage half (the client builds with `default-features = false`).
-//! - [`command`], [`state`], [`declarative`], [`quota`]: the deterministic state
-//!   machine (config and the cluster rate-limit ledger).
+//! - [`command`], [`state`], [`declarative`], [`quota`], [`recent`]: the
+//!   deterministic state machine (config, the cluster rate-limit ledger, and the admin
+//!   writes applied lately, so a retried write is applied once).
 //! - [`store`], [`codec`]: openraft log and state-machine storage on redb.
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,8 @@ pub mod declarative;
 pub mod json;
 #[cfg(feature = "storage")]
 pub mod quota;
+#[cfg(feature = "storage")]
+pub mod recent;
 #[cfg(feature = "storage")]
 pub mod state;
 #[cfg(feature = "storage")]

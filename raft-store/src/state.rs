@@ -579,13 +579,14 @@ mod tests {
     fn create(state: &mut ConfigState, kind: EntityKind, body: Value) -> Result<Outcome, ApiError> {
         let command = Command {
             now_s: 1_700_000_000,
+            write_id: None,
             op: Op::Create { kind, id: Uuid::new_v4(), parent: None, body: body.into() },
         };
         state.apply(&command)
     }
 
     fn delete(state: &mut ConfigState, kind: EntityKind, key: &str) -> Result<Outcome, ApiError> {
-        state.apply(&Command { now_s: 1, op: Op::Delete { kind, key: key.into(), parent: None } })
+        state.apply(&Command { now_s: 1, write_id: None, op: Op::Delete { kind, key: key.into(), parent: None } })
     }
 
     #[test]
@@ -624,6 +625,7 @@ mod tests {
         let parent = Some(Parent { kind: EntityKind::Consumer, key: "alice".into() });
         let command = Command {
             now_s: 1,
+            write_id: None,
             op: Op::Create { kind: EntityKind::KeyAuth, id: Uuid::new_v4(), parent, body: json!({"key": "k1"}).into() },
         };
         state.apply(&command).unwrap();
@@ -648,6 +650,7 @@ mod tests {
         let route_id = entity_id(&state.find(EntityKind::Route, "old", None).unwrap()).to_string();
         let put = Command {
             now_s: 2,
+            write_id: None,
             op: Op::Upsert {
                 kind: EntityKind::Route,
                 key: route_id,
@@ -669,6 +672,7 @@ mod tests {
         create(&mut state, EntityKind::Service, json!({"name": "first", "host": "a.com"})).unwrap();
         let patch = Command {
             now_s: 2,
+            write_id: None,
             op: Op::Patch {
                 kind: EntityKind::Service,
                 key: "first".into(),

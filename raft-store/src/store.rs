@@ -37,6 +37,7 @@ use tokio::sync::{watch, RwLock};
 use crate::codec;
 use crate::command::{CommandResponse, Op, Outcome};
 use crate::quota::{LedgerImage, QuotaLedger};
+use crate::recent::{RecentImage, RecentWrites};
 use crate::state::{ConfigState, StateImage};
 use crate::{NodeId, TypeConfig};
 
@@ -249,6 +250,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 struct SnapshotBody {
     image: StateImage,
     ledger: LedgerImage,
+    recent: RecentImage,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -263,6 +265,8 @@ pub struct Applied {
     pub state: ConfigState,
     pub last_applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, openraft::BasicNode>,
+    /// Writes applied lately, by id: a write sent twice is applied once.
+    pub recent: RecentWrites,
     /// Counts changes of `state` (config entries, installed snapshots) in this
     /// process: the same revision is the same config, so a publication that only
     /// moves the applied index (quota grants) need not recompile anything.
@@ -335,8 +339,13 @@ fn applied_from_snapshot(
         codec::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
     let state = ConfigState::from_image(&body.image)
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)))?;
-    let applied =
-        Applied { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone(), config_revision: 0 };
+    let applied = Applied {
+        state,
+        last_applied: meta.last_log_id,
+        membership: meta.last_membership.clone(),
+        recent: RecentWrites::from_image(body.recent),
+        config_revision: 0,
+    };
     Ok((applied, QuotaLedger::from_image(body.ledger)))
 }
 
@@ -366,12 +375,13 @@ async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> R
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let (image, ledger, last_applied, membership) = {
+        let (image, ledger, recent, last_applied, membership) = {
             let applied = self.applied.read().await;
             let ledger = self.ledger.read().await;
-            (applied.state.to_image(), ledger.to_image(), applied.last_applied, applied.membership.clone())
+            let recent = applied.recent.to_image();
+            (applied.state.to_image(), ledger.to_image(), recent, applied.last_applied, applied.membership.clone())
         };
-        let data = codec::encode(&SnapshotBody { image, ledger }).map_err(io_error)?;
+        let data = codec::encode(&SnapshotBody { image, ledger, recent }).map_err(io_error)?;
         let snapshot_id = match last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
             None => "empty".to_string(),
@@ -409,20 +419,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Internal),
-                EntryPayload::Normal(command) => match &command.op {
-                    Op::Grant { node, requests } => Ok(Outcome::Granted(ledger.grant(*node, command.now_s, requests))),
-                    Op::Release { node, releases } => {
-                        ledger.release(*node, command.now_s, releases);
-                        Ok(Outcome::Internal)
+                EntryPayload::Normal(command) => {
+                    // A write already applied under this id: its answer again, no change.
+                    let seen = command.write_id.and_then(|id| applied.recent.get(&id).map(|seen| seen.result.clone()));
+                    if let Some(result) = seen {
+                        responses.push(CommandResponse { result });
+                        continue;
                     }
-                    _ => {
-                        let result = applied.state.apply(&command);
-                        if result.is_ok() {
-                            applied.config_revision += 1;
+                    let result = match &command.op {
+                        Op::Grant { node, requests } => {
+                            Ok(Outcome::Granted(ledger.grant(*node, command.now_s, requests)))
                         }
-                        result
+                        Op::Release { node, releases } => {
+                            ledger.release(*node, command.now_s, releases);
+                            Ok(Outcome::Internal)
+                        }
+                        _ => {
+                            let result = applied.state.apply(&command);
+                            if result.is_ok() {
+                                applied.config_revision += 1;
+                            }
+                            result
+                        }
+                    };
+                    if let Some(id) = command.write_id {
+                        applied.recent.record(id, command.now_s, entry.log_id.index, &result);
                     }
-                },
+                    result
+                }
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Ok(Outcome::Internal)

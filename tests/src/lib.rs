@@ -125,7 +125,8 @@ impl TestNode {
 
     pub fn start(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "node {} is already running", self.id);
-        let log = std::fs::File::create(self.data_dir.with_extension("log"))?;
+        // Appended: a restarted node's log follows its earlier runs'.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log"))?;
         let mut command = Command::new(tollgate_binary());
         command
             .arg("run")
@@ -145,6 +146,23 @@ impl TestNode {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open, as a node stalled by a long
+    /// GC pause, a swapped-out page or a hung disk would. [`TestNode::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`TestNode::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([signal, &pid.to_string()]).status();
         }
     }
 

@@ -3,9 +3,17 @@
 //!
 //! Every write goes through [`Cluster::on_leader`]: run it here when this node leads,
 //! otherwise send it to the leader over the cluster port and return the leader's
-//! answer. A request that certainly did not reach a leader (connection refused, no
-//! leader yet) is retried until `write_leader_wait_ms`; one whose fate is unknown
-//! (timeout after sending) is answered with 503.
+//! answer. Everything is bounded by `write_leader_wait_ms`:
+//! - A request that certainly did not reach a leader (connection refused, no leader
+//!   yet) is retried.
+//! - A request with a leader that stalls or is cut off is abandoned as soon as this
+//!   node learns of a newer leader, and sent to that one: reads at once; admin writes
+//!   and quota releases too, under the same write id, which the state machine applies
+//!   once however many copies reach the log (`tollgate_raft_store::recent`). Quota
+//!   grants are not resent (a lost grant only under-admits); their round fails.
+//! - A request still without an answer at the deadline gets 503 saying its outcome is
+//!   unknown: it may or may not have been applied, and the client should read before
+//!   retrying.
 
 pub mod grants;
 pub mod network;
@@ -21,7 +29,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tollgate_raft_store::command::{Command, Op, Outcome};
+use tollgate_raft_store::command::{Command, Op, Outcome, WriteId};
 use tollgate_raft_store::quota::{Grant, GrantRequest, QuotaKey};
 use tollgate_raft_store::store::Applied;
 use tollgate_raft_store::{ApiError, ErrorCode, NodeId, Raft, TypeConfig};
@@ -35,7 +43,8 @@ use crate::config::NodeConfig;
 const PATH_LEADER: &str = "/cluster/leader";
 /// A new node asking any member to add it; the member routes it to the leader.
 const PATH_JOIN: &str = "/cluster/join";
-/// How long one forwarded request may take before its outcome counts as unknown.
+/// How long one forwarded request may take before its outcome counts as unknown (and
+/// never past the request's `write_leader_wait_ms`).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts while no leader is reachable.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -59,6 +68,15 @@ pub enum LeaderRequest {
     RemoveMember {
         node_id: NodeId,
     },
+}
+
+/// A leader request forwarded to the node the sender saw lead in `term`. The receiver
+/// runs it only while it leads in that same term, so a leader that stalled, lost its
+/// place and won a later election never acts on a request its sender gave up on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub term: u64,
+    pub request: LeaderRequest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +120,23 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<Arc<Config>> {
         ..Default::default()
     };
     Ok(Arc::new(raft_config.validate()?))
+}
+
+impl LeaderRequest {
+    /// Whether sending this again, after an attempt of unknown outcome, is safe: reads
+    /// and membership changes are idempotent, and writes with an id are applied once.
+    fn may_resend(&self) -> bool {
+        match self {
+            LeaderRequest::Write(command) => command.write_id.is_some(),
+            LeaderRequest::ReadIndex | LeaderRequest::AddMember { .. } | LeaderRequest::RemoveMember { .. } => true,
+        }
+    }
+}
+
+/// A fresh write id: 128 random bits, so ids of different nodes and processes never
+/// meet in practice.
+fn new_write_id() -> WriteId {
+    WriteId(uuid::Uuid::new_v4().as_u128())
 }
 
 fn unavailable(message: impl Into<String>) -> ApiError {
@@ -174,7 +209,7 @@ impl Cluster {
             Op::Create { kind, id, body, .. } if body.0.get("id").is_none() => Some((*kind, id.to_string())),
             _ => None,
         };
-        let command = Command { now_s: self.clock.now_s(), op };
+        let command = Command { now_s: self.clock.now_s(), write_id: Some(new_write_id()), op };
         let (reply, retried) = self.on_leader(LeaderRequest::Write(command)).await?;
         let LeaderReply::Write { result, log_index } = reply else {
             return Err(ApiError::new(ErrorCode::Internal, "leader answered a write with something else"));
@@ -201,7 +236,8 @@ impl Cluster {
     /// [`Cluster::write`] it does not wait for this node to apply the entry: the
     /// answer is the leader's.
     pub async fn grant(&self, requests: Vec<GrantRequest>) -> Result<Vec<Grant>, ApiError> {
-        let command = Command { now_s: self.clock.now_s(), op: Op::Grant { node: self.id, requests } };
+        // No write id: a grant whose answer is lost is not resent (under, never over).
+        let command = Command { now_s: self.clock.now_s(), write_id: None, op: Op::Grant { node: self.id, requests } };
         match self.on_leader(LeaderRequest::Write(command)).await?.0 {
             LeaderReply::Write { result: Ok(Outcome::Granted(grants)), .. } => Ok(grants),
             LeaderReply::Write { result: Err(error), .. } => Err(error),
@@ -211,7 +247,12 @@ impl Cluster {
 
     /// Gives tokens back to the ledger (the node stops and will not use them).
     pub async fn release(&self, releases: Vec<(QuotaKey, u64)>) -> Result<(), ApiError> {
-        let command = Command { now_s: self.clock.now_s(), op: Op::Release { node: self.id, releases } };
+        // A write id: tokens released twice would be granted twice.
+        let command = Command {
+            now_s: self.clock.now_s(),
+            write_id: Some(new_write_id()),
+            op: Op::Release { node: self.id, releases },
+        };
         self.on_leader(LeaderRequest::Write(command)).await.map(|_| ())
     }
 
@@ -249,58 +290,117 @@ impl Cluster {
     }
 
     pub async fn remove_member(&self, node_id: NodeId) -> Result<u64, ApiError> {
-        match self.on_leader(LeaderRequest::RemoveMember { node_id }).await?.0 {
-            LeaderReply::Membership { log_index } => Ok(log_index),
-            _ => Err(ApiError::new(ErrorCode::Internal, "unexpected leader reply")),
+        match self.attempt_on_leader(LeaderRequest::RemoveMember { node_id }).await {
+            Ok((LeaderReply::Membership { log_index }, _)) => Ok(log_index),
+            Ok(_) => Err(ApiError::new(ErrorCode::Internal, "unexpected leader reply")),
+            // Sent again after a leader change: the first attempt removed it.
+            Err((error, true)) if error.code == ErrorCode::NotFound => Ok(self.state().version()),
+            Err((error, _)) => Err(error),
         }
     }
 
     /// Runs `request` on the leader, here or remotely. Returns the reply and whether an
     /// earlier attempt may have reached a leader.
     async fn on_leader(&self, request: LeaderRequest) -> Result<(LeaderReply, bool), ApiError> {
+        self.attempt_on_leader(request).await.map_err(|(error, _)| error)
+    }
+
+    /// [`Cluster::on_leader`], with whether an earlier attempt may have reached a
+    /// leader beside an error too.
+    async fn attempt_on_leader(&self, request: LeaderRequest) -> Result<(LeaderReply, bool), (ApiError, bool)> {
         let deadline = Instant::now() + self.write_leader_wait;
         let mut metrics = self.raft.metrics();
         let mut retried = false;
         loop {
-            let leader = metrics.borrow_and_update().current_leader;
+            let (leader, term) = {
+                let seen = metrics.borrow_and_update();
+                (seen.current_leader, seen.current_term)
+            };
             let attempt = match leader {
                 Some(leader) if leader == self.id => self.execute(request.clone()).await,
-                Some(leader) => self.forward(leader, &request).await,
+                Some(leader) => self.forward(leader, term, &request, deadline).await,
                 None => Err(LeaderError::NotLeader),
             };
             match attempt {
                 Ok(reply) => return Ok((reply, retried)),
-                Err(LeaderError::Failed(error)) => return Err(error),
+                Err(LeaderError::Failed(error)) => return Err((error, retried)),
                 Err(LeaderError::NotLeader) => {}
             }
             retried |= leader.is_some();
             if Instant::now() >= deadline {
-                return Err(unavailable(format!(
+                let error = unavailable(format!(
                     "no leader reachable within {} ms; the cluster may have lost its quorum",
                     self.write_leader_wait.as_millis()
-                )));
+                ));
+                return Err((error, retried));
             }
             let _ = tokio::time::timeout(LEADER_RETRY_PAUSE, metrics.changed()).await;
         }
     }
 
-    async fn forward(&self, leader: NodeId, request: &LeaderRequest) -> Result<LeaderReply, LeaderError> {
+    /// Sends `request` to `leader`, which this node saw lead in `term`. Gives up on it
+    /// when this node learns of a newer leader first: `NotLeader` (send it again) for
+    /// requests that may be sent twice, a failure for those that may not.
+    async fn forward(
+        &self,
+        leader: NodeId,
+        term: u64,
+        request: &LeaderRequest,
+        deadline: Instant,
+    ) -> Result<LeaderReply, LeaderError> {
         let address = {
             let metrics = self.raft.metrics();
             let borrowed = metrics.borrow();
             borrowed.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
         };
         let Some(address) = address else { return Err(LeaderError::NotLeader) };
-        let answer: Result<Result<LeaderReply, LeaderError>, PeerError> =
-            self.peers.call(&address, PATH_LEADER, request, FORWARD_TIMEOUT).await;
+        let timeout = FORWARD_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(LEADER_RETRY_PAUSE);
+        let forwarded = Forwarded { term, request: request.clone() };
+        let call = self.peers.call::<_, Result<LeaderReply, LeaderError>>(&address, PATH_LEADER, &forwarded, timeout);
+        let mut metrics = self.raft.metrics();
+        let superseded = async {
+            let newer = metrics.wait_for(|m| m.current_term > term && m.current_leader.is_some_and(|id| id != leader));
+            newer.await.is_ok()
+        };
+        let answer = tokio::select! {
+            answer = call => answer,
+            true = superseded => {
+                tracing::info!(leader, term, "a newer leader was elected while a request was with the old one");
+                return if request.may_resend() {
+                    Err(LeaderError::NotLeader)
+                } else {
+                    Err(LeaderError::Failed(unavailable(format!(
+                        "leader {leader} was replaced while it held the request; it is not resent"
+                    ))))
+                };
+            }
+        };
         match answer {
             Ok(reply) => reply,
             Err(error) if error.is_not_delivered() => {
                 tracing::debug!(%error, leader, "leader unreachable; retrying");
                 Err(LeaderError::NotLeader)
             }
+            Err(error @ PeerError::Lost { .. }) if request.may_resend() => {
+                tracing::debug!(%error, leader, "connection to the leader lost; sending again");
+                Err(LeaderError::NotLeader)
+            }
+            Err(error @ (PeerError::Timeout { .. } | PeerError::Lost { .. })) => {
+                Err(LeaderError::Failed(unavailable(format!(
+                    "the outcome is unknown: {error}; the request may or may not have been applied, read before retrying"
+                ))))
+            }
             Err(error) => Err(LeaderError::Failed(unavailable(format!("forwarding to the leader failed: {error}")))),
         }
+    }
+
+    /// Runs a forwarded request if this node still leads in the term its sender saw.
+    async fn execute_forwarded(&self, forwarded: Forwarded) -> Result<LeaderReply, LeaderError> {
+        let term = self.raft.metrics().borrow().current_term;
+        if term != forwarded.term {
+            return Err(LeaderError::NotLeader);
+        }
+        self.execute(forwarded.request).await
     }
 
     /// Runs a leader request on this node, which believes it leads.
@@ -314,6 +414,12 @@ impl Cluster {
                 // entry of its own term, that state holds every acknowledged write, so
                 // a refusal here is one the log would give too.
                 let applied = self.leader_applied_state().await?;
+                // A write sent again after a leader change, already applied: its
+                // answer, with no new entry. (Applying a second copy would answer the
+                // same; this only saves the entry.)
+                if let Some(seen) = command.write_id.and_then(|id| applied.recent.get(&id).cloned()) {
+                    return Ok(LeaderReply::Write { result: seen.result, log_index: seen.log_index });
+                }
                 // Quota grants always apply (the ledger answers 0 where it must).
                 if command.op.changes_config() && applied.state.clone().apply(&command).is_err() {
                     // A leader cut off from the majority still believes it leads: before
@@ -460,8 +566,8 @@ impl FrameHandler for ClusterHandler {
                 frame(&raft.install_snapshot(request).await)
             }
             PATH_LEADER => {
-                let request: LeaderRequest = parse(&body)?;
-                frame(&self.cluster.execute(request).await)
+                let forwarded: Forwarded = parse(&body)?;
+                frame(&self.cluster.execute_forwarded(forwarded).await)
             }
             PATH_JOIN => match parse::<LeaderRequest>(&body)? {
                 LeaderRequest::AddMember { node_id, address } => {

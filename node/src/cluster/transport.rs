@@ -32,6 +32,10 @@ pub enum PeerError {
     /// The request may have reached the peer: the outcome is unknown.
     #[error("no answer from {address} within {timeout_ms} ms")]
     Timeout { address: String, timeout_ms: u64 },
+    /// The connection broke after the request may have been sent (the peer crashed or
+    /// restarted): the outcome is unknown.
+    #[error("connection to {address} lost: {reason}")]
+    Lost { address: String, reason: String },
     /// The peer refused the frame as larger than it accepts.
     #[error("peer {address} refused a frame as too large")]
     TooLarge { address: String },
@@ -91,19 +95,20 @@ impl PeerClient {
             .header(http::header::CONTENT_TYPE, "application/x-tollgate-frame")
             .body(Full::new(Bytes::from(frame)))
             .map_err(|e| failed(e.to_string()))?;
+        let lost = |reason: String| PeerError::Lost { address: address.to_string(), reason };
         let exchange = async {
             let response = self.http.request(http_request).await.map_err(|e| {
                 if e.is_connect() {
                     PeerError::Connect { address: address.to_string(), reason: e.to_string() }
                 } else {
-                    failed(e.to_string())
+                    lost(e.to_string())
                 }
             })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), CLUSTER_FRAME_BYTES_MAX)
                 .collect()
                 .await
-                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| lost(e.to_string()))?
                 .to_bytes();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 return Err(PeerError::TooLarge { address: address.to_string() });
