@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use openraft::storage::RaftLogStorage;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,7 +21,7 @@ use crate::cluster::network::NetworkFactory;
 use crate::cluster::transport::{self, PeerClient};
 use crate::cluster::{self, Cluster, ClusterHandler};
 use crate::config::NodeConfig;
-use crate::publish::{self, Published};
+use crate::publish::{self, CompiledConfig, Published};
 
 pub struct Node {
     pub config: NodeConfig,
@@ -89,6 +90,9 @@ impl NodeHandle {
     }
 }
 
+/// How long a starting node waits for Raft's first report of the state it restored.
+const RAFT_REPORT_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a stopping node tries to give its unused rate-limit tokens back.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -103,9 +107,11 @@ pub async fn start(
     config.validate()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
-    let (log_store, state_machine) = tollgate_raft_store::store::open(&config.data_dir)
+    let (mut log_store, state_machine) = tollgate_raft_store::store::open(&config.data_dir)
         .await
         .with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+    // The term this node durably voted in, to wait for Raft to report it (below).
+    let durable_term = log_store.read_vote().await?.map_or(0, |vote| vote.leader_id().get_term());
     let committed_index = log_store.committed_index();
     let applied = state_machine.subscribe();
     let ledger = state_machine.ledger();
@@ -142,6 +148,26 @@ pub async fn start(
         clock,
         Duration::from_millis(config.write_leader_wait_ms),
     );
+    // Nothing answers before this node can answer with what it holds (CFG3 as clients
+    // see it): `Raft::new` has re-applied the committed log, so the first publication
+    // is compiled from it before any proxy worker accepts, and `/status` waits for
+    // Raft's first report of the restored term and index rather than its zeroed
+    // initial metrics.
+    let restored = applied.borrow().clone();
+    let first = tokio::task::spawn_blocking(move || CompiledConfig::compile(&restored)).await?;
+    let restored_index = first.version;
+    let published = Arc::new(Published::new(first));
+    let reported = cluster
+        .raft
+        .wait(Some(RAFT_REPORT_WAIT))
+        .metrics(
+            |m| m.current_term >= durable_term && m.last_applied.map_or(0, |id| id.index) >= restored_index,
+            "raft reports the restored state",
+        )
+        .await;
+    if let Err(error) = reported {
+        tracing::warn!(%error, durable_term, restored_index, "raft has not reported its restored state yet");
+    }
 
     // Gossip on the cluster port's UDP side, seeded with the other members' addresses.
     let advertise = tokio::net::lookup_host(&config.advertise)
@@ -170,7 +196,6 @@ pub async fn start(
     .context("starting gossip")?;
 
     let upkeep = prometheus.clone();
-    let published = Arc::new(Published::default());
     let applied_version = published.clone();
     let node = Arc::new(Node {
         config: config.clone(),

@@ -54,7 +54,6 @@ impl CompiledConfig {
 }
 
 /// The current compiled configuration, swapped whole.
-#[derive(Default)]
 pub struct Published {
     current: ArcSwap<CompiledConfig>,
     publications: AtomicU64,
@@ -67,6 +66,13 @@ impl std::fmt::Debug for Published {
 }
 
 impl Published {
+    /// Starts from `first`: a node compiles the config it holds before any listener
+    /// answers, so nothing is served from an empty placeholder.
+    pub fn new(first: CompiledConfig) -> Published {
+        metrics::gauge!("tollgate_config_version").set(first.version as f64);
+        Published { current: ArcSwap::from_pointee(first), publications: AtomicU64::new(1) }
+    }
+
     pub fn load(&self) -> Arc<CompiledConfig> {
         self.current.load_full()
     }

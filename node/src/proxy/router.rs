@@ -107,7 +107,7 @@ struct TrieNode {
     entries: Vec<PathEntry>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Router {
     routes: Vec<CompiledRoute>,
     trie: Vec<TrieNode>,
@@ -122,6 +122,22 @@ pub struct Router {
     reads_headers: bool,
     /// Paths refused at compile time (route id, path, reason), for the log.
     pub refused: Vec<(Uuid, String, String)>,
+}
+
+/// A router with no routes: it matches nothing. The trie always has its root, so
+/// lookups never index an empty table.
+impl Default for Router {
+    fn default() -> Router {
+        Router {
+            routes: Vec::new(),
+            trie: vec![TrieNode::default()],
+            regexes: Vec::new(),
+            regex_set: None,
+            pathless: Vec::new(),
+            reads_headers: false,
+            refused: Vec::new(),
+        }
+    }
 }
 
 /// Most routes' paths indexed; each path adds at most its length in trie nodes.
@@ -147,7 +163,7 @@ const RULE_SNI: i64 = 0x04;
 impl Router {
     /// Compiles routes (validated entity objects) into a router.
     pub fn compile<'a>(routes: impl Iterator<Item = &'a serde_json::Map<String, Value>>) -> Router {
-        let mut router = Router { trie: vec![TrieNode::default()], ..Router::default() };
+        let mut router = Router::default();
         // (key, route index, path) for every path of every route; `None` for pathless.
         let mut keyed: Vec<(RankKey, u32, Option<String>)> = Vec::new();
         for route in routes {
@@ -431,6 +447,12 @@ mod tests {
         let headers = http::HeaderMap::new();
         let view = RequestView { method, host, path, headers: &headers, protocol: "http" };
         router.find(&view).and_then(|m| m.route.name.as_deref())
+    }
+
+    #[test]
+    fn a_router_with_no_routes_matches_nothing() {
+        assert_eq!(find(&Router::default(), "GET", "example.com", "/anything"), None);
+        assert_eq!(find(&Router::compile(std::iter::empty()), "GET", "example.com", "/"), None);
     }
 
     #[test]
