@@ -72,14 +72,62 @@ fn nested_allowed(parent: EntityKind, child: EntityKind) -> bool {
 
 /// Most Admin API connections open at once.
 pub const ADMIN_CONNECTIONS_MAX: usize = 1024;
+/// Most Admin API connections of one client address open at once.
+pub const ADMIN_CONNECTIONS_PER_PEER_MAX: usize = 256;
+/// Admin API connections that have not sent a request yet; past this the oldest
+/// such one is closed.
+pub const ADMIN_PENDING_MAX: usize = 256;
+/// How long an Admin API write may make no progress (a client that stopped reading).
+pub const ADMIN_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The Admin API's TLS configuration from a certificate chain and key (PEM files).
+pub fn tls_source(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<crate::serve::TlsSource> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("--admin-tls-cert {}: cannot read", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--admin-tls-cert {}: not PEM certificates", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("--admin-tls-key {}: not a PEM private key", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("--admin-tls-key: does not match --admin-tls-cert")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = Arc::new(config);
+    Ok(Arc::new(move || config.clone()))
+}
 
 /// Serves the Admin API until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: watch::Receiver<bool>) {
-    let handler = move |peer, request| {
-        let node = node.clone();
-        async move { handle(&node, peer, request).await }
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    tls: Option<crate::serve::TlsSource>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let server = crate::serve::Http1Server {
+        name: "admin",
+        limits: crate::serve::Limits {
+            connections_max: ADMIN_CONNECTIONS_MAX,
+            per_peer_max: ADMIN_CONNECTIONS_PER_PEER_MAX,
+            pending_max: ADMIN_PENDING_MAX,
+        },
+        timeouts: crate::conn::Timeouts {
+            header: std::time::Duration::from_millis(node.config.admin_header_timeout_ms),
+            keepalive: std::time::Duration::from_millis(node.config.admin_keepalive_timeout_ms),
+            send: ADMIN_SEND_TIMEOUT,
+        },
+        tls,
     };
-    crate::serve::serve_http1("admin", listener, ADMIN_CONNECTIONS_MAX, handler, shutdown).await;
+    let handler = move |caller: crate::serve::Caller, request| {
+        let node = node.clone();
+        async move { handle(&node, caller.address, request).await }
+    };
+    crate::serve::serve_http1(listener, server, handler, shutdown).await;
 }
 
 /// A parsed request: what the handlers need.

@@ -34,6 +34,14 @@ pub const PROXY_HEADER_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// closed quietly (Kong's `nginx_http_keepalive_timeout`, 60 s).
 pub const PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
+/// How long a proxy write to a client may make no progress (a client that stopped
+/// reading) before the connection is closed (nginx's `send_timeout`, 60 s).
+pub const PROXY_SEND_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// The Admin API's header timeout (a request head, from its first byte) and idle
+/// timeout between requests.
+pub const ADMIN_HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+pub const ADMIN_KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+
 /// Bounds on the keys above, checked by [`NodeConfig::validate`].
 const RAFT_HEARTBEAT_MS_RANGE: (u64, u64) = (10, 10_000);
 const RAFT_ELECTION_MS_RANGE: (u64, u64) = (50, 60_000);
@@ -43,6 +51,9 @@ const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 32 * 1024 * 1024);
 const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
+const PROXY_SEND_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
+const ADMIN_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
+const ADMIN_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 
 /// A fully resolved node configuration.
 #[derive(Debug, Clone)]
@@ -76,6 +87,16 @@ pub struct NodeConfig {
     pub trusted_ips: std::sync::Arc<crate::proxy::trusted::TrustedIps>,
     pub proxy_header_timeout_ms: u64,
     pub proxy_keepalive_timeout_ms: u64,
+    /// HTTP/1.1 requests take the direct path where they can (`--proxy-direct`).
+    pub proxy_direct: bool,
+    pub proxy_send_timeout_ms: u64,
+    /// Mutual TLS on the cluster port (`--cluster-ca`, `--cluster-cert`,
+    /// `--cluster-key`).
+    pub cluster_tls: Option<crate::cluster::tls::TlsFiles>,
+    /// The Admin API over HTTPS (`--admin-tls-cert`, `--admin-tls-key`).
+    pub admin_tls: Option<(PathBuf, PathBuf)>,
+    pub admin_header_timeout_ms: u64,
+    pub admin_keepalive_timeout_ms: u64,
 }
 
 impl NodeConfig {
@@ -107,6 +128,12 @@ impl NodeConfig {
             trusted_ips: Default::default(),
             proxy_header_timeout_ms: PROXY_HEADER_TIMEOUT_MS_DEFAULT,
             proxy_keepalive_timeout_ms: PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT,
+            proxy_direct: true,
+            proxy_send_timeout_ms: PROXY_SEND_TIMEOUT_MS_DEFAULT,
+            cluster_tls: None,
+            admin_tls: None,
+            admin_header_timeout_ms: ADMIN_HEADER_TIMEOUT_MS_DEFAULT,
+            admin_keepalive_timeout_ms: ADMIN_KEEPALIVE_TIMEOUT_MS_DEFAULT,
         }
     }
 
@@ -134,6 +161,25 @@ impl NodeConfig {
         check_range("workers", self.workers, (1, 1024))?;
         check_range("proxy_header_timeout_ms", self.proxy_header_timeout_ms, PROXY_HEADER_TIMEOUT_MS_RANGE)?;
         check_range("proxy_keepalive_timeout_ms", self.proxy_keepalive_timeout_ms, PROXY_KEEPALIVE_TIMEOUT_MS_RANGE)?;
+        check_range("proxy_send_timeout_ms", self.proxy_send_timeout_ms, PROXY_SEND_TIMEOUT_MS_RANGE)?;
+        check_range("admin_header_timeout_ms", self.admin_header_timeout_ms, ADMIN_HEADER_TIMEOUT_MS_RANGE)?;
+        check_range("admin_keepalive_timeout_ms", self.admin_keepalive_timeout_ms, ADMIN_KEEPALIVE_TIMEOUT_MS_RANGE)?;
+        // The cluster port off loopback: every peer is authenticated, by certificate
+        // (Raft, forwarded writes, joins, snapshots) and by the secret (gossip).
+        if !self.cluster_listen.ip().is_loopback() {
+            if self.cluster_tls.is_none() {
+                bail!(
+                    "cluster_listen {} is not a loopback address: pass --cluster-ca, --cluster-cert and --cluster-key (make them with `tollgate certs init --out DIR --nodes 1,2,3`) so peers are authenticated",
+                    self.cluster_listen
+                );
+            }
+            if self.cluster_secret.is_none() {
+                bail!(
+                    "cluster_listen {} is not a loopback address: set --cluster-secret (TOLLGATE_CLUSTER_SECRET), the same on every node, to authenticate gossip",
+                    self.cluster_listen
+                );
+            }
+        }
         if !self.admin_listen.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
             bail!(
                 "admin_listen {} is not a loopback address: set --admin-token (TOLLGATE_ADMIN_TOKEN) to protect the Admin API",
@@ -209,6 +255,15 @@ pub struct FileConfig {
     pub trusted_ips: Option<String>,
     pub proxy_header_timeout_ms: Option<u64>,
     pub proxy_keepalive_timeout_ms: Option<u64>,
+    pub proxy_direct: Option<bool>,
+    pub proxy_send_timeout_ms: Option<u64>,
+    pub cluster_ca: Option<PathBuf>,
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
+    pub admin_tls_cert: Option<PathBuf>,
+    pub admin_tls_key: Option<PathBuf>,
+    pub admin_header_timeout_ms: Option<u64>,
+    pub admin_keepalive_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -238,6 +293,23 @@ mod tests {
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("--admin-token"), "{error}");
         config.admin_token = Some("secret".into());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_cluster_port_off_loopback_needs_certificates_and_a_secret() {
+        let mut config = NodeConfig::new(1, "/tmp/x".into());
+        config.cluster_listen = "0.0.0.0:8005".parse().unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--cluster-ca") && error.contains("certs init"), "{error}");
+        config.cluster_tls = Some(crate::cluster::tls::TlsFiles {
+            ca: "ca.pem".into(),
+            cert: "node-1.pem".into(),
+            key: "node-1-key.pem".into(),
+        });
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--cluster-secret"), "{error}");
+        config.cluster_secret = Some("s".into());
         config.validate().unwrap();
     }
 

@@ -5,7 +5,8 @@
 //! API and `+5` for the cluster port (node 1: 8000/8001/8005, node 2: 8100/8101/8105,
 //! node 3: 8200/8201/8205). State lives in `--data-dir` (default
 //! `./tollgate-data/dev`), so a restart keeps what you configured; the sample config
-//! is loaded only into an empty cluster.
+//! is loaded only into an empty cluster. The cluster port uses mutual TLS with
+//! certificates `tollgate certs init` makes in `<data dir>/certs` on the first start.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,9 +61,23 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         .with_context(|| format!("binding echo {}", options.echo_listen))?;
     let echo = tokio::spawn(crate::echo::serve(echo_listener, stop_rx));
 
+    // The cluster port as it runs in production: mutual TLS, with certificates of
+    // the dev cluster's own CA.
+    let certs = options.data_dir.join("certs");
+    let ids: Vec<u64> = (1..=DEV_NODES).collect();
+    let missing: Vec<u64> = ids.iter().copied().filter(|id| !certs.join(format!("node-{id}.pem")).exists()).collect();
+    if !missing.is_empty() {
+        crate::certs::init(&certs, &missing, &[]).context("making the dev cluster's certificates")?;
+    }
     let mut nodes: Vec<NodeHandle> = Vec::new();
     for id in 1..=DEV_NODES {
-        nodes.push(node::start(dev_node_config(id, &options.data_dir), None).await?);
+        let mut config = dev_node_config(id, &options.data_dir);
+        config.cluster_tls = Some(crate::cluster::tls::TlsFiles {
+            ca: certs.join("ca.pem"),
+            cert: certs.join(format!("node-{id}.pem")),
+            key: certs.join(format!("node-{id}-key.pem")),
+        });
+        nodes.push(node::start(config, None).await?);
     }
 
     let first = nodes[0].node.clone();

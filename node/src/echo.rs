@@ -20,11 +20,25 @@ const ECHO_CONNECTIONS_MAX: usize = 4096;
 
 pub async fn serve(listener: TcpListener, shutdown: watch::Receiver<bool>) {
     let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let handler = move |peer, request| {
-        let listen = listen.clone();
-        async move { echo(request, peer, &listen).await }
+    let server = crate::serve::Http1Server {
+        name: "echo",
+        limits: crate::serve::Limits {
+            connections_max: ECHO_CONNECTIONS_MAX,
+            per_peer_max: ECHO_CONNECTIONS_MAX,
+            pending_max: ECHO_CONNECTIONS_MAX,
+        },
+        timeouts: crate::conn::Timeouts {
+            header: std::time::Duration::from_secs(30),
+            keepalive: std::time::Duration::from_secs(60),
+            send: std::time::Duration::from_secs(60),
+        },
+        tls: None,
     };
-    crate::serve::serve_http1("echo", listener, ECHO_CONNECTIONS_MAX, handler, shutdown).await;
+    let handler = move |caller: crate::serve::Caller, request| {
+        let listen = listen.clone();
+        async move { echo(request, caller.address, &listen).await }
+    };
+    crate::serve::serve_http1(listener, server, handler, shutdown).await;
 }
 
 async fn echo(mut request: Request<Incoming>, peer: SocketAddr, listen: &str) -> Response<Full<Bytes>> {

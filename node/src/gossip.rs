@@ -6,14 +6,17 @@
 //! of who is live comes from chitchat's phi-accrual failure detector.
 //!
 //! chitchat has no security of its own; the transport here is ours. With a cluster
-//! secret (`--cluster-secret`), every datagram carries an HMAC-SHA256 tag (keyed by
-//! the secret and the cluster id), and datagrams without a valid tag are dropped
-//! before chitchat sees them (`tollgate_gossip_datagrams_rejected_total`). Without
-//! one, chitchat's own parser drops what is not a chitchat message, and the cluster id
+//! secret (`--cluster-secret`, required off loopback), every datagram carries the
+//! time it was sent and an HMAC-SHA256 tag of both (keyed by the secret and the
+//! cluster id); datagrams without a valid tag, or sent more than [`TAG_SKEW`] from
+//! now (a replay), are dropped before chitchat sees them
+//! (`tollgate_gossip_datagrams_rejected_total`). Without one (loopback only),
+//! chitchat's own parser drops what is not a chitchat message, and the cluster id
 //! keeps foreign clusters apart. Either way, nothing that arrives on the socket can
-//! stop the node. A tag costs 32 bytes, so with a secret a datagram at chitchat's
-//! largest (about 64 KiB of state in one delta) does not fit and is not sent; gossip
-//! state stays far below that here.
+//! stop the node, and what gossip says of upstream health is believed only from Raft
+//! members (`health.rs`). The time and tag cost 40 bytes, so with a secret a datagram
+//! at chitchat's largest (about 64 KiB of state in one delta) does not fit and is not
+//! sent; gossip state stays far below that here.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,6 +40,10 @@ const DATAGRAM_BYTES_MAX: usize = 65_507;
 const PENDING_DATAGRAMS_MAX: usize = 256;
 /// Length of the authentication tag appended to every datagram with a secret.
 const TAG_BYTES: usize = 32;
+/// Length of the send time (ms since the epoch) before the tag.
+const STAMP_BYTES: usize = 8;
+/// How far a datagram's send time may be from the receiver's clock.
+pub const TAG_SKEW: Duration = Duration::from_secs(30);
 /// How often this node's own keys (applied config version) are refreshed.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// Membership events queued for each subscriber; a slow one misses old events and
@@ -269,6 +276,10 @@ async fn watch_members(gossip: Arc<Gossip>) {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The key datagrams are tagged with: the secret, bound to the cluster id.
 fn tag_key(secret: &str, cluster_id: &str) -> ring::hmac::Key {
     let material = format!("tollgate-gossip\0{cluster_id}\0{secret}");
@@ -367,6 +378,7 @@ impl Socket for SealingSocket {
             let (length, _) = self.outbox.recv_from(&mut self.buffer).await?;
             self.destinations.pop_front();
             let mut frame = self.buffer[..length].to_vec();
+            frame.extend_from_slice(&unix_ms().to_be_bytes());
             let tag = ring::hmac::sign(&self.key, &frame);
             frame.extend_from_slice(tag.as_ref());
             // A send that fails (too large with its tag, a peer unreachable now) is
@@ -397,13 +409,19 @@ impl Socket for SealingSocket {
                 }
             };
             metrics::counter!("tollgate_gossip_bytes_received_total").increment(length as u64);
-            let Some(split) = length.checked_sub(TAG_BYTES) else {
+            let Some(split) = length.checked_sub(TAG_BYTES + STAMP_BYTES) else {
                 self.reject(from, "shorter than its tag");
                 continue;
             };
-            let (payload, tag) = self.buffer[..length].split_at(split);
-            if ring::hmac::verify(&self.key, payload, tag).is_err() {
+            let (stamped, tag) = self.buffer[..length].split_at(split + STAMP_BYTES);
+            if ring::hmac::verify(&self.key, stamped, tag).is_err() {
                 self.reject(from, "bad tag");
+                continue;
+            }
+            let (payload, stamp) = stamped.split_at(split);
+            let sent_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+            if unix_ms().abs_diff(sent_ms) > TAG_SKEW.as_millis() as u64 {
+                self.reject(from, "sent too long ago (a replay) or clocks too far apart");
                 continue;
             }
             if self.senders.len() >= PENDING_DATAGRAMS_MAX {

@@ -50,6 +50,41 @@ const PASSIVE_REPORTS_PER_TICK: usize = 100_000;
 const PROBE_RESPONSE_BYTES_MAX: usize = 4096;
 /// Gossip key prefix of health states.
 const KEY_PREFIX: &str = "health:";
+/// Marks a gossiped health state that real traffic decided (passive checks).
+const PASSIVE_PREFIX: &str = "passive-";
+
+/// Whether a gossiped health state is believed: it comes from a Raft member, and a
+/// probe's from the node rendezvous hashing makes the target's prober (a node that
+/// is not, or a process that is not a member at all, cannot mark a target down). Its
+/// time is clamped to `now_ms`, so a state stamped in the future cannot outlive later
+/// ones. `None` when refused or malformed.
+fn believed(
+    node: &str,
+    key: &str,
+    value: &str,
+    members: &HashSet<String>,
+    live: &[String],
+    now_ms: u64,
+) -> Option<((Uuid, String), Observed)> {
+    if !members.contains(node) {
+        metrics::counter!("tollgate_health_states_refused_total", "reason" => "not_a_member").increment(1);
+        return None;
+    }
+    let (upstream, target) = key.strip_prefix(KEY_PREFIX)?.split_once(':')?;
+    let upstream = Uuid::parse_str(upstream).ok()?;
+    let (state, at) = value.split_once(':')?;
+    let at_ms = at.parse::<u64>().ok()?.min(now_ms);
+    let (passive, state) = match state.strip_prefix(PASSIVE_PREFIX) {
+        Some(state) => (true, state),
+        None => (false, state),
+    };
+    if !passive && prober(live, upstream, target) != Some(node) {
+        metrics::counter!("tollgate_health_states_refused_total", "reason" => "not_the_prober").increment(1);
+        return None;
+    }
+    let observed = Observed { healthy: state == "up", dns_error: state == "dns", by: node.to_string(), at_ms };
+    Some(((upstream, target.to_string()), observed))
+}
 
 /// What the cluster last decided about one target, and who decided it when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,14 +371,17 @@ impl Probed {
         flip || was_dns_error
     }
 
-    /// The gossip value of this state at `at_ms`.
-    fn published_value(&self, at_ms: u64) -> String {
+    /// The gossip value of this state at `at_ms`: `up`, `down` or `dns` from a probe,
+    /// `passive-up` or `passive-down` from real traffic (any member may publish those;
+    /// a probe's only the target's prober).
+    fn published_value(&self, at_ms: u64, passive: bool) -> String {
         let state = match (self.healthy, self.dns_error) {
             (_, true) => "dns",
             (true, false) => "up",
             (false, false) => "down",
         };
-        format!("{state}:{at_ms}")
+        let source = if passive { PASSIVE_PREFIX } else { "" };
+        format!("{source}{state}:{at_ms}")
     }
 
     fn interval(&self, checks: &ActiveChecks) -> Duration {
@@ -451,18 +489,18 @@ impl Checker {
             let members: Vec<String> = (self.members)().into_iter().map(|id| id.to_string()).collect();
             heard_everyone |= members.iter().all(|id| heard.contains(id));
             let in_grace = !heard_everyone && started.elapsed() < STARTUP_GRACE;
+            let member_set: HashSet<String> = members.iter().cloned().collect();
             let mut live: Vec<String> =
                 members.into_iter().filter(|id| in_grace || heard.contains(id) || *id == me).collect();
             live.sort();
-            // The merged view: the latest state any live node published per target.
+            // The merged view: the latest believed state per target.
             let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();
+            let now_wall_ms = now_ms();
             for (node, key, value) in self.gossip.entries(KEY_PREFIX).await {
-                let Some((upstream, target)) = key[KEY_PREFIX.len()..].split_once(':') else { continue };
-                let Ok(upstream) = Uuid::parse_str(upstream) else { continue };
-                let Some((state, at)) = value.split_once(':') else { continue };
-                let Ok(at_ms) = at.parse::<u64>() else { continue };
-                let observed = Observed { healthy: state == "up", dns_error: state == "dns", by: node, at_ms };
-                let slot = merged.entry((upstream, target.to_string())).or_insert_with(|| observed.clone());
+                let Some((target, observed)) = believed(&node, &key, &value, &member_set, &live, now_wall_ms) else {
+                    continue;
+                };
+                let slot = merged.entry(target).or_insert_with(|| observed.clone());
                 if observed.at_ms > slot.at_ms {
                     *slot = observed;
                 }
@@ -504,7 +542,8 @@ impl Checker {
                 if changed || !state.published {
                     state.published = true;
                     let at_ms = now_ms();
-                    self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms)).await;
+                    let value = state.published_value(at_ms, false);
+                    self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value).await;
                     let observed =
                         Observed { healthy: state.healthy, dns_error: state.dns_error, by: me.clone(), at_ms };
                     merged.insert(key.clone(), observed);
@@ -529,7 +568,7 @@ impl Checker {
                     if state.count(config.judge(report.observation), config) {
                         let at_ms = now_ms();
                         self.gossip
-                            .set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms))
+                            .set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms, true))
                             .await;
                         tracing::info!(upstream = %key.0, target = %key.1, healthy = state.healthy, "target health changed (passive)");
                         merged
@@ -579,6 +618,29 @@ mod tests {
                 assert_eq!(now, *owner, "{target} moved though its prober lives");
             }
         }
+    }
+
+    #[test]
+    fn health_states_are_believed_only_from_members_and_probes_only_from_the_prober() {
+        let members: HashSet<String> = ["1", "2", "3"].map(String::from).into();
+        let live: Vec<String> = ["1", "2", "3"].map(String::from).to_vec();
+        let upstream = Uuid::from_u128(9);
+        let target = "10.0.0.7:80";
+        let key = format!("{KEY_PREFIX}{upstream}:{target}");
+        let owner = prober(&live, upstream, target).unwrap().to_string();
+        let other = live.iter().find(|node| **node != owner).unwrap().clone();
+        let now = 1_000_000;
+        // The prober's probe result, a member's passive one: believed.
+        let (_, observed) = believed(&owner, &key, "down:999000", &members, &live, now).unwrap();
+        assert!(!observed.healthy);
+        assert!(believed(&other, &key, "passive-down:999000", &members, &live, now).is_some());
+        // Another member's "probe", and anything from a non-member: refused.
+        assert!(believed(&other, &key, "down:999000", &members, &live, now).is_none());
+        assert!(believed("9", &key, "passive-down:999000", &members, &live, now).is_none());
+        // A time in the future is clamped to now, so it cannot outlive later states.
+        let (_, future) = believed(&owner, &key, "down:99999999999", &members, &live, now).unwrap();
+        assert_eq!(future.at_ms, now);
+        assert!(believed(&owner, &key, "garbage", &members, &live, now).is_none());
     }
 
     #[test]

@@ -5,9 +5,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod certs;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod dev;
 pub mod echo;
 pub mod gossip;

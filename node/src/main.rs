@@ -31,6 +31,28 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
     },
+    /// Certificates for the cluster port's mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a CA (or reuse the one in --out) and a certificate for each node:
+    /// ca.pem, ca-key.pem, node-<id>.pem, node-<id>-key.pem.
+    Init {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids, comma-separated: 1,2,3.
+        #[arg(long)]
+        nodes: String,
+        /// Host names or addresses to add to every node certificate, comma-separated.
+        #[arg(long, default_value = "")]
+        hosts: String,
+    },
 }
 
 /// Every flag also reads `TOLLGATE_<FLAG>`; `--config FILE` (TOML) holds the same keys
@@ -93,6 +115,34 @@ struct RunArgs {
     /// Idle time between requests on a keep-alive connection before it is closed.
     #[arg(long, env = "TOLLGATE_PROXY_KEEPALIVE_TIMEOUT_MS")]
     proxy_keepalive_timeout_ms: Option<u64>,
+    /// The direct HTTP/1.1 path (`on`, the default) or every request through hyper
+    /// (`off`): for comparing the two, and a way around a direct-path fault.
+    #[arg(long, env = "TOLLGATE_PROXY_DIRECT", value_parser = clap::builder::BoolishValueParser::new())]
+    proxy_direct: Option<bool>,
+    /// How long a write to a client may make no progress before the connection closes.
+    #[arg(long, env = "TOLLGATE_PROXY_SEND_TIMEOUT_MS")]
+    proxy_send_timeout_ms: Option<u64>,
+    /// The cluster's CA certificate (PEM): peers must present a certificate it signed.
+    #[arg(long, env = "TOLLGATE_CLUSTER_CA")]
+    cluster_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), naming `node-<id>.tollgate`.
+    #[arg(long, env = "TOLLGATE_CLUSTER_CERT")]
+    cluster_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "TOLLGATE_CLUSTER_KEY")]
+    cluster_key: Option<PathBuf>,
+    /// The Admin API over HTTPS: certificate chain (PEM).
+    #[arg(long, env = "TOLLGATE_ADMIN_TLS_CERT")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The Admin API over HTTPS: private key (PEM).
+    #[arg(long, env = "TOLLGATE_ADMIN_TLS_KEY")]
+    admin_tls_key: Option<PathBuf>,
+    /// Time for an Admin API request's line and headers once its first byte arrived.
+    #[arg(long, env = "TOLLGATE_ADMIN_HEADER_TIMEOUT_MS")]
+    admin_header_timeout_ms: Option<u64>,
+    /// Idle time between Admin API requests on a keep-alive connection.
+    #[arg(long, env = "TOLLGATE_ADMIN_KEEPALIVE_TIMEOUT_MS")]
+    admin_keepalive_timeout_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -126,6 +176,26 @@ impl RunArgs {
         pick!(access_log);
         pick!(proxy_header_timeout_ms);
         pick!(proxy_keepalive_timeout_ms);
+        pick!(proxy_direct);
+        pick!(proxy_send_timeout_ms);
+        pick!(admin_header_timeout_ms);
+        pick!(admin_keepalive_timeout_ms);
+        let cluster_tls = (
+            self.cluster_ca.or(file.cluster_ca),
+            self.cluster_cert.or(file.cluster_cert),
+            self.cluster_key.or(file.cluster_key),
+        );
+        config.cluster_tls = match cluster_tls {
+            (Some(ca), Some(cert), Some(key)) => Some(tollgate_node::cluster::tls::TlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => anyhow::bail!("--cluster-ca, --cluster-cert and --cluster-key go together: pass all three or none"),
+        };
+        config.admin_tls =
+            match (self.admin_tls_cert.or(file.admin_tls_cert), self.admin_tls_key.or(file.admin_tls_key)) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => anyhow::bail!("--admin-tls-cert and --admin-tls-key go together: pass both or neither"),
+            };
         if let Some(trusted) = self.trusted_ips.or(file.trusted_ips) {
             let parsed = tollgate_node::proxy::trusted::TrustedIps::parse(&trusted).map_err(anyhow::Error::msg)?;
             config.trusted_ips = std::sync::Arc::new(parsed);
@@ -182,6 +252,15 @@ fn main() -> anyhow::Result<()> {
         Command::Dev { data_dir, echo_listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(dev::run(DevOptions { data_dir, echo_listen }))
+        }
+        Command::Certs { command: CertsCommand::Init { out, nodes, hosts } } => {
+            let nodes = tollgate_node::certs::parse_nodes(&nodes)?;
+            let hosts: Vec<String> =
+                hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(str::to_string).collect();
+            for path in tollgate_node::certs::init(&out, &nodes, &hosts)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Command::Echo { listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;

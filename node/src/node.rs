@@ -18,7 +18,8 @@ use tollgate_raft_store::Raft;
 
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::network::NetworkFactory;
-use crate::cluster::transport::{self, PeerClient};
+use crate::cluster::tls::ClusterTls;
+use crate::cluster::transport::{self, ClusterAuth, PeerClient};
 use crate::cluster::{self, Cluster, ClusterHandler};
 use crate::config::NodeConfig;
 use crate::publish::{self, CompiledConfig, Published};
@@ -134,7 +135,22 @@ pub async fn start(
     let cluster_addr = cluster_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let peers = PeerClient::new();
+    // How the cluster port knows its peers (see `cluster::transport`).
+    let auth = match (&config.cluster_tls, &config.cluster_secret) {
+        (Some(files), _) => ClusterAuth::Tls(ClusterTls::load(config.node_id, files.clone())?),
+        (None, Some(secret)) => {
+            tracing::info!("cluster port without TLS (loopback): requests authenticated by the cluster secret");
+            ClusterAuth::secret(secret, &config.cluster_id)
+        }
+        (None, None) => {
+            tracing::warn!(
+                cluster_listen = %config.cluster_listen,
+                "the cluster port has neither TLS nor a secret: any local process can act as a cluster member; pass --cluster-ca, --cluster-cert and --cluster-key (or at least --cluster-secret)"
+            );
+            ClusterAuth::None
+        }
+    };
+    let peers = PeerClient::new(auth.clone());
     let raft_config = cluster::raft_config(&config)?;
     let raft =
         Raft::new(config.node_id, raft_config, NetworkFactory { client: peers.clone() }, log_store, state_machine)
@@ -231,13 +247,15 @@ pub async fn start(
         node_id: config.node_id,
         access_log,
         trusted_ips: config.trusted_ips.clone(),
-        timeouts: crate::proxy::conn::Timeouts {
-            header: std::time::Duration::from_millis(config.proxy_header_timeout_ms),
-            keepalive: std::time::Duration::from_millis(config.proxy_keepalive_timeout_ms),
+        timeouts: crate::conn::Timeouts {
+            header: Duration::from_millis(config.proxy_header_timeout_ms),
+            keepalive: Duration::from_millis(config.proxy_keepalive_timeout_ms),
+            send: Duration::from_millis(config.proxy_send_timeout_ms),
         },
         plugin_state: node.plugin_state.clone(),
         health: node.health.clone(),
         load: node.load.clone(),
+        direct: config.proxy_direct,
     };
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
@@ -251,12 +269,20 @@ pub async fn start(
             shutdown_rx.clone(),
         )?);
     }
+    if let ClusterAuth::Tls(tls) = &auth {
+        tasks.spawn(tls.clone().watch(shutdown_rx.clone()));
+    }
     tasks.spawn(transport::serve(
         cluster_listener,
-        Arc::new(ClusterHandler { cluster: cluster.clone() }),
+        auth,
+        Arc::new(ClusterHandler::new(cluster.clone())),
         shutdown_rx.clone(),
     ));
-    tasks.spawn(crate::admin::serve(admin_listener, node.clone(), shutdown_rx.clone()));
+    let admin_tls = match &config.admin_tls {
+        Some((cert, key)) => Some(crate::admin::tls_source(cert, key)?),
+        None => None,
+    };
+    tasks.spawn(crate::admin::serve(admin_listener, node.clone(), admin_tls, shutdown_rx.clone()));
     tasks.spawn(cluster::grants::run(cluster.clone(), node.plugin_state.quota.clone(), shutdown_rx.clone()));
     let (load, raft) = (node.load.clone(), cluster.raft.clone());
     let read_self = move || crate::gossip::SelfState {

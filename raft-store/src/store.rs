@@ -63,10 +63,25 @@ fn read_error(error: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::<NodeId>::read(&error).into()
 }
 
-/// Opens (or creates) the node's database.
+/// Mode of the data directory: the database holds every credential of the config
+/// (key-auth keys, JWT and HMAC secrets), so only the node's user may enter it.
+pub const DATA_DIR_MODE: u32 = 0o700;
+/// Mode of the database file.
+pub const DATABASE_FILE_MODE: u32 = 0o600;
+
+/// Opens (or creates) the node's database, with the directory and file readable by the
+/// node's user only (also when they were made before with wider modes).
 pub fn open_database(data_dir: &Path) -> std::result::Result<Arc<Database>, redb::Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::create_dir_all(data_dir)?;
-    let database = Database::create(data_dir.join(DATABASE_FILE))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))?;
+    let path = data_dir.join(DATABASE_FILE);
+    if !path.exists() {
+        // Created empty with the narrow mode first, so it is never readable by others.
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(DATABASE_FILE_MODE).open(&path)?;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(DATABASE_FILE_MODE))?;
+    let database = Database::create(&path)?;
     let txn = database.begin_write()?;
     {
         txn.open_table(LOG)?;

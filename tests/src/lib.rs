@@ -209,17 +209,71 @@ impl TestCluster {
         TestCluster::launch(size, extra_args, None).await
     }
 
+    /// Starts one node per entry of `per_node`, each with its own extra flags (node 2
+    /// with `--proxy-direct off`, say).
+    pub async fn start_each(per_node: &[&[&str]]) -> anyhow::Result<TestCluster> {
+        let args: Vec<Vec<String>> = per_node.iter().map(|args| args.iter().map(|s| s.to_string()).collect()).collect();
+        TestCluster::launch_each(args, None).await
+    }
+
     async fn launch(size: u64, extra_args: &[&str], token: Option<String>) -> anyhow::Result<TestCluster> {
+        let args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        TestCluster::launch_each((0..size).map(|_| args.clone()).collect(), token).await
+    }
+
+    /// Starts `size` nodes with mutual TLS on the cluster port (a CA and node
+    /// certificates made by `tollgate certs init` in the cluster's directory, see
+    /// [`TestCluster::certs`]) and `extra_args`.
+    pub async fn start_with_tls(size: u64, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
         let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        let ids: Vec<String> = (1..=size).map(|id| id.to_string()).collect();
+        let made = Command::new(tollgate_binary())
+            .args(["certs", "init", "--out"])
+            .arg(&certs)
+            .args(["--nodes", &ids.join(",")])
+            .stdout(Stdio::null())
+            .status()
+            .context("running tollgate certs init")?;
+        anyhow::ensure!(made.success(), "tollgate certs init failed");
+        let per_node = (1..=size)
+            .map(|id| {
+                let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+                let file = |name: String| certs.join(name).to_string_lossy().into_owned();
+                args.extend(["--cluster-ca".into(), file("ca.pem".into())]);
+                args.extend(["--cluster-cert".into(), file(format!("node-{id}.pem"))]);
+                args.extend(["--cluster-key".into(), file(format!("node-{id}-key.pem"))]);
+                args
+            })
+            .collect();
+        TestCluster::launch_in(dir, per_node, None).await
+    }
+
+    /// The directory `start_with_tls` made the certificates in.
+    pub fn certs(&self) -> PathBuf {
+        self.dir_path.join("certs")
+    }
+
+    async fn launch_each(per_node: Vec<Vec<String>>, token: Option<String>) -> anyhow::Result<TestCluster> {
+        TestCluster::launch_in(tempfile::tempdir()?, per_node, token).await
+    }
+
+    async fn launch_in(
+        dir: tempfile::TempDir,
+        per_node: Vec<Vec<String>>,
+        token: Option<String>,
+    ) -> anyhow::Result<TestCluster> {
         let dir_path = dir.path().to_path_buf();
-        let mut nodes: Vec<TestNode> = (1..=size)
-            .map(|id| TestNode {
+        let mut nodes: Vec<TestNode> = per_node
+            .into_iter()
+            .zip(1..)
+            .map(|(extra_args, id)| TestNode {
                 id,
                 admin_port: free_port(),
                 cluster_port: free_port(),
                 proxy_port: free_port(),
                 data_dir: dir_path.join(format!("node{id}")),
-                extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+                extra_args,
                 child: None,
             })
             .collect();

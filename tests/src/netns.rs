@@ -12,6 +12,8 @@ use crate::{spawn_logged, tollgate_binary};
 /// The admin token every node of a namespaced cluster requires (node 3's admin
 /// address is not loopback).
 pub const TOKEN: &str = "partition-test-token";
+/// The gossip secret of the split cluster (required off loopback).
+pub const CLUSTER_SECRET: &str = "partition-test-secret";
 
 /// The namespace, veth pair and addresses of one test run, removed on drop.
 pub struct Namespace {
@@ -136,7 +138,16 @@ pub fn start_node(
         .args(["--admin-listen", &format!("{local}:{admin}")])
         .args(["--proxy-listen", &format!("{local}:{proxy}")])
         .args(["--initial-cluster", members])
-        .args(["--admin-token", TOKEN]);
+        .args(["--admin-token", TOKEN])
+        // Off loopback the cluster port needs its certificates (made in `dir/certs`
+        // by `SplitCluster::start`) and the gossip secret.
+        .args(["--cluster-secret", CLUSTER_SECRET])
+        .arg("--cluster-ca")
+        .arg(dir.join("certs/ca.pem"))
+        .arg("--cluster-cert")
+        .arg(dir.join(format!("certs/node-{id}.pem")))
+        .arg("--cluster-key")
+        .arg(dir.join(format!("certs/node-{id}-key.pem")));
     let child = spawn_logged(&mut command, log)?;
     Ok(Node { child, admin: format!("http://{local}:{admin}"), proxy: format!("http://{local}:{proxy}") })
 }
@@ -159,6 +170,13 @@ impl SplitCluster {
     pub async fn start() -> anyhow::Result<SplitCluster> {
         let namespace = Namespace::create().context("this test needs root, iproute2 and iptables")?;
         let dir = tempfile::tempdir()?;
+        let made = Command::new(tollgate_binary())
+            .args(["certs", "init", "--out"])
+            .arg(dir.path().join("certs"))
+            .args(["--nodes", "1,2,3"])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(made.success(), "tollgate certs init failed");
         let ports: Vec<(u16, u16, u16)> =
             (0..3).map(|_| (crate::free_port(), crate::free_port(), crate::free_port())).collect();
         let ips = [namespace.host_ip.clone(), namespace.host_ip.clone(), namespace.inner_ip.clone()];

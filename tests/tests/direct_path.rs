@@ -169,7 +169,9 @@ async fn every_response_framing_passes_through_on_one_reused_upstream_connection
     let body = reply.body.as_str().unwrap_or_default();
     assert_eq!((reply.status, body.len()), (200, BIG_BODY_BYTES));
     assert!(body.bytes().enumerate().all(|(i, b)| b == b'a' + (i % 26) as u8), "the body arrived intact");
-    assert_eq!(upstream.connections(), 1, "each exchange gave the connection back for the next");
+    // Each exchange gave the connection back for the next, but the HEAD's: its answer
+    // announced a body, which a broken upstream might still send (see node/PROXY.md).
+    assert_eq!(upstream.connections(), 2, "one connection before the HEAD, one after");
 
     // An answer as long as the upstream's connection: the client's closes after it.
     let (status, text) = raw_exchange(&proxy, b"GET /s/until-close HTTP/1.1\r\nHost: t\r\n\r\n").await?;

@@ -17,6 +17,7 @@
 
 pub mod grants;
 pub mod network;
+pub mod tls;
 pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,21 +36,26 @@ use tollgate_raft_store::store::Applied;
 use tollgate_raft_store::{ApiError, ErrorCode, NodeId, Raft, TypeConfig};
 
 use self::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
-use self::transport::{FrameHandler, PeerClient, PeerError};
+use self::tls::PeerIdentity;
+use self::transport::{FrameHandler, Peer, PeerClient, PeerError, Refusal};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 
 /// A request for the leader, sent by a node that believes the receiver leads.
-const PATH_LEADER: &str = "/cluster/leader";
+pub const PATH_LEADER: &str = "/cluster/leader";
 /// A new node asking any member to add it; the member routes it to the leader.
-const PATH_JOIN: &str = "/cluster/join";
+pub const PATH_JOIN: &str = "/cluster/join";
 /// How long one forwarded request may take before its outcome counts as unknown (and
 /// never past the request's `write_leader_wait_ms`).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts while no leader is reachable.
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// Largest snapshot a node accepts from a leader.
-pub const SNAPSHOT_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+/// Largest snapshot a node accepts from a leader. A snapshot of 20 000 routes is a few
+/// MiB; the Admin API's body limit and `DOCUMENT_ENTITIES_MAX` keep real ones far
+/// below this.
+pub const SNAPSHOT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+/// Snapshots being received at once (by id); an older one's progress is forgotten.
+const SNAPSHOTS_RECEIVING_MAX: usize = 4;
 /// Most entries in one AppendEntries; with the frame limit this bounds a batch's size.
 const APPEND_ENTRIES_MAX: u64 = 64;
 /// Pause between attempts to join a running cluster.
@@ -70,11 +76,13 @@ pub enum LeaderRequest {
     },
 }
 
-/// A leader request forwarded to the node the sender saw lead in `term`. The receiver
-/// runs it only while it leads in that same term, so a leader that stalled, lost its
-/// place and won a later election never acts on a request its sender gave up on.
+/// A leader request forwarded by node `from` to the node it saw lead in `term`. The
+/// receiver runs it only while it leads in that same term, so a leader that stalled,
+/// lost its place and won a later election never acts on a request its sender gave up
+/// on; and only from a member (whose certificate, with TLS, names `from`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Forwarded {
+    pub from: NodeId,
     pub term: u64,
     pub request: LeaderRequest,
 }
@@ -103,6 +111,8 @@ pub struct Cluster {
     peers: PeerClient,
     clock: Arc<dyn Clock>,
     write_leader_wait: Duration,
+    /// The cluster port authenticates peers (TLS or the cluster secret).
+    authenticated: bool,
 }
 
 /// openraft's configuration from the node's.
@@ -152,7 +162,8 @@ impl Cluster {
         clock: Arc<dyn Clock>,
         write_leader_wait: Duration,
     ) -> Cluster {
-        Cluster { id, raft, applied, peers, clock, write_leader_wait }
+        let authenticated = peers.authenticates();
+        Cluster { id, raft, applied, peers, clock, write_leader_wait, authenticated }
     }
 
     /// The latest applied state (cheap: the maps are shared).
@@ -183,8 +194,9 @@ impl Cluster {
         let request = LeaderRequest::AddMember { node_id: self.id, address: advertise };
         loop {
             for seed in &seeds {
+                let seed_peer = Peer { address: seed, id: None };
                 let answer: Result<Result<u64, ApiError>, PeerError> =
-                    self.peers.call(seed, PATH_JOIN, &request, FORWARD_TIMEOUT).await;
+                    self.peers.call(seed_peer, PATH_JOIN, &request, FORWARD_TIMEOUT).await;
                 match answer {
                     Ok(Ok(_)) => {
                         tracing::info!(%seed, "joined the cluster");
@@ -355,8 +367,9 @@ impl Cluster {
         };
         let Some(address) = address else { return Err(LeaderError::NotLeader) };
         let timeout = FORWARD_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())).max(LEADER_RETRY_PAUSE);
-        let forwarded = Forwarded { term, request: request.clone() };
-        let call = self.peers.call::<_, Result<LeaderReply, LeaderError>>(&address, PATH_LEADER, &forwarded, timeout);
+        let forwarded = Forwarded { from: self.id, term, request: request.clone() };
+        let peer = Peer { address: &address, id: Some(leader) };
+        let call = self.peers.call::<_, Result<LeaderReply, LeaderError>>(peer, PATH_LEADER, &forwarded, timeout);
         let mut metrics = self.raft.metrics();
         let superseded = async {
             let newer = metrics.wait_for(|m| m.current_term > term && m.current_leader.is_some_and(|id| id != leader));
@@ -535,47 +548,132 @@ fn membership_error(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>
     }
 }
 
-/// Answers the cluster port.
+/// Answers the cluster port: each frame is checked against who sent it before Raft or
+/// the leader path sees it.
 pub struct ClusterHandler {
     pub cluster: Cluster,
+    /// Bytes received so far of snapshots being installed, by snapshot id.
+    snapshots: std::sync::RwLock<Vec<(String, u64)>>,
 }
 
-fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
-    tollgate_raft_store::codec::encode(value).map_err(|e| e.to_string())
+impl ClusterHandler {
+    pub fn new(cluster: Cluster) -> ClusterHandler {
+        ClusterHandler { cluster, snapshots: std::sync::RwLock::default() }
+    }
+
+    /// Members of this node's Raft membership: (voters, every member); empty before
+    /// it has one (a node that has not joined yet).
+    fn members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let metrics = self.cluster.raft.metrics();
+        let borrowed = metrics.borrow();
+        let membership = borrowed.membership_config.membership();
+        (membership.voter_ids().collect(), membership.nodes().map(|(id, _)| *id).collect())
+    }
+
+    /// The sender speaks for `claimed` (its certificate names it).
+    fn speaks_for(from: &PeerIdentity, claimed: Option<NodeId>) -> Result<NodeId, Refusal> {
+        let Some(claimed) = claimed else { return Err(Refusal::Bad("the frame names no sender".into())) };
+        if !from.is(claimed) {
+            return Err(Refusal::Forbidden(format!("the frame claims node {claimed}; the certificate names another")));
+        }
+        Ok(claimed)
+    }
+
+    /// AppendEntries and InstallSnapshot: from a member; or, on an authenticated port
+    /// (a certificate of the cluster's CA, or the cluster secret), from a node this
+    /// one does not know yet, so a follower that missed the membership change adding
+    /// today's leader can still catch up from it.
+    fn check_leader(&self, from: &PeerIdentity, claimed: Option<NodeId>) -> Result<(), Refusal> {
+        let leader = Self::speaks_for(from, claimed)?;
+        let (_, members) = self.members();
+        if members.is_empty() || members.contains(&leader) || self.cluster.authenticated {
+            return Ok(());
+        }
+        Err(Refusal::Forbidden(format!("node {leader} is not a member")))
+    }
+
+    /// Vote requests: from a voter this node knows, always (a voter of a committed
+    /// configuration is known to a majority of it).
+    fn check_candidate(&self, from: &PeerIdentity, claimed: Option<NodeId>) -> Result<(), Refusal> {
+        let candidate = Self::speaks_for(from, claimed)?;
+        let (voters, _) = self.members();
+        if voters.is_empty() || voters.contains(&candidate) {
+            return Ok(());
+        }
+        Err(Refusal::Forbidden(format!("node {candidate} is not a voter")))
+    }
+
+    /// A snapshot chunk continues what was received of its snapshot (or starts it,
+    /// or repeats a chunk), within [`SNAPSHOT_BYTES_MAX`]: openraft writes a chunk at
+    /// its offset into memory, so a chunk far ahead would allocate the gap.
+    fn check_snapshot_chunk(&self, id: &str, offset: u64, length: u64, done: bool) -> Result<(), Refusal> {
+        let end = offset.saturating_add(length);
+        if end > SNAPSHOT_BYTES_MAX {
+            return Err(Refusal::Bad(format!("snapshot larger than {SNAPSHOT_BYTES_MAX} bytes")));
+        }
+        let Ok(mut receiving) = self.snapshots.write() else { return Err(Refusal::Bad("busy".into())) };
+        let received = receiving.iter().find(|(known, _)| known == id).map_or(0, |(_, bytes)| *bytes);
+        if offset > received {
+            return Err(Refusal::Bad(format!("snapshot chunk at {offset} after {received} bytes received")));
+        }
+        receiving.retain(|(known, _)| known != id);
+        if !done {
+            if receiving.len() >= SNAPSHOTS_RECEIVING_MAX {
+                receiving.remove(0);
+            }
+            receiving.push((id.to_string(), end.max(received)));
+        }
+        Ok(())
+    }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
-    tollgate_raft_store::codec::decode(body).map_err(|e| e.to_string())
+fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, Refusal> {
+    tollgate_raft_store::codec::encode(value).map_err(|e| Refusal::Bad(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
+    tollgate_raft_store::codec::decode(body).map_err(|e| Refusal::Bad(e.to_string()))
 }
 
 impl FrameHandler for ClusterHandler {
-    async fn handle(&self, path: String, body: Bytes) -> Result<Vec<u8>, String> {
+    async fn handle(&self, path: String, body: Bytes, from: PeerIdentity) -> Result<Vec<u8>, Refusal> {
         let raft = &self.cluster.raft;
         match path.as_str() {
             PATH_APPEND => {
                 let request: openraft::raft::AppendEntriesRequest<TypeConfig> = parse(&body)?;
+                self.check_leader(&from, request.vote.leader_id().voted_for())?;
                 frame(&raft.append_entries(request).await)
             }
-            PATH_VOTE => frame(&raft.vote(parse(&body)?).await),
+            PATH_VOTE => {
+                let request: openraft::raft::VoteRequest<NodeId> = parse(&body)?;
+                self.check_candidate(&from, request.vote.leader_id().voted_for())?;
+                frame(&raft.vote(request).await)
+            }
             PATH_SNAPSHOT => {
                 let request: openraft::raft::InstallSnapshotRequest<TypeConfig> = parse(&body)?;
-                // openraft writes a chunk at its offset into an in-memory buffer: bound it.
-                if request.offset.saturating_add(request.data.len() as u64) > SNAPSHOT_BYTES_MAX {
-                    return Err(format!("snapshot larger than {SNAPSHOT_BYTES_MAX} bytes"));
-                }
+                self.check_leader(&from, request.vote.leader_id().voted_for())?;
+                let id = &request.meta.snapshot_id;
+                self.check_snapshot_chunk(id, request.offset, request.data.len() as u64, request.done)?;
                 frame(&raft.install_snapshot(request).await)
             }
             PATH_LEADER => {
                 let forwarded: Forwarded = parse(&body)?;
+                let sender = Self::speaks_for(&from, Some(forwarded.from))?;
+                let (_, members) = self.members();
+                if !members.contains(&sender) {
+                    return Err(Refusal::Forbidden(format!("node {sender} is not a member")));
+                }
                 frame(&self.cluster.execute_forwarded(forwarded).await)
             }
             PATH_JOIN => match parse::<LeaderRequest>(&body)? {
                 LeaderRequest::AddMember { node_id, address } => {
+                    // A node joins as itself: its certificate names the id it asks for.
+                    Self::speaks_for(&from, Some(node_id))?;
                     frame(&self.cluster.add_member(node_id, address).await)
                 }
-                _ => Err("join carries AddMember only".to_string()),
+                _ => Err(Refusal::Bad("join carries AddMember only".to_string())),
             },
-            other => Err(format!("unknown cluster path {other}")),
+            other => Err(Refusal::Bad(format!("unknown cluster path {other}"))),
         }
     }
 }

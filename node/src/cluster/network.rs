@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tollgate_raft_store::{NodeId, TypeConfig};
 
-use super::transport::{PeerClient, PeerError};
+use super::transport::{Peer, PeerClient, PeerError};
 
 pub const PATH_APPEND: &str = "/raft/append";
 pub const PATH_VOTE: &str = "/raft/vote";
@@ -55,7 +55,7 @@ impl PeerNetwork {
     {
         let timeout = option.hard_ttl().max(Duration::from_millis(50));
         let answer: Result<Result<Resp, RaftError<NodeId, E>>, PeerError> =
-            self.client.call(&self.address, path, request, timeout).await;
+            self.client.call(Peer { address: &self.address, id: Some(self.target) }, path, request, timeout).await;
         match answer {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),

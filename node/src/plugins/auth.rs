@@ -129,26 +129,45 @@ impl KeyAuth {
     /// The key sent, and where, looking for each of `key_names` in turn in the
     /// headers, the query string and (`key_in_body`) the body, Kong's order. The body
     /// is asked for only when a name is not in the headers or the query string.
-    /// Found keys are looked up at once, so the key itself is never copied.
+    /// Found keys are looked up at once, so the key itself is never copied. A name
+    /// given twice in one place (two header lines, two query arguments, a JSON array,
+    /// two form fields) is a duplicate, whatever the values: Kong refuses it rather
+    /// than pick one.
     fn find_key<'e>(&self, ctx: &Ctx, request: &RequestView<'_>, env: &Env<'e>) -> Lookup<'e> {
         let keys = &env.data.keys;
         for (index, name) in self.names.iter().enumerate() {
             if self.config.key_in_header {
-                if let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) {
-                    return Lookup::Found(keys.get(value), Found::Header(name.clone()));
+                let mut values = request.headers.get_all(name).iter();
+                if let Some(value) = values.next() {
+                    if values.next().is_some() {
+                        return Lookup::Duplicate;
+                    }
+                    if let Ok(value) = value.to_str() {
+                        return Lookup::Found(keys.get(value), Found::Header(name.clone()));
+                    }
                 }
             }
             let text_name = &self.config.key_names[index];
             if self.config.key_in_query {
-                if let Some(value) = request.query.and_then(|query| query_param(query, text_name)) {
-                    return Lookup::Found(keys.get(&value), Found::Query(text_name.clone()));
+                if let Some(query) = request.query {
+                    let mut values = query_params(query, text_name);
+                    if let Some(value) = values.next() {
+                        if values.next().is_some() {
+                            return Lookup::Duplicate;
+                        }
+                        return Lookup::Found(keys.get(&value), Found::Query(text_name.clone()));
+                    }
                 }
             }
             if self.config.key_in_body {
                 let Some(kind) = body_kind(request.headers) else { continue };
                 let Some(body) = &ctx.request_body else { return Lookup::NeedBody };
-                if let Some(value) = body_field(kind, body, text_name) {
-                    return Lookup::Found(keys.get(&value), Found::Body(kind, text_name.clone()));
+                match body_field(kind, body, text_name) {
+                    BodyField::One(value) => {
+                        return Lookup::Found(keys.get(&value), Found::Body(kind, text_name.clone()));
+                    }
+                    BodyField::Many => return Lookup::Duplicate,
+                    BodyField::Missing => {}
                 }
             }
         }
@@ -159,7 +178,16 @@ impl KeyAuth {
 /// Where a key was, and the credential it names (`None` for an unknown key).
 enum Lookup<'e> {
     Found(Option<&'e Identity>, Found),
+    /// One key name given twice (Kong: "Duplicate API key found").
+    Duplicate,
     NeedBody,
+    Missing,
+}
+
+/// A key field of a body.
+enum BodyField {
+    One(String),
+    Many,
     Missing,
 }
 
@@ -169,18 +197,26 @@ enum Found {
     Body(BodyKind, String),
 }
 
-/// A string field of a JSON object or form body.
-fn body_field(kind: BodyKind, body: &[u8], name: &str) -> Option<String> {
+/// A string field of a JSON object or form body: an array (JSON) or a repeated field
+/// (form) is several.
+fn body_field(kind: BodyKind, body: &[u8], name: &str) -> BodyField {
     match kind {
-        BodyKind::Json => match serde_json::from_slice::<serde_json::Value>(body).ok()? {
-            serde_json::Value::Object(mut object) => match object.remove(name)? {
-                serde_json::Value::String(text) => Some(text),
-                _ => None,
+        BodyKind::Json => match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(mut object)) => match object.remove(name) {
+                Some(serde_json::Value::String(text)) => BodyField::One(text),
+                Some(serde_json::Value::Array(_)) => BodyField::Many,
+                _ => BodyField::Missing,
             },
-            _ => None,
+            _ => BodyField::Missing,
         },
         BodyKind::Form => {
-            transform::form_fields(std::str::from_utf8(body).ok()?).find(|(field, _)| field == name).map(|(_, v)| v)
+            let Ok(text) = std::str::from_utf8(body) else { return BodyField::Missing };
+            let mut values = transform::form_fields(text).filter(|(field, _)| field == name).map(|(_, value)| value);
+            match (values.next(), values.next()) {
+                (Some(value), None) => BodyField::One(value),
+                (Some(_), Some(_)) => BodyField::Many,
+                (None, _) => BodyField::Missing,
+            }
         }
     }
 }
@@ -211,6 +247,12 @@ impl Plugin for KeyAuth {
         let (found, matched) = match self.find_key(ctx, request, env) {
             Lookup::NeedBody => return Flow::ReadBody,
             Lookup::Found(identity, place) => (Some(place), identity),
+            Lookup::Duplicate => {
+                if let Some(anonymous) = &self.config.anonymous {
+                    return use_anonymous(ctx, request, env, anonymous);
+                }
+                return self.unauthorized("Duplicate API key found");
+            }
             Lookup::Missing => (None, None),
         };
         match (found, matched) {
@@ -253,7 +295,12 @@ impl Plugin for KeyAuth {
 
 /// The first value of query argument `name`, percent-decoded.
 pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
+    query_params(query, name).next()
+}
+
+/// Every value of query argument `name`, percent-decoded, in order.
+pub fn query_params<'q>(query: &'q str, name: &'q str) -> impl Iterator<Item = String> + 'q {
+    query.split('&').filter_map(move |pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(key) == name).then(|| percent_decode(value))
     })
@@ -271,7 +318,7 @@ pub fn without_param(query: &str, name: &str) -> String {
         .join("&")
 }
 
-fn percent_decode(text: &str) -> String {
+pub(super) fn percent_decode(text: &str) -> String {
     crate::admin::percent_decode(text, true)
 }
 

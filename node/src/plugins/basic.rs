@@ -11,6 +11,15 @@
 //! [`VERIFY_CONCURRENCY_MAX`] at once (past that, 503), and a success is remembered in
 //! the node's [`VerifiedCache`] by a SHA-256 digest of the stored hash and the password
 //! (the password itself is never kept). Comparisons are constant-time (ring).
+//!
+//! Two things an attacker could learn or take:
+//! - Which usernames exist, from the time an answer takes: an unknown username is
+//!   checked against a decoy hash of the same cost, so it is refused no faster.
+//! - The verification slots, by flooding wrong passwords: one client address has at
+//!   most [`VERIFY_PER_CLIENT_MAX`] check running (more get 429 at once, at no cost),
+//!   so one flooding client leaves the other slots to everyone else. Many flooding
+//!   addresses can still fill them; that is a denial of service for a rate limit or
+//!   firewall in front of the gateway.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
@@ -35,6 +44,8 @@ const HASH_PREFIX: &str = "$pbkdf2-sha256$";
 /// Passwords being verified at once per node; past this, 503 (a flood of wrong
 /// passwords must not queue unbounded work).
 pub const VERIFY_CONCURRENCY_MAX: usize = 4;
+/// Passwords of one client address being verified at once; past this, 429.
+pub const VERIFY_PER_CLIENT_MAX: usize = 1;
 /// Verified (credential, password) digests a node remembers; past this it starts over.
 pub const VERIFIED_CACHE_MAX: usize = 100_000;
 
@@ -81,16 +92,58 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
-/// Successful verifications a node remembers, and the limit on verifications running.
+/// A hash of a random password, made once: what an unknown username's password is
+/// checked against, so that refusing it takes as long as refusing a wrong one.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        let mut password = [0u8; 32];
+        let _ = ring::rand::SystemRandom::new().fill(&mut password);
+        hash_password(&hex(&password)).unwrap_or_else(|_| format!("{HASH_PREFIX}i={PBKDF2_ITERATIONS}$00$00"))
+    })
+}
+
+/// Successful verifications a node remembers, and the limits on verifications running.
 pub struct VerifiedCache {
     digests: RwLock<HashSet<[u8; 32]>>,
     running: Arc<Semaphore>,
+    /// Client addresses with a verification running (at most
+    /// [`VERIFY_CONCURRENCY_MAX`] of them, one permit each).
+    clients: Arc<RwLock<HashSet<std::net::IpAddr>>>,
 }
 
 impl Default for VerifiedCache {
     fn default() -> Self {
-        VerifiedCache { digests: RwLock::default(), running: Arc::new(Semaphore::new(VERIFY_CONCURRENCY_MAX)) }
+        VerifiedCache {
+            digests: RwLock::default(),
+            running: Arc::new(Semaphore::new(VERIFY_CONCURRENCY_MAX)),
+            clients: Arc::default(),
+        }
     }
+}
+
+/// One running verification: a node-wide permit and the client's place, both given
+/// back when dropped.
+struct VerifySlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    client: std::net::IpAddr,
+    clients: Arc<RwLock<HashSet<std::net::IpAddr>>>,
+}
+
+impl Drop for VerifySlot {
+    fn drop(&mut self) {
+        if let Ok(mut clients) = self.clients.write() {
+            clients.remove(&self.client);
+        }
+    }
+}
+
+/// Why no verification could start.
+enum Busy {
+    /// This client already has one running.
+    Client,
+    /// Every slot of the node is taken.
+    Node,
 }
 
 impl VerifiedCache {
@@ -106,6 +159,18 @@ impl VerifiedCache {
 
     fn contains(&self, key: &[u8; 32]) -> bool {
         self.digests.read().is_ok_and(|digests| digests.contains(key))
+    }
+
+    /// A slot for `client`'s verification.
+    fn slot(&self, client: std::net::IpAddr) -> Result<VerifySlot, Busy> {
+        const { assert!(VERIFY_PER_CLIENT_MAX == 1, "the client set counts one each") };
+        let Ok(mut clients) = self.clients.write() else { return Err(Busy::Node) };
+        if clients.contains(&client) {
+            return Err(Busy::Client);
+        }
+        let permit = self.running.clone().try_acquire_owned().map_err(|_| Busy::Node)?;
+        clients.insert(client);
+        Ok(VerifySlot { _permit: permit, client, clients: self.clients.clone() })
     }
 
     fn remember(&self, key: [u8; 32]) {
@@ -162,31 +227,50 @@ impl Plugin for BasicAuth {
         let Some((username, password)) = decoded.as_deref().and_then(|text| text.split_once(':')) else {
             return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
         };
-        let Some(credential) = env.data.basic.get(username) else {
-            return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
-        };
-        let key = VerifiedCache::key(&credential.hash, password);
+        // An unknown username is checked too, against the decoy: its refusal takes
+        // as long as a wrong password's.
+        let credential = env.data.basic.get(username);
         let verified = match ctx.verified.take() {
             Some(answer) => answer,
-            None if env.verified.contains(&key) => true,
+            None if credential.is_some_and(|c| env.verified.contains(&VerifiedCache::key(&c.hash, password))) => true,
             None => {
-                let Ok(permit) = env.verified.running.clone().try_acquire_owned() else {
-                    return Flow::Exit(Exit::message(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many password checks in progress; retry shortly",
-                    ));
+                let slot = match env.verified.slot(ctx.client_ip) {
+                    Ok(slot) => slot,
+                    Err(Busy::Client) => {
+                        let mut exit = Exit::message(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "a password check of this client is in progress; retry shortly",
+                        );
+                        exit.headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+                        return Flow::Exit(exit);
+                    }
+                    Err(Busy::Node) => {
+                        return Flow::Exit(Exit::message(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many password checks in progress; retry shortly",
+                        ));
+                    }
                 };
-                let (stored, password) = (credential.hash.clone(), password.to_string());
+                let stored = credential.map(|c| c.hash.clone());
+                let password = password.to_string();
                 return Flow::Verify(Box::pin(async move {
-                    let checked = tokio::task::spawn_blocking(move || verify_password(&stored, &password)).await;
-                    drop(permit);
+                    let checked = tokio::task::spawn_blocking(move || match &stored {
+                        Some(stored) => verify_password(stored, &password),
+                        None => {
+                            verify_password(decoy_hash(), &password);
+                            false
+                        }
+                    })
+                    .await;
+                    drop(slot);
                     checked.unwrap_or(false)
                 }));
             }
         };
-        if !verified {
+        let Some(credential) = credential.filter(|_| verified) else {
             return self.anonymous_or(ctx, request, env, "Invalid authentication credentials");
-        }
+        };
+        let key = VerifiedCache::key(&credential.hash, password);
         env.verified.remember(key);
         let hide = self.config.hide_credentials.then_some(header_name);
         if !accept(ctx, request, env, &credential.identity, hide) {

@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 
-use http::{HeaderName, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use ring::{hmac, signature};
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 use tollgate_raft_store::plugins::JwtConfig;
 
-use super::auth::{accept, query_param, use_anonymous, Identity};
+use super::auth::{accept, percent_decode, use_anonymous, Identity};
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
 
 /// Longest token accepted, in bytes.
@@ -137,6 +137,18 @@ pub fn base64_decode(text: &str, url: bool) -> Option<Vec<u8>> {
 pub struct Jwt {
     config: JwtConfig,
     headers: Vec<HeaderName>,
+    /// `WWW-Authenticate` without a token, and with a refused one (Kong's values).
+    challenge: HeaderValue,
+    challenge_invalid: HeaderValue,
+}
+
+/// The tokens a request carries.
+enum Tokens {
+    None,
+    One(String),
+    /// Different tokens in different places: which one counts is not the proxy's to
+    /// guess (Kong: "Multiple tokens provided").
+    Many,
 }
 
 impl Jwt {
@@ -146,41 +158,83 @@ impl Jwt {
             .iter()
             .map(|name| HeaderName::from_bytes(name.as_bytes()).map_err(|error| error.to_string()))
             .collect::<Result<_, _>>()?;
-        Ok(Jwt { config, headers })
+        let base = match &config.realm {
+            Some(realm) => format!("Bearer realm=\"{realm}\""),
+            None => "Bearer".to_string(),
+        };
+        let invalid = match &config.realm {
+            Some(_) => format!("{base}, error=\"invalid_token\""),
+            None => "Bearer error=\"invalid_token\"".to_string(),
+        };
+        let challenge = HeaderValue::from_str(&base).map_err(|error| format!("realm: {error}"))?;
+        let challenge_invalid = HeaderValue::from_str(&invalid).map_err(|error| format!("realm: {error}"))?;
+        Ok(Jwt { config, headers, challenge, challenge_invalid })
     }
 
-    /// The token: query arguments, then cookies, then headers (`Bearer` or bare).
-    fn token(&self, request: &RequestView<'_>) -> Option<String> {
-        for name in &self.config.uri_param_names {
-            if let Some(token) = request.query.and_then(|query| query_param(query, name)) {
-                return Some(token);
+    /// The distinct non-empty tokens of every place Kong looks: each query argument of
+    /// `uri_param_names` (every occurrence), the first cookie of each of
+    /// `cookie_names`, the first line of each of `header_names` (`Bearer` or bare).
+    fn tokens(&self, request: &RequestView<'_>) -> Tokens {
+        let mut found: Option<String> = None;
+        let mut add = |token: &str| -> bool {
+            match &found {
+                _ if token.is_empty() => true,
+                Some(known) => known == token,
+                None => {
+                    found = Some(token.to_string());
+                    true
+                }
+            }
+        };
+        if let Some(query) = request.query {
+            for pair in query.split('&') {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let key = percent_decode(key);
+                if self.config.uri_param_names.contains(&key) && !add(&percent_decode(value)) {
+                    return Tokens::Many;
+                }
             }
         }
-        if !self.config.cookie_names.is_empty() {
-            for cookies in request.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()) {
-                for cookie in cookies.split(';') {
-                    let (name, value) = cookie.trim().split_once('=').unwrap_or((cookie.trim(), ""));
-                    if self.config.cookie_names.iter().any(|wanted| wanted == name) {
-                        return Some(value.to_string());
-                    }
+        for wanted in &self.config.cookie_names {
+            let first = request
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|cookies| cookies.split(';'))
+                .map(|cookie| cookie.trim().split_once('=').unwrap_or((cookie.trim(), "")))
+                .find(|(name, _)| name == wanted);
+            if let Some((_, value)) = first {
+                if !add(value) {
+                    return Tokens::Many;
                 }
             }
         }
         for name in &self.headers {
             if let Some(value) = request.headers.get(name).and_then(|v| v.to_str().ok()) {
+                let value = value.trim();
                 let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or(value);
-                return Some(token.trim().to_string());
+                if !add(token.trim()) {
+                    return Tokens::Many;
+                }
             }
         }
-        None
+        match found {
+            Some(token) => Tokens::One(token),
+            None => Tokens::None,
+        }
     }
 
-    fn refuse(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>, body: Value) -> Flow {
+    /// Refuses the request (or lets the anonymous consumer in) with Kong's `body`;
+    /// `invalid` when a token was there but refused.
+    fn refuse(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>, body: Value, invalid: bool) -> Flow {
         if let Some(anonymous) = &self.config.anonymous {
             return use_anonymous(ctx, request, env, anonymous);
         }
         let mut exit = Exit::message(StatusCode::UNAUTHORIZED, "");
         exit.body = bytes::Bytes::from(body.to_string());
+        let challenge = if invalid { &self.challenge_invalid } else { &self.challenge };
+        exit.headers.push((http::header::WWW_AUTHENTICATE, challenge.clone()));
         Flow::Exit(exit)
     }
 
@@ -272,18 +326,25 @@ impl Plugin for Jwt {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;
         }
-        let Some(token) = self.token(request) else {
-            return self.refuse(ctx, request, env, serde_json::json!({ "message": "Unauthorized" }));
+        let token = match self.tokens(request) {
+            Tokens::One(token) => token,
+            Tokens::None => {
+                return self.refuse(ctx, request, env, serde_json::json!({ "message": "Unauthorized" }), false);
+            }
+            Tokens::Many => {
+                let body = serde_json::json!({ "message": "Multiple tokens provided" });
+                return self.refuse(ctx, request, env, body, true);
+            }
         };
         let credentials = if self.config.secret_is_base64 { &env.data.jwt_base64 } else { &env.data.jwt };
         match self.verify(&token, credentials) {
             Ok(credential) => {
                 if !accept(ctx, request, env, &credential.identity, None) {
-                    return self.refuse(ctx, request, env, serde_json::json!({ "message": "Unauthorized" }));
+                    return self.refuse(ctx, request, env, serde_json::json!({ "message": "Unauthorized" }), true);
                 }
                 Flow::Continue
             }
-            Err(body) => self.refuse(ctx, request, env, body),
+            Err(body) => self.refuse(ctx, request, env, body, true),
         }
     }
 }

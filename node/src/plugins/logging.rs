@@ -3,10 +3,12 @@
 //! The entry is Kong's basic log serializer's shape: `request` (method, uri, url,
 //! querystring, size, headers), `response` (status, size), `latencies` (request,
 //! proxy, kong), `client_ip`, `started_at`, `route`, `service`, `consumer`.
-//! Credentials never appear: `Authorization`, `Proxy-Authorization`, `Cookie` and any
+//! Credentials never appear: `Authorization`, `Proxy-Authorization`, `Cookie`, any
 //! header or query argument whose name contains `key`, `token`, `secret`, `password`,
-//! `signature` or `auth` is logged as `REDACTED` (Kong redacts only the
-//! authorization headers).
+//! `signature`, `auth` or `jwt`, and every name an authentication plugin of the config
+//! reads a credential from (key-auth `key_names`, jwt `uri_param_names`,
+//! `cookie_names`, `header_names`, whatever they are called) is logged as `REDACTED`
+//! (Kong redacts only the authorization headers).
 //!
 //! Nothing here waits on the request path: entries go through bounded queues to a
 //! writer thread (file-log) or to a sender task on the node's logging thread
@@ -33,20 +35,24 @@ pub const FILE_LOG_FILES_MAX: usize = 64;
 /// Distinct http-log endpoints (and settings) a node sends to.
 pub const HTTP_LOG_SINKS_MAX: usize = 64;
 
-const SENSITIVE: [&str; 6] = ["key", "token", "secret", "password", "signature", "auth"];
+const SENSITIVE: [&str; 7] = ["key", "token", "secret", "password", "signature", "auth", "jwt"];
 
-fn sensitive(name: &str) -> bool {
+/// Whether a header or query argument `name` holds a credential: by its name, or
+/// because an authentication plugin reads one from it (`credential_names`, lower case).
+fn sensitive(name: &str, credential_names: &std::collections::HashSet<String>) -> bool {
     let name = name.to_ascii_lowercase();
-    name == "cookie" || SENSITIVE.iter().any(|word| name.contains(word))
+    name == "cookie" || SENSITIVE.iter().any(|word| name.contains(word)) || credential_names.contains(&name)
 }
 
 /// The request half of an entry, taken in the access phase.
-fn request_entry(request: &RequestView<'_>) -> Value {
+fn request_entry(request: &RequestView<'_>, env: &Env<'_>) -> Value {
+    let credential_names = &env.data.credential_names;
     let headers: serde_json::Map<String, Value> = request
         .headers
         .iter()
         .map(|(name, value)| {
-            let value = if sensitive(name.as_str()) { "REDACTED" } else { value.to_str().unwrap_or("") };
+            let sensitive = sensitive(name.as_str(), credential_names);
+            let value = if sensitive { "REDACTED" } else { value.to_str().unwrap_or("") };
             (name.to_string(), Value::from(value))
         })
         .collect();
@@ -57,7 +63,8 @@ fn request_entry(request: &RequestView<'_>) -> Value {
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = if sensitive(name) { "REDACTED" } else { value };
+            let decoded = super::auth::percent_decode(name);
+            let value = if sensitive(&decoded, credential_names) { "REDACTED" } else { value };
             (name.to_string(), Value::from(value))
         })
         .collect();
@@ -287,9 +294,9 @@ impl FileLog {
 }
 
 impl Plugin for FileLog {
-    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if ctx.log_request.is_none() {
-            ctx.log_request = Some(request_entry(request));
+            ctx.log_request = Some(request_entry(request, env));
         }
         Flow::Continue
     }
@@ -316,9 +323,9 @@ impl HttpLog {
 }
 
 impl Plugin for HttpLog {
-    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
+    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if ctx.log_request.is_none() {
-            ctx.log_request = Some(request_entry(request));
+            ctx.log_request = Some(request_entry(request, env));
         }
         Flow::Continue
     }
@@ -337,13 +344,23 @@ mod tests {
 
     #[test]
     fn credentials_are_redacted() {
-        for name in
-            ["authorization", "Proxy-Authorization", "apikey", "x-api-key", "cookie", "x-auth-token", "jwt-token"]
-        {
-            assert!(sensitive(name), "{name}");
+        let configured: std::collections::HashSet<String> = ["x-client", "sid"].map(String::from).into();
+        for name in [
+            "authorization",
+            "Proxy-Authorization",
+            "apikey",
+            "x-api-key",
+            "cookie",
+            "x-auth-token",
+            "jwt-token",
+            "jwt",
+            "X-Client",
+            "sid",
+        ] {
+            assert!(sensitive(name, &configured), "{name}");
         }
         for name in ["accept", "x-request-id", "content-type", "host"] {
-            assert!(!sensitive(name), "{name}");
+            assert!(!sensitive(name, &configured), "{name}");
         }
     }
 }

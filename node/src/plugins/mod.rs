@@ -380,6 +380,9 @@ pub struct PluginData {
     pub jwt_base64: HashMap<String, jwt::JwtCredential>,
     /// hmac-auth usernames → the credential.
     pub hmac: HashMap<String, hmac::HmacCredential>,
+    /// Header, query argument and cookie names (lower case) any key-auth or jwt
+    /// instance reads a credential from: the logging plugins redact them.
+    pub credential_names: std::collections::HashSet<String>,
 }
 
 impl PluginData {
@@ -497,6 +500,24 @@ pub struct Plugins {
     rewrites: bool,
 }
 
+/// The names (lower case) key-auth and jwt instances read credentials from.
+fn credential_names(state: &ConfigState) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for plugin in state.table(EntityKind::Plugin).values() {
+        let fields: &[&str] = match plugin.get("name").and_then(Value::as_str) {
+            Some("key-auth") => &["key_names"],
+            Some("jwt") => &["uri_param_names", "cookie_names", "header_names"],
+            _ => continue,
+        };
+        let config = plugin.get("config");
+        for field in fields {
+            let listed = config.and_then(|config| config.get(*field)).and_then(Value::as_array);
+            names.extend(listed.into_iter().flatten().filter_map(Value::as_str).map(str::to_ascii_lowercase));
+        }
+    }
+    names
+}
+
 impl Plugins {
     pub fn compile(state: &ConfigState) -> Plugins {
         let mut names: Vec<String> = Vec::new();
@@ -554,7 +575,8 @@ impl Plugins {
         global.sort_by_key(|(index, _)| *index);
         let global: Vec<Arc<Instance>> = global.into_iter().map(|(_, instance)| instance).collect();
         let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
-        let data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
+        let mut data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
+        data.credential_names = credential_names(state);
         let direct = names.iter().all(|name| !RESPONSE_PLUGINS.contains(&name.as_str()));
         let scoped = instances
             .keys()

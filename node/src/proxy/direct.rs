@@ -96,10 +96,15 @@ where
     let mut buf = BytesMut::with_capacity(CLIENT_BUFFER_BYTES);
     let mut out = Vec::with_capacity(1024);
     let mut watchdog = Watchdog::new();
+    // A new connection's first request has the header timeout to start; later ones
+    // the keep-alive time.
+    let mut idle = conn.proxy.timeouts.header;
     loop {
         if buf.is_empty() {
             buf.reserve(CLIENT_BUFFER_BYTES);
-            match watchdog.within(Instant::now() + keepalive, stream.read_buf(&mut buf)).await {
+            let read = watchdog.within(Instant::now() + idle, stream.read_buf(&mut buf)).await;
+            idle = keepalive;
+            match read {
                 Some(Ok(0)) | Some(Err(_)) => return Outcome::Closed,
                 Some(Ok(_)) => {}
                 None => {
@@ -150,6 +155,8 @@ enum Kind {
     ForwardedProto,
     ForwardedHost,
     ForwardedPort,
+    ForwardedPath,
+    ForwardedPrefix,
     /// Hop-by-hop, named by `Connection`, or replaced by the proxy: not sent.
     Drop,
     /// The direct path does not take this request.
@@ -161,6 +168,8 @@ fn request_header_kind(name: &str) -> Kind {
     match name.len() {
         2 if is("te") => Kind::Drop,
         4 if is("host") => Kind::Host,
+        // httpoxy: a CGI-style upstream reads `Proxy` as HTTP_PROXY.
+        5 if is("proxy") => Kind::Drop,
         6 if is("expect") => Kind::Refuse,
         7 if is("upgrade") => Kind::Refuse,
         7 if is("trailer") => Kind::Drop,
@@ -173,6 +182,8 @@ fn request_header_kind(name: &str) -> Kind {
         16 if is("x-forwarded-host") => Kind::ForwardedHost,
         16 if is("x-forwarded-port") => Kind::ForwardedPort,
         16 if is("proxy-connection") => Kind::Drop,
+        16 if is("x-forwarded-path") => Kind::ForwardedPath,
+        18 if is("x-forwarded-prefix") => Kind::ForwardedPrefix,
         17 if is("transfer-encoding") => Kind::Refuse,
         17 if is("x-forwarded-proto") => Kind::ForwardedProto,
         21 if is(super::REQUEST_ID_HEADER) => Kind::Drop,
@@ -199,13 +210,16 @@ struct Head<'a> {
     host: &'a str,
     /// The client asked to close after this request.
     close: bool,
-    /// The first `X-Forwarded-For` as sent, for the client address.
-    forwarded_for: Option<&'a str>,
-    /// The first `X-Forwarded-For` left after removing what `Connection` names.
-    forwarded_for_kept: Option<&'a str>,
+    /// Every `X-Forwarded-For` line as sent, joined, for the client address (`None`
+    /// when one is not text).
+    forwarded_for: Option<Cow<'a, str>>,
+    /// The same of the lines left after removing what `Connection` names.
+    forwarded_for_kept: Option<Cow<'a, str>>,
     forwarded_proto: bool,
     forwarded_host: bool,
     forwarded_port: bool,
+    forwarded_path: bool,
+    forwarded_prefix: bool,
 }
 
 impl<'a> Head<'a> {
@@ -221,9 +235,12 @@ impl<'a> Head<'a> {
             forwarded_proto: false,
             forwarded_host: false,
             forwarded_port: false,
+            forwarded_path: false,
+            forwarded_prefix: false,
         };
         let mut named: Vec<&str> = Vec::new();
-        let (mut host, mut length, mut forwarded_for_seen) = (None, None, false);
+        let (mut host, mut length) = (None, None);
+        let mut forwarded_for_lines = ForwardedFor::default();
         for (index, header) in headers.iter().enumerate() {
             let kind = request_header_kind(header.name);
             head.kinds[index] = kind;
@@ -251,11 +268,7 @@ impl<'a> Head<'a> {
                 }
                 Kind::Host | Kind::ContentLength => return None,
                 Kind::ContentType if header.value.starts_with(b"application/grpc") => return None,
-                // Only the first, as the general path reads it (`HeaderMap::get`).
-                Kind::ForwardedFor if !forwarded_for_seen => {
-                    forwarded_for_seen = true;
-                    head.forwarded_for = text(header.value);
-                }
+                Kind::ForwardedFor => forwarded_for_lines.add(header.value),
                 _ => {}
             }
         }
@@ -265,30 +278,62 @@ impl<'a> Head<'a> {
         if head.content_length > DIRECT_BODY_BYTES_MAX {
             return None;
         }
-        let mut kept_seen = false;
+        head.forwarded_for = forwarded_for_lines.chain();
+        let mut kept_lines = ForwardedFor::default();
         for (index, header) in headers.iter().enumerate() {
             if !named.is_empty() && named.iter().any(|name| name.eq_ignore_ascii_case(header.name)) {
                 head.kinds[index] = Kind::Drop;
                 continue;
             }
             match head.kinds[index] {
-                Kind::ForwardedFor if !kept_seen => {
-                    kept_seen = true;
-                    head.forwarded_for_kept = text(header.value);
-                }
+                Kind::ForwardedFor => kept_lines.add(header.value),
                 Kind::ForwardedProto => head.forwarded_proto = true,
                 Kind::ForwardedHost => head.forwarded_host = true,
                 Kind::ForwardedPort => head.forwarded_port = true,
+                Kind::ForwardedPath => head.forwarded_path = true,
+                Kind::ForwardedPrefix => head.forwarded_prefix = true,
                 _ => {}
             }
         }
+        head.forwarded_for_kept = kept_lines.chain();
         Some(head)
     }
 }
 
+/// `X-Forwarded-For` lines joined in order, as one list (RFC 9110 §5.3): a second
+/// line is not a way to hide hops from `--trusted-ips`.
+#[derive(Default)]
+struct ForwardedFor<'a> {
+    chain: Option<Cow<'a, str>>,
+    /// A line was not text: no chain at all.
+    broken: bool,
+}
+
+impl<'a> ForwardedFor<'a> {
+    fn add(&mut self, value: &'a [u8]) {
+        let Some(line) = text(value) else {
+            self.broken = true;
+            return;
+        };
+        self.chain = Some(match self.chain.take() {
+            None => Cow::Borrowed(line),
+            Some(chain) => Cow::Owned(format!("{chain}, {line}")),
+        });
+    }
+
+    fn chain(self) -> Option<Cow<'a, str>> {
+        if self.broken {
+            return None;
+        }
+        self.chain
+    }
+}
+
 /// A header map of parsed `headers`, for plugins or a router or balancer that reads
-/// headers. `head` is the buffer they were parsed from: it is copied once and the
-/// values share that copy (a value each would be an allocation each).
+/// headers, without the hop-by-hop fields and those the client's `Connection` names
+/// (as the general path has it before plugins run). `head` is the buffer they were
+/// parsed from: it is copied once and the values share that copy (a value each would
+/// be an allocation each).
 fn header_map(headers: &[httparse::Header<'_>], head: &[u8]) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len() + super::REQUEST_HEADERS_ADDED);
     let shared = Bytes::copy_from_slice(head);
@@ -305,6 +350,7 @@ fn header_map(headers: &[httparse::Header<'_>], head: &[u8]) -> HeaderMap {
             map.append(name, value);
         }
     }
+    super::remove_hop_by_hop(&mut map);
     map
 }
 
@@ -418,7 +464,7 @@ where
     let metrics = snapshot.route_metrics.get(&route.id).cloned();
     let request_id = proxy.next_request_id();
     let peer_ip = conn.peer.ip();
-    let client_ip = match head.forwarded_for {
+    let client_ip = match head.forwarded_for.as_deref() {
         Some(chain) => proxy.trusted_ips.client_ip(peer_ip, Some(chain)),
         None => peer_ip,
     };
@@ -511,7 +557,7 @@ where
                 out.extend_from_slice(&exit.body);
                 egress(exit.body.len() as u64);
             }
-            return answered(stream, out, head.close, request_end).await;
+            return answered(stream, out, head.close, request_end, conn, watchdog).await;
         }
         let body_limit = ctx.body_limit.map_or(super::BODY_BYTES_MAX, |limit| limit.min(super::BODY_BYTES_MAX));
         match ctx.request_body.take() {
@@ -523,7 +569,7 @@ where
         if body.len() as u64 > body_limit {
             drop(in_flight);
             refuse(out, StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded", Instant::now(), None, None);
-            return answered(stream, out, head.close, request_end).await;
+            return answered(stream, out, head.close, request_end, conn, watchdog).await;
         }
         plugin_run = Some((ran, ctx));
     }
@@ -536,7 +582,7 @@ where
         ),
         None => (method, None, query),
     };
-    let postfix = if route.strip_path { &path[found.matched_len.min(path.len())..] } else { &*path };
+    let postfix = if route.strip_path { path::postfix(&path, found.matched_len) } else { &*path };
     let mut upstream_path =
         replaced_path.unwrap_or_else(|| path::upstream_path_v0(&service.path, &path, postfix, route.strip_path));
     if let Some(query) = upstream_query {
@@ -547,7 +593,7 @@ where
     let Ok(upstream_target) = http::uri::PathAndQuery::try_from(upstream_path) else {
         drop(in_flight);
         refuse(out, StatusCode::BAD_REQUEST, "invalid request path", Instant::now(), None, None);
-        return answered(stream, out, head.close, request_end).await;
+        return answered(stream, out, head.close, request_end, conn, watchdog).await;
     };
 
     // The upstream request: line, headers as the general path leaves them, body.
@@ -560,9 +606,15 @@ where
         (Some(map), true) => {
             let client_host = map.get(HOST).cloned();
             super::remove_hop_by_hop(map);
-            let upstream_host = if route.preserve_host { client_host.clone() } else { service.host_header.clone() };
+            let upstream_host = if route.preserve_host { client_host.as_ref() } else { service.host_header.as_ref() };
             let id = request_id.header_value();
-            proxy.forwarded_headers(map, conn, client_ip, &id, client_host.as_ref(), upstream_host);
+            let origin = super::Origin {
+                client_host: client_host.as_ref(),
+                upstream_host,
+                path: raw_path,
+                prefix: super::stripped_prefix(&path, found.matched_len, route.strip_path),
+            };
+            proxy.forwarded_headers(map, conn, client_ip, &id, origin);
             // A plugin may have taken `Host` away; the pool of the general path then
             // sends the upstream's.
             if let (false, Some(host)) = (map.contains_key(HOST), &service.host_header) {
@@ -581,7 +633,13 @@ where
         }
         _ => {
             let host = if route.preserve_host { None } else { service.host_header.as_ref() };
-            raw_request_headers(out, conn, headers, &head, client_ip, request_id.as_str(), host);
+            let origin = super::Origin {
+                client_host: None,
+                upstream_host: host,
+                path: raw_path,
+                prefix: super::stripped_prefix(&path, found.matched_len, route.strip_path),
+            };
+            raw_request_headers(out, conn, headers, &head, client_ip, request_id.as_str(), &origin);
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&buf[head_len..request_end]);
         }
@@ -669,7 +727,7 @@ where
         Err((status, message)) => {
             drop(in_flight);
             refuse(out, status, message, Instant::now(), None, upstream_label.as_deref());
-            return answered(stream, out, head.close, request_end).await;
+            return answered(stream, out, head.close, request_end, conn, watchdog).await;
         }
     };
     let Exchange { mut connection, head_len: response_head_len, status } = exchange;
@@ -701,7 +759,7 @@ where
         drop(in_flight);
         let message = "An invalid response was received from the upstream server";
         refuse(out, StatusCode::BAD_GATEWAY, message, answered_at, upstream_ms_f, upstream_label.as_deref());
-        return answered(stream, out, head.close, request_end).await;
+        return answered(stream, out, head.close, request_end, conn, watchdog).await;
     };
     drop(in_flight);
     let latency_ms = log(status, answered_at, upstream_ms_f, upstream_label.as_deref());
@@ -719,7 +777,8 @@ where
         crate::plugins::log(ran, ctx, &summary, &proxy.plugin_state);
     }
     let read_timeout = Duration::from_millis(service.read_timeout_ms);
-    let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, read_timeout, watchdog).await;
+    let timeouts = (read_timeout, proxy.timeouts.send);
+    let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, timeouts, watchdog).await;
     if let Some(metrics) = &metrics {
         metrics.egress_bytes.increment(relayed.body_bytes);
     }
@@ -736,8 +795,15 @@ where
 type PluginRun = (Vec<Arc<crate::plugins::Instance>>, crate::plugins::Ctx);
 
 /// Sends an answer the proxy made (in `out`) and says what the connection does next.
-async fn answered<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8], close: bool, used: usize) -> Step {
-    if stream.write_all(out).await.is_err() || close {
+async fn answered<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &[u8],
+    close: bool,
+    used: usize,
+    conn: &ClientConn,
+    watchdog: &mut Watchdog,
+) -> Step {
+    if !watchdog.send(stream, out, conn.proxy.timeouts.send).await || close {
         return Step::Close;
     }
     Step::Next(used)
@@ -745,7 +811,8 @@ async fn answered<S: AsyncWrite + Unpin>(stream: &mut S, out: &[u8], close: bool
 
 /// The client's request headers as they go upstream, written from the parsed head
 /// without a header map: what [`super::Proxy::forwarded_headers`] makes of them on the
-/// general path. `host` replaces the client's `Host` (`None`: it is kept).
+/// general path. `origin.upstream_host` replaces the client's `Host` (`None`: it is
+/// kept).
 fn raw_request_headers(
     out: &mut Vec<u8>,
     conn: &ClientConn,
@@ -753,7 +820,7 @@ fn raw_request_headers(
     head: &Head<'_>,
     client_ip: std::net::IpAddr,
     request_id: &str,
-    host: Option<&HeaderValue>,
+    origin: &super::Origin<'_>,
 ) {
     let peer_ip = conn.peer.ip();
     let peer_trusted = conn.proxy.trusted_ips.contains(peer_ip);
@@ -763,6 +830,8 @@ fn raw_request_headers(
             Kind::ForwardedProto => peer_trusted && head.forwarded_proto,
             Kind::ForwardedHost => peer_trusted && head.forwarded_host,
             Kind::ForwardedPort => peer_trusted && head.forwarded_port,
+            Kind::ForwardedPath => peer_trusted && head.forwarded_path,
+            Kind::ForwardedPrefix => peer_trusted && head.forwarded_prefix,
             _ => false,
         };
         if keep {
@@ -770,7 +839,7 @@ fn raw_request_headers(
         }
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(existing) = head.forwarded_for_kept {
+    if let Some(existing) = head.forwarded_for_kept.as_deref() {
         out.extend_from_slice(existing.as_bytes());
         out.extend_from_slice(b", ");
     }
@@ -785,6 +854,12 @@ fn raw_request_headers(
     if !(peer_trusted && head.forwarded_port) {
         put_header(out, b"x-forwarded-port", conn.local_port.as_bytes());
     }
+    if !(peer_trusted && head.forwarded_path) {
+        put_header(out, b"x-forwarded-path", origin.path.as_bytes());
+    }
+    if let (false, Some(prefix)) = (peer_trusted && head.forwarded_prefix, origin.prefix) {
+        put_header(out, b"x-forwarded-prefix", prefix.as_bytes());
+    }
     if client_ip == peer_ip {
         put_header(out, b"x-real-ip", conn.peer_ip.as_bytes());
     } else {
@@ -792,7 +867,7 @@ fn raw_request_headers(
     }
     put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
     put_header(out, b"via", super::VIA_VALUE.as_bytes());
-    put_header(out, b"host", host.map_or(head.host.as_bytes(), HeaderValue::as_bytes));
+    put_header(out, b"host", origin.upstream_host.map_or(head.host.as_bytes(), HeaderValue::as_bytes));
     if head.declared {
         out.extend_from_slice(b"content-length: ");
         put_number(out, head.content_length as u64);
@@ -848,6 +923,12 @@ fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bo
         } else if is("date") {
             dated = true;
         }
+    }
+    // A HEAD answer that announces a body: a broken upstream may still send it, or
+    // answer again; the connection is not reused (it could desync another client's
+    // exchange).
+    if method == "HEAD" && (encoded || length.is_some_and(|length| length > 0)) {
+        keepalive = false;
     }
     let body = if method == "HEAD" || code == 204 || code == 304 || (100..200).contains(&code) {
         Body::Empty
@@ -1133,7 +1214,7 @@ async fn relay<S>(
     head_len: usize,
     body: Body,
     out: &mut Vec<u8>,
-    read_timeout: Duration,
+    (read_timeout, send_timeout): (Duration, Duration),
     watchdog: &mut Watchdog,
 ) -> Relayed
 where
@@ -1169,16 +1250,18 @@ where
         };
         remaining = remaining.saturating_sub(take as u64);
         relayed.body_bytes += if body == Body::Chunked { 0 } else { take as u64 };
+        // A client that stops reading is given up after the send timeout, which also
+        // frees the upstream connection.
         let written = if first {
             first = false;
             out.extend_from_slice(&connection.buf[..take]);
-            client.write_all(out).await
+            watchdog.send(client, out, send_timeout).await
         } else if take > 0 {
-            client.write_all(&connection.buf[..take]).await
+            watchdog.send(client, &connection.buf[..take], send_timeout).await
         } else {
-            Ok(())
+            true
         };
-        if written.is_err() {
+        if !written {
             relayed.client_ok = false;
             return relayed;
         }
@@ -1222,6 +1305,23 @@ struct Watchdog {
 impl Watchdog {
     fn new() -> Watchdog {
         Watchdog { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)) }
+    }
+
+    /// Writes all of `bytes` to `stream` unless a write makes no progress for
+    /// `timeout`; whether it was written.
+    async fn send<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, bytes: &[u8], timeout: Duration) -> bool {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match self.within(Instant::now() + timeout, stream.write(&bytes[sent..])).await {
+                Some(Ok(0)) | Some(Err(_)) => return false,
+                Some(Ok(written)) => sent += written,
+                None => {
+                    metrics::counter!("tollgate_proxy_timeouts_total", "kind" => "send").increment(1);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Runs `work` until `deadline`; `None` when the deadline came first.

@@ -3,7 +3,6 @@
 //! or takes a lock the control plane holds. `node/PROXY.md` walks through each step.
 
 pub mod balancer;
-pub mod conn;
 pub mod direct;
 pub mod path;
 pub mod pool;
@@ -36,6 +35,7 @@ use uuid::Uuid;
 
 use self::balancer::{BalanceKey, Balancer, HashOn, Target};
 use self::router::{strip_port, CompiledService, RequestView, Router, Services};
+use crate::conn;
 use crate::publish::Published;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -198,6 +198,8 @@ pub struct ProxySetup {
     pub health: Arc<balancer::HealthView>,
     /// The node's proxy load, published by gossip.
     pub load: Arc<Load>,
+    /// HTTP/1.1 requests take the direct path where they can (`--proxy-direct`).
+    pub direct: bool,
 }
 
 /// A node's proxy load, over all its workers.
@@ -272,6 +274,7 @@ pub struct Proxy {
     plugin_state: Arc<crate::plugins::NodeState>,
     health: Arc<balancer::HealthView>,
     load: Arc<Load>,
+    direct: bool,
     /// Requests answered by the direct path, and connections it handed to hyper.
     direct_requests: metrics::Counter,
     handoffs: metrics::Counter,
@@ -279,7 +282,8 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health, load } = setup;
+        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health, load, direct } =
+            setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
         Proxy {
@@ -293,6 +297,7 @@ impl Proxy {
             plugin_state,
             health,
             load,
+            direct,
             direct_requests: metrics::counter!("tollgate_proxy_direct_requests_total"),
             handoffs: metrics::counter!("tollgate_proxy_handoffs_total"),
         }
@@ -308,20 +313,35 @@ impl Proxy {
 
     /// What the proxy adds to a request going upstream (step 7 of `node/PROXY.md`),
     /// once hop-by-hop fields are gone: `X-Forwarded-*` (a trusted peer's kept),
-    /// `X-Real-IP`, the request id, `Via`, and `Host`. `client_host` is the client's
-    /// `Host` as it came.
+    /// `X-Real-IP`, the request id, `Via`, and `Host`; `Proxy` goes (httpoxy).
     fn forwarded_headers(
         &self,
         headers: &mut HeaderMap,
         connection: &ClientConn,
         client_ip: std::net::IpAddr,
         request_id: &HeaderValue,
-        client_host: Option<&HeaderValue>,
-        upstream_host: Option<HeaderValue>,
+        origin: Origin<'_>,
     ) {
+        let Origin { client_host, upstream_host, path, prefix } = origin;
         let peer_ip = connection.peer.ip();
         let peer_trusted = self.trusted_ips.contains(peer_ip);
-        let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        // httpoxy (CVE-2016-5385): a CGI-style upstream reads `Proxy` as HTTP_PROXY.
+        headers.remove(PROXY_HEADER);
+        // Kong's `X-Forwarded-Path` (the path the client asked for) and
+        // `X-Forwarded-Prefix` (what `strip_path` took off, unless only `/`); a
+        // trusted peer's are kept, nobody else's.
+        if !(peer_trusted && headers.contains_key(X_FORWARDED_PATH)) {
+            set_header(headers, "x-forwarded-path", path);
+        }
+        if !(peer_trusted && headers.contains_key(X_FORWARDED_PREFIX)) {
+            match prefix {
+                Some(prefix) => set_header(headers, "x-forwarded-prefix", prefix),
+                None => {
+                    headers.remove(X_FORWARDED_PREFIX);
+                }
+            }
+        }
+        let forwarded_for = match forwarded_for_chain(headers) {
             Some(existing) => HeaderValue::from_str(&format!("{existing}, {peer_ip}")).ok(),
             None => Some(connection.peer_ip.clone()),
         };
@@ -349,7 +369,7 @@ impl Proxy {
         headers.insert(REQUEST_ID_NAME, request_id.clone());
         headers.append(http::header::VIA, VIA_VALUE);
         if let Some(host) = upstream_host {
-            headers.insert(HOST, host);
+            headers.insert(HOST, host.clone());
         }
     }
 
@@ -437,6 +457,13 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         // Room for what the proxy and plugins add, so the map grows once.
         parts.headers.reserve(REQUEST_HEADERS_ADDED);
+        // What the client's hop-by-hop fields ask for is read now; then they go, with
+        // every field its `Connection` names, before any plugin runs: a client must not
+        // be able to name a header a plugin sets (`X-Consumer-ID`,
+        // `X-Anonymous-Consumer`) and have it removed on the way upstream.
+        let upgrade = requested_upgrade(&parts);
+        let client_wants_trailers = asks_for_trailers(&parts.headers);
+        remove_hop_by_hop(&mut parts.headers);
         // The client's URI is only read from here on; the upstream gets a new one.
         let uri = std::mem::take(&mut parts.uri);
         let Some(path) = path::normalize(uri.path()) else {
@@ -478,8 +505,8 @@ impl Proxy {
             return error(StatusCode::NOT_FOUND, "no Route matched with those values", &request_id);
         };
         let peer_ip = connection.peer.ip();
-        let client_ip = match parts.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(chain) => self.trusted_ips.client_ip(peer_ip, Some(chain)),
+        let client_ip = match forwarded_for_chain(&parts.headers) {
+            Some(chain) => self.trusted_ips.client_ip(peer_ip, Some(&chain)),
             None => peer_ip,
         };
         // Plugins' access phase (they run for routes without a service too:
@@ -532,7 +559,7 @@ impl Proxy {
         };
 
         let balancer = service.balancer.as_deref();
-        let postfix = if strip_path { &path[matched_len.min(path.len())..] } else { &*path };
+        let postfix = if strip_path { path::postfix(&path, matched_len) } else { &*path };
         let replaced_path = plugin_run.as_ref().and_then(|(_, ctx)| ctx.upstream_path.clone());
         let mut upstream_path =
             replaced_path.unwrap_or_else(|| path::upstream_path_v0(&service.path, &path, postfix, strip_path));
@@ -546,12 +573,12 @@ impl Proxy {
 
         // `Upgrade` (WebSocket and others) passes through: the protocol name goes
         // upstream, and after a 101 both connections are spliced together.
-        let upgrade = requested_upgrade(&parts);
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         let client_host = parts.headers.get(HOST).cloned();
         // `TE: trailers` is end to end on HTTP/2 (gRPC needs it); other TE values and
         // every TE on HTTP/1.1 are hop-by-hop.
-        let wants_trailers = service.transport.is_h2() && asks_for_trailers(&parts.headers);
+        let wants_trailers = service.transport.is_h2() && client_wants_trailers;
+        // Hop-by-hop fields a plugin set (the client's went above).
         remove_hop_by_hop(&mut parts.headers);
         if wants_trailers {
             parts.headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
@@ -560,15 +587,14 @@ impl Proxy {
             parts.headers.insert(http::header::UPGRADE, protocol.clone());
             parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let upstream_host = if preserve_host { client_host.clone() } else { service.host_header.clone() };
-        self.forwarded_headers(
-            &mut parts.headers,
-            connection,
-            client_ip,
-            &request_id,
-            client_host.as_ref(),
+        let upstream_host = if preserve_host { client_host.as_ref() } else { service.host_header.as_ref() };
+        let origin = Origin {
+            client_host: client_host.as_ref(),
             upstream_host,
-        );
+            path: uri.path(),
+            prefix: stripped_prefix(&path, matched_len, strip_path),
+        };
+        self.forwarded_headers(&mut parts.headers, connection, client_ip, &request_id, origin);
 
         // A failure of the client's body (bad chunk, over the size limit) must not be
         // blamed on the upstream: the flag tells the two apart.
@@ -720,6 +746,15 @@ impl Proxy {
         let upstream_ms = upstream_elapsed.as_millis() as u64;
         trace.upstream_ms = Some(upstream_elapsed.as_secs_f64() * 1e3);
         let mut response = response;
+        // A HEAD answer that announces a body: a broken upstream may still send it, or
+        // answer again, on this connection; reused, it would hand that to another
+        // client. The connection is not reused (the direct path does the same).
+        let head_request = upstream_method.as_ref().unwrap_or(&parts.method) == http::Method::HEAD;
+        if head_request && announces_body(response.headers()) {
+            if let Some(back) = &mut trace.pool_return {
+                back.discard();
+            }
+        }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
             let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
@@ -823,6 +858,28 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const PROXY_HEADER: HeaderName = HeaderName::from_static("proxy");
+
+/// Where a request came from, for the headers the proxy adds upstream.
+pub struct Origin<'a> {
+    /// The client's `Host` as it came.
+    pub client_host: Option<&'a HeaderValue>,
+    /// The `Host` the upstream gets (`None`: the client's stays).
+    pub upstream_host: Option<&'a HeaderValue>,
+    /// The request path as the client sent it (`X-Forwarded-Path`).
+    pub path: &'a str,
+    /// What `strip_path` took off (`X-Forwarded-Prefix`).
+    pub prefix: Option<&'a str>,
+}
+
+/// The prefix `strip_path` removes from the normalised `path` (the route's match),
+/// unless nothing or only `/` is removed: Kong's `X-Forwarded-Prefix`.
+fn stripped_prefix(path: &str, matched_len: usize, strip_path: bool) -> Option<&str> {
+    let prefix = path.get(..matched_len)?;
+    (strip_path && prefix.len() > 1).then_some(prefix)
+}
 
 /// Marks `flag` when the client's body fails, passing the error on.
 fn flag_failure(flag: Arc<std::sync::atomic::AtomicBool>) -> impl Fn(BoxError) -> BoxError {
@@ -840,6 +897,30 @@ fn asks_for_trailers(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Whether a response's head announces a body: a non-zero `Content-Length`, or a
+/// `Transfer-Encoding`.
+fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|length| length.trim() != "0")
+}
+
+/// Every `X-Forwarded-For` line, joined in order as one list (RFC 9110 §5.3), so a
+/// second line cannot hide hops from `--trusted-ips`; `None` without one, or when one
+/// is not text.
+fn forwarded_for_chain(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    let mut lines = headers.get_all(X_FORWARDED_FOR).iter();
+    let first = lines.next()?.to_str().ok()?;
+    let mut chain = std::borrow::Cow::Borrowed(first);
+    for line in lines {
+        let line = line.to_str().ok()?;
+        chain = std::borrow::Cow::Owned(format!("{chain}, {line}"));
+    }
+    Some(chain)
 }
 
 /// The protocol a client asks to switch to: `Connection: upgrade` with `Upgrade: X`,
@@ -1127,7 +1208,14 @@ pub async fn serve(
             }
         }
     };
-    crate::serve::accept_loop("proxy", listener, PROXY_CONNECTIONS_MAX, on_connection, shutdown).await;
+    // No limit per client address: clients behind one NAT share it (nginx has none by
+    // default either).
+    let limits = crate::serve::Limits {
+        connections_max: PROXY_CONNECTIONS_MAX,
+        per_peer_max: PROXY_CONNECTIONS_MAX,
+        pending_max: PROXY_CONNECTIONS_MAX,
+    };
+    crate::serve::accept_loop("proxy", listener, limits, on_connection, shutdown).await;
 }
 
 async fn serve_stream<S>(
@@ -1143,7 +1231,7 @@ async fn serve_stream<S>(
 {
     let mut stream = stream;
     let mut prefix = bytes::BytesMut::new();
-    if !h2 {
+    if !h2 && proxy.direct {
         // The common request takes the direct path; the first one it leaves hands
         // the connection (and the bytes read of that request) to hyper below.
         let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);

@@ -64,6 +64,19 @@ pub fn normalize(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
     Some(std::borrow::Cow::Owned(normalized))
 }
 
+/// What follows a route's match in the normalised request path, as Kong's router
+/// leaves it (`sanitize_uri_postfix`, kong/router/utils.lua): a leading `.` or `..`
+/// segment that the match split off its prefix (route `/route`, request
+/// `/route../x` or `/route%2E%2E/x`) is dropped, so the rest cannot climb out of the
+/// service's path at an upstream that resolves dot segments.
+pub fn postfix(path: &str, matched_len: usize) -> &str {
+    let postfix = path.get(matched_len..).unwrap_or("");
+    match postfix {
+        "." | ".." => "",
+        _ => postfix.strip_prefix("./").or_else(|| postfix.strip_prefix("../")).unwrap_or(postfix),
+    }
+}
+
 /// The path sent upstream.
 ///
 /// - `service_path`: the service's `path`, `/` when it has none;
@@ -142,6 +155,19 @@ mod tests {
             let got = upstream_path_v0(service, &request, postfix, *strip);
             assert_eq!(&got, expected, "service {service} route {route} request {request} strip {strip}");
         }
+    }
+
+    #[test]
+    fn a_dot_segment_split_off_by_the_match_is_dropped_as_kong_does() {
+        // Route `/route`: the request `/route../req` (or `/route%2E%2E/req`, decoded by
+        // `normalize`) leaves `../req`, which Kong's router turns into `req`.
+        let request = normalize("/route%2E%2E/req").unwrap();
+        assert_eq!(postfix(&request, "/route".len()), "req");
+        assert_eq!(upstream_path_v0("/service", &request, postfix(&request, 6), true), "/service/req");
+        assert_eq!(postfix("/route./req", 6), "req");
+        assert_eq!(postfix("/route..", 6), "");
+        assert_eq!(postfix("/route/x", 6), "/x");
+        assert_eq!(postfix("/route", 60), "");
     }
 
     #[test]

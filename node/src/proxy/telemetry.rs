@@ -66,7 +66,7 @@ pub struct CountingBody<B> {
     counter: Counter,
     /// Dropped with the body: tell the client connection its response has been sent,
     /// and give the upstream connection back to its pool.
-    _guards: Option<(super::conn::RequestGuard, Option<super::pool::PoolReturn>)>,
+    _guards: Option<(crate::conn::RequestGuard, Option<super::pool::PoolReturn>)>,
 }
 
 impl<B> CountingBody<B> {
@@ -76,7 +76,7 @@ impl<B> CountingBody<B> {
 
     pub fn with_guards(
         self,
-        request: super::conn::RequestGuard,
+        request: crate::conn::RequestGuard,
         pool: Option<super::pool::PoolReturn>,
     ) -> CountingBody<B> {
         CountingBody { _guards: Some((request, pool)), ..self }
