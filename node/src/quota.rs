@@ -118,10 +118,13 @@ impl Lease {
         self.available.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
     }
 
-    /// Gives back a token taken for a request another window refused.
+    /// Gives back a token taken for a request another window refused; the request
+    /// does not count in this lease's rate either (refused demand must not size
+    /// leases).
     pub fn give_back(&self) {
         self.available.fetch_add(1, Ordering::AcqRel);
         self.used.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.bucket_count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Counts a request for the rate estimate (one-second buckets).

@@ -3,14 +3,17 @@
 //! and again, under saturating load. Tokens leased to a node die with it (never over,
 //! but under); this measures how far under.
 //!
-//! Three nodes, `minute: --limit` with `policy: cluster`, `fault_tolerant: false`,
-//! `--clients` keep-alive clients spread over the three proxies. Every `--every-s`
-//! seconds all three are killed and restarted, `--crashes` times. Per whole minute it
+//! Three nodes, `minute: --limit` and `second: --second` with `policy: cluster`,
+//! `fault_tolerant: false`, `--clients` keep-alive clients spread over the three
+//! proxies: the second limit refuses most requests, so the minute's tokens are used
+//! slowly, over `limit / second` seconds, and leases sized from the offered load
+//! rather than from what is admitted sit unused. In each of `--crashes` minutes,
+//! `--at-ms` into it, all three nodes are killed and restarted. Per whole minute it
 //! prints the requests admitted (those sent and answered within the minute, a lower
 //! bound) and the crashes in it.
 //!
 //! Run: `cargo build --release -p tollgate-node -p tollgate-tests &&
-//!       target/release/quota-crash [--limit 600] [--crashes 7] [--every-s 40] [--clients 12]`
+//!       target/release/quota-crash [--limit 600] [--second 20] [--crashes 7] [--at-ms 10000] [--clients 12]`
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,21 +26,27 @@ use tokio::sync::Mutex;
 use tollgate_tests::{cli_arg, CountingUpstream, ProxyClient, TestCluster};
 
 fn unix_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
+    unix_ms() / 1000
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let limit = cli_arg("--limit", 600u64);
     let crashes = cli_arg("--crashes", 7usize);
-    let every = Duration::from_secs(cli_arg("--every-s", 40u64));
+    let second = cli_arg("--second", 20u64);
+    let at_ms = cli_arg("--at-ms", 10_000u64);
     let clients = cli_arg("--clients", 12usize);
     let upstream = CountingUpstream::start().await?;
     let mut cluster = TestCluster::start(3).await?;
     let admin = cluster.client();
     admin.post("/services", &json!({"name": "metered", "url": format!("http://{}", upstream.address)})).await?;
     admin.post("/services/metered/routes", &json!({"paths": ["/limited"]})).await?;
-    let config = json!({"minute": limit, "policy": "cluster", "limit_by": "service", "fault_tolerant": false});
+    let config =
+        json!({"minute": limit, "second": second, "policy": "cluster", "limit_by": "service", "fault_tolerant": false});
     let plugin = admin.post("/services/metered/plugins", &json!({"name": "rate-limiting", "config": config})).await?;
     cluster.published(plugin.config_version.unwrap_or(0)).await?;
 
@@ -68,7 +77,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut crashed: BTreeMap<u64, u64> = BTreeMap::new();
     for crash in 0..crashes {
-        tokio::time::sleep(every).await;
+        // `at_ms` into the next minute.
+        let now_ms = unix_ms();
+        let next_ms = (now_ms / 60_000 + 1) * 60_000 + at_ms;
+        tokio::time::sleep(Duration::from_millis(next_ms - now_ms)).await;
         for id in 1..=3 {
             cluster.node(id).kill9();
         }
