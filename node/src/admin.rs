@@ -31,6 +31,7 @@ use tollgate_raft_store::{ApiError, EntityKind, ErrorCode};
 use uuid::Uuid;
 
 use crate::node::Node;
+use crate::text::percent_decode;
 
 pub const CONFIG_VERSION_HEADER: &str = "tollgate-config-version";
 
@@ -642,41 +643,9 @@ fn parse_query(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Decodes `%XX` escapes and, in queries, `+`; invalid escapes are kept as they are.
-pub(crate) fn percent_decode(text: &str, plus_is_space: bool) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut position = 0;
-    while position < bytes.len() {
-        let byte = bytes[position];
-        if byte == b'%' && position + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[position + 1..position + 3]).ok();
-            if let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                decoded.push(value);
-                position += 3;
-                continue;
-            }
-        }
-        decoded.push(if plus_is_space && byte == b'+' { b' ' } else { byte });
-        position += 1;
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b", false), "a b");
-        assert_eq!(percent_decode("a+b", true), "a b");
-        assert_eq!(percent_decode("a+b", false), "a+b");
-        assert_eq!(percent_decode("100%", false), "100%");
-        assert_eq!(percent_decode("%zz", false), "%zz");
-        assert_eq!(percent_decode("%41", false), "A");
-        assert_eq!(percent_decode("%4", false), "%4");
-    }
 
     #[test]
     fn bearer_token() {

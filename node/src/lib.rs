@@ -20,5 +20,6 @@ pub mod proxy;
 pub mod publish;
 pub mod quota;
 pub mod serve;
+pub mod text;
 
 pub use tollgate_raft_store::NodeId;

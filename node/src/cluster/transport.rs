@@ -136,19 +136,12 @@ fn auth_valid(key: &ring::hmac::Key, header: Option<&HeaderValue>, path: &str, f
     let Some((sent_ms, tag)) = header.and_then(|v| v.to_str().ok()).and_then(|v| v.split_once('.')) else {
         return false;
     };
-    let (Ok(sent_ms), Some(tag)) = (sent_ms.parse::<u64>(), unhex(tag)) else { return false };
+    let (Ok(sent_ms), Some(tag)) = (sent_ms.parse::<u64>(), crate::text::unhex(tag)) else { return false };
     if unix_ms().abs_diff(sent_ms) > AUTH_SKEW.as_millis() as u64 {
         return false;
     }
     let expected = auth_tag(key, sent_ms, path, frame);
     subtle::ConstantTimeEq::ct_eq(expected.as_ref(), tag.as_slice()).into()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Idle connections by (address, node id).
@@ -195,7 +188,7 @@ impl PeerClient {
         if let ClusterAuth::Secret(key) = &self.auth {
             let now = unix_ms();
             let tag = auth_tag(key, now, path, &frame);
-            builder = builder.header(AUTH_HEADER, format!("{now}.{}", crate::plugins::hex(tag.as_ref())));
+            builder = builder.header(AUTH_HEADER, format!("{now}.{}", crate::text::hex(tag.as_ref())));
         }
         let http_request = builder.body(Full::new(frame)).map_err(|e| failed(e.to_string()))?;
         let key = (address.to_string(), peer.id);
@@ -419,7 +412,7 @@ mod tests {
         let now = unix_ms();
         let tag = |ms: u64, path: &str, frame: &[u8]| {
             let tag = auth_tag(&key, ms, path, frame);
-            HeaderValue::from_str(&format!("{ms}.{}", crate::plugins::hex(tag.as_ref()))).ok()
+            HeaderValue::from_str(&format!("{ms}.{}", crate::text::hex(tag.as_ref()))).ok()
         };
         assert!(auth_valid(&key, tag(now, "/raft/vote", b"x").as_ref(), "/raft/vote", b"x"));
         assert!(!auth_valid(&key, tag(now, "/raft/vote", b"x").as_ref(), "/raft/append", b"x"));
@@ -428,7 +421,7 @@ mod tests {
         assert!(!auth_valid(&key, tag(old, "/raft/vote", b"x").as_ref(), "/raft/vote", b"x"), "replayed late");
         let ClusterAuth::Secret(other) = ClusterAuth::secret("other", "tollgate") else { unreachable!() };
         let forged = auth_tag(&other, now, "/raft/vote", b"x");
-        let forged = HeaderValue::from_str(&format!("{now}.{}", crate::plugins::hex(forged.as_ref()))).ok();
+        let forged = HeaderValue::from_str(&format!("{now}.{}", crate::text::hex(forged.as_ref()))).ok();
         assert!(!auth_valid(&key, forged.as_ref(), "/raft/vote", b"x"));
         assert!(!auth_valid(&key, None, "/raft/vote", b"x"));
     }

@@ -319,7 +319,7 @@ pub fn without_param(query: &str, name: &str) -> String {
 }
 
 pub(super) fn percent_decode(text: &str) -> String {
-    crate::admin::percent_decode(text, true)
+    crate::text::percent_decode(text, true)
 }
 
 #[cfg(test)]

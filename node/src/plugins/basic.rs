@@ -31,9 +31,9 @@ use tokio::sync::Semaphore;
 use tollgate_raft_store::plugins::BasicAuthConfig;
 
 use super::auth::{accept, authorization, use_anonymous, Identity};
-use super::hex;
 use super::jwt::base64_decode;
 use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use crate::text::{hex, unhex};
 
 /// PBKDF2 rounds for new hashes: about 30 ms of one core per hash here. OWASP asks
 /// for more (600 000) for password databases; these credentials are API secrets behind
@@ -83,13 +83,6 @@ pub fn verify_password(stored: &str, password: &str) -> bool {
     };
     let (Some(salt), Some(hash)) = (unhex(salt), unhex(hash)) else { return false };
     pbkdf2::verify(pbkdf2::PBKDF2_HMAC_SHA256, iterations, &salt, password.as_bytes(), &hash).is_ok()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// A hash of a random password, made once: what an unknown username's password is

@@ -187,7 +187,7 @@ impl ProxyCache {
             let value = request.headers.get(name).map(HeaderValue::as_bytes).unwrap_or_default();
             part(value);
         }
-        super::hex(context.finish().as_ref())
+        crate::text::hex(context.finish().as_ref())
     }
 }
 

@@ -102,11 +102,6 @@ pub fn number_value(n: u64) -> HeaderValue {
     table[n as usize].clone()
 }
 
-/// Lower-case hex of bytes (hashes, trace ids).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// An id as a header value (`X-Consumer-ID`, `X-Credential-Identifier`).
 pub fn id_header(id: Uuid) -> HeaderValue {
     HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""))

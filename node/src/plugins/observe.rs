@@ -5,7 +5,8 @@ use std::sync::RwLock;
 use metrics::{Counter, Histogram};
 use tollgate_raft_store::plugins::PrometheusConfig;
 
-use super::{hex, Ctx, IdMap, LogSummary, Plugin};
+use super::{Ctx, IdMap, LogSummary, Plugin};
+use crate::text::hex;
 
 /// Metric handles one prometheus instance caches (by service, route, status and
 /// consumer); past this, new label sets are recorded without caching their handle.

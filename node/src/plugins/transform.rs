@@ -127,7 +127,7 @@ impl JsonOperations {
 pub fn form_fields(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
     text.split('&').filter(|pair| !pair.is_empty()).map(|pair| {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (crate::admin::percent_decode(name, true), crate::admin::percent_decode(value, true))
+        (crate::text::percent_decode(name, true), crate::text::percent_decode(value, true))
     })
 }
 
