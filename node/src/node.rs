@@ -164,6 +164,20 @@ pub async fn start(
         clock,
         Duration::from_millis(config.write_leader_wait_ms),
     );
+    // Raft's port answers from the moment Raft runs. A restarted follower that compiled
+    // its restored config first heard no heartbeat for as long as that took, called an
+    // election its current log could win, and then led while nothing answered here.
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    if let ClusterAuth::Tls(tls) = &auth {
+        tasks.spawn(tls.clone().watch(shutdown_rx.clone()));
+    }
+    tasks.spawn(transport::serve(
+        cluster_listener,
+        auth,
+        Arc::new(ClusterHandler::new(cluster.clone())),
+        shutdown_rx.clone(),
+    ));
     // Nothing answers before this node can answer with what it holds (CFG3 as clients
     // see it): `Raft::new` has re-applied the committed log, so the first publication
     // is compiled from it before any proxy worker accepts, and `/status` waits for
@@ -227,8 +241,6 @@ pub async fn start(
         load: Arc::default(),
     });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     tasks.spawn(publish::run(applied, published.clone()));
     if let Some(handle) = upkeep {
         // Histogram samples queue in the recorder until drained: without a scrape they
@@ -269,15 +281,6 @@ pub async fn start(
             shutdown_rx.clone(),
         )?);
     }
-    if let ClusterAuth::Tls(tls) = &auth {
-        tasks.spawn(tls.clone().watch(shutdown_rx.clone()));
-    }
-    tasks.spawn(transport::serve(
-        cluster_listener,
-        auth,
-        Arc::new(ClusterHandler::new(cluster.clone())),
-        shutdown_rx.clone(),
-    ));
     let admin_tls = match &config.admin_tls {
         Some((cert, key)) => Some(crate::admin::tls_source(cert, key)?),
         None => None,

@@ -228,3 +228,33 @@ async fn status_never_goes_backwards_across_restarts() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A restarting follower with a large config leaves the leader and the term alone. Found
+/// by CI (status_never_goes_backwards_across_restarts, 503 "no leader reachable"): the
+/// cluster port was served only after the restored config was compiled, so a follower
+/// that takes longer than an election timeout to compile heard no heartbeat, called an
+/// election its current log could win, and then led while nothing answered on its
+/// cluster port. Raft's port now answers from the moment Raft runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_follower_keeps_the_leader_and_the_term() -> anyhow::Result<()> {
+    const RESTARTS: usize = 3;
+    let mut cluster = TestCluster::start(3).await?;
+    let loaded = cluster.client().post("/config", &many_routes(20_000, "http://127.0.0.1:9")).await?;
+    let version = loaded.config_version.unwrap_or(0);
+    cluster.published(version).await?;
+    let leader = cluster.leader().await?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap_or(1);
+    let term_of = |status: Option<serde_json::Value>| status.and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    let term = term_of(cluster.status(leader).await);
+    for restart in 0..RESTARTS {
+        cluster.node(follower).kill9();
+        cluster.node(follower).start()?;
+        cluster.published(version).await?;
+        let status = cluster.status(leader).await;
+        let now = status.as_ref().and_then(|s| s["leader_id"].as_u64());
+        assert_eq!(now, Some(leader), "restart {restart} of node {follower} unseated leader {leader}");
+        let after = term_of(status);
+        assert_eq!(after, term, "restart {restart} of node {follower} raised the term from {term} to {after}");
+    }
+    Ok(())
+}
