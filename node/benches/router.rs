@@ -6,10 +6,12 @@
 //! compiled by every `cargo test --workspace` run (dev-dependencies are), for one
 //! number. Each figure is the median of 15 batches of 200 000 lookups.
 
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use tollgate_node::proxy::router::{RequestView, Router};
+use tollgate_raft_store::entities::Route;
+use tollgate_raft_store::EntityKind;
 
-fn routes(count: usize) -> Vec<Map<String, Value>> {
+fn routes(count: usize) -> Vec<Route> {
     (0..count)
         .map(|i| {
             let mut route = json!({
@@ -28,7 +30,8 @@ fn routes(count: usize) -> Vec<Map<String, Value>> {
             if i % 100 == 0 {
                 route["paths"] = json!([format!("~/api/v2/items-{i}/\\d+$")]);
             }
-            route.as_object().expect("object").clone()
+            let object = route.as_object().expect("object");
+            tollgate_raft_store::entities::read(EntityKind::Route, object).expect("a route")
         })
         .collect()
 }

@@ -223,6 +223,11 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
             Some(entry) => Ok(json_response(StatusCode::OK, &entry)),
             None => Err(ApiError::new(ErrorCode::NotFound, "Not found")),
         },
+        // Kong's list of the plugins this node runs: the registry's names.
+        (&Method::GET, ["plugins", "enabled"]) => {
+            let names: Vec<&str> = tollgate_raft_store::plugins::PLUGINS.iter().map(|spec| spec.name).collect();
+            Ok(json_response(StatusCode::OK, &serde_json::json!({ "enabled_plugins": names })))
+        }
         (&Method::GET, ["rate-limits", plugin]) => rate_limits(node, request, plugin).await,
         (&Method::GET, ["upstreams", upstream, "health"]) => upstream_health(node, upstream),
         (&Method::GET, ["config"]) => get_config(node, request).await,
@@ -366,9 +371,10 @@ fn check_certificate(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
         else {
             continue;
         };
-        if let Err(error) = crate::proxy::tls::certified_key(cert, key) {
-            let field = if error.starts_with("key") { key_field } else { cert_field };
-            return Err(ApiError::field(field, error));
+        match crate::proxy::tls::certified_key(cert, key) {
+            Ok(_) => {}
+            Err(crate::proxy::tls::PairError::Cert(why)) => return Err(ApiError::field(cert_field, why)),
+            Err(crate::proxy::tls::PairError::Key(why)) => return Err(ApiError::field(key_field, why)),
         }
     }
     Ok(())

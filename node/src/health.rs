@@ -28,13 +28,14 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tollgate_raft_store::state::{entity_id, foreign_id};
+use tollgate_raft_store::entities;
 use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
 use crate::gossip::Gossip;
 use crate::proxy::balancer::{target_address, HealthView, Observation};
-use crate::publish::Published;
+use crate::proxy::service::typed;
+use crate::proxy::Published;
 
 /// How often the checker looks at what is due and merges the cluster's view.
 const TICK: Duration = Duration::from_millis(100);
@@ -407,26 +408,21 @@ struct Configured {
 }
 
 impl Configured {
-    fn of(compiled: &crate::publish::CompiledConfig) -> Configured {
+    fn of(compiled: &crate::proxy::CompiledConfig) -> Configured {
         let mut checks = HashMap::new();
         let mut passive_checks = HashMap::new();
-        for upstream in compiled.state.table(EntityKind::Upstream).values() {
-            let Some(healthchecks) = upstream.get("healthchecks") else { continue };
-            if let Some(active) = ActiveChecks::from_healthchecks(healthchecks) {
-                checks.insert(entity_id(upstream), Arc::new(active));
+        let state = &compiled.state;
+        for upstream in typed::<entities::Upstream>(state, EntityKind::Upstream) {
+            if let Some(active) = ActiveChecks::from_healthchecks(&upstream.healthchecks) {
+                checks.insert(upstream.id, Arc::new(active));
             }
-            if let Some(passive) = ActiveChecks::passive_from_healthchecks(healthchecks) {
-                passive_checks.insert(entity_id(upstream), passive);
+            if let Some(passive) = ActiveChecks::passive_from_healthchecks(&upstream.healthchecks) {
+                passive_checks.insert(upstream.id, passive);
             }
         }
-        let targets = compiled
-            .state
-            .table(EntityKind::Target)
-            .values()
-            .filter_map(|target| {
-                let upstream = foreign_id(target, "upstream").filter(|id| checks.contains_key(id))?;
-                Some((upstream, target_address(target.get("target").and_then(Value::as_str)?)))
-            })
+        let targets = typed::<entities::Target>(state, EntityKind::Target)
+            .filter(|target| checks.contains_key(&target.upstream.id))
+            .map(|target| (target.upstream.id, target_address(&target.target)))
             .collect();
         Configured { version: compiled.version, checks, passive_checks, targets }
     }

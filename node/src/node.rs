@@ -272,7 +272,7 @@ pub async fn start(
     let mut proxy_threads =
         crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
     if let Some(tls_listener) = proxy_tls_listener {
-        let tls = crate::proxy::tls::server_config(published).context("tls configuration")?;
+        let tls = crate::proxy::server_config(published).context("tls configuration")?;
         proxy_threads.extend(crate::proxy::spawn_workers(
             config.workers,
             tls_listener,

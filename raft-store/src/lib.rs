@@ -1,6 +1,7 @@
 //! Tollgate's replicated state.
 //!
-//! - [`schema`] and [`error`]: the entity model and the Admin API error shape; usable
+//! - [`schema`] and [`error`]: the entity model and the Admin API error shape, and
+//!   [`entities`] and [`plugins`]: the typed forms and the plugin registry; usable
 //!   without the storage half (the client builds with `default-features = false`).
 //! - [`command`], [`state`], [`declarative`], [`quota`], [`recent`]: the
 //!   deterministic state machine (config, the cluster rate-limit ledger, and the admin
@@ -8,6 +9,7 @@
 //! - [`store`], [`codec`]: openraft log and state-machine storage on redb.
 #![forbid(unsafe_code)]
 
+pub mod entities;
 pub mod error;
 pub mod plugins;
 pub mod schema;

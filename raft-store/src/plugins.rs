@@ -12,11 +12,64 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Plugins this build runs. Others Kong bundles are refused at write time: a plugin
-/// that was accepted but not enforced (an authentication plugin, say) would be worse
-/// than an error.
-pub const AVAILABLE_PLUGINS: &[&str] =
-    &["key-auth", "acl", "ip-restriction", "request-termination", "rate-limiting", "correlation-id"];
+/// One bundled plugin, as everything else reads it: the Admin API's validation and
+/// its `GET /plugins/enabled`, the order plugins run in, whether consumers need
+/// indexing. Adding a plugin is one row here and one builder in the node (whose
+/// tests check that every row has one). Names Kong bundles that are not here are
+/// refused at write time: a plugin that was accepted but not enforced (an
+/// authentication plugin, say) would be worse than an error.
+pub struct PluginSpec {
+    pub name: &'static str,
+    /// Kong's priority: higher runs first.
+    pub priority: i32,
+    /// It identifies consumers: consumers and credentials are indexed for the data
+    /// path only when such a plugin is configured.
+    pub authenticates: bool,
+    /// Checks a config and returns it with defaults filled in, or the failing field's
+    /// path and why.
+    normalize: fn(&Value) -> Result<Value, (String, String)>,
+}
+
+const fn spec(
+    name: &'static str,
+    priority: i32,
+    authenticates: bool,
+    normalize: fn(&Value) -> Result<Value, (String, String)>,
+) -> PluginSpec {
+    PluginSpec { name, priority, authenticates, normalize }
+}
+
+/// Every plugin this build runs, by Kong priority (highest first).
+pub static PLUGINS: [PluginSpec; 18] = [
+    spec("correlation-id", 100_001, false, typed::<CorrelationIdConfig>),
+    spec("cors", 2000, false, typed::<CorsConfig>),
+    spec("jwt", 1450, true, typed::<JwtConfig>),
+    spec("key-auth", 1250, true, typed::<KeyAuthConfig>),
+    spec("basic-auth", 1100, true, typed::<BasicAuthConfig>),
+    spec("hmac-auth", 1030, true, typed::<HmacAuthConfig>),
+    spec("ip-restriction", 990, false, typed::<IpRestrictionConfig>),
+    spec("request-size-limiting", 951, false, typed::<RequestSizeLimitingConfig>),
+    spec("acl", 950, false, typed::<AclConfig>),
+    spec("rate-limiting", 910, false, typed::<RateLimitingConfig>),
+    spec("request-transformer", 801, false, typed::<RequestTransformerConfig>),
+    spec("response-transformer", 800, false, typed::<ResponseTransformerConfig>),
+    spec("proxy-cache", 100, false, typed::<ProxyCacheConfig>),
+    spec("opentelemetry", 14, false, typed::<OpenTelemetryConfig>),
+    spec("prometheus", 13, false, typed::<PrometheusConfig>),
+    spec("http-log", 12, false, typed::<HttpLogConfig>),
+    spec("file-log", 9, false, typed::<FileLogConfig>),
+    spec("request-termination", 2, false, typed::<RequestTerminationConfig>),
+];
+
+/// The plugin named `name`, when this build has it.
+pub fn plugin(name: &str) -> Option<&'static PluginSpec> {
+    PLUGINS.iter().find(|spec| spec.name == name)
+}
+
+/// Kong's answer to a plugin name it does not run (`name` field).
+pub fn unknown_plugin(name: &str) -> String {
+    format!("plugin '{name}' not enabled; add it to the 'plugins' configuration property")
+}
 
 /// Longest list in a plugin config (key names, groups, CIDRs).
 pub const CONFIG_LIST_MAX: usize = 1024;
@@ -24,36 +77,10 @@ pub const CONFIG_LIST_MAX: usize = 1024;
 /// Checks `config` for plugin `name` and returns it with defaults filled in, or
 /// errors by field (`config.<path>`, or `name` when the plugin is not available).
 pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, String>> {
-    let result = match name {
-        "key-auth" => typed::<KeyAuthConfig>(config),
-        "acl" => typed::<AclConfig>(config),
-        "ip-restriction" => typed::<IpRestrictionConfig>(config),
-        "request-termination" => typed::<RequestTerminationConfig>(config),
-        "rate-limiting" => typed::<RateLimitingConfig>(config),
-        "correlation-id" => typed::<CorrelationIdConfig>(config),
-        "prometheus" => typed::<PrometheusConfig>(config),
-        "cors" => typed::<CorsConfig>(config),
-        "basic-auth" => typed::<BasicAuthConfig>(config),
-        "jwt" => typed::<JwtConfig>(config),
-        "hmac-auth" => typed::<HmacAuthConfig>(config),
-        "request-transformer" => typed::<RequestTransformerConfig>(config),
-        "response-transformer" => typed::<ResponseTransformerConfig>(config),
-        "file-log" => typed::<FileLogConfig>(config),
-        "http-log" => typed::<HttpLogConfig>(config),
-        "opentelemetry" => typed::<OpenTelemetryConfig>(config),
-        "proxy-cache" => typed::<ProxyCacheConfig>(config),
-        "request-size-limiting" => typed::<RequestSizeLimitingConfig>(config),
-        _ => {
-            return Err(BTreeMap::from([(
-                "name".to_string(),
-                format!(
-                    "plugin '{name}' is not available in this build yet (available: {})",
-                    AVAILABLE_PLUGINS.join(", ")
-                ),
-            )]))
-        }
+    let Some(spec) = plugin(name) else {
+        return Err(BTreeMap::from([("name".to_string(), unknown_plugin(name))]));
     };
-    result.map_err(|(path, message)| {
+    (spec.normalize)(config).map_err(|(path, message)| {
         let field = if path.is_empty() || path == "." || path == "config" {
             "config".to_string()
         } else {
@@ -1095,6 +1122,25 @@ mod tests {
         let error = normalize("request-termination", &json!({"status_code": 99})).unwrap_err();
         assert!(error.contains_key("config.status_code"), "{error:?}");
         let error = normalize("aws-lambda", &json!({})).unwrap_err();
-        assert!(error.contains_key("name"), "{error:?}");
+        assert!(error["name"].contains("'aws-lambda' not enabled"), "{error:?}");
+    }
+
+    /// The plugins `{}` is not a whole config of.
+    const REQUIRING_CONFIG: [&str; 6] =
+        ["acl", "file-log", "http-log", "ip-restriction", "opentelemetry", "rate-limiting"];
+
+    #[test]
+    fn the_registry_is_in_priority_order_and_every_default_config_normalizes() {
+        let priorities: Vec<i32> = PLUGINS.iter().map(|spec| spec.priority).collect();
+        let mut sorted = priorities.clone();
+        sorted.sort_by(|a, b| b.cmp(a));
+        assert_eq!(priorities, sorted);
+        let names: std::collections::HashSet<&str> = PLUGINS.iter().map(|spec| spec.name).collect();
+        assert_eq!(names.len(), PLUGINS.len(), "one row per name");
+        // Plugins whose config has a required field: the rest take `{}`.
+        let mut required: Vec<&str> =
+            PLUGINS.iter().filter(|spec| normalize(spec.name, &json!({})).is_err()).map(|spec| spec.name).collect();
+        required.sort();
+        assert_eq!(required, REQUIRING_CONFIG);
     }
 }

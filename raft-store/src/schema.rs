@@ -276,29 +276,6 @@ const PROTOCOLS: &[&str] = &["http", "https", "grpc", "grpcs", "tcp", "tls", "ud
 const METHOD_CHARS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 const TIMEOUT_MS_MAX: i64 = 2_147_483_646;
 
-/// The plugins Tollgate knows. A plugin entity naming anything else is rejected; each
-/// plugin's own config schema arrives with the plugins issue.
-pub const KNOWN_PLUGINS: &[&str] = &[
-    "key-auth",
-    "basic-auth",
-    "jwt",
-    "hmac-auth",
-    "acl",
-    "ip-restriction",
-    "cors",
-    "request-size-limiting",
-    "request-termination",
-    "rate-limiting",
-    "request-transformer",
-    "response-transformer",
-    "proxy-cache",
-    "correlation-id",
-    "prometheus",
-    "http-log",
-    "file-log",
-    "opentelemetry",
-];
-
 fn no_check(_: &Object, _: &mut BTreeMap<String, String>) {}
 
 fn is_set(object: &Object, name: &str) -> bool {
@@ -352,11 +329,8 @@ fn check_service(service: &Object, errors: &mut BTreeMap<String, String>) {
 
 fn check_plugin(plugin: &Object, errors: &mut BTreeMap<String, String>) {
     if let Some(name) = plugin.get("name").and_then(Value::as_str) {
-        if !KNOWN_PLUGINS.contains(&name) {
-            errors.insert(
-                "name".into(),
-                format!("plugin '{name}' not enabled; add it to the 'plugins' configuration property"),
-            );
+        if crate::plugins::plugin(name).is_none() {
+            errors.insert("name".into(), crate::plugins::unknown_plugin(name));
         }
     }
 }

@@ -12,7 +12,8 @@
 #
 # Usage: tests/bench/proxy-bench.sh [duration_s=10] [connections=32] [rounds=3]
 # Needs: nginx, wrk, taskset (apt-get install -y nginx-light wrk util-linux), a release
-# build (the script runs `cargo build --release -p tollgate-node`).
+# build (the script runs `cargo build --release -p tollgate-node`, unless TOLLGATE_BIN
+# names the binary to measure).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,8 +32,14 @@ CLK_TCK=$(getconf CLK_TCK)
 for tool in nginx wrk taskset curl; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y nginx-light wrk util-linux curl" >&2; exit 1; }
 done
-cargo build --release -q -p tollgate-node
-TOLLGATE=target/release/tollgate
+# TOLLGATE_BIN measures another build (an earlier commit's, to compare before and
+# after a change); otherwise this tree's release build.
+if [ -n "${TOLLGATE_BIN:-}" ]; then
+    TOLLGATE=$TOLLGATE_BIN
+else
+    cargo build --release -q -p tollgate-node
+    TOLLGATE=target/release/tollgate
+fi
 
 pids=()
 cleanup() {

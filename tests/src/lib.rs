@@ -186,6 +186,34 @@ impl Drop for TestNode {
     }
 }
 
+/// Which request path a test's nodes use: the direct HTTP/1.1 path where it applies
+/// (the default), or hyper for every request (`--proxy-direct off`). The proxy,
+/// plugin and direct-path suites run in both (tests/tests/suites/, included by one
+/// test file per mode), the way linkerd2-proxy runs its HTTP/1 suite in two
+/// topologies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    Direct,
+    Hyper,
+}
+
+impl ProxyMode {
+    /// The node flags of this mode.
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            ProxyMode::Direct => &[],
+            ProxyMode::Hyper => &["--proxy-direct", "off"],
+        }
+    }
+
+    /// `size` nodes in this mode, with `extra_args`.
+    pub async fn cluster(self, size: u64, extra_args: &[&str]) -> anyhow::Result<TestCluster> {
+        let mut args: Vec<&str> = extra_args.to_vec();
+        args.extend(self.args());
+        TestCluster::start_with(size, &args).await
+    }
+}
+
 pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     /// `--admin-token` every node was started with.
@@ -368,6 +396,26 @@ impl TestCluster {
     }
 }
 
+/// Reads one request head from a raw upstream connection into `buf` and returns it,
+/// leaving whatever followed it (a body, the next request) in `buf`; `None` once the
+/// peer closed or failed before a whole head arrived.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => buf.extend_from_slice(&chunk[..read]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    Some(head)
+}
+
 /// Starts a `tollgate run` command with the tests' log level, its output in `log`.
 pub fn spawn_logged(command: &mut Command, log: std::fs::File) -> anyhow::Result<Child> {
     command
@@ -493,6 +541,24 @@ pub async fn raw_exchange(proxy_url: &str, request: &[u8]) -> anyhow::Result<(u1
     let text = String::from_utf8_lossy(&answers).into_owned();
     let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     Ok((status, text))
+}
+
+/// The data of a chunked HTTP/1.1 body (as text); a body that is not chunked as it is.
+pub fn dechunk(body: &str) -> String {
+    let mut rest = body;
+    let mut data = String::new();
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(size) = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16) else {
+            return body.to_string();
+        };
+        if size == 0 {
+            return data;
+        }
+        let Some(chunk) = after.get(..size) else { return body.to_string() };
+        data.push_str(chunk);
+        rest = after.get(size + 2..).unwrap_or_default();
+    }
 }
 
 /// An upstream in the test process that answers every request `200 ok` and counts

@@ -103,6 +103,35 @@ async fn unknown_plugin_name() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kong's `GET /plugins/enabled` (spec/02-integration/04-admin_api/04-plugins_routes_spec.lua:40-50):
+/// every plugin this build runs, from the one registry the Admin API's validation
+/// reads too, so each listed name is accepted and an unlisted one refused.
+#[tokio::test]
+async fn the_enabled_plugins_are_the_ones_accepted() -> anyhow::Result<()> {
+    let (_cluster, client) = seeded().await?;
+    let listed = client.get("/plugins/enabled").await?;
+    assert_eq!(listed.status, 200);
+    let names: Vec<String> = serde_json::from_value(listed.body["enabled_plugins"].clone())?;
+    assert_eq!(names.len(), 18, "{names:?}");
+    for expected in ["key-auth", "jwt", "proxy-cache", "response-transformer", "opentelemetry", "http-log"] {
+        assert!(names.iter().any(|name| name == expected), "{expected} in {names:?}");
+    }
+    // Each listed plugin is accepted by name: its config may be refused, never its name.
+    for name in &names {
+        let body = json!({"name": name, "enabled": false}).to_string().into_bytes();
+        let (_, answer) = raw(&client, "POST", "/plugins", body).await;
+        assert!(answer["fields"].get("name").is_none(), "{name}: {answer}");
+    }
+    let (status, answer) =
+        raw(&client, "POST", "/plugins", json!({"name": "aws-lambda"}).to_string().into_bytes()).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        answer["fields"]["name"],
+        "plugin 'aws-lambda' not enabled; add it to the 'plugins' configuration property"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn invalid_declarative_document() -> anyhow::Result<()> {
     let (_cluster, client) = seeded().await?;

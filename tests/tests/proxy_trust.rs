@@ -396,7 +396,7 @@ struct MisbehavingUpstream {
 impl MisbehavingUpstream {
     async fn start() -> anyhow::Result<MisbehavingUpstream> {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
         let big_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -408,18 +408,9 @@ impl MisbehavingUpstream {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
-                        let end = loop {
-                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break end + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(read) => buf.extend_from_slice(&chunk[..read]),
-                            }
+                        let Some(head) = tollgate_tests::read_request_head(&mut stream, &mut buf).await else {
+                            return;
                         };
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
                         if head.starts_with("HEAD ") {
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n";
                             if stream.write_all(answer).await.is_err() {

@@ -16,7 +16,7 @@ use tollgate_raft_store::quota::QuotaKey;
 use uuid::Uuid;
 
 use super::auth::query_param;
-use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 use crate::quota::Take;
 
 /// acl: the consumer's groups against `allow` or `deny`.
@@ -31,6 +31,10 @@ impl Acl {
 }
 
 impl Plugin for Acl {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         let Some(consumer) = &ctx.consumer else {
             return Flow::Exit(Exit::message(StatusCode::UNAUTHORIZED, "Unauthorized"));
@@ -100,6 +104,10 @@ pub fn cidr_contains(&(network, prefix): &(IpAddr, u8), address: IpAddr) -> bool
 }
 
 impl Plugin for IpRestriction {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         let ip = ctx.client_ip;
         let denied = self.deny.iter().any(|cidr| cidr_contains(cidr, ip))
@@ -132,6 +140,10 @@ impl RequestTermination {
 }
 
 impl Plugin for RequestTermination {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         if let (Some(trigger), Some(name)) = (&self.trigger, &self.config.trigger) {
             let asked =
@@ -413,6 +425,10 @@ impl RateLimiting {
 }
 
 impl Plugin for RateLimiting {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         let now = super::unix_now();
         let now_s = now.as_secs();
@@ -490,6 +506,10 @@ impl CorrelationId {
 }
 
 impl Plugin for CorrelationId {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         let value = match request.headers.get(&self.header) {
             Some(value) => value.clone(),
@@ -564,6 +584,10 @@ impl Cors {
 }
 
 impl Plugin for Cors {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         let origin = request.headers.get(http::header::ORIGIN).cloned();
         let allowed = self.allow_origin(origin.as_ref());
@@ -620,6 +644,10 @@ impl RequestSizeLimiting {
 }
 
 impl Plugin for RequestSizeLimiting {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         let declared = request
             .headers

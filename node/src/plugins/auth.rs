@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tollgate_raft_store::plugins::KeyAuthConfig;
 
 use super::transform::{self, body_kind, BodyKind};
-use super::{Consumer, Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Consumer, Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 
 const X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
@@ -235,6 +235,10 @@ fn without_body_field(kind: BodyKind, body: &[u8], name: &str) -> Option<Vec<u8>
 }
 
 impl Plugin for KeyAuth {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if !self.config.run_on_preflight && request.method == http::Method::OPTIONS {
             return Flow::Continue;

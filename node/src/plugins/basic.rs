@@ -32,7 +32,7 @@ use tollgate_raft_store::plugins::BasicAuthConfig;
 
 use super::auth::{accept, authorization, use_anonymous, Identity};
 use super::jwt::base64_decode;
-use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 use crate::text::{hex, unhex};
 
 /// PBKDF2 rounds for new hashes: about 30 ms of one core per hash here. OWASP asks
@@ -205,6 +205,10 @@ impl BasicAuth {
 }
 
 impl Plugin for BasicAuth {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;

@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use ring::digest;
 use tollgate_raft_store::plugins::ProxyCacheConfig;
 
-use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 
 /// Bytes of cached responses a node holds (Kong's default cache dictionary is 128 MiB).
 pub const CACHE_BYTES_MAX: usize = 128 * 1024 * 1024;
@@ -203,6 +203,11 @@ fn directives(headers: &HeaderMap) -> Vec<String> {
 }
 
 impl Plugin for ProxyCache {
+    fn phases(&self) -> Phases {
+        // The stored copy is made from the response head and body.
+        Phases { rewrite: false, header_filter: true, response_body: true }
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         let bypass = |ctx: &mut Ctx| {
             ctx.response_headers.push((X_CACHE_STATUS, HeaderValue::from_static("Bypass")));

@@ -13,7 +13,7 @@ use tollgate_raft_store::plugins::HmacAuthConfig;
 
 use super::auth::{accept, authorization, use_anonymous, Identity};
 use super::jwt::base64_decode;
-use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 
 /// An hmac-auth credential as the data path holds it.
 pub struct HmacCredential {
@@ -86,6 +86,10 @@ impl HmacAuth {
 const DIGEST: HeaderName = HeaderName::from_static("digest");
 
 impl Plugin for HmacAuth {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if self.config.anonymous.is_some() && ctx.consumer.is_some() && !ctx.anonymous {
             return Flow::Continue;

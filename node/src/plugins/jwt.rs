@@ -15,7 +15,7 @@ use serde_json::Value;
 use tollgate_raft_store::plugins::JwtConfig;
 
 use super::auth::{accept, percent_decode, use_anonymous, Identity};
-use super::{Ctx, Env, Exit, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 
 /// Longest token accepted, in bytes.
 pub const TOKEN_BYTES_MAX: usize = 8 * 1024;
@@ -319,6 +319,10 @@ impl Jwt {
 }
 
 impl Plugin for Jwt {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if !self.config.run_on_preflight && request.method == http::Method::OPTIONS {
             return Flow::Continue;

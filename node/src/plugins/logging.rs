@@ -26,7 +26,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use tollgate_raft_store::plugins::{FileLogConfig, HttpLogConfig};
 
-use super::{Ctx, Env, Flow, LogSummary, NodeState, Plugin, RequestView};
+use super::{Ctx, Env, Flow, LogSummary, NodeState, Phases, Plugin, RequestView};
 
 /// Lines file-log may queue before dropping.
 pub const FILE_LOG_QUEUE_MAX: usize = 64 * 1024;
@@ -294,6 +294,10 @@ impl FileLog {
 }
 
 impl Plugin for FileLog {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if ctx.log_request.is_none() {
             ctx.log_request = Some(request_entry(request, env));
@@ -323,6 +327,10 @@ impl HttpLog {
 }
 
 impl Plugin for HttpLog {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
         if ctx.log_request.is_none() {
             ctx.log_request = Some(request_entry(request, env));

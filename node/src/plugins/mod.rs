@@ -112,41 +112,6 @@ pub fn unix_now() -> std::time::Duration {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Plugins with response phases of their own (`header_filter`, `body_filter`,
-/// proxy-cache's stored copy): requests they may run on take the general path, which
-/// has the response as a header map and a stream of frames. The others only leave
-/// headers in [`Ctx::response_headers`], and run on either path.
-const RESPONSE_PLUGINS: [&str; 2] = ["proxy-cache", "response-transformer"];
-
-/// Plugins that identify consumers: with none configured, consumers and credentials
-/// are not indexed.
-const AUTHENTICATION_PLUGINS: [&str; 4] = ["key-auth", "basic-auth", "jwt", "hmac-auth"];
-
-/// Kong's priority of a bundled plugin (higher runs first).
-pub fn priority(name: &str) -> i32 {
-    match name {
-        "correlation-id" => 100_001,
-        "cors" => 2000,
-        "jwt" => 1450,
-        "key-auth" => 1250,
-        "basic-auth" => 1100,
-        "hmac-auth" => 1030,
-        "ip-restriction" => 990,
-        "request-size-limiting" => 951,
-        "acl" => 950,
-        "rate-limiting" => 910,
-        "request-transformer" => 801,
-        "response-transformer" => 800,
-        "request-termination" => 2,
-        "opentelemetry" => 14,
-        "proxy-cache" => 100,
-        "prometheus" => 13,
-        "http-log" => 12,
-        "file-log" => 9,
-        _ => 0,
-    }
-}
-
 /// An identified consumer.
 #[derive(Debug)]
 pub struct Consumer {
@@ -292,17 +257,53 @@ pub struct RewriteView<'a> {
     pub headers: &'a mut http::HeaderMap,
 }
 
-/// One plugin's behaviour. Every phase defaults to doing nothing.
+/// The phases a plugin instance has besides `access` and `log`. The proxy plans each
+/// route from them when the config is compiled (which codec may carry its requests,
+/// whether the response head is read into a header map). There is no default: every
+/// plugin states its own, so a plugin that gains a phase cannot lose it silently on a
+/// path that plans without it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// [`Plugin::rewrite`], before routing (global instances only).
+    pub rewrite: bool,
+    /// [`Plugin::header_filter`] (headers left in [`Ctx::response_headers`] need none).
+    pub header_filter: bool,
+    /// The response body: [`Plugin::body_filter`], or a copy of it (proxy-cache).
+    pub response_body: bool,
+}
+
+impl Phases {
+    /// Only `access` and `log`.
+    pub const NONE: Phases = Phases { rewrite: false, header_filter: false, response_body: false };
+
+    fn union(self, other: Phases) -> Phases {
+        Phases {
+            rewrite: self.rewrite || other.rewrite,
+            header_filter: self.header_filter || other.header_filter,
+            response_body: self.response_body || other.response_body,
+        }
+    }
+}
+
+/// What the plugins of a snapshot ask of one route's requests, decided when the
+/// config is compiled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Some instance may run (global, or on the route or its service): the request's
+    /// headers are needed as a map.
+    pub may_run: bool,
+    /// The phases, over every instance that may run.
+    pub phases: Phases,
+}
+
+/// One plugin's behaviour. Every phase but [`Plugin::phases`] defaults to doing nothing.
 pub trait Plugin: Send + Sync {
+    /// Which phases this plugin has besides `access` and `log`.
+    fn phases(&self) -> Phases;
+
     /// Before routing; runs only for global instances.
     fn rewrite(&self, _request: &mut RewriteView<'_>) -> Option<Exit> {
         None
-    }
-
-    /// Whether [`Plugin::rewrite`] does anything: a global instance that does sends
-    /// every request to the general path, which runs the phase before routing.
-    fn rewrites(&self) -> bool {
-        false
     }
 
     fn access(&self, _ctx: &mut Ctx, _request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
@@ -485,14 +486,11 @@ pub struct Plugins {
     /// The global instances, by priority: they alone run `rewrite`.
     global: Vec<Arc<Instance>>,
     pub data: PluginData,
-    /// No configured plugin has response phases of its own (see [`RESPONSE_PLUGINS`]).
-    direct: bool,
-    /// Routes and services with an instance not scoped to a consumer: a request on
-    /// any other runs no plugin unless there are global ones (a consumer's instances
-    /// need an authentication plugin to have identified the consumer first).
-    scoped: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
-    /// A global instance has a rewrite phase.
-    rewrites: bool,
+    /// Each route's plan; a route not here (none when compiled from a config) gets
+    /// `unrouted`.
+    plans: IdMap<Uuid, RoutePlan>,
+    /// The plan of global instances alone.
+    unrouted: RoutePlan,
 }
 
 /// The names (lower case) key-auth and jwt instances read credentials from.
@@ -511,6 +509,24 @@ fn credential_names(state: &ConfigState) -> std::collections::HashSet<String> {
         }
     }
     names
+}
+
+/// The plan of a route (`None`: of a request no route matched): every instance scoped
+/// to it, its service, or neither may run. Instances scoped to a consumer count for
+/// the phases but not for `may_run`: they run only once an authentication plugin, which
+/// is not consumer-scoped, identified the consumer.
+fn plan(instances: &IdMap<(usize, Scope), Arc<Instance>>, route: Option<Uuid>, service: Option<Uuid>) -> RoutePlan {
+    let mut plan = RoutePlan::default();
+    for ((_, scope), instance) in instances {
+        let applies =
+            scope.route.is_none_or(|id| Some(id) == route) && scope.service.is_none_or(|id| Some(id) == service);
+        if !applies {
+            continue;
+        }
+        plan.may_run |= scope.consumer.is_none();
+        plan.phases = plan.phases.union(instance.plugin.phases());
+    }
+    plan
 }
 
 impl Plugins {
@@ -553,6 +569,7 @@ impl Plugins {
         }
         // Indexes were handed out in discovery order; re-key by priority order.
         let mut order: Vec<usize> = (0..names.len()).collect();
+        let priority = |name: &str| tollgate_raft_store::plugins::plugin(name).map_or(0, |spec| spec.priority);
         order.sort_by_key(|&index| (-priority(&names[index]), names[index].clone()));
         let position: HashMap<usize, usize> = order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
         let instances: IdMap<(usize, Scope), Arc<Instance>> =
@@ -569,18 +586,20 @@ impl Plugins {
             .collect();
         global.sort_by_key(|(index, _)| *index);
         let global: Vec<Arc<Instance>> = global.into_iter().map(|(_, instance)| instance).collect();
-        let identifies_consumers = names.iter().any(|name| AUTHENTICATION_PLUGINS.contains(&name.as_str()));
+        let identifies_consumers =
+            names.iter().any(|name| tollgate_raft_store::plugins::plugin(name).is_some_and(|spec| spec.authenticates));
         let mut data = if identifies_consumers { PluginData::compile(state) } else { PluginData::default() };
         data.credential_names = credential_names(state);
-        let direct = names.iter().all(|name| !RESPONSE_PLUGINS.contains(&name.as_str()));
-        let scoped = instances
-            .keys()
-            .filter(|(_, scope)| scope.consumer.is_none())
-            .flat_map(|(_, scope)| [scope.route, scope.service])
-            .flatten()
+        let unrouted = plan(&instances, None, None);
+        let plans = state
+            .table(EntityKind::Route)
+            .values()
+            .map(|route| {
+                let id = entity_id(route);
+                (id, plan(&instances, Some(id), foreign_id(route, "service")))
+            })
             .collect();
-        let rewrites = global.iter().any(|instance| instance.plugin.rewrites());
-        Plugins { instances, shapes, names, global, data, direct, scoped, rewrites }
+        Plugins { instances, shapes, names, global, data, plans, unrouted }
     }
 
     /// Runs the `rewrite` phase of the global instances for `protocol`; an exit
@@ -588,7 +607,7 @@ impl Plugins {
     pub fn rewrite(&self, protocol: &str, request: &mut RewriteView<'_>) -> Option<Exit> {
         self.global
             .iter()
-            .filter(|instance| instance.protocols.iter().any(|p| p == protocol))
+            .filter(|instance| instance.plugin.phases().rewrite && instance.protocols.iter().any(|p| p == protocol))
             .find_map(|instance| instance.plugin.rewrite(request))
     }
 
@@ -596,20 +615,15 @@ impl Plugins {
         self.names.is_empty()
     }
 
-    /// Whether the direct HTTP/1.1 path may run these plugins: none of them has a
-    /// response phase of its own (their `header_filter` is the default).
-    pub fn direct(&self) -> bool {
-        self.direct
-    }
-
-    /// Whether a global instance has a rewrite phase ([`Plugin::rewrites`]).
+    /// Whether a global instance has a rewrite phase: it runs before routing, for
+    /// every request.
     pub fn rewrites(&self) -> bool {
-        self.rewrites
+        self.unrouted.phases.rewrite
     }
 
-    /// Whether any plugin may run for a request on `route` of `service`.
-    pub fn may_run(&self, route: Uuid, service: Option<Uuid>) -> bool {
-        !self.global.is_empty() || self.scoped.contains(&route) || service.is_some_and(|id| self.scoped.contains(&id))
+    /// What the plugins ask of requests on `route`.
+    pub fn plan(&self, route: Uuid) -> RoutePlan {
+        self.plans.get(&route).copied().unwrap_or(self.unrouted)
     }
 
     /// The most specific instance of plugin `index` for this request so far.
@@ -795,41 +809,42 @@ pub fn header_filter(ran: &[Arc<Instance>], ctx: &mut Ctx, status: StatusCode, h
     }
 }
 
+/// Makes a plugin from its stored (normalised) config and its instance id.
+type Builder = fn(Uuid, Value) -> Result<Box<dyn Plugin>, String>;
+
+fn parse<T: serde::de::DeserializeOwned>(config: Value) -> Result<T, String> {
+    serde_json::from_value(config).map_err(|error| error.to_string())
+}
+
+/// The node's half of the plugin registry
+/// ([`tollgate_raft_store::plugins::PLUGINS`] is the other): a builder per name.
+static BUILDERS: [(&str, Builder); 18] = [
+    ("correlation-id", |_, config| Ok(Box::new(access::CorrelationId::new(parse(config)?)?))),
+    ("cors", |_, config| Ok(Box::new(access::Cors::new(parse(config)?)?))),
+    ("jwt", |_, config| Ok(Box::new(jwt::Jwt::new(parse(config)?)?))),
+    ("key-auth", |_, config| Ok(Box::new(auth::KeyAuth::new(parse(config)?)?))),
+    ("basic-auth", |_, config| Ok(Box::new(basic::BasicAuth::new(parse(config)?)?))),
+    ("hmac-auth", |_, config| Ok(Box::new(hmac::HmacAuth::new(parse(config)?)?))),
+    ("ip-restriction", |_, config| Ok(Box::new(access::IpRestriction::new(parse(config)?)?))),
+    ("request-size-limiting", |_, config| Ok(Box::new(access::RequestSizeLimiting::new(parse(config)?)))),
+    ("acl", |_, config| Ok(Box::new(access::Acl::new(parse(config)?)))),
+    ("rate-limiting", |id, config| Ok(Box::new(access::RateLimiting::new(id, parse(config)?)))),
+    ("request-transformer", |_, config| Ok(Box::new(transform::RequestTransformer::new(parse(config)?)?))),
+    ("response-transformer", |_, config| Ok(Box::new(transform::ResponseTransformer::new(parse(config)?)?))),
+    ("proxy-cache", |_, config| Ok(Box::new(cache::ProxyCache::new(parse(config)?)?))),
+    ("opentelemetry", |_, config| Ok(Box::new(observe::OpenTelemetry::new(parse(config)?)))),
+    ("prometheus", |_, config| Ok(Box::new(observe::Prometheus::new(parse(config)?)))),
+    ("http-log", |_, config| Ok(Box::new(logging::HttpLog::new(parse(config)?)))),
+    ("file-log", |_, config| Ok(Box::new(logging::FileLog::new(parse(config)?)))),
+    ("request-termination", |_, config| Ok(Box::new(access::RequestTermination::new(parse(config)?)?))),
+];
+
 /// Builds a plugin from its stored (normalised) config.
 fn build(name: &str, id: Uuid, config: Value) -> Result<Box<dyn Plugin>, String> {
-    fn parse<T: serde::de::DeserializeOwned>(config: Value) -> Result<T, String> {
-        serde_json::from_value(config).map_err(|error| error.to_string())
+    match BUILDERS.iter().find(|(known, _)| *known == name) {
+        Some((_, builder)) => builder(id, config),
+        None => Err(tollgate_raft_store::plugins::unknown_plugin(name)),
     }
-    use tollgate_raft_store::plugins as configs;
-    Ok(match name {
-        "key-auth" => Box::new(auth::KeyAuth::new(parse::<configs::KeyAuthConfig>(config)?)?),
-        "acl" => Box::new(access::Acl::new(parse::<configs::AclConfig>(config)?)),
-        "ip-restriction" => Box::new(access::IpRestriction::new(parse::<configs::IpRestrictionConfig>(config)?)?),
-        "request-termination" => {
-            Box::new(access::RequestTermination::new(parse::<configs::RequestTerminationConfig>(config)?)?)
-        }
-        "rate-limiting" => Box::new(access::RateLimiting::new(id, parse::<configs::RateLimitingConfig>(config)?)),
-        "correlation-id" => Box::new(access::CorrelationId::new(parse::<configs::CorrelationIdConfig>(config)?)?),
-        "basic-auth" => Box::new(basic::BasicAuth::new(parse::<configs::BasicAuthConfig>(config)?)?),
-        "jwt" => Box::new(jwt::Jwt::new(parse::<configs::JwtConfig>(config)?)?),
-        "hmac-auth" => Box::new(hmac::HmacAuth::new(parse::<configs::HmacAuthConfig>(config)?)?),
-        "request-transformer" => {
-            Box::new(transform::RequestTransformer::new(parse::<configs::RequestTransformerConfig>(config)?)?)
-        }
-        "response-transformer" => {
-            Box::new(transform::ResponseTransformer::new(parse::<configs::ResponseTransformerConfig>(config)?)?)
-        }
-        "file-log" => Box::new(logging::FileLog::new(parse::<configs::FileLogConfig>(config)?)),
-        "proxy-cache" => Box::new(cache::ProxyCache::new(parse::<configs::ProxyCacheConfig>(config)?)?),
-        "opentelemetry" => Box::new(observe::OpenTelemetry::new(parse::<configs::OpenTelemetryConfig>(config)?)),
-        "http-log" => Box::new(logging::HttpLog::new(parse::<configs::HttpLogConfig>(config)?)),
-        "prometheus" => Box::new(observe::Prometheus::new(parse::<configs::PrometheusConfig>(config)?)),
-        "cors" => Box::new(access::Cors::new(parse::<configs::CorsConfig>(config)?)?),
-        "request-size-limiting" => {
-            Box::new(access::RequestSizeLimiting::new(parse::<configs::RequestSizeLimitingConfig>(config)?))
-        }
-        other => return Err(format!("plugin '{other}' is not available in this build")),
-    })
 }
 
 #[cfg(test)]
@@ -847,8 +862,8 @@ mod tests {
     const TRAIL: HeaderName = HeaderName::from_static("x-trail");
 
     impl Plugin for Recorder {
-        fn rewrites(&self) -> bool {
-            true
+        fn phases(&self) -> Phases {
+            Phases { rewrite: true, header_filter: true, response_body: true }
         }
 
         fn rewrite(&self, request: &mut RewriteView<'_>) -> Option<Exit> {
@@ -899,9 +914,8 @@ mod tests {
             names: vec!["first".to_string(), "second".to_string()],
             global: vec![global],
             data: PluginData::default(),
-            direct: true,
-            scoped: [route].into_iter().collect(),
-            rewrites: true,
+            plans: IdMap::default(),
+            unrouted: RoutePlan { may_run: true, phases: Phases { rewrite: true, ..Phases::NONE } },
         };
         let mut headers = http::HeaderMap::new();
         let method = http::Method::POST;
@@ -945,5 +959,22 @@ mod tests {
             .rewrite("grpc", &mut RewriteView { method: &method, path: "/", headers: &mut other })
             .is_none());
         assert!(other.is_empty());
+    }
+
+    #[test]
+    fn every_registered_plugin_has_a_builder_that_takes_its_default_config() {
+        use tollgate_raft_store::plugins::{normalize, PLUGINS};
+        let registry: Vec<&str> = PLUGINS.iter().map(|spec| spec.name).collect();
+        let builders: Vec<&str> = BUILDERS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(registry, builders, "one builder per registered plugin, in the same order");
+        let mut built = 0;
+        for spec in &PLUGINS {
+            if let Ok(config) = normalize(spec.name, &serde_json::json!({})) {
+                build(spec.name, Uuid::new_v4(), config).unwrap_or_else(|error| panic!("{}: {error}", spec.name));
+                built += 1;
+            }
+        }
+        assert!(built >= 12, "{built}");
+        assert!(build("aws-lambda", Uuid::new_v4(), Value::Null).err().unwrap().contains("not enabled"));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::RwLock;
 use metrics::{Counter, Histogram};
 use tollgate_raft_store::plugins::PrometheusConfig;
 
-use super::{Ctx, IdMap, LogSummary, Plugin};
+use super::{Ctx, IdMap, LogSummary, Phases, Plugin};
 use crate::text::hex;
 
 /// Metric handles one prometheus instance caches (by service, route, status and
@@ -56,6 +56,10 @@ fn with_cached<K: std::hash::Hash + Eq + Clone, V>(
 }
 
 impl Plugin for Prometheus {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>, _state: &super::NodeState) {
         let consumer_id = if self.config.per_consumer { ctx.consumer.as_ref().map(|c| c.id) } else { None };
         let scope: Scope = (ctx.route, ctx.service, consumer_id);
@@ -189,6 +193,10 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 impl Plugin for OpenTelemetry {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut super::RequestView<'_>, _env: &super::Env<'_>) -> super::Flow {
         let incoming = request.headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
         let (trace_id, parent_id, sampled) = match incoming {

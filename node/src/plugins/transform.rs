@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde_json::Value;
 use tollgate_raft_store::plugins::{RequestTransformerConfig, ResponseParts, ResponseTransformerConfig};
 
-use super::{Ctx, Env, Flow, Plugin, RequestView};
+use super::{Ctx, Env, Flow, Phases, Plugin, RequestView};
 
 /// Operations on the fields of a JSON object or a form body.
 pub type JsonOperations = Operations<String, Value>;
@@ -355,6 +355,10 @@ impl RequestTransformer {
 }
 
 impl Plugin for RequestTransformer {
+    fn phases(&self) -> Phases {
+        Phases::NONE
+    }
+
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
         // Body operations need the body whole: ask for it first, then edit it before
         // the headers change (they may rename Content-Type).
@@ -413,6 +417,10 @@ impl ResponseTransformer {
 }
 
 impl Plugin for ResponseTransformer {
+    fn phases(&self) -> Phases {
+        Phases { rewrite: false, header_filter: !self.headers.is_empty(), response_body: !self.json.is_empty() }
+    }
+
     fn header_filter(&self, _ctx: &mut Ctx, _status: http::StatusCode, headers: &mut HeaderMap) {
         if !self.headers.is_empty() {
             self.headers.apply(headers);

@@ -1,64 +1,63 @@
-//! The direct HTTP/1.1 path: the common request, proxied by one task with no HTTP
+//! The direct HTTP/1.1 codec: the common request, carried by one task with no HTTP
 //! library between the two sockets.
 //!
 //! A plain (or TLS, ALPN http/1.1) client connection starts here. Each request's head
-//! is parsed in place with `httparse`; when the request is one this path handles, the
-//! upstream request is written straight from the client's bytes onto a pooled upstream
-//! connection the same task owns, and the upstream's response head is rewritten into
-//! the client's buffer and sent with the first body bytes in one write. No boxed body,
-//! no channel to a connection task, no second task, and a header map only when a
-//! plugin may run or a route matches on headers. nginx works so; the general path
-//! (hyper on both sides) costs about half again as much CPU per request.
+//! is parsed in place with `httparse` into the lifecycle's request head (borrowing
+//! from the parse buffer); the lifecycle's phases (`lifecycle.rs`) decide everything
+//! else. This file only carries bytes: the upstream request is written straight from
+//! the client's bytes onto a pooled upstream connection the same task owns, and the
+//! upstream's response head is rewritten into the client's buffer and sent with the
+//! first body bytes in one write. No boxed body, no channel to a connection task, no
+//! second task, and a header map only when a plugin may run or a route matches on
+//! headers. nginx works so; the hyper adapter costs about half again as much CPU per
+//! request.
 //!
-//! What this path handles is narrow on purpose, and everything else is *handed off*:
-//! the connection, with every byte read of the request it could not take, goes to the
-//! general path (hyper), which then serves it to the end. A hand-off happens only
-//! before anything of the request was sent anywhere or any plugin ran, so the general
-//! path sees the request exactly as the client sent it. Handed off:
+//! What this codec carries is narrow on purpose, and everything else is *handed
+//! off*: the connection, with every byte read of the request it could not take, goes
+//! to the hyper adapter (`general.rs`), which then serves it to the end. A hand-off
+//! happens only before anything of the request was sent anywhere or any plugin ran, so
+//! the hyper adapter sees the request exactly as the client sent it. Handed off:
 //! - a head not complete in the first read (a slow or large client: hyper's timers
-//!   and limits apply), or one `httparse` refuses (hostile input gets the general
-//!   path's exact answers);
+//!   and limits apply), or one `httparse` refuses (hostile input gets hyper's exact
+//!   answers);
 //! - anything but HTTP/1.1 with an origin-form target (h2c's preface, HTTP/1.0,
-//!   `CONNECT`, absolute URIs), a target over [`super::URI_BYTES_MAX`] or with `#`;
-//! - a target hyper's URI parser refuses;
+//!   `CONNECT`, absolute URIs), a target with `#`, or one hyper's URI parser refuses;
 //! - `Transfer-Encoding`, `Upgrade`, `Expect`, a duplicate `Host` or
 //!   `Content-Length`, a `Connection` naming a framing field, a body not whole in the
 //!   buffer (at most [`DIRECT_BODY_BYTES_MAX`]), gRPC;
-//! - proxy-cache or response-transformer configured, or a global plugin with a
-//!   rewrite phase (`Plugins::direct`, `Plugins::rewrites`); no route matched; a
-//!   service that is missing, disabled or not plain `http`.
+//! - a config with a global plugin that has a rewrite phase (it needs a header map
+//!   before routing); a route whose plugins read the response body (its plan, decided
+//!   when the config is compiled); a service that is not plain `http`.
 //!
-//! Other plugins run here: the request's headers become a header map for their access
-//! phase, and the headers they add to the response are written into the copied head.
-//!
-//! The answers are the general path's: the same upstream request headers
-//! (`X-Forwarded-*` with `trusted_ips`, `X-Real-IP`, `Via`, the request id, `Host` per
-//! `preserve_host`, hop-by-hop fields and the names `Connection` lists removed), the
-//! same response headers, the same JSON errors (502, 503, 504), `retries` on a
-//! connect failure, passive health reports, metrics and access log line. The
-//! proxy's tests run through both paths.
+//! Plugins run here: the request's headers become a header map for their access
+//! phase; the headers they leave for the response are written into the copied head,
+//! and when a route's plan has `header_filter` the response head is read into a map for
+//! it.
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::io::Write as _;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::HOST;
+use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::balancer::{self, BalanceKey};
+use super::error::{ErrorKind, ProxyError};
+use super::lifecycle::{
+    self, Access, Answer, AttemptPlan, Attempted, Forwarded, PluginRun, RequestHead, RequestRule, ResponseRule, Stamp,
+    Stamped, Timeouts,
+};
 use super::pool::{DirectConn, DirectPool};
 use super::router::{strip_port, RequestView};
+use super::telemetry::RouteMetrics;
 use super::upstream::Transport;
-use super::{path, AccessEntry, ClientConn, InFlight, HEADERS_COUNT_MAX, RETRIES_MAX, URI_BYTES_MAX};
+use super::{ClientConn, InFlight, RequestId, HEADERS_COUNT_MAX};
 
 /// Bytes a client connection's read buffer starts with: a request head and a small
 /// body fit in one read.
@@ -142,55 +141,6 @@ enum Step {
     HandOff,
 }
 
-/// What the direct path does with one request header.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Sent upstream as it came.
-    Copy,
-    Host,
-    ContentLength,
-    ContentType,
-    Connection,
-    ForwardedFor,
-    ForwardedProto,
-    ForwardedHost,
-    ForwardedPort,
-    ForwardedPath,
-    ForwardedPrefix,
-    /// Hop-by-hop, named by `Connection`, or replaced by the proxy: not sent.
-    Drop,
-    /// The direct path does not take this request.
-    Refuse,
-}
-
-fn request_header_kind(name: &str) -> Kind {
-    let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
-    match name.len() {
-        2 if is("te") => Kind::Drop,
-        4 if is("host") => Kind::Host,
-        // httpoxy: a CGI-style upstream reads `Proxy` as HTTP_PROXY.
-        5 if is("proxy") => Kind::Drop,
-        6 if is("expect") => Kind::Refuse,
-        7 if is("upgrade") => Kind::Refuse,
-        7 if is("trailer") => Kind::Drop,
-        9 if is("x-real-ip") => Kind::Drop,
-        10 if is("connection") => Kind::Connection,
-        10 if is("keep-alive") => Kind::Drop,
-        12 if is("content-type") => Kind::ContentType,
-        14 if is("content-length") => Kind::ContentLength,
-        15 if is("x-forwarded-for") => Kind::ForwardedFor,
-        16 if is("x-forwarded-host") => Kind::ForwardedHost,
-        16 if is("x-forwarded-port") => Kind::ForwardedPort,
-        16 if is("proxy-connection") => Kind::Drop,
-        16 if is("x-forwarded-path") => Kind::ForwardedPath,
-        18 if is("x-forwarded-prefix") => Kind::ForwardedPrefix,
-        17 if is("transfer-encoding") => Kind::Refuse,
-        17 if is("x-forwarded-proto") => Kind::ForwardedProto,
-        21 if is(super::REQUEST_ID_HEADER) => Kind::Drop,
-        _ => Kind::Copy,
-    }
-}
-
 /// Visible ASCII and spaces only: what `HeaderValue::to_str` accepts.
 fn text(value: &[u8]) -> Option<&str> {
     value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)).then(|| std::str::from_utf8(value).ok()).flatten()
@@ -201,52 +151,57 @@ fn tokens(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(|token| token.trim_matches([' ', '\t'])).filter(|token| !token.is_empty())
 }
 
+/// Request headers this codec does not carry (the hyper adapter does): `Expect`
+/// (100-continue), `Upgrade` (a tunnel), `Transfer-Encoding` (a streamed body).
+fn refused_by_codec(name: &str) -> bool {
+    let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
+    match name.len() {
+        6 => is("expect"),
+        7 => is("upgrade"),
+        17 => is("transfer-encoding"),
+        _ => false,
+    }
+}
+
 /// What the request's headers say, read in one pass; `None` to hand it off.
 struct Head<'a> {
-    kinds: [Kind; HEADERS_COUNT_MAX],
+    /// The lifecycle's rule for each header, by position (`Drop` for those the
+    /// client's `Connection` names).
+    rules: [RequestRule; HEADERS_COUNT_MAX],
     content_length: usize,
     /// The client sent a `Content-Length`.
     declared: bool,
     host: &'a str,
     /// The client asked to close after this request.
     close: bool,
-    /// Every `X-Forwarded-For` line as sent, joined, for the client address (`None`
-    /// when one is not text).
+    /// The `X-Forwarded-For` lines left after removing what `Connection` names,
+    /// joined (`None` when one is not text).
     forwarded_for: Option<Cow<'a, str>>,
-    /// The same of the lines left after removing what `Connection` names.
-    forwarded_for_kept: Option<Cow<'a, str>>,
-    forwarded_proto: bool,
-    forwarded_host: bool,
-    forwarded_port: bool,
-    forwarded_path: bool,
-    forwarded_prefix: bool,
+    /// Which `X-Forwarded-*` headers are left.
+    forwarded: [bool; 6],
 }
 
 impl<'a> Head<'a> {
     fn read(headers: &'a [httparse::Header<'a>]) -> Option<Head<'a>> {
         let mut head = Head {
-            kinds: [Kind::Copy; HEADERS_COUNT_MAX],
+            rules: [RequestRule::Keep; HEADERS_COUNT_MAX],
             content_length: 0,
             declared: false,
             host: "",
             close: false,
             forwarded_for: None,
-            forwarded_for_kept: None,
-            forwarded_proto: false,
-            forwarded_host: false,
-            forwarded_port: false,
-            forwarded_path: false,
-            forwarded_prefix: false,
+            forwarded: [false; 6],
         };
         let mut named: Vec<&str> = Vec::new();
         let (mut host, mut length) = (None, None);
-        let mut forwarded_for_lines = ForwardedFor::default();
         for (index, header) in headers.iter().enumerate() {
-            let kind = request_header_kind(header.name);
-            head.kinds[index] = kind;
-            match kind {
-                Kind::Refuse => return None,
-                Kind::Connection => {
+            if refused_by_codec(header.name) {
+                return None;
+            }
+            let rule = lifecycle::request_rule(header.name);
+            head.rules[index] = rule;
+            match rule {
+                RequestRule::Drop if header.name.eq_ignore_ascii_case("connection") => {
                     for token in tokens(text(header.value)?) {
                         // `Connection` naming a framing field would have it removed
                         // while the body stays (a smuggled request): not here.
@@ -260,15 +215,19 @@ impl<'a> Head<'a> {
                         named.push(token);
                     }
                 }
-                Kind::Host if host.is_none() => host = Some(text(header.value)?),
-                Kind::ContentLength if length.is_none() => {
+                RequestRule::Host if host.is_none() => host = Some(text(header.value)?),
+                RequestRule::Length if length.is_none() => {
                     let value = text(header.value)?;
                     let parsed: usize = value.parse().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?;
                     length = Some(parsed);
                 }
-                Kind::Host | Kind::ContentLength => return None,
-                Kind::ContentType if header.value.starts_with(b"application/grpc") => return None,
-                Kind::ForwardedFor => forwarded_for_lines.add(header.value),
+                RequestRule::Host | RequestRule::Length => return None,
+                RequestRule::Keep
+                    if header.name.eq_ignore_ascii_case("content-type")
+                        && header.value.starts_with(b"application/grpc") =>
+                {
+                    return None
+                }
                 _ => {}
             }
         }
@@ -278,25 +237,26 @@ impl<'a> Head<'a> {
         if head.content_length > DIRECT_BODY_BYTES_MAX {
             return None;
         }
-        head.forwarded_for = forwarded_for_lines.chain();
-        let mut kept_lines = ForwardedFor::default();
+        let mut forwarded_for = ForwardedFor::default();
         for (index, header) in headers.iter().enumerate() {
             if !named.is_empty() && named.iter().any(|name| name.eq_ignore_ascii_case(header.name)) {
-                head.kinds[index] = Kind::Drop;
+                head.rules[index] = RequestRule::Drop;
                 continue;
             }
-            match head.kinds[index] {
-                Kind::ForwardedFor => kept_lines.add(header.value),
-                Kind::ForwardedProto => head.forwarded_proto = true,
-                Kind::ForwardedHost => head.forwarded_host = true,
-                Kind::ForwardedPort => head.forwarded_port = true,
-                Kind::ForwardedPath => head.forwarded_path = true,
-                Kind::ForwardedPrefix => head.forwarded_prefix = true,
-                _ => {}
+            if let RequestRule::Forwarded(which) = head.rules[index] {
+                head.forwarded[which as usize] = true;
+                if which == Forwarded::For {
+                    forwarded_for.add(header.value);
+                }
             }
         }
-        head.forwarded_for_kept = kept_lines.chain();
+        head.forwarded_for = forwarded_for.chain();
         Some(head)
+    }
+
+    /// Whether the client's request (what `Connection` names gone) has this header.
+    fn sent(&self, which: Forwarded) -> bool {
+        self.forwarded[which as usize]
     }
 }
 
@@ -331,7 +291,7 @@ impl<'a> ForwardedFor<'a> {
 
 /// A header map of parsed `headers`, for plugins or a router or balancer that reads
 /// headers, without the hop-by-hop fields and those the client's `Connection` names
-/// (as the general path has it before plugins run). `head` is the buffer they were
+/// (as the hyper adapter has it before plugins run). `head` is the buffer they were
 /// parsed from: it is copied once and the values share that copy (a value each would
 /// be an allocation each).
 fn header_map(headers: &[httparse::Header<'_>], head: &[u8]) -> HeaderMap {
@@ -350,13 +310,8 @@ fn header_map(headers: &[httparse::Header<'_>], head: &[u8]) -> HeaderMap {
             map.append(name, value);
         }
     }
-    super::remove_hop_by_hop(&mut map);
+    lifecycle::remove_hop_by_hop(&mut map);
     map
-}
-
-/// RFC 9110 §9.2.2: requests a client may send again when a connection failed.
-fn idempotent(method: &str) -> bool {
-    matches!(method, "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE")
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -381,6 +336,94 @@ fn put_number(out: &mut Vec<u8>, mut value: u64) {
     out.extend_from_slice(&digits[start..]);
 }
 
+/// A request this codec answers: what its answer and its log phase need.
+struct Reply<'a> {
+    conn: &'a ClientConn,
+    started: Instant,
+    request_id: RequestId,
+    method: &'a str,
+    /// The path as the client sent it.
+    path: &'a str,
+    close: bool,
+    /// The bytes of the buffer the request took.
+    end: usize,
+    ingress: u64,
+    metrics: Option<&'a RouteMetrics>,
+    /// Counts the request in flight until its answer's head is written.
+    in_flight: Option<InFlight<'a>>,
+}
+
+impl Reply<'_> {
+    fn trace<'t>(&'t self, upstream: Option<&'t str>, upstream_ms: Option<f64>) -> lifecycle::Trace<'t> {
+        lifecycle::Trace {
+            started: self.started,
+            request_id: self.request_id.as_str(),
+            method: self.method,
+            path: self.path,
+            peer: self.conn.peer.ip(),
+            tls: self.conn.tls,
+            metrics: self.metrics,
+            upstream,
+            upstream_ms,
+        }
+    }
+
+    /// The log phase, as of `now`.
+    fn finish(
+        &self,
+        ending: &lifecycle::Ending,
+        run: Option<&PluginRun>,
+        upstream: (Option<&str>, Option<f64>),
+        now: Instant,
+    ) {
+        let proxy = &*self.conn.proxy;
+        let trace = self.trace(upstream.0, upstream.1);
+        lifecycle::finish(&trace, ending, run, proxy.access_log.as_ref(), &proxy.plugin_state, now);
+        if let Some(metrics) = self.metrics {
+            metrics.ingress_bytes.increment(self.ingress);
+        }
+    }
+
+    /// Sends an answer the proxy or a plugin made, after the log phase.
+    async fn made<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        out: &mut Vec<u8>,
+        watchdog: &mut Watchdog,
+        answer: Answer,
+        run: Option<&PluginRun>,
+        upstream: (Option<&str>, Option<f64>),
+    ) -> Step {
+        self.in_flight.take();
+        let ending = lifecycle::Ending {
+            status: answer.status.as_u16(),
+            from_upstream: false,
+            response_bytes: Some(answer.body.len() as u64),
+        };
+        self.finish(&ending, run, upstream, Instant::now());
+        let sent = write_answer(out, &answer, self.close, self.method == "HEAD");
+        if let Some(metrics) = self.metrics {
+            metrics.egress_bytes.increment(sent);
+        }
+        answered(stream, out, self.close, self.end, self.conn, watchdog).await
+    }
+
+    /// Sends the error's answer.
+    async fn error<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        out: &mut Vec<u8>,
+        watchdog: &mut Watchdog,
+        error: ProxyError,
+        run: Option<&PluginRun>,
+        upstream: (Option<&str>, Option<f64>),
+    ) -> Step {
+        tracing::debug!(%error, request_id = self.request_id.as_str(), "request failed");
+        let answer = lifecycle::error_answer(&error, self.request_id.as_str());
+        self.made(stream, out, watchdog, answer, run, upstream).await
+    }
+}
+
 /// Handles the request at the start of `buf`.
 async fn exchange<S>(stream: &mut S, conn: &ClientConn, buf: &[u8], out: &mut Vec<u8>, watchdog: &mut Watchdog) -> Step
 where
@@ -397,16 +440,16 @@ where
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
         return Step::HandOff;
     };
-    if !target.starts_with('/') || target.len() > URI_BYTES_MAX || target.contains('#') || method == "CONNECT" {
+    if !target.starts_with('/') || target.contains('#') || method == "CONNECT" {
         return Step::HandOff;
     }
-    // Only targets the general path's URI parser takes: it refuses some that
-    // httparse lets through (`<`, `>`, a backtick), and answers them itself.
+    // Only targets hyper's URI parser takes: it refuses some that httparse lets
+    // through (`<`, `>`, a backtick), and answers them itself.
     if http::uri::PathAndQuery::try_from(target).is_err() {
         return Step::HandOff;
     }
     let headers = request.headers;
-    let Some(head) = Head::read(headers) else { return Step::HandOff };
+    let Some(mut head) = Head::read(headers) else { return Step::HandOff };
     let request_end = head_len + head.content_length;
     if request_end > buf.len() {
         return Step::HandOff;
@@ -415,215 +458,162 @@ where
         Some((path, query)) => (path, Some(query)),
         None => (target, None),
     };
-    let Some(path) = path::normalize(raw_path) else { return Step::HandOff };
-
+    let request = RequestHead {
+        method,
+        path: raw_path,
+        query,
+        target_len: target.len(),
+        host: head.host,
+        forwarded_for: head.forwarded_for.take(),
+        content_length: head.declared.then_some(head.content_length as u64),
+        tls: conn.tls,
+        grpc: false,
+    };
     let compiled = proxy.published.load();
     let snapshot = &compiled.proxy;
-    let plugins = &snapshot.plugins;
-    if !plugins.is_empty() && !plugins.direct() {
+    // A global rewrite phase needs a header map before routing.
+    if snapshot.plugins.rewrites() {
         return Step::HandOff;
     }
-    // A global rewrite phase runs before routing, so before this path knows whether
-    // it takes the request: requests then take the general path.
-    if plugins.rewrites() {
-        return Step::HandOff;
-    }
-    let protocol = if conn.tls { "https" } else { "http" };
+    let mut reply = Reply {
+        conn,
+        started,
+        request_id: proxy.next_request_id(),
+        method,
+        path: raw_path,
+        close: head.close,
+        end: request_end,
+        ingress: head.content_length as u64,
+        metrics: snapshot.unmatched_metrics.as_deref(),
+        in_flight: None,
+    };
+
+    // admit → route
+    let path = match lifecycle::admit(&request) {
+        Ok(path) => path,
+        Err(error) => {
+            proxy.direct_requests.increment(1);
+            reply.in_flight = Some(InFlight::new(&proxy.load));
+            return reply.error(stream, out, watchdog, error, None, (None, None)).await;
+        }
+    };
     // A header map only for what reads one: plugins, or routes matching on headers.
     let mut map = snapshot.router.reads_headers().then(|| header_map(headers, &buf[..head_len]));
-    let method_of = || http::Method::from_bytes(method.as_bytes()).ok();
-    let host = if head.host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(head.host.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(head.host)
-    };
     let empty = HeaderMap::new();
-    let view = RequestView { method, host: &host, path: &path, headers: map.as_ref().unwrap_or(&empty), protocol };
-    let Some(found) = snapshot.router.find(&view) else { return Step::HandOff };
-    let route = found.route;
-    let Some(service) = route.service.and_then(|id| snapshot.services.get(&id)) else { return Step::HandOff };
-    if !service.enabled || !matches!(service.transport, Transport::Http1) {
+    let routed = {
+        let host = request.host_lower();
+        let headers = map.as_ref().unwrap_or(&empty);
+        let view = RequestView { method, host: &host, path: &path, headers, protocol: request.scheme() };
+        lifecycle::route(snapshot, &view)
+    };
+    let routed = match routed {
+        Ok(routed) => routed,
+        Err(error) => {
+            proxy.direct_requests.increment(1);
+            reply.in_flight = Some(InFlight::new(&proxy.load));
+            return reply.error(stream, out, watchdog, error, None, (None, None)).await;
+        }
+    };
+    // What this codec carries: plain `http` upstreams, and no plugin that reads the
+    // response body.
+    if routed.service.is_some_and(|service| service.enabled && !matches!(service.transport, Transport::Http1))
+        || routed.plan.phases.response_body
+    {
         return Step::HandOff;
     }
-    let with_plugins = !plugins.is_empty() && plugins.may_run(route.id, route.service);
-    let http_method = match with_plugins {
-        true => match method_of() {
-            Some(method) => Some(method),
-            None => return Step::HandOff,
+    let http_method = match routed.plan.may_run {
+        true => match http::Method::from_bytes(method.as_bytes()) {
+            Ok(method) => Some(method),
+            Err(_) => return Step::HandOff,
         },
         false => None,
     };
-    if with_plugins && map.is_none() {
+    if routed.plan.may_run && map.is_none() {
         map = Some(header_map(headers, &buf[..head_len]));
     }
 
-    // From here on the request is this path's: it is answered whatever happens.
+    // From here on the request is this codec's: it is answered whatever happens.
     // (Counted now, before its answer can reach the client.)
     proxy.direct_requests.increment(1);
-    let in_flight = InFlight::new(&proxy.load);
-    let metrics = snapshot.route_metrics.get(&route.id).cloned();
-    let request_id = proxy.next_request_id();
-    let peer_ip = conn.peer.ip();
-    let client_ip = match head.forwarded_for.as_deref() {
-        Some(chain) => proxy.trusted_ips.client_ip(peer_ip, Some(chain)),
-        None => peer_ip,
-    };
-    let mut upstream_label = None;
-    // Metrics and the access log line, as of `now` (a clock read is not free: the
-    // request reads it three times).
-    let log = |status: u16, now: Instant, upstream_ms: Option<f64>, upstream: Option<&str>| {
-        let latency_ms = now.duration_since(started).as_secs_f64() * 1e3;
-        if let Some(metrics) = &metrics {
-            metrics.record(status, latency_ms, upstream_ms);
-            metrics.ingress_bytes.increment(head.content_length as u64);
-        }
-        if let Some(access_log) = &proxy.access_log {
-            let entry = AccessEntry {
-                request_id: Some(request_id.as_str()),
-                client_ip: conn.peer.ip(),
-                method: Some(method),
-                path: Some(raw_path),
-                tls: conn.tls,
-                status,
-                service: metrics.as_ref().map(|m| m.service_label.as_str()),
-                route: metrics.as_ref().map(|m| m.route_label.as_str()),
-                upstream,
-                latency_ms,
-                upstream_latency_ms: upstream_ms,
-            };
-            access_log.log(entry.line());
-        }
-        latency_ms
-    };
-    // Bytes of an answer the proxy or a plugin made, as the general path counts them.
-    let egress = |bytes: u64| {
-        if let Some(metrics) = &metrics {
-            metrics.egress_bytes.increment(bytes);
-        }
-    };
-    // A JSON error the proxy makes: metrics, the access log line, and the answer in
-    // `out` (without its body for `HEAD`).
-    let refuse = |out: &mut Vec<u8>,
-                  status: StatusCode,
-                  message: &str,
-                  now: Instant,
-                  upstream_ms: Option<f64>,
-                  upstream: Option<&str>| {
-        log(status.as_u16(), now, upstream_ms, upstream);
-        egress(error_answer(out, status, message, request_id.as_str(), head.close, method == "HEAD"));
-    };
-    let labels = || {
-        let service = metrics.as_ref().map_or("", |m| m.service_label.as_str());
-        (service, metrics.as_ref().map_or("", |m| m.route_label.as_str()))
-    };
+    reply.in_flight = Some(InFlight::new(&proxy.load));
+    reply.metrics = routed.metrics.map(|metrics| &**metrics);
+    let client_ip = lifecycle::client_ip(&proxy.trusted_ips, conn.peer.ip(), request.forwarded_for.as_deref());
 
-    // Plugins' access phase, with the body at hand for those that read it.
+    // access, with the body at hand for plugins that read it
     let mut body = Bytes::new();
-    let mut plugin_run: Option<PluginRun> = None;
+    let mut run: Option<PluginRun> = None;
     if let (Some(map), Some(http_method)) = (map.as_mut(), &http_method) {
-        let mut ctx = crate::plugins::Ctx::new(client_ip, Some(route.id), route.service, http_method.clone(), protocol);
-        let mut view = crate::plugins::RequestView { method: http_method, path: raw_path, query, headers: map };
         let sent = Bytes::copy_from_slice(&buf[head_len..request_end]);
         let mut whole = Some(http_body_util::Full::new(sent.clone()));
-        let (ran, exit) = plugins.access(&mut ctx, &mut view, &mut whole, &proxy.plugin_state).await;
-        if let Some(exit) = exit {
-            // A plugin's answer goes through header_filter and the log phase, as an
-            // upstream's would.
-            drop(in_flight);
-            let status = exit.status;
-            let mut answer = HeaderMap::new();
-            for (name, value) in exit.headers {
-                answer.insert(name, value);
+        let state = &proxy.plugin_state;
+        match lifecycle::access(snapshot, &routed, &request, client_ip, http_method, map, &mut whole, state).await {
+            Access::Exit(mut exited, exit) => {
+                let answer = lifecycle::exit_answer(exit, &mut exited, reply.request_id.as_str());
+                return reply.made(stream, out, watchdog, answer, Some(&exited), (None, None)).await;
             }
-            answer.insert(super::REQUEST_ID_NAME, request_id.header_value());
-            answer.append(http::header::VIA, super::VIA_VALUE);
-            crate::plugins::header_filter(&ran, &mut ctx, status, &mut answer);
-            answer.insert(http::header::CONTENT_LENGTH, HeaderValue::from(exit.body.len()));
-            let latency_ms = log(status.as_u16(), Instant::now(), None, None);
-            let (service, route) = labels();
-            let summary = crate::plugins::LogSummary {
-                status: status.as_u16(),
-                latency_ms,
-                upstream_ms: None,
-                service,
-                route,
-                from_upstream: false,
-                response_bytes: None,
-            };
-            crate::plugins::log(&ran, &ctx, &summary, &proxy.plugin_state);
-            exit_head(out, status, &answer, head.close);
-            // An answer to `HEAD` keeps its length and sends no body, as hyper does.
-            if method != "HEAD" {
-                out.extend_from_slice(&exit.body);
-                egress(exit.body.len() as u64);
-            }
-            return answered(stream, out, head.close, request_end, conn, watchdog).await;
+            Access::Continue(continued) => run = continued,
         }
-        let body_limit = ctx.body_limit.map_or(super::BODY_BYTES_MAX, |limit| limit.min(super::BODY_BYTES_MAX));
-        match ctx.request_body.take() {
-            // A plugin read the body (and may have changed it): it goes as it is now,
-            // with its length (set with the other headers below).
-            Some(read) => body = read,
-            None => body = sent,
+        // A plugin that read the body (and may have changed it) sends it as it is now,
+        // with its length (set with the other headers below).
+        body = run.as_mut().and_then(|run| run.ctx.request_body.take()).unwrap_or(sent);
+        if body.len() as u64 > lifecycle::body_limit(run.as_ref()) {
+            let error = ErrorKind::BodyLimitExceeded.into();
+            return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await;
         }
-        if body.len() as u64 > body_limit {
-            drop(in_flight);
-            refuse(out, StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded", Instant::now(), None, None);
-            return answered(stream, out, head.close, request_end, conn, watchdog).await;
-        }
-        plugin_run = Some((ran, ctx));
     }
 
-    let (upstream_method, replaced_path, upstream_query) = match &plugin_run {
-        Some((_, ctx)) => (
-            ctx.upstream_method.as_ref().map_or(method, http::Method::as_str),
-            ctx.upstream_path.clone(),
-            if ctx.upstream_query.is_some() { ctx.upstream_query.as_deref().filter(|q| !q.is_empty()) } else { query },
-        ),
-        None => (method, None, query),
+    // upstream head
+    let service = match routed.service() {
+        Ok(service) => service,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await,
     };
-    let postfix = if route.strip_path { path::postfix(&path, found.matched_len) } else { &*path };
-    let mut upstream_path =
-        replaced_path.unwrap_or_else(|| path::upstream_path_v0(&service.path, &path, postfix, route.strip_path));
-    if let Some(query) = upstream_query {
-        upstream_path.push('?');
-        upstream_path.push_str(query);
-    }
-    // The general path's parser decides, as there (it drops a fragment).
-    let Ok(upstream_target) = http::uri::PathAndQuery::try_from(upstream_path) else {
-        drop(in_flight);
-        refuse(out, StatusCode::BAD_REQUEST, "invalid request path", Instant::now(), None, None);
-        return answered(stream, out, head.close, request_end, conn, watchdog).await;
+    let target = match lifecycle::upstream_target(service, &routed, &path, query, run.as_ref()) {
+        Ok(target) => target,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await,
     };
-
-    // The upstream request: line, headers as the general path leaves them, body.
+    let replaced_method = run.as_ref().and_then(|run| run.ctx.upstream_method.clone());
+    let upstream_method = replaced_method.as_ref().map_or(method, http::Method::as_str);
     out.clear();
     out.extend_from_slice(upstream_method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(upstream_target.as_str().as_bytes());
+    out.extend_from_slice(target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    match (map.as_mut(), with_plugins) {
-        (Some(map), true) => {
+    let peer_ip = conn.peer.ip();
+    let real_ip = if client_ip == peer_ip {
+        Cow::Borrowed(conn.peer_ip.as_bytes())
+    } else {
+        Cow::Owned(client_ip.to_string().into_bytes())
+    };
+    let mut forwarding = lifecycle::Forwarding {
+        peer_trusted: proxy.trusted_ips.contains(peer_ip),
+        forwarded_for: request.forwarded_for.as_deref(),
+        peer_ip: conn.peer_ip.as_bytes(),
+        real_ip,
+        tls: conn.tls,
+        host: Some(strip_port(head.host)),
+        port: conn.local_port.as_bytes(),
+        path: raw_path,
+        prefix: routed.stripped_prefix(&path),
+        request_id: reply.request_id.as_str(),
+        upstream_host: None,
+    };
+    let service_host = service.host_header.as_ref().map(HeaderValue::as_bytes);
+    match map.as_mut().filter(|_| run.is_some()) {
+        Some(map) => {
+            // The headers as the plugins left them; hop-by-hop fields a plugin set go.
+            lifecycle::remove_hop_by_hop(map);
             let client_host = map.get(HOST).cloned();
-            super::remove_hop_by_hop(map);
-            let upstream_host = if route.preserve_host { client_host.as_ref() } else { service.host_header.as_ref() };
-            let id = request_id.header_value();
-            let origin = super::Origin {
-                client_host: client_host.as_ref(),
-                upstream_host,
-                path: raw_path,
-                prefix: super::stripped_prefix(&path, found.matched_len, route.strip_path),
+            let client_host = client_host.as_ref().and_then(|host| host.to_str().ok());
+            forwarding.host = client_host.map(strip_port);
+            forwarding.upstream_host = match (routed.route.preserve_host, client_host) {
+                (true, Some(host)) => Some(host.as_bytes()),
+                _ => service_host,
             };
-            proxy.forwarded_headers(map, conn, client_ip, &id, origin);
-            // A plugin may have taken `Host` away; the pool of the general path then
-            // sends the upstream's.
-            if let (false, Some(host)) = (map.contains_key(HOST), &service.host_header) {
-                map.insert(HOST, host.clone());
-            }
+            forwarding.apply(map);
             // The body's length is ours to say, never a header the client sent.
-            map.remove(http::header::CONTENT_LENGTH);
+            map.remove(CONTENT_LENGTH);
             if head.declared || !body.is_empty() {
-                map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
             }
             for (name, value) in map.iter() {
                 put_header(out, name.as_str().as_bytes(), value.as_bytes());
@@ -631,29 +621,45 @@ where
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&body);
         }
-        _ => {
-            let host = if route.preserve_host { None } else { service.host_header.as_ref() };
-            let origin = super::Origin {
-                client_host: None,
-                upstream_host: host,
-                path: raw_path,
-                prefix: super::stripped_prefix(&path, found.matched_len, route.strip_path),
+        None => {
+            forwarding.upstream_host = match routed.route.preserve_host {
+                true => Some(head.host.as_bytes()),
+                false => service_host.or(Some(head.host.as_bytes())),
             };
-            raw_request_headers(out, conn, headers, &head, client_ip, request_id.as_str(), &origin);
+            for (header, rule) in headers.iter().zip(head.rules) {
+                let keep = match rule {
+                    RequestRule::Keep => true,
+                    RequestRule::Forwarded(which) => which != Forwarded::For && forwarding.peer_trusted,
+                    _ => false,
+                };
+                if keep {
+                    put_header(out, header.name.as_bytes(), header.value);
+                }
+            }
+            forwarding.each(
+                |which| head.sent(which),
+                |name, pieces| {
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    for piece in pieces {
+                        out.extend_from_slice(piece);
+                    }
+                    out.extend_from_slice(b"\r\n");
+                },
+            );
+            if head.declared {
+                out.extend_from_slice(b"content-length: ");
+                put_number(out, head.content_length as u64);
+                out.extend_from_slice(b"\r\n");
+            }
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&buf[head_len..request_end]);
         }
     }
 
-    // Kong's `retries`: a connection that could not be made is tried on the next
-    // target (nothing reached the upstream). The body is at hand, so any method may be.
-    let balancer = service.balancer.as_deref();
-    let attempts_max = match balancer {
-        Some(balancer) if service.retries > 0 && balancer.len() > 1 => service.retries.min(RETRIES_MAX) + 1,
-        _ => 1,
-    };
+    // attempts
     let balancer_headers;
-    let balance_map = match (balancer, &map) {
+    let balance_map = match (service.balancer.as_deref(), &map) {
         (_, Some(map)) => map,
         (Some(balancer), None) if balancer.balancer.reads_headers() => {
             balancer_headers = header_map(headers, &buf[..head_len]);
@@ -661,138 +667,78 @@ where
         }
         _ => &empty,
     };
-    let per_attempt = Duration::from_millis(service.connect_timeout_ms.saturating_add(service.read_timeout_ms));
+    let plan = AttemptPlan {
+        service,
+        key: super::balancer::BalanceKey { client_ip, headers: balance_map, path: &path, query },
+        health: &proxy.health,
+        // The body is at hand: the request can be sent again.
+        replayable: true,
+        idempotent: lifecycle::idempotent(upstream_method),
+        label: proxy.access_log.is_some(),
+    };
     let pool = &proxy.clients.direct;
-    let upstream_started = Instant::now();
-    let mut attempt = 0;
-    let answer = loop {
-        attempt += 1;
-        let pick = match balancer {
-            Some(balancer) => {
-                let key = BalanceKey { client_ip, headers: balance_map, path: &path, query };
-                match balancer.pick(&key, &proxy.health) {
-                    Some(pick) => Some(pick),
-                    None if balancer.is_empty() => {
-                        break Err((StatusCode::SERVICE_UNAVAILABLE, "failure to get a peer from the ring-balancer"))
-                    }
-                    None => {
-                        break Err((
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "failure to get a peer from the ring-balancer: every target is unhealthy",
-                        ))
-                    }
-                }
-            }
-            None => None,
-        };
-        let authority = match &pick {
-            Some(pick) => pick.target.authority.as_ref(),
-            None => service.authority.as_ref(),
-        };
-        let Some(authority) = authority else {
-            break Err((StatusCode::BAD_GATEWAY, "the upstream address is not usable"));
-        };
-        if proxy.access_log.is_some() {
-            upstream_label = Some(authority.to_string());
-        }
-        let now = if attempt == 1 { upstream_started } else { Instant::now() };
-        let sent = send(pool, authority, out, idempotent(upstream_method), now, now + per_attempt, watchdog).await;
-        if let (Some(balancer), Some(pick)) = (balancer.filter(|b| b.passive), &pick) {
-            let observation = match &sent {
-                Ok(exchange) => balancer::Observation::Status(exchange.status),
-                Err(Failure::Timeout) => balancer::Observation::Timeout,
-                Err(_) => balancer::Observation::TcpFailure,
-            };
-            proxy.health.report(balancer.id, &pick.target.address, observation);
-        }
-        match sent {
-            Ok(exchange) => {
-                if let Some(pick) = &pick {
-                    pick.observe(upstream_started.elapsed());
-                }
-                break Ok((exchange, authority));
-            }
-            Err(Failure::Timeout) => break Err((StatusCode::GATEWAY_TIMEOUT, "The upstream server is timing out")),
-            Err(Failure::Connect(failure)) if attempt < attempts_max => {
-                tracing::debug!(%failure, attempt, "upstream connect failed; trying the next target");
-            }
-            Err(failure) => {
-                tracing::debug!(%failure, "upstream request failed");
-                break Err((StatusCode::BAD_GATEWAY, "An invalid response was received from the upstream server"));
-            }
-        }
+    let mut attempted = Attempted { upstream_started: Instant::now(), label: None };
+    let sent = {
+        let mut upstream =
+            DirectUpstream { pool, request: &out[..], watchdog: &mut *watchdog, timeouts: service.timeouts };
+        lifecycle::attempts(&plan, &mut upstream, &mut attempted).await
     };
-    let (exchange, authority) = match answer {
-        Ok(answer) => answer,
-        Err((status, message)) => {
-            drop(in_flight);
-            refuse(out, status, message, Instant::now(), None, upstream_label.as_deref());
-            return answered(stream, out, head.close, request_end, conn, watchdog).await;
-        }
+    let label = attempted.label.as_deref();
+    let exchange = match sent {
+        Ok(exchange) => exchange,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (label, None)).await,
     };
-    let Exchange { mut connection, head_len: response_head_len, status } = exchange;
+    let Exchange { mut connection, head_len: response_head_len, status, authority } = exchange;
     let answered_at = Instant::now();
-    let upstream_elapsed = answered_at.duration_since(upstream_started);
+    let upstream_elapsed = answered_at.duration_since(attempted.upstream_started);
     let upstream_ms = upstream_elapsed.as_millis() as u64;
     let proxy_ms = (answered_at.duration_since(started).as_millis() as u64).saturating_sub(upstream_ms);
+    let upstream_ms_f = Some(upstream_elapsed.as_secs_f64() * 1e3);
 
-    // The response head, rewritten for the client.
+    // response head
     let framing = {
         let mut response_headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
         let mut response = httparse::Response::new(&mut []);
         let parsed = parse_response(&mut response, &connection.buf, &mut response_headers);
         match (parsed, framing(&response, upstream_method, head.close)) {
             (Ok(httparse::Status::Complete(_)), Some(framing)) => {
-                // The plugins here have no response phase of their own (see
-                // `Plugins::direct`): `header_filter` comes down to the headers they
-                // left in the context, which replace the upstream's of those names.
-                let added = plugin_run.as_ref().map_or(&[][..], |(_, ctx)| &ctx.response_headers[..]);
-                let ids = (request_id.as_str(), upstream_ms, proxy_ms);
-                raw_response_head(out, &response, &framing, ids, added);
+                let stamp = Stamp { request_id: reply.request_id.as_str(), upstream_ms, proxy_ms };
+                match run.as_mut() {
+                    Some(run) if routed.plan.phases.header_filter => {
+                        mapped_response_head(out, &response, &framing, &stamp, run);
+                    }
+                    run => {
+                        let added = run.map_or(&[][..], |run| &run.ctx.response_headers[..]);
+                        raw_response_head(out, &response, &framing, &stamp, added);
+                    }
+                }
                 Some(framing)
             }
             _ => None,
         }
     };
-    let upstream_ms_f = Some(upstream_elapsed.as_secs_f64() * 1e3);
     let Some(framing) = framing else {
-        drop(in_flight);
-        let message = "An invalid response was received from the upstream server";
-        refuse(out, StatusCode::BAD_GATEWAY, message, answered_at, upstream_ms_f, upstream_label.as_deref());
-        return answered(stream, out, head.close, request_end, conn, watchdog).await;
+        let error = ErrorKind::UpstreamInvalid.into();
+        return reply.error(stream, out, watchdog, error, run.as_ref(), (label, upstream_ms_f)).await;
     };
-    drop(in_flight);
-    let latency_ms = log(status, answered_at, upstream_ms_f, upstream_label.as_deref());
-    if let Some((ran, ctx)) = &plugin_run {
-        let (service, route) = labels();
-        let summary = crate::plugins::LogSummary {
-            status,
-            latency_ms,
-            upstream_ms: upstream_ms_f,
-            service,
-            route,
-            from_upstream: true,
-            response_bytes: framing.content_length,
-        };
-        crate::plugins::log(ran, ctx, &summary, &proxy.plugin_state);
-    }
-    let read_timeout = Duration::from_millis(service.read_timeout_ms);
-    let timeouts = (read_timeout, proxy.timeouts.send);
+    reply.in_flight.take();
+    let ending = lifecycle::Ending { status, from_upstream: true, response_bytes: framing.content_length };
+    reply.finish(&ending, run.as_ref(), (label, upstream_ms_f), answered_at);
+
+    // the body, relayed in its own framing
+    let timeouts = (service.timeouts.read, proxy.timeouts.send);
     let relayed = relay(stream, &mut connection, response_head_len, framing.body, out, timeouts, watchdog).await;
-    if let Some(metrics) = &metrics {
+    if let Some(metrics) = reply.metrics {
         metrics.egress_bytes.increment(relayed.body_bytes);
     }
     if relayed.upstream_reusable && framing.upstream_keepalive {
-        pool.put(authority, connection, answered_at);
+        pool.put(&authority, connection, answered_at);
     }
     if !relayed.client_ok || framing.close_client {
         return Step::Close;
     }
     Step::Next(request_end)
 }
-
-/// The plugins whose access phase ran for a request, and its context.
-type PluginRun = (Vec<Arc<crate::plugins::Instance>>, crate::plugins::Ctx);
 
 /// Sends an answer the proxy made (in `out`) and says what the connection does next.
 async fn answered<S: AsyncWrite + Unpin>(
@@ -807,72 +753,6 @@ async fn answered<S: AsyncWrite + Unpin>(
         return Step::Close;
     }
     Step::Next(used)
-}
-
-/// The client's request headers as they go upstream, written from the parsed head
-/// without a header map: what [`super::Proxy::forwarded_headers`] makes of them on the
-/// general path. `origin.upstream_host` replaces the client's `Host` (`None`: it is
-/// kept).
-fn raw_request_headers(
-    out: &mut Vec<u8>,
-    conn: &ClientConn,
-    headers: &[httparse::Header<'_>],
-    head: &Head<'_>,
-    client_ip: std::net::IpAddr,
-    request_id: &str,
-    origin: &super::Origin<'_>,
-) {
-    let peer_ip = conn.peer.ip();
-    let peer_trusted = conn.proxy.trusted_ips.contains(peer_ip);
-    for (header, kind) in headers.iter().zip(head.kinds) {
-        let keep = match kind {
-            Kind::Copy | Kind::ContentType => true,
-            Kind::ForwardedProto => peer_trusted && head.forwarded_proto,
-            Kind::ForwardedHost => peer_trusted && head.forwarded_host,
-            Kind::ForwardedPort => peer_trusted && head.forwarded_port,
-            Kind::ForwardedPath => peer_trusted && head.forwarded_path,
-            Kind::ForwardedPrefix => peer_trusted && head.forwarded_prefix,
-            _ => false,
-        };
-        if keep {
-            put_header(out, header.name.as_bytes(), header.value);
-        }
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(existing) = head.forwarded_for_kept.as_deref() {
-        out.extend_from_slice(existing.as_bytes());
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(conn.peer_ip.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if !(peer_trusted && head.forwarded_proto) {
-        put_header(out, b"x-forwarded-proto", if conn.tls { b"https" } else { b"http" });
-    }
-    if !(peer_trusted && head.forwarded_host) {
-        put_header(out, b"x-forwarded-host", strip_port(head.host).as_bytes());
-    }
-    if !(peer_trusted && head.forwarded_port) {
-        put_header(out, b"x-forwarded-port", conn.local_port.as_bytes());
-    }
-    if !(peer_trusted && head.forwarded_path) {
-        put_header(out, b"x-forwarded-path", origin.path.as_bytes());
-    }
-    if let (false, Some(prefix)) = (peer_trusted && head.forwarded_prefix, origin.prefix) {
-        put_header(out, b"x-forwarded-prefix", prefix.as_bytes());
-    }
-    if client_ip == peer_ip {
-        put_header(out, b"x-real-ip", conn.peer_ip.as_bytes());
-    } else {
-        put_header(out, b"x-real-ip", client_ip.to_string().as_bytes());
-    }
-    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
-    put_header(out, b"via", super::VIA_VALUE.as_bytes());
-    put_header(out, b"host", origin.upstream_host.map_or(head.host.as_bytes(), HeaderValue::as_bytes));
-    if head.declared {
-        out.extend_from_slice(b"content-length: ");
-        put_number(out, head.content_length as u64);
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 /// How the response body is framed.
@@ -899,22 +779,18 @@ struct Framing {
 }
 
 /// How an upstream's response is framed (RFC 9112 §6.3); `None` when it is not one
-/// to pass on (502): unparseable lengths, or lengths that disagree.
+/// to pass on (502): unparseable lengths, or lengths that disagree
+/// ([`lifecycle::check_response_lengths`], as the hyper adapter checks them).
 fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bool) -> Option<Framing> {
     // Below 100 is no HTTP status (hyper's client refuses it too).
     let code = response.code.filter(|code| *code >= 100)?;
     let mut keepalive = response.version == Some(1);
-    let (mut length, mut chunked, mut encoded, mut dated) = (None::<u64>, false, false, false);
+    let (mut chunked, mut encoded, mut dated) = (false, false, false);
+    let lengths = response.headers.iter().filter(|header| header.name.eq_ignore_ascii_case("content-length"));
+    let length = lifecycle::check_response_lengths(lengths.map(|header| header.value)).ok()?;
     for header in response.headers.iter() {
         let is = |wanted: &str| header.name.eq_ignore_ascii_case(wanted);
-        if is("content-length") {
-            let value = text(header.value)?.trim();
-            let parsed: u64 = value.parse().ok().filter(|_| value.bytes().all(|b| b.is_ascii_digit()))?;
-            if length.is_some_and(|seen| seen != parsed) {
-                return None;
-            }
-            length = Some(parsed);
-        } else if is("transfer-encoding") {
+        if is("transfer-encoding") {
             encoded = true;
             chunked =
                 text(header.value)?.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
@@ -951,65 +827,54 @@ fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bo
     Some(Framing { body, upstream_keepalive: keepalive, close_client, dated, content_length })
 }
 
+/// The status line of the client's answer.
+fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_number(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes the client's response head into `out` from the upstream's parsed head,
-/// without a header map: what [`super::answer_headers`] and then
-/// [`crate::plugins::header_filter`] make of it. `ids` are the request id and the
-/// upstream and proxy latencies (ms); `added` are headers plugins set, each replacing
-/// any of its name.
+/// without a header map: what the lifecycle's response head ([`Stamp::apply`], then
+/// the headers plugins left, each replacing any of its name) makes of it.
 fn raw_response_head(
     out: &mut Vec<u8>,
     response: &httparse::Response<'_, '_>,
     framing: &Framing,
-    ids: (&str, u64, u64),
+    stamp: &Stamp<'_>,
     added: &[(http::HeaderName, HeaderValue)],
 ) {
-    let (request_id, upstream_ms, proxy_ms) = ids;
     let mut named: Vec<&str> = Vec::new();
     for header in response.headers.iter().filter(|header| header.name.eq_ignore_ascii_case("connection")) {
         named.extend(text(header.value).into_iter().flat_map(tokens));
     }
     let replaced_by_plugin = |name: &str| added.iter().any(|(added, _)| added.as_str().eq_ignore_ascii_case(name));
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    put_number(out, u64::from(response.code.unwrap_or_default()));
-    out.push(b' ');
-    out.extend_from_slice(response.reason.unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, response.code.unwrap_or_default(), response.reason.unwrap_or_default());
     for header in response.headers.iter() {
         let name = header.name;
-        let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
-        let hop_by_hop = is("connection")
-            || is("keep-alive")
-            || is("proxy-connection")
-            || is("te")
-            || is("trailer")
-            || is("transfer-encoding")
-            || is("upgrade");
-        let replaced = is(super::REQUEST_ID_HEADER)
-            || is("x-tollgate-upstream-latency")
-            || is("x-tollgate-proxy-latency")
-            || is("content-length")
-            || (!added.is_empty() && replaced_by_plugin(name));
-        if hop_by_hop || replaced || named.iter().any(|token| token.eq_ignore_ascii_case(name)) {
+        if lifecycle::response_rule(name) != ResponseRule::Keep
+            || (!added.is_empty() && replaced_by_plugin(name))
+            || named.iter().any(|token| token.eq_ignore_ascii_case(name))
+        {
             continue;
         }
         put_header(out, name.as_bytes(), header.value);
     }
-    let via = super::VIA_VALUE;
-    let ours: [(&str, &[u8]); 2] = [("via", via.as_bytes()), (super::REQUEST_ID_HEADER, request_id.as_bytes())];
-    for (name, value) in ours {
-        if !replaced_by_plugin(name) {
-            put_header(out, name.as_bytes(), value);
+    stamp.each(|name, value| {
+        if replaced_by_plugin(name) {
+            return;
         }
-    }
-    for (name, value) in [("x-tollgate-upstream-latency", upstream_ms), ("x-tollgate-proxy-latency", proxy_ms)] {
-        if !replaced_by_plugin(name) {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            put_number(out, value);
-            out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        match value {
+            Stamped::Text(text) => out.extend_from_slice(text),
+            Stamped::Number(number) => put_number(out, number),
         }
-    }
+        out.extend_from_slice(b"\r\n");
+    });
     // `insert` semantics: of several added headers of one name, the last stands.
     for (index, (name, value)) in added.iter().enumerate() {
         if !added[index + 1..].iter().any(|(later, _)| later == name) {
@@ -1021,20 +886,49 @@ fn raw_response_head(
     framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
 }
 
-/// Writes the head of a plugin's own answer from its header map (which has its
-/// `Content-Length`).
-fn exit_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, close: bool) {
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    put_number(out, u64::from(status.as_u16()));
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or_default().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
+/// The same through a header map, for a route whose plugins have `header_filter`.
+fn mapped_response_head(
+    out: &mut Vec<u8>,
+    response: &httparse::Response<'_, '_>,
+    framing: &Framing,
+    stamp: &Stamp<'_>,
+    run: &mut PluginRun,
+) {
+    let mut headers = HeaderMap::with_capacity(response.headers.len() + 8);
+    for header in response.headers.iter() {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
+        {
+            headers.append(name, value);
+        }
+    }
+    stamp.apply(&mut headers);
+    let status = StatusCode::from_u16(response.code.unwrap_or_default()).unwrap_or(StatusCode::BAD_GATEWAY);
+    lifecycle::header_filter(Some(run), status, &mut headers);
+    status_line(out, status.as_u16(), response.reason.unwrap_or_default());
+    for (name, value) in &headers {
+        if lifecycle::response_rule(name.as_str()) == ResponseRule::Keep {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    let dated = headers.contains_key(http::header::DATE);
+    framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
+}
+
+/// Writes an answer the proxy or a plugin made; returns the bytes of body written
+/// (none in answer to `HEAD`, which keeps the length, as hyper does).
+fn write_answer(out: &mut Vec<u8>, answer: &Answer, close: bool, head: bool) -> u64 {
+    status_line(out, answer.status.as_u16(), answer.status.canonical_reason().unwrap_or_default());
+    for (name, value) in &answer.headers {
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    // Its `Content-Length` is in the map; no `Date` came with it.
-    framing_headers(out, Body::Empty, None, close, false);
+    let dated = answer.headers.contains_key(http::header::DATE);
+    framing_headers(out, Body::Length(answer.body.len() as u64), Some(answer.body.len() as u64), close, dated);
+    if head {
+        return 0;
+    }
+    out.extend_from_slice(&answer.body);
+    answer.body.len() as u64
 }
 
 /// The end of a response head: `Content-Length` or `Transfer-Encoding`, `Connection:
@@ -1057,95 +951,61 @@ fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bo
     out.extend_from_slice(b"\r\n");
 }
 
-/// Kong's JSON error, as the general path answers it.
-/// Returns the bytes of body it wrote (none in answer to `HEAD`, as hyper does).
-fn error_answer(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    message: &str,
-    request_id: &str,
-    close: bool,
-    head: bool,
-) -> u64 {
-    let body = super::error_body(message, request_id);
-    out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json; charset=utf-8\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or_default()
-    );
-    put_header(out, super::REQUEST_ID_HEADER.as_bytes(), request_id.as_bytes());
-    put_header(out, b"via", super::VIA_VALUE.as_bytes());
-    put_header(out, b"date", httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
-    let _ = write!(out, "content-length: {}\r\n", body.len());
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if head {
-        return 0;
-    }
-    out.extend_from_slice(body.as_bytes());
-    body.len() as u64
-}
-
 /// An upstream response head, whole at the start of the connection's buffer.
 struct Exchange {
     connection: DirectConn,
     head_len: usize,
     status: u16,
+    authority: Authority,
 }
 
-enum Failure {
-    /// No connection could be made: nothing reached the upstream.
-    Connect(super::BoxError),
-    Timeout,
-    /// The request may have reached the upstream; no usable answer came.
-    Broken(std::io::Error),
+/// The direct codec's side of [`lifecycle::Upstream`]: the request already written
+/// in `request`, sent on the worker's own pool.
+struct DirectUpstream<'a> {
+    pool: &'a DirectPool,
+    request: &'a [u8],
+    watchdog: &'a mut Watchdog,
+    timeouts: Timeouts,
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Connect(failure) => write!(f, "connect: {failure}"),
-            Failure::Timeout => f.write_str("timed out"),
-            Failure::Broken(failure) => write!(f, "exchange: {failure}"),
-        }
+impl lifecycle::Upstream for DirectUpstream<'_> {
+    type Answer = Exchange;
+
+    fn status(answer: &Exchange) -> u16 {
+        answer.status
     }
-}
 
-/// Sends `request` to `authority` and reads the response head, by `deadline` (`now`
-/// is the time it starts). A
-/// pooled connection the upstream closed before answering is replaced once by a new
-/// one, for an idempotent request (RFC 9110 §9.2.2).
-async fn send(
-    pool: &DirectPool,
-    authority: &Authority,
-    request: &[u8],
-    idempotent: bool,
-    now: Instant,
-    deadline: Instant,
-    watchdog: &mut Watchdog,
-) -> Result<Exchange, Failure> {
-    let mut fresh_only = false;
-    loop {
-        let pooled = if fresh_only { None } else { pool.checkout(authority, now) };
+    async fn send(&mut self, authority: &Authority, fresh: bool) -> Result<Exchange, ProxyError> {
+        let now = Instant::now();
+        let pooled = if fresh { None } else { self.pool.checkout(authority, now) };
         let mut connection = match pooled {
             Some(connection) => connection,
-            None => match watchdog.within(deadline, pool.connect(authority)).await {
+            None => match self.watchdog.within(now + self.timeouts.connect, self.pool.connect(authority)).await {
                 Some(Ok(connection)) => connection,
-                Some(Err(failure)) => return Err(Failure::Connect(failure)),
-                None => return Err(Failure::Timeout),
+                Some(Err(failure)) => {
+                    return Err(ProxyError::caused_by(ErrorKind::UpstreamUnreachable, failure).retryable(true))
+                }
+                None => return Err(ErrorKind::UpstreamTimeout.into()),
             },
         };
-        match watchdog.within(deadline, read_head(&mut connection, request)).await {
-            None => return Err(Failure::Timeout),
-            Some(Ok((head_len, status))) => return Ok(Exchange { connection, head_len, status }),
-            Some(Err(HeadFailure::Unanswered(_))) if connection.reused && idempotent => fresh_only = true,
-            Some(Err(HeadFailure::Unanswered(failure) | HeadFailure::Broken(failure))) => {
-                return Err(Failure::Broken(failure))
-            }
+        // Nothing of an answer came: on a reused connection the upstream may have
+        // closed it while idle.
+        let unanswered = |reused: bool, failure: std::io::Error| {
+            let kind = if reused { ErrorKind::UpstreamClosed } else { ErrorKind::UpstreamInvalid };
+            ProxyError::caused_by(kind, failure.into()).retryable(reused)
+        };
+        let reused = connection.reused;
+        match self.watchdog.write(&mut connection.stream, self.request, self.timeouts.write).await {
+            Ok(()) => {}
+            Err(None) => return Err(ErrorKind::UpstreamTimeout.into()),
+            Err(Some(failure)) => return Err(unanswered(reused, failure)),
+        }
+        match read_head(&mut connection, self.watchdog, self.timeouts.read).await {
+            Ok((head_len, status)) => Ok(Exchange { connection, head_len, status, authority: authority.clone() }),
+            Err(HeadFailure::TimedOut) => Err(ErrorKind::UpstreamTimeout.into()),
+            Err(HeadFailure::Switched) => Err(ErrorKind::UpstreamSwitchedUnasked.into()),
+            Err(HeadFailure::Unanswered(failure)) => Err(unanswered(reused, failure)),
+            Err(HeadFailure::Broken(failure)) => Err(ProxyError::caused_by(ErrorKind::UpstreamInvalid, failure.into())),
         }
     }
 }
@@ -1154,12 +1014,19 @@ enum HeadFailure {
     /// The connection failed before a byte of the response arrived.
     Unanswered(std::io::Error),
     Broken(std::io::Error),
+    /// A read made no progress for the read timeout.
+    TimedOut,
+    /// 101 to a request that asked for no upgrade.
+    Switched,
 }
 
-/// Writes the request and reads until a final response head is whole in the
-/// connection's buffer (interim 1xx answers other than 101 are skipped).
-async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize, u16), HeadFailure> {
-    connection.stream.write_all(request).await.map_err(HeadFailure::Unanswered)?;
+/// Reads until a final response head is whole in the connection's buffer (interim
+/// 1xx answers other than 101 are skipped), each read within `read_timeout`.
+async fn read_head(
+    connection: &mut DirectConn,
+    watchdog: &mut Watchdog,
+    read_timeout: Duration,
+) -> Result<(usize, u16), HeadFailure> {
     let invalid =
         |what: &str| HeadFailure::Broken(std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()));
     let mut answered = false;
@@ -1175,7 +1042,7 @@ async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize
                         continue;
                     }
                     if code == 101 {
-                        return Err(invalid("the upstream switched protocols unasked"));
+                        return Err(HeadFailure::Switched);
                     }
                     return Ok((head_len, code));
                 }
@@ -1185,14 +1052,16 @@ async fn read_head(connection: &mut DirectConn, request: &[u8]) -> Result<(usize
             }
         }
         connection.buf.reserve(UPSTREAM_READ_BYTES);
-        match connection.stream.read_buf(&mut connection.buf).await {
-            Ok(0) if !answered => {
+        let read = connection.stream.read_buf(&mut connection.buf);
+        match watchdog.within(Instant::now() + read_timeout, read).await {
+            None => return Err(HeadFailure::TimedOut),
+            Some(Ok(0)) if !answered => {
                 return Err(HeadFailure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            Ok(0) => return Err(HeadFailure::Broken(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(_) => answered = true,
-            Err(error) if !answered => return Err(HeadFailure::Unanswered(error)),
-            Err(error) => return Err(HeadFailure::Broken(error)),
+            Some(Ok(0)) => return Err(HeadFailure::Broken(std::io::ErrorKind::UnexpectedEof.into())),
+            Some(Ok(_)) => answered = true,
+            Some(Err(error)) if !answered => return Err(HeadFailure::Unanswered(error)),
+            Some(Err(error)) => return Err(HeadFailure::Broken(error)),
         }
     }
 }
@@ -1292,12 +1161,12 @@ where
 }
 
 /// One timer per client connection for every deadline of its requests: the idle
-/// keep-alive wait, the upstream's answer, body reads. Arming a tokio timer per wait
-/// (`tokio::time::timeout`) costs a timer-wheel insertion and removal each time; this
-/// one stays armed, and moves only when it fires before the deadline in force (it
-/// then checks the time and re-arms) or when a deadline earlier than its own comes.
-/// With the usual deadlines (tens of seconds) it moves about once per keep-alive
-/// period, not per request.
+/// keep-alive wait, connecting, each write and read of the upstream exchange, each
+/// write to the client. Arming a tokio timer per wait (`tokio::time::timeout`) costs a
+/// timer-wheel insertion and removal each time; this one stays armed, and moves only
+/// when it fires before the deadline in force (it then checks the time and re-arms)
+/// or when a deadline earlier than its own comes. With the usual deadlines (tens of
+/// seconds) it moves about once per keep-alive period, not per request.
 struct Watchdog {
     sleep: Pin<Box<Sleep>>,
 }
@@ -1308,20 +1177,36 @@ impl Watchdog {
     }
 
     /// Writes all of `bytes` to `stream` unless a write makes no progress for
-    /// `timeout`; whether it was written.
-    async fn send<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, bytes: &[u8], timeout: Duration) -> bool {
+    /// `timeout`: `Err(None)` then, `Err(Some(_))` when a write fails.
+    async fn write<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<(), Option<std::io::Error>> {
         let mut sent = 0;
         while sent < bytes.len() {
             match self.within(Instant::now() + timeout, stream.write(&bytes[sent..])).await {
-                Some(Ok(0)) | Some(Err(_)) => return false,
+                Some(Ok(0)) => return Err(Some(std::io::ErrorKind::WriteZero.into())),
+                Some(Err(error)) => return Err(Some(error)),
                 Some(Ok(written)) => sent += written,
-                None => {
-                    metrics::counter!("tollgate_proxy_timeouts_total", "kind" => "send").increment(1);
-                    return false;
-                }
+                None => return Err(None),
             }
         }
-        true
+        Ok(())
+    }
+
+    /// Writes to the client (the send timeout, nginx's `send_timeout`); whether it was
+    /// all written.
+    async fn send<S: AsyncWrite + Unpin>(&mut self, stream: &mut S, bytes: &[u8], timeout: Duration) -> bool {
+        match self.write(stream, bytes, timeout).await {
+            Ok(()) => true,
+            Err(Some(_)) => false,
+            Err(None) => {
+                metrics::counter!("tollgate_proxy_timeouts_total", "kind" => "send").increment(1);
+                false
+            }
+        }
     }
 
     /// Runs `work` until `deadline`; `None` when the deadline came first.

@@ -10,6 +10,7 @@
 //! closed it while idle) is sent again on a fresh connection: nothing of it left.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +19,17 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::upstream::{DnsCache, UPSTREAM_IDLE_CONNECTIONS_MAX, UPSTREAM_IDLE_TIMEOUT};
+use super::connect::{DnsCache, Timeouts, WriteTimed};
 use super::{BoxError, UpstreamBody};
 
+/// Idle keep-alive connections kept per upstream target and pool.
+pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
+/// How long an idle upstream connection is kept.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Distinct upstream addresses one worker keeps idle connections for; past this the
 /// pool starts over.
 pub const POOL_AUTHORITIES_MAX: usize = 4096;
@@ -35,12 +41,19 @@ pub const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 pub enum SendError {
     /// No connection could be made: nothing was sent, another target may be tried.
     Connect(BoxError),
+    /// No connection within the connect timeout.
+    ConnectTimeout,
+    /// A reused connection closed before any answer: the request may or may not have
+    /// been read by the upstream.
+    Closed(BoxError),
     /// The request may have reached the upstream.
     Request(BoxError),
 }
 
 struct Idle {
     sender: SendRequest<UpstreamBody>,
+    /// The write timeout its socket applies, set for each exchange.
+    write_timeout_ms: Arc<AtomicU64>,
     since: Instant,
 }
 
@@ -90,12 +103,15 @@ impl H1Pool {
         });
     }
 
-    /// Sends `request` to `authority` over a pooled or new connection. The request's
-    /// URI becomes origin-form; its `Host` header must be set.
+    /// Sends `request` to `authority` over a pooled connection (unless `fresh`) or a
+    /// new one, within `timeouts`' connect and write timeouts. The request's URI
+    /// becomes origin-form; its `Host` header must be set.
     pub async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         mut request: Request<UpstreamBody>,
+        timeouts: Timeouts,
+        fresh: bool,
     ) -> Result<(Response<Incoming>, PoolReturn), SendError> {
         let mut origin = http::uri::Parts::default();
         origin.path_and_query = request.uri().path_and_query().cloned();
@@ -105,39 +121,62 @@ impl H1Pool {
                 request.headers_mut().insert(http::header::HOST, host);
             }
         }
-        while let Some(mut sender) = self.checkout(authority) {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, self.give_back(authority, sender))),
+        let write_ms = timeouts.write.as_millis() as u64;
+        while let Some(mut idle) = (!fresh).then(|| self.checkout(authority)).flatten() {
+            idle.write_timeout_ms.store(write_ms, Ordering::Relaxed);
+            match idle.sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, self.give_back(authority, idle.sender, idle.write_timeout_ms))),
                 Err(mut failed) => match failed.take_message() {
                     // Not started: the idle connection was closed; try the next one.
                     Some(unsent) => request = unsent,
-                    None => return Err(SendError::Request(failed.into_error().into())),
+                    None => {
+                        let error = failed.into_error();
+                        return Err(if closed_unanswered(&error) {
+                            SendError::Closed(error.into())
+                        } else {
+                            SendError::Request(error.into())
+                        });
+                    }
                 },
             }
         }
-        let mut sender = self.connect(authority).await?;
+        let write_timeout_ms = Arc::new(AtomicU64::new(write_ms));
+        let connecting = self.connect(authority, write_timeout_ms.clone());
+        let mut sender = match tokio::time::timeout(timeouts.connect, connecting).await {
+            Ok(connected) => connected?,
+            Err(_) => return Err(SendError::ConnectTimeout),
+        };
         match sender.send_request(request).await {
-            Ok(response) => Ok((response, self.give_back(authority, sender))),
+            Ok(response) => Ok((response, self.give_back(authority, sender, write_timeout_ms))),
             Err(error) => Err(SendError::Request(error.into())),
         }
     }
 
-    fn give_back(self: &Arc<Self>, authority: &Authority, sender: SendRequest<UpstreamBody>) -> PoolReturn {
-        PoolReturn { pool: self.clone(), authority: authority.clone(), sender: Some(sender) }
+    fn give_back(
+        self: &Arc<Self>,
+        authority: &Authority,
+        sender: SendRequest<UpstreamBody>,
+        write_timeout_ms: Arc<AtomicU64>,
+    ) -> PoolReturn {
+        PoolReturn { pool: self.clone(), authority: authority.clone(), sender: Some((sender, write_timeout_ms)) }
     }
 
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, authority: &Authority) -> Option<Idle> {
         let mut idle = self.idle.try_lock().ok()?;
         let senders = idle.get_mut(authority)?;
         while let Some(entry) = senders.pop() {
             if entry.sender.is_ready() && entry.since.elapsed() < UPSTREAM_IDLE_TIMEOUT {
-                return Some(entry.sender);
+                return Some(entry);
             }
         }
         None
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<UpstreamBody>, SendError> {
+    async fn connect(
+        &self,
+        authority: &Authority,
+        write_timeout_ms: Arc<AtomicU64>,
+    ) -> Result<SendRequest<UpstreamBody>, SendError> {
         use tower_service::Service;
         let uri = Uri::builder()
             .scheme("http")
@@ -146,6 +185,7 @@ impl H1Pool {
             .build()
             .map_err(|error| SendError::Connect(error.into()))?;
         let stream = self.tcp.clone().call(uri).await.map_err(|error| SendError::Connect(error.into()))?;
+        let stream = TokioIo::new(WriteTimed::new(stream.into_inner(), write_timeout_ms));
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(stream)
             .await
@@ -159,16 +199,39 @@ impl H1Pool {
         Ok(sender)
     }
 
-    fn put(&self, authority: Authority, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, authority: Authority, sender: SendRequest<UpstreamBody>, write_timeout_ms: Arc<AtomicU64>) {
         let Ok(mut idle) = self.idle.try_lock() else { return };
         if idle.len() >= POOL_AUTHORITIES_MAX && !idle.contains_key(&authority) {
             idle.clear();
         }
         let senders = idle.entry(authority).or_default();
         if senders.len() < UPSTREAM_IDLE_CONNECTIONS_MAX {
-            senders.push(Idle { sender, since: Instant::now() });
+            senders.push(Idle { sender, write_timeout_ms, since: Instant::now() });
         }
     }
+}
+
+/// Whether an exchange on a reused connection failed because the upstream closed it
+/// before a byte of the answer: an incomplete message, or the socket reset or closed
+/// under the request.
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Gives a connection back to its pool when dropped (with the response body), if it
@@ -176,7 +239,7 @@ impl H1Pool {
 pub struct PoolReturn {
     pool: Arc<H1Pool>,
     authority: Authority,
-    sender: Option<SendRequest<UpstreamBody>>,
+    sender: Option<(SendRequest<UpstreamBody>, Arc<AtomicU64>)>,
 }
 
 impl PoolReturn {
@@ -187,9 +250,9 @@ impl PoolReturn {
 
 impl Drop for PoolReturn {
     fn drop(&mut self) {
-        let Some(mut sender) = self.sender.take() else { return };
+        let Some((mut sender, write_timeout_ms)) = self.sender.take() else { return };
         if sender.is_ready() {
-            self.pool.put(self.authority.clone(), sender);
+            self.pool.put(self.authority.clone(), sender, write_timeout_ms);
             return;
         }
         if sender.is_closed() {
@@ -202,7 +265,7 @@ impl Drop for PoolReturn {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Ok(Ok(())) = tokio::time::timeout(RETURN_WAIT_MAX, sender.ready()).await {
-                    pool.put(authority, sender);
+                    pool.put(authority, sender, write_timeout_ms);
                 }
             });
         }

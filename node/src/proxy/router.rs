@@ -20,7 +20,7 @@
 //! the config is compiled, and the route never matches.
 
 use regex::Regex;
-use serde_json::Value;
+use tollgate_raft_store::entities::Route;
 use uuid::Uuid;
 
 /// One route as the data path needs it.
@@ -143,13 +143,6 @@ impl Default for Router {
 /// Most routes' paths indexed; each path adds at most its length in trie nodes.
 pub const ROUTER_TRIE_NODES_MAX: usize = 16 * 1024 * 1024;
 
-fn strings(value: Option<&Value>) -> Vec<String> {
-    value
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
 /// The sort key of one (route, path): smaller sorts first.
 type RankKey = (i64, i64, u8, i64, u8, i64, i64, i64, Uuid);
 
@@ -161,33 +154,28 @@ const RULE_METHOD: i64 = 0x08;
 const RULE_SNI: i64 = 0x04;
 
 impl Router {
-    /// Compiles routes (validated entity objects) into a router.
-    pub fn compile<'a>(routes: impl Iterator<Item = &'a serde_json::Map<String, Value>>) -> Router {
+    /// Compiles routes into a router.
+    pub fn compile<'a>(routes: impl Iterator<Item = &'a Route>) -> Router {
         let mut router = Router::default();
         // (key, route index, path) for every path of every route; `None` for pathless.
         let mut keyed: Vec<(RankKey, u32, Option<String>)> = Vec::new();
+        let list = |values: &Option<Vec<String>>| values.clone().unwrap_or_default();
         for route in routes {
-            let id = route.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()).unwrap_or_default();
-            let hosts: Vec<HostPattern> = strings(route.get("hosts")).iter().map(|h| HostPattern::parse(h)).collect();
+            let id = route.id;
+            let hosts: Vec<HostPattern> = list(&route.hosts).iter().map(|h| HostPattern::parse(h)).collect();
             let mut headers: Vec<(String, Vec<String>)> = route
-                .get("headers")
-                .and_then(Value::as_object)
-                .map(|map| {
-                    map.iter()
-                        .map(|(name, values)| {
-                            (
-                                name.to_ascii_lowercase(),
-                                strings(Some(values)).iter().map(|v| v.to_ascii_lowercase()).collect(),
-                            )
-                        })
-                        .collect()
+                .headers
+                .iter()
+                .flatten()
+                .map(|(name, values)| {
+                    (name.to_ascii_lowercase(), values.iter().map(|value| value.to_ascii_lowercase()).collect())
                 })
-                .unwrap_or_default();
+                .collect();
             headers.sort();
             router.reads_headers |= !headers.is_empty();
-            let methods = strings(route.get("methods"));
-            let paths = strings(route.get("paths"));
-            let snis = strings(route.get("snis"));
+            let methods = list(&route.methods);
+            let paths = list(&route.paths);
+            let snis = list(&route.snis);
             let rules = [
                 (!hosts.is_empty(), RULE_HOST),
                 (!headers.is_empty(), RULE_HEADER),
@@ -198,30 +186,27 @@ impl Router {
             let categories = rules.iter().filter(|(set, _)| *set).count() as i64;
             let rule_bits: i64 = rules.iter().filter(|(set, _)| *set).map(|(_, bit)| bit).sum();
             let plain_host = u8::from(!hosts.is_empty() && hosts.iter().any(|h| !h.is_wildcard()));
-            let regex_priority = route.get("regex_priority").and_then(Value::as_i64).unwrap_or(0);
-            let created_at = route.get("created_at").and_then(Value::as_i64).unwrap_or(0);
+            let regex_priority = route.regex_priority;
+            let created_at = route.created_at;
             let index = router.routes.len() as u32;
             router.routes.push(CompiledRoute {
                 id,
-                name: route.get("name").and_then(Value::as_str).map(str::to_string),
-                service: route
-                    .get("service")
-                    .and_then(|s| s.get("id"))
-                    .and_then(Value::as_str)
-                    .and_then(|s| Uuid::parse_str(s).ok()),
-                strip_path: route.get("strip_path").and_then(Value::as_bool).unwrap_or(true),
-                preserve_host: route.get("preserve_host").and_then(Value::as_bool).unwrap_or(false),
+                name: route.name.clone(),
+                service: route.service.map(|service| service.id),
+                strip_path: route.strip_path,
+                preserve_host: route.preserve_host,
                 hosts,
                 methods,
                 headers,
                 // Kong's router treats grpc and grpcs as http and https: a gRPC call
                 // is an HTTP request (kong/router/compat.lua's PROTOCOLS_OVERRIDE).
-                protocols: strings(route.get("protocols"))
-                    .into_iter()
+                protocols: route
+                    .protocols
+                    .iter()
                     .map(|protocol| match protocol.as_str() {
                         "grpc" => "http".to_string(),
                         "grpcs" => "https".to_string(),
-                        _ => protocol,
+                        _ => protocol.clone(),
                     })
                     .collect(),
             });
@@ -377,70 +362,17 @@ pub fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
-/// Services by id, for the data path.
-pub type Services = crate::plugins::IdMap<Uuid, std::sync::Arc<CompiledService>>;
-
-/// One service as the data path needs it.
-#[derive(Debug)]
-pub struct CompiledService {
-    pub id: Uuid,
-    pub name: Option<String>,
-    pub protocol: String,
-    pub host: String,
-    pub port: u16,
-    /// `/` when the service has none.
-    pub path: String,
-    pub retries: u32,
-    pub connect_timeout_ms: u64,
-    pub read_timeout_ms: u64,
-    pub write_timeout_ms: u64,
-    pub enabled: bool,
-    /// How requests reach the upstream; set by [`super::ProxySnapshot::compile`],
-    /// which has the certificates a TLS service needs.
-    pub transport: super::upstream::Transport,
-    /// The upstream `host` names, when it names one; set with `transport`.
-    pub balancer: Option<std::sync::Arc<super::balancer::Upstream>>,
-    /// `host:port` for the upstream request's URI when `host` names no upstream.
-    pub authority: Option<http::uri::Authority>,
-    /// The `Host` sent upstream: `host`, with `:port` when the port is not 80 and
-    /// no upstream is named.
-    pub host_header: Option<http::HeaderValue>,
-}
-
-impl CompiledService {
-    pub fn compile(service: &serde_json::Map<String, Value>) -> CompiledService {
-        let number = |name: &str, default: u64| service.get(name).and_then(Value::as_u64).unwrap_or(default);
-        CompiledService {
-            id: service.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()).unwrap_or_default(),
-            name: service.get("name").and_then(Value::as_str).map(str::to_string),
-            protocol: service.get("protocol").and_then(Value::as_str).unwrap_or("http").to_string(),
-            host: service.get("host").and_then(Value::as_str).unwrap_or_default().to_string(),
-            port: number("port", 80) as u16,
-            path: service.get("path").and_then(Value::as_str).unwrap_or("/").to_string(),
-            retries: number("retries", 5) as u32,
-            connect_timeout_ms: number("connect_timeout", 60_000),
-            read_timeout_ms: number("read_timeout", 60_000),
-            write_timeout_ms: number("write_timeout", 60_000),
-            enabled: service.get("enabled").and_then(Value::as_bool).unwrap_or(true),
-            transport: super::upstream::Transport::default(),
-            balancer: None,
-            authority: None,
-            host_header: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{json, Value};
+    use tollgate_raft_store::EntityKind;
 
     use super::*;
 
-    fn route(body: Value) -> serde_json::Map<String, Value> {
+    fn route(body: Value) -> Route {
         let mut object = body.as_object().unwrap().clone();
         object.entry("id").or_insert_with(|| Value::from(Uuid::new_v4().to_string()));
-        object.entry("protocols").or_insert_with(|| json!(["http", "https"]));
-        object
+        tollgate_raft_store::entities::read(EntityKind::Route, &object).unwrap()
     }
 
     fn find<'a>(router: &'a Router, method: &str, host: &str, path: &str) -> Option<&'a str> {

@@ -60,30 +60,27 @@ impl RouteMetrics {
     }
 }
 
-/// A body that adds the bytes it yields to a counter.
-pub struct CountingBody<B> {
+/// A body that adds the bytes it yields to a counter, and holds `G` until it is
+/// dropped.
+pub struct CountingBody<B, G = ()> {
     inner: B,
     counter: Counter,
-    /// Dropped with the body: tell the client connection its response has been sent,
-    /// and give the upstream connection back to its pool.
-    _guards: Option<(crate::conn::RequestGuard, Option<super::pool::PoolReturn>)>,
+    /// Dropped with the body (the hyper adapter's: tell the client connection its
+    /// response has been sent, and give the upstream connection back to its pool).
+    _guard: G,
 }
 
 impl<B> CountingBody<B> {
     pub fn new(inner: B, counter: Counter) -> CountingBody<B> {
-        CountingBody { inner, counter, _guards: None }
+        CountingBody { inner, counter, _guard: () }
     }
 
-    pub fn with_guards(
-        self,
-        request: crate::conn::RequestGuard,
-        pool: Option<super::pool::PoolReturn>,
-    ) -> CountingBody<B> {
-        CountingBody { _guards: Some((request, pool)), ..self }
+    pub fn with_guard<G>(self, guard: G) -> CountingBody<B, G> {
+        CountingBody { inner: self.inner, counter: self.counter, _guard: guard }
     }
 }
 
-impl<B> Body for CountingBody<B>
+impl<B, G: Unpin> Body for CountingBody<B, G>
 where
     B: Body<Data = Bytes> + Unpin,
 {

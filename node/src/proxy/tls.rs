@@ -11,13 +11,10 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::Value;
 use tollgate_raft_store::state::{entity_id, foreign_id, ConfigState};
 use tollgate_raft_store::EntityKind;
-
-use crate::publish::Published;
 
 /// Certificates by SNI name, compiled into each snapshot.
 #[derive(Default)]
@@ -25,19 +22,35 @@ pub struct Certificates {
     by_name: HashMap<String, Arc<CertifiedKey>>,
 }
 
+/// Which half of a certificate and key pair is unusable, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairError {
+    Cert(String),
+    Key(String),
+}
+
+impl std::fmt::Display for PairError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PairError::Cert(why) => write!(f, "cert: {why}"),
+            PairError::Key(why) => write!(f, "key: {why}"),
+        }
+    }
+}
+
 /// Parses a certificate chain and key from PEM, as the Admin API stores them.
-pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, String> {
+pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, PairError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|error| format!("cert: {error}"))?;
+        .map_err(|error| PairError::Cert(error.to_string()))?;
     if chain.is_empty() {
-        return Err("cert: no certificate in the PEM".into());
+        return Err(PairError::Cert("no certificate in the PEM".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| format!("key: {error}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|error| PairError::Key(error.to_string()))?;
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|error| format!("key: unsupported key: {error}"))?;
+        .map_err(|error| PairError::Key(format!("unsupported key: {error}")))?;
     let certified = CertifiedKey::new(chain, signing_key);
-    certified.keys_match().map_err(|error| format!("key: does not match the certificate: {error}"))?;
+    certified.keys_match().map_err(|error| PairError::Key(format!("does not match the certificate: {error}")))?;
     Ok(certified)
 }
 
@@ -76,29 +89,4 @@ impl Certificates {
         let (_, parent) = name.split_once('.')?;
         self.by_name.get(&format!("*.{parent}")).cloned()
     }
-}
-
-/// Resolves each handshake against the snapshot published at that moment.
-#[derive(Debug)]
-pub struct SnapshotResolver {
-    published: Arc<Published>,
-}
-
-impl ResolvesServerCert for SnapshotResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?;
-        self.published.load().proxy.certificates.find(name)
-    }
-}
-
-/// The rustls server configuration of the TLS listener: TLS 1.2 and 1.3, ALPN h2 and
-/// http/1.1, certificates from the snapshot.
-pub fn server_config(published: Arc<Published>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SnapshotResolver { published }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }

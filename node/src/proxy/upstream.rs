@@ -16,21 +16,18 @@
 //! SNI name sent. `tls_verify_depth` bounds the certificates above the leaf, as in
 //! OpenSSL. `client_certificate` is presented when the upstream asks for one.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Uri;
-use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -42,35 +39,22 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tollgate_raft_store::entities;
 use tollgate_raft_store::schema::Object;
-use tollgate_raft_store::state::{foreign_id, ConfigState};
+use tollgate_raft_store::state::ConfigState;
 use tollgate_raft_store::EntityKind;
 
-use super::pool::{DirectPool, H1Pool, PoolReturn, SendError};
+use super::connect::{DnsCache, Timeouts, WriteTimed};
+use super::pool::{DirectPool, H1Pool, PoolReturn, SendError, UPSTREAM_IDLE_CONNECTIONS_MAX, UPSTREAM_IDLE_TIMEOUT};
 use super::BoxError;
 use super::UpstreamBody;
 
-/// Idle keep-alive connections kept per upstream target and pool.
-pub const UPSTREAM_IDLE_CONNECTIONS_MAX: usize = 256;
-/// How long an idle upstream connection is kept.
-pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Distinct TLS profiles (pools) one worker keeps; past this the TLS pools are
-/// dropped and rebuilt as requests need them.
+/// Distinct h2c and TLS clients (profile and timeouts) one worker keeps; past this
+/// they are dropped and rebuilt as requests need them.
 pub const TLS_PROFILES_MAX: usize = 1024;
 /// Where the system's trust anchors are looked for (Debian/Ubuntu/Alpine, then
 /// Fedora/RHEL), for `tls_verify` without `ca_certificates`.
 pub const SYSTEM_CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
-/// How long a resolved name is used before it is looked up again. The system
-/// resolver (`getaddrinfo`) does not report record TTLs, so this is one setting for
-/// every name (Kong's `dns_valid_ttl`).
-pub const DNS_TTL: Duration = Duration::from_secs(30);
-/// How long past its TTL an answer may still be used while a fresh lookup runs, or
-/// when lookups fail (Kong's `dns_stale_ttl`).
-pub const DNS_STALE_MAX: Duration = Duration::from_secs(3600);
-/// Names one worker's DNS cache holds; past this it starts over.
-pub const DNS_CACHE_ENTRIES_MAX: usize = 4096;
-
 /// How a service's requests reach its upstream.
 #[derive(Clone, Debug, Default)]
 pub enum Transport {
@@ -87,15 +71,14 @@ pub enum Transport {
 
 impl Transport {
     /// The transport of one service, with its TLS profile compiled from `state`.
-    pub fn for_service(service: &Object, state: &ConfigState) -> Transport {
-        let protocol = service.get("protocol").and_then(Value::as_str).unwrap_or("http");
+    pub fn for_service(service: &entities::Service, state: &ConfigState) -> Transport {
+        let protocol = service.protocol.as_str();
         match protocol {
             "grpc" => Transport::H2c,
             "https" | "grpcs" => match TlsProfile::for_service(service, state, protocol == "grpcs") {
                 Ok(profile) => Transport::Tls(Arc::new(profile)),
                 Err(error) => {
-                    let id = tollgate_raft_store::state::entity_id(service);
-                    tracing::warn!(service = %id, %error, "service TLS settings not usable");
+                    tracing::warn!(service = %service.id, %error, "service TLS settings not usable");
                     Transport::Unusable(error)
                 }
             },
@@ -128,32 +111,35 @@ impl std::fmt::Debug for TlsProfile {
 }
 
 impl TlsProfile {
-    fn for_service(service: &Object, state: &ConfigState, h2: bool) -> Result<TlsProfile, String> {
+    fn for_service(service: &entities::Service, state: &ConfigState, h2: bool) -> Result<TlsProfile, String> {
         let text =
             |entity: &Object, field: &str| entity.get(field).and_then(Value::as_str).unwrap_or_default().to_string();
-        let host = text(service, "host");
-        let verify = service.get("tls_verify").and_then(Value::as_bool).unwrap_or(false);
-        let depth = service.get("tls_verify_depth").and_then(Value::as_u64).map(|d| d as usize);
         let mut anchors = Vec::new();
-        for id in service.get("ca_certificates").and_then(Value::as_array).into_iter().flatten() {
-            let ca = id
-                .as_str()
-                .and_then(|id| uuid::Uuid::parse_str(id).ok())
-                .and_then(|id| state.table(EntityKind::CaCertificate).get(&id))
+        for id in service.ca_certificates.iter().flatten() {
+            let ca = state
+                .table(EntityKind::CaCertificate)
+                .get(id)
                 .ok_or_else(|| format!("ca_certificates: unknown id {id}"))?;
             anchors.push(text(ca, "cert"));
         }
-        let client = match foreign_id(service, "client_certificate") {
-            Some(id) => {
+        let client = match service.client_certificate {
+            Some(key) => {
                 let certificate = state
                     .table(EntityKind::Certificate)
-                    .get(&id)
-                    .ok_or_else(|| format!("client_certificate: unknown id {id}"))?;
+                    .get(&key.id)
+                    .ok_or_else(|| format!("client_certificate: unknown id {}", key.id))?;
                 Some((text(certificate, "cert"), text(certificate, "key")))
             }
             None => None,
         };
-        TlsProfile::build(TlsSettings { host: &host, verify, depth, anchors: &anchors, client: client.as_ref(), h2 })
+        TlsProfile::build(TlsSettings {
+            host: &service.host,
+            verify: service.tls_verify.unwrap_or(false),
+            depth: service.tls_verify_depth.map(|depth| depth as usize),
+            anchors: &anchors,
+            client: client.as_ref(),
+            h2,
+        })
     }
 
     fn build(settings: TlsSettings<'_>) -> Result<TlsProfile, String> {
@@ -313,10 +299,13 @@ impl ServerCertVerifier for UpstreamVerifier {
     }
 }
 
+/// A TCP connection with its writes timed.
+pub type TimedTcp = WriteTimed<TcpStream>;
+
 /// A connection to an upstream, in clear text or TLS.
 pub enum UpstreamStream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+    Plain(TokioIo<TimedTcp>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TimedTcp>>>),
 }
 
 impl hyper::rt::Read for UpstreamStream {
@@ -376,14 +365,12 @@ impl hyper::rt::Write for UpstreamStream {
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         match self {
-            UpstreamStream::Plain(stream) => stream.connected(),
+            UpstreamStream::Plain(_) => Connected::new(),
             UpstreamStream::Tls(stream) => {
-                let (tcp, session) = stream.inner().get_ref();
-                let connected = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    connected.negotiated_h2()
+                if stream.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+                    Connected::new().negotiated_h2()
                 } else {
-                    connected
+                    Connected::new()
                 }
             }
         }
@@ -391,13 +378,28 @@ impl Connection for UpstreamStream {
 }
 
 /// Opens TCP connections (names through the DNS cache) and, with a profile, runs the
-/// TLS handshake on them. A failed handshake is a connect failure: nothing of the
-/// request was sent, so it may be retried on another target.
+/// TLS handshake on them, both within the connect timeout. A failed handshake is a
+/// connect failure: nothing of the request was sent, so it may be retried on another
+/// target.
 #[derive(Clone)]
 pub struct Connector {
     tcp: HttpConnector<DnsCache>,
     tls: Option<Arc<TlsProfile>>,
+    connect_timeout: Duration,
+    write_timeout_ms: Arc<AtomicU64>,
 }
+
+/// A connect attempt that took longer than the connect timeout.
+#[derive(Debug)]
+pub struct ConnectTimedOut;
+
+impl std::fmt::Display for ConnectTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream connect timed out")
+    }
+}
+
+impl std::error::Error for ConnectTimedOut {}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamStream;
@@ -411,19 +413,36 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.tcp.call(uri);
         let tls = self.tls.clone();
+        let write_timeout = self.write_timeout_ms.clone();
+        let timeout = self.connect_timeout;
         Box::pin(async move {
-            let tcp = connecting.await?;
-            let Some(profile) = tls else {
-                return Ok(UpstreamStream::Plain(tcp));
+            let connect = async move {
+                let tcp = WriteTimed::new(connecting.await?.into_inner(), write_timeout);
+                let Some(profile) = tls else {
+                    return Ok(UpstreamStream::Plain(TokioIo::new(tcp)));
+                };
+                let connector = tokio_rustls::TlsConnector::from(profile.config.clone());
+                let stream = connector.connect(profile.server_name.clone(), tcp).await?;
+                Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
             };
-            let connector = tokio_rustls::TlsConnector::from(profile.config.clone());
-            let stream = connector.connect(profile.server_name.clone(), tcp.into_inner()).await?;
-            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(connected) => connected,
+                Err(_) => Err(ConnectTimedOut.into()),
+            }
         })
     }
 }
 
 pub type UpstreamClient = Client<Connector, UpstreamBody>;
+
+/// What one pooled hyper-util client is for: its TLS profile (or h2c), and the
+/// timeouts its connections are opened and written with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey {
+    tls: Option<u64>,
+    connect_ms: u128,
+    write_ms: u128,
+}
 
 /// One worker's upstream pools.
 pub struct Clients {
@@ -431,8 +450,8 @@ pub struct Clients {
     http1: Arc<H1Pool>,
     /// The direct path's own connections (plain HTTP/1.1 only).
     pub direct: Arc<DirectPool>,
-    h2c: UpstreamClient,
-    tls: ArcSwap<HashMap<u64, UpstreamClient>>,
+    /// h2c and TLS clients, by profile and timeouts.
+    pooled: ArcSwap<HashMap<ClientKey, UpstreamClient>>,
 }
 
 impl Default for Clients {
@@ -446,32 +465,51 @@ impl Default for Clients {
 // Lives on the stack for one request; boxing the client would cost an allocation.
 #[allow(clippy::large_enum_variant)]
 pub enum Sender<'a> {
-    Pool(&'a Arc<H1Pool>),
-    Client(Cow<'a, UpstreamClient>),
+    Pool(&'a Arc<H1Pool>, Timeouts),
+    Client(UpstreamClient),
 }
 
 impl Sender<'_> {
-    /// Sends a request with an absolute URI; with the pool, also what gives the
-    /// connection back once the response body is done.
+    /// Sends a request with an absolute URI (`fresh`: not on an idle connection of the
+    /// worker's pool); with the pool, also what gives the connection back once the
+    /// response body is done.
     pub async fn send(
         &self,
         request: http::Request<UpstreamBody>,
+        fresh: bool,
     ) -> Result<(http::Response<hyper::body::Incoming>, Option<PoolReturn>), SendError> {
         match self {
-            Sender::Pool(pool) => {
+            Sender::Pool(pool, timeouts) => {
                 let Some(authority) = request.uri().authority().cloned() else {
                     return Err(SendError::Connect("no upstream address".into()));
                 };
-                let (response, back) = pool.send(&authority, request).await?;
+                let (response, back) = pool.send(&authority, request, *timeouts, fresh).await?;
                 Ok((response, Some(back)))
             }
             Sender::Client(client) => match client.request(request).await {
                 Ok(response) => Ok((response, None)),
-                Err(failure) if failure.is_connect() => Err(SendError::Connect(failure.into())),
+                Err(failure) if failure.is_connect() => {
+                    if is_connect_timeout(&failure) {
+                        Err(SendError::ConnectTimeout)
+                    } else {
+                        Err(SendError::Connect(failure.into()))
+                    }
+                }
                 Err(failure) => Err(SendError::Request(failure.into())),
             },
         }
     }
+}
+
+fn is_connect_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if current.is::<ConnectTimedOut>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 impl Clients {
@@ -479,189 +517,52 @@ impl Clients {
         Clients {
             http1: H1Pool::new(dns.clone()),
             direct: DirectPool::new(dns.clone()),
-            h2c: build_client(&dns, None, true),
             dns,
-            tls: ArcSwap::default(),
+            pooled: ArcSwap::default(),
         }
     }
 
-    /// Where a service's requests go.
-    pub fn get(&self, transport: &Transport) -> Option<Sender<'_>> {
-        Some(Sender::Client(match transport {
-            Transport::Http1 => return Some(Sender::Pool(&self.http1)),
-            Transport::H2c => Cow::Borrowed(&self.h2c),
-            Transport::Tls(profile) => {
-                if let Some(client) = self.tls.load().get(&profile.key) {
-                    return Some(Sender::Client(Cow::Owned(client.clone())));
-                }
-                let client = build_client(&self.dns, Some(profile.clone()), profile.h2);
-                self.tls.rcu(|pools| {
-                    let mut pools = if pools.len() >= TLS_PROFILES_MAX { HashMap::new() } else { (**pools).clone() };
-                    pools.insert(profile.key, client.clone());
-                    pools
-                });
-                Cow::Owned(client)
-            }
+    /// Where a service's requests go, with its timeouts; `None` when its TLS settings
+    /// cannot be used.
+    pub fn get(&self, transport: &Transport, timeouts: Timeouts) -> Option<Sender<'_>> {
+        let (tls, h2) = match transport {
+            Transport::Http1 => return Some(Sender::Pool(&self.http1, timeouts)),
+            Transport::H2c => (None, true),
+            Transport::Tls(profile) => (Some(profile.clone()), profile.h2),
             Transport::Unusable(_) => return None,
-        }))
+        };
+        let key = ClientKey {
+            tls: tls.as_ref().map(|profile| profile.key),
+            connect_ms: timeouts.connect.as_millis(),
+            write_ms: timeouts.write.as_millis(),
+        };
+        if let Some(client) = self.pooled.load().get(&key) {
+            return Some(Sender::Client(client.clone()));
+        }
+        let client = build_client(&self.dns, tls, h2, timeouts);
+        self.pooled.rcu(|pools| {
+            let mut pools = if pools.len() >= TLS_PROFILES_MAX { HashMap::new() } else { (**pools).clone() };
+            pools.insert(key, client.clone());
+            pools
+        });
+        Some(Sender::Client(client))
     }
 }
 
-fn build_client(dns: &DnsCache, tls: Option<Arc<TlsProfile>>, h2: bool) -> UpstreamClient {
+fn build_client(dns: &DnsCache, tls: Option<Arc<TlsProfile>>, h2: bool, timeouts: Timeouts) -> UpstreamClient {
     let mut tcp = HttpConnector::new_with_resolver(dns.clone());
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
     let mut builder = Client::builder(TokioExecutor::new());
     builder.pool_max_idle_per_host(UPSTREAM_IDLE_CONNECTIONS_MAX).pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT);
     builder.http2_only(h2);
-    builder.build(Connector { tcp, tls })
-}
-
-/// Looks a name up; the system resolver in production, a fake in tests.
-pub type Lookup =
-    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send>> + Send + Sync>;
-
-/// Resolved names with their age. A fresh answer is used as is; a stale one (up to
-/// [`DNS_STALE_MAX`] past [`DNS_TTL`]) is used while one lookup refreshes it in the
-/// background, and kept when lookups fail. Only a name never resolved (or too stale)
-/// waits for a lookup.
-#[derive(Clone)]
-pub struct DnsCache {
-    entries: Arc<ArcSwap<HashMap<String, Arc<DnsEntry>>>>,
-    lookup: Lookup,
-}
-
-pub struct DnsEntry {
-    addresses: Arc<[SocketAddr]>,
-    resolved_at: Instant,
-    refreshing: AtomicBool,
-}
-
-impl DnsCache {
-    pub fn system() -> DnsCache {
-        DnsCache::with_lookup(Arc::new(|name: String| {
-            Box::pin(async move { Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.collect()) })
-        }))
-    }
-
-    pub fn with_lookup(lookup: Lookup) -> DnsCache {
-        DnsCache { entries: Arc::default(), lookup }
-    }
-
-    /// The addresses of `name` (port 0: the connector sets the port).
-    pub async fn resolve(&self, name: &str) -> io::Result<Arc<[SocketAddr]>> {
-        let cached = self.entries.load().get(name).cloned();
-        if let Some(entry) = &cached {
-            let age = entry.resolved_at.elapsed();
-            if age < DNS_TTL {
-                return Ok(entry.addresses.clone());
-            }
-            if age < DNS_TTL + DNS_STALE_MAX {
-                if !entry.refreshing.swap(true, Ordering::Relaxed) {
-                    let cache = self.clone();
-                    let name = name.to_string();
-                    let entry = entry.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = cache.refresh(&name).await {
-                            tracing::debug!(%error, name, "dns refresh failed; the stale answer stays");
-                            entry.refreshing.store(false, Ordering::Relaxed);
-                        }
-                    });
-                }
-                return Ok(entry.addresses.clone());
-            }
-        }
-        self.refresh(name).await
-    }
-
-    async fn refresh(&self, name: &str) -> io::Result<Arc<[SocketAddr]>> {
-        let addresses: Arc<[SocketAddr]> = (self.lookup)(name.to_string()).await?.into();
-        if addresses.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no addresses")));
-        }
-        let entry =
-            Arc::new(DnsEntry { addresses: addresses.clone(), resolved_at: Instant::now(), refreshing: false.into() });
-        self.entries.rcu(|entries| {
-            let mut entries = if entries.len() >= DNS_CACHE_ENTRIES_MAX { HashMap::new() } else { (**entries).clone() };
-            entries.insert(name.to_string(), entry.clone());
-            entries
-        });
-        Ok(addresses)
-    }
-}
-
-impl tower_service::Service<Name> for DnsCache {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let cache = self.clone();
-        Box::pin(async move { Ok(cache.resolve(name.as_str()).await?.to_vec().into_iter()) })
-    }
+    let write_timeout_ms = Arc::new(AtomicU64::new(timeouts.write.as_millis() as u64));
+    builder.build(Connector { tcp, tls, connect_timeout: timeouts.connect, write_timeout_ms })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
-
-    fn counting_cache(answers: Arc<ArcSwap<Option<SocketAddr>>>) -> (DnsCache, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = calls.clone();
-        let cache = DnsCache::with_lookup(Arc::new(move |_name| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let answer = **answers.load();
-            Box::pin(async move {
-                answer.map(|address| vec![address]).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "down"))
-            })
-        }));
-        (cache, calls)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn fresh_answers_are_cached_stale_ones_refresh_in_the_background() {
-        let first: SocketAddr = "10.0.0.1:0".parse().unwrap();
-        let second: SocketAddr = "10.0.0.2:0".parse().unwrap();
-        let answers = Arc::new(ArcSwap::from_pointee(Some(first)));
-        let (cache, calls) = counting_cache(answers.clone());
-
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "a fresh answer is not looked up again");
-
-        answers.store(Arc::new(Some(second)));
-        tokio::time::advance(DNS_TTL + Duration::from_secs(1)).await;
-        // Stale: the old answer serves at once while one refresh runs.
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
-        tokio::task::yield_now().await;
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "one background refresh for many stale reads");
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[second]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failed_lookups_keep_the_stale_answer_until_it_is_too_old() {
-        let first: SocketAddr = "10.0.0.1:0".parse().unwrap();
-        let answers = Arc::new(ArcSwap::from_pointee(Some(first)));
-        let (cache, _calls) = counting_cache(answers.clone());
-        cache.resolve("api.internal").await.unwrap();
-
-        answers.store(Arc::new(None));
-        tokio::time::advance(DNS_TTL * 2).await;
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first]);
-        tokio::task::yield_now().await;
-        assert_eq!(&*cache.resolve("api.internal").await.unwrap(), &[first], "kept after a failed refresh");
-
-        tokio::time::advance(DNS_STALE_MAX).await;
-        assert!(cache.resolve("api.internal").await.is_err(), "too stale to use, and the lookup fails");
-        assert!(cache.resolve("never.resolved").await.is_err());
-    }
 
     #[test]
     fn tls_profiles_are_keyed_by_their_settings() {

@@ -1,0 +1,122 @@
+//! Services and upstreams as the data path uses them, compiled once per config version
+//! from the typed entities ([`tollgate_raft_store::entities`], whose defaults are the
+//! schema's): each [`Service`] is built whole, with its transport, balancer and
+//! addresses, before the snapshot is published.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::HeaderValue;
+use tollgate_raft_store::entities::{self, read};
+use tollgate_raft_store::state::ConfigState;
+use tollgate_raft_store::EntityKind;
+use uuid::Uuid;
+
+use super::balancer::{self, Balancer, HashOn, Target};
+use super::connect::Timeouts;
+use super::upstream::Transport;
+use crate::plugins::IdMap;
+
+/// One service as requests use it.
+#[derive(Debug)]
+pub struct Service {
+    pub id: Uuid,
+    pub name: Option<String>,
+    /// The service's `path`; `/` when it has none.
+    pub path: String,
+    pub retries: u32,
+    pub timeouts: Timeouts,
+    pub enabled: bool,
+    /// How requests reach the upstream.
+    pub transport: Transport,
+    /// The upstream `host` names, when it names one.
+    pub balancer: Option<Arc<balancer::Upstream>>,
+    /// `host:port` when `host` names no upstream.
+    pub authority: Option<Authority>,
+    /// The `Host` sent upstream: `host`, with `:port` when the port is not 80 and no
+    /// upstream is named.
+    pub host_header: Option<HeaderValue>,
+}
+
+/// Services by id.
+pub type Services = IdMap<Uuid, Arc<Service>>;
+/// Upstreams by name (lower case), with their targets in rotation.
+pub type Upstreams = HashMap<String, Arc<balancer::Upstream>>;
+
+impl Service {
+    fn compile(service: &entities::Service, state: &ConfigState, upstreams: &Upstreams) -> Service {
+        let balancer = upstreams.get(&service.host.to_ascii_lowercase()).cloned();
+        let direct = format!("{}:{}", service.host, service.port);
+        let host_header = if balancer.is_some() || service.port == 80 { &service.host } else { &direct };
+        Service {
+            id: service.id,
+            name: service.name.clone(),
+            path: service.path.clone().unwrap_or_else(|| "/".to_string()),
+            retries: service.retries,
+            timeouts: Timeouts {
+                connect: Duration::from_millis(service.connect_timeout),
+                write: Duration::from_millis(service.write_timeout),
+                read: Duration::from_millis(service.read_timeout),
+            },
+            enabled: service.enabled,
+            transport: Transport::for_service(service, state),
+            authority: Authority::try_from(direct.as_str()).ok(),
+            host_header: HeaderValue::from_str(host_header).ok(),
+            balancer,
+        }
+    }
+}
+
+/// Every readable stored entity of `kind` as `T` (one that is not is logged and
+/// left out: it cannot be routed to).
+pub fn typed<'a, T: serde::de::DeserializeOwned>(
+    state: &'a ConfigState,
+    kind: EntityKind,
+) -> impl Iterator<Item = T> + 'a {
+    state.table(kind).values().filter_map(move |entity| match read::<T>(kind, entity) {
+        Ok(typed) => Some(typed),
+        Err(error) => {
+            let id = tollgate_raft_store::state::entity_id(entity);
+            tracing::warn!(kind = kind.table(), %id, %error, "stored entity not readable; left out");
+            None
+        }
+    })
+}
+
+pub fn compile_upstreams(state: &ConfigState) -> Upstreams {
+    let mut targets_by_upstream: HashMap<Uuid, Vec<Target>> = HashMap::new();
+    for target in typed::<entities::Target>(state, EntityKind::Target) {
+        let address = balancer::target_address(&target.target);
+        targets_by_upstream.entry(target.upstream.id).or_default().push(Target::new(address, target.weight));
+    }
+    typed::<entities::Upstream>(state, EntityKind::Upstream)
+        .map(|upstream| {
+            let mut targets = targets_by_upstream.remove(&upstream.id).unwrap_or_default();
+            targets.sort_by(|a, b| a.address.cmp(&b.address));
+            let hash_on = HashOn::from_config(
+                &upstream.hash_on,
+                upstream.hash_on_header.as_deref(),
+                upstream.hash_on_cookie.as_deref(),
+                upstream.hash_on_query_arg.as_deref(),
+            );
+            let hash_fallback = HashOn::from_config(
+                &upstream.hash_fallback,
+                upstream.hash_fallback_header.as_deref(),
+                upstream.hash_on_cookie.as_deref(),
+                upstream.hash_fallback_query_arg.as_deref(),
+            );
+            let balancer = Balancer::new(&upstream.algorithm, targets, hash_on, hash_fallback);
+            let passive = balancer::passive_checks_on(Some(&upstream.healthchecks));
+            let compiled = balancer::Upstream::new(upstream.id, balancer, passive);
+            (upstream.name.to_ascii_lowercase(), Arc::new(compiled))
+        })
+        .collect()
+}
+
+pub fn compile_services(state: &ConfigState, upstreams: &Upstreams) -> Services {
+    typed::<entities::Service>(state, EntityKind::Service)
+        .map(|service| (service.id, Arc::new(Service::compile(&service, state, upstreams))))
+        .collect()
+}
