@@ -1,8 +1,12 @@
 //! Deterministic simulation of whole Tollgate clusters under turmoil.
 //!
-//! Not built yet: it arrives with the simulation issue. The node was written for it:
-//! the network is behind `tollgate_node::cluster::transport` and openraft's
-//! `RaftNetworkFactory`, time behind `tollgate_node::clock::Clock`, and storage is redb,
-//! which has an in-memory backend. This crate exists now so that the workspace layout
-//! is final.
+//! What is here so far (see README.md for the plan and the nondeterminism found):
+//! - [`linearizability`]: the CFG2 checker (Wing–Gong with Lowe's memoisation) the
+//!   simulator runs over each seed's recorded admin history, tested on known
+//!   linearizable and non-linearizable histories.
+//!
+//! The cluster harness itself needs the node's environment seam (network, clock,
+//! randomness, storage, task spawning) and is not built yet.
 #![forbid(unsafe_code)]
+
+pub mod linearizability;
