@@ -81,7 +81,12 @@ pub fn open_database(data_dir: &Path) -> std::result::Result<Arc<Database>, redb
         std::fs::OpenOptions::new().write(true).create_new(true).mode(DATABASE_FILE_MODE).open(&path)?;
     }
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(DATABASE_FILE_MODE))?;
-    let database = Database::create(&path)?;
+    prepare_database(Database::create(&path)?)
+}
+
+/// Makes the tables of a database opened on any backend (the node's file, or the
+/// simulator's disk, which decides what a crash keeps).
+pub fn prepare_database(database: Database) -> std::result::Result<Arc<Database>, redb::Error> {
     let txn = database.begin_write()?;
     {
         txn.open_table(LOG)?;
