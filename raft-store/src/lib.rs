@@ -27,6 +27,8 @@ pub mod quota;
 #[cfg(feature = "storage")]
 pub mod recent;
 #[cfg(feature = "storage")]
+pub mod runtime;
+#[cfg(feature = "storage")]
 pub mod state;
 #[cfg(feature = "storage")]
 pub mod store;
@@ -46,6 +48,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = command::Command,
         R = command::CommandResponse,
+        AsyncRuntime = runtime::Runtime,
 );
 
 #[cfg(feature = "storage")]
