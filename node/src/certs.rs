@@ -32,7 +32,7 @@ pub const NODES_MAX: usize = 1024;
 
 /// The current year (UTC), for validity periods.
 fn current_year() -> i32 {
-    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let seconds = crate::clock::wall().as_secs();
     // Days to a civil date (Howard Hinnant's algorithm), enough for the year.
     let days = (seconds / 86_400) as i64 + 719_468;
     let era = days.div_euclid(146_097);

@@ -106,8 +106,7 @@ impl Gossip {
     pub async fn start(setup: GossipSetup) -> anyhow::Result<Arc<Gossip>> {
         // A restarted node is a new generation, so peers do not mistake its fresh
         // state for an old one.
-        let generation =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let generation = crate::clock::wall().as_nanos() as u64;
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(setup.node_id.to_string(), generation, setup.advertise),
             cluster_id: setup.cluster_id.clone(),
@@ -277,7 +276,7 @@ async fn watch_members(gossip: Arc<Gossip>) {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::wall_ms()
 }
 
 /// The key datagrams are tagged with: the secret, bound to the cluster id.

@@ -395,7 +395,7 @@ impl Probed {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::wall_ms()
 }
 
 /// What one config version asks the checker to do.

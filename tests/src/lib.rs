@@ -396,6 +396,14 @@ impl TestCluster {
     }
 }
 
+/// The real wall clock. The nodes under test are real processes on it; the lint that
+/// sends the node's own reads through `clock::wall` does not apply to what tests compare
+/// with them.
+#[allow(clippy::disallowed_methods)]
+pub fn system_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
 /// Reads one request head from a raw upstream connection into `buf` and returns it,
 /// leaving whatever followed it (a body, the next request) in `buf`; `None` once the
 /// peer closed or failed before a whole head arrived.

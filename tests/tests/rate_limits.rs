@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -32,7 +32,7 @@ struct Seen {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+    tollgate_tests::system_now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 impl Seen {
@@ -127,7 +127,7 @@ async fn a_second_limit_holds_window_after_window() -> anyhow::Result<()> {
     let cluster = limited_cluster(&upstream, config).await?;
     let seen = Arc::new(Seen::default());
     let duration = Duration::from_secs(4);
-    let started = std::time::SystemTime::now();
+    let started = tollgate_tests::system_now();
     load(skewed(&cluster), "/limited", duration, seen.clone()).await;
     let elapsed = started.elapsed()?;
     // Windows the load touched: whole seconds from its start to its end, both partial.

@@ -128,7 +128,7 @@ fn auth_tag(key: &ring::hmac::Key, unix_ms: u64, path: &str, frame: &[u8]) -> ri
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::wall_ms()
 }
 
 /// Whether `header` is a valid tag of `path` and `frame`, made within [`AUTH_SKEW`].

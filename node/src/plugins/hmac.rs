@@ -74,7 +74,7 @@ impl HmacAuth {
         let Some(date) = date.and_then(|v| v.to_str().ok()).and_then(|v| httpdate::parse_http_date(v).ok()) else {
             return false;
         };
-        let now = std::time::SystemTime::now();
+        let now = crate::clock::wall_time();
         let skew = match now.duration_since(date) {
             Ok(behind) => behind,
             Err(ahead) => ahead.duration(),

@@ -109,7 +109,7 @@ pub fn id_header(id: Uuid) -> HeaderValue {
 
 /// Wall-clock time since the Unix epoch: windows, expiries and log timestamps.
 pub fn unix_now() -> std::time::Duration {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+    crate::clock::wall()
 }
 
 /// An identified consumer.

@@ -946,7 +946,7 @@ fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bo
         out.extend_from_slice(b"connection: close\r\n");
     }
     if !dated {
-        put_header(out, b"date", httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        put_header(out, b"date", httpdate::fmt_http_date(crate::clock::wall_time()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

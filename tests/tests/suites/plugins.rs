@@ -613,7 +613,7 @@ async fn jwt_verifies_hmac_rsa_and_ecdsa_and_refuses_none_confusion_and_bad_clai
         let proxy = proxy.clone();
         async move { proxy_request(&proxy, "GET", None, path, &[("authorization", &bearer(&token))]).await }
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let now = tollgate_tests::system_now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
 
     // HS256, in the header or the `jwt` query argument.
     let token = hs256("hs-secret", &json!({"iss": "hs-issuer"}));
@@ -693,7 +693,7 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
             base64(tag.as_ref())
         )
     };
-    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let now = httpdate::fmt_http_date(tollgate_tests::system_now());
     let send = |authorization: String, date: String| {
         let proxy = proxy.clone();
         async move {
@@ -723,7 +723,7 @@ async fn hmac_auth_checks_signature_date_skew_and_enforced_headers() -> anyhow::
     let sha1 = send(sign("hmac-sha1", "hmac-secret", &now, "/signed/x?a=1", "date request-line"), now.clone()).await?;
     assert_eq!(sha1.status, 401);
     // A date outside the clock skew (a replayed request).
-    let old = httpdate::fmt_http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(600));
+    let old = httpdate::fmt_http_date(tollgate_tests::system_now() - std::time::Duration::from_secs(600));
     let replayed = send(sign("hmac-sha256", "hmac-secret", &old, "/signed/x?a=1", "date request-line"), old).await?;
     assert_eq!(replayed.status, 401);
     assert!(replayed.body["message"].as_str().is_some_and(|m| m.contains("valid date")), "{}", replayed.body);
