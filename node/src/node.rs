@@ -151,7 +151,8 @@ pub async fn start(
         }
     };
     let peers = PeerClient::new(auth.clone());
-    let raft_config = cluster::raft_config(&config)?;
+    let restarting = durable_term > 0;
+    let raft_config = cluster::raft_config(&config, restarting)?;
     let raft =
         Raft::new(config.node_id, raft_config, NetworkFactory { client: peers.clone() }, log_store, state_machine)
             .await
@@ -171,6 +172,9 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     if let ClusterAuth::Tls(tls) = &auth {
         tasks.spawn(tls.clone().watch(shutdown_rx.clone()));
+    }
+    if restarting {
+        tasks.spawn(cluster::hold_elections_after_restart(cluster.raft.clone(), config.raft_election_max_ms));
     }
     tasks.spawn(transport::serve(
         cluster_listener,

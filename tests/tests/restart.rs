@@ -234,10 +234,13 @@ async fn status_never_goes_backwards_across_restarts() -> anyhow::Result<()> {
 /// cluster port was served only after the restored config was compiled, so a follower
 /// that takes longer than an election timeout to compile heard no heartbeat, called an
 /// election its current log could win, and then led while nothing answered on its
-/// cluster port. Raft's port now answers from the moment Raft runs.
+/// cluster port. Raft's port now answers from the moment Raft runs. Under the full
+/// suite's load the term still rose (4 to 6) when the restarted member's first election
+/// timeout beat the leader's next heartbeat: a restarting member now holds its
+/// elections for three timeouts (`RESTART_ELECTION_HOLD_TIMEOUTS`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarting_follower_keeps_the_leader_and_the_term() -> anyhow::Result<()> {
-    const RESTARTS: usize = 3;
+    const RESTARTS: usize = 6;
     let mut cluster = TestCluster::start(3).await?;
     let loaded = cluster.client().post("/config", &many_routes(20_000, "http://127.0.0.1:9")).await?;
     let version = loaded.config_version.unwrap_or(0);

@@ -116,8 +116,10 @@ pub struct Cluster {
 }
 
 /// openraft's configuration from the node's.
-pub fn raft_config(config: &NodeConfig) -> anyhow::Result<Arc<Config>> {
+pub fn raft_config(config: &NodeConfig, restarting: bool) -> anyhow::Result<Arc<Config>> {
     let raft_config = Config {
+        // A restarting member holds its elections (see `hold_elections_after_restart`).
+        enable_elect: !restarting,
         cluster_name: "tollgate".into(),
         heartbeat_interval: config.raft_heartbeat_ms,
         election_timeout_min: config.raft_election_min_ms,
@@ -130,6 +132,22 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<Arc<Config>> {
         ..Default::default()
     };
     Ok(Arc::new(raft_config.validate()?))
+}
+
+/// How many maximal election timeouts a restarting member waits before it may call an
+/// election. openraft 0.9 has no pre-vote: a member that restarts, and does not hear the
+/// leader's next heartbeat within one election timeout of starting (the leader retries a
+/// peer it lost every 200 ms, and a loaded host adds to that), would call an election
+/// its current log can win and unseat a healthy leader. Holding for three timeouts
+/// (1.2 s by default) lets the heartbeat arrive, which resets the election timer; when
+/// the whole cluster restarts, the first election comes that much later.
+pub const RESTART_ELECTION_HOLD_TIMEOUTS: u64 = 3;
+
+/// Lets a restarting member call elections once the hold is over (its Raft config
+/// started it with elections off).
+pub async fn hold_elections_after_restart(raft: Raft, election_max_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(election_max_ms * RESTART_ELECTION_HOLD_TIMEOUTS)).await;
+    raft.runtime_config().elect(true);
 }
 
 impl LeaderRequest {
