@@ -203,7 +203,14 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
         (&Method::GET, []) => Ok(json_response(StatusCode::OK, &node.info())),
         (&Method::GET, ["status"]) => Ok(json_response(StatusCode::OK, &node.status())),
         (&Method::GET, ["metrics"]) => Ok(text_response(node.metrics_text(), "text/plain; version=0.0.4")),
-        (&Method::GET, ["cluster"]) => Ok(json_response(StatusCode::OK, &node.cluster_view_with_gossip().await)),
+        (&Method::GET, ["cluster"]) => {
+            // Members as of a linearizable read, like every admin read: a member
+            // removed through any node is gone from every node's answer after.
+            if !request.local() {
+                node.cluster.metrics_barrier().await?;
+            }
+            Ok(json_response(StatusCode::OK, &node.cluster_view_with_gossip().await))
+        }
         (&Method::POST, ["cluster", "members"]) => add_member(node, request).await,
         (&Method::DELETE, ["cluster", "members", id]) => {
             let node_id: u64 = id.parse().map_err(|_| ApiError::field("id", "expected a node id (u64)"))?;

@@ -312,6 +312,19 @@ impl Cluster {
         self.wait_applied(log_index).await
     }
 
+    /// [`Cluster::read_barrier`] for what Raft's metrics report (the membership): they
+    /// are refreshed by Raft's core after the state machine applied, so this also waits
+    /// for them to reach the read index.
+    pub async fn metrics_barrier(&self) -> Result<(), ApiError> {
+        let index = self.read_barrier().await?.version();
+        let reached = self
+            .raft
+            .wait(Some(self.write_leader_wait))
+            .metrics(|m| m.last_applied.is_some_and(|id| id.index >= index), "metrics at the read index")
+            .await;
+        reached.map(|_| ()).map_err(|_| unavailable(format!("this node's Raft metrics have not reached index {index}")))
+    }
+
     pub async fn add_member(&self, node_id: NodeId, address: String) -> Result<u64, ApiError> {
         match self.on_leader(LeaderRequest::AddMember { node_id, address }).await?.0 {
             LeaderReply::Membership { log_index } => Ok(log_index),
