@@ -275,10 +275,6 @@ async fn watch_members(gossip: Arc<Gossip>) {
     }
 }
 
-fn unix_ms() -> u64 {
-    crate::clock::wall_ms()
-}
-
 /// The key datagrams are tagged with: the secret, bound to the cluster id.
 fn tag_key(secret: &str, cluster_id: &str) -> ring::hmac::Key {
     let material = format!("tollgate-gossip\0{cluster_id}\0{secret}");
@@ -377,7 +373,7 @@ impl Socket for SealingSocket {
             let (length, _) = self.outbox.recv_from(&mut self.buffer).await?;
             self.destinations.pop_front();
             let mut frame = self.buffer[..length].to_vec();
-            frame.extend_from_slice(&unix_ms().to_be_bytes());
+            frame.extend_from_slice(&crate::clock::wall_ms().to_be_bytes());
             let tag = ring::hmac::sign(&self.key, &frame);
             frame.extend_from_slice(tag.as_ref());
             // A send that fails (too large with its tag, a peer unreachable now) is
@@ -419,7 +415,7 @@ impl Socket for SealingSocket {
             }
             let (payload, stamp) = stamped.split_at(split);
             let sent_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
-            if unix_ms().abs_diff(sent_ms) > TAG_SKEW.as_millis() as u64 {
+            if crate::clock::wall_ms().abs_diff(sent_ms) > TAG_SKEW.as_millis() as u64 {
                 self.reject(from, "sent too long ago (a replay) or clocks too far apart");
                 continue;
             }

@@ -394,10 +394,6 @@ impl Probed {
     }
 }
 
-fn now_ms() -> u64 {
-    crate::clock::wall_ms()
-}
-
 /// What one config version asks the checker to do.
 struct Configured {
     version: u64,
@@ -491,7 +487,7 @@ impl Checker {
             live.sort();
             // The merged view: the latest believed state per target.
             let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();
-            let now_wall_ms = now_ms();
+            let now_wall_ms = crate::clock::wall_ms();
             for (node, key, value) in self.gossip.entries(KEY_PREFIX).await {
                 let Some((target, observed)) = believed(&node, &key, &value, &member_set, &live, now_wall_ms) else {
                     continue;
@@ -537,7 +533,7 @@ impl Checker {
                 let changed = state.count(outcome, &active);
                 if changed || !state.published {
                     state.published = true;
-                    let at_ms = now_ms();
+                    let at_ms = crate::clock::wall_ms();
                     let value = state.published_value(at_ms, false);
                     self.gossip.set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), value).await;
                     let observed =
@@ -562,7 +558,7 @@ impl Checker {
                         *state = Probed::new(cluster_healthy, now, true);
                     }
                     if state.count(config.judge(report.observation), config) {
-                        let at_ms = now_ms();
+                        let at_ms = crate::clock::wall_ms();
                         self.gossip
                             .set(&format!("{KEY_PREFIX}{}:{}", key.0, key.1), state.published_value(at_ms, true))
                             .await;

@@ -119,11 +119,6 @@ impl SimDisk {
         report
     }
 
-    /// Bytes written since the last sync and not yet durable.
-    pub fn unsynced_changes(&self) -> usize {
-        self.lock().pending.len()
-    }
-
     fn lock(&self) -> MutexGuard<'_, Disk> {
         // A panic while the lock was held is a simulator bug already reported by that
         // panic; the image itself is always whole between calls.

@@ -16,7 +16,7 @@
 //! anywhere after its call, including after everything else, which is the same as never;
 //! an indeterminate read observed nothing and constrains nothing, so it is dropped.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 /// Search steps one key's history may take before the checker gives up with
 /// [`Verdict::Unknown`]. The search is exponential in the worst case (many concurrent
@@ -222,20 +222,6 @@ pub fn describe(operations: &[Operation]) -> String {
     lines.join("\n")
 }
 
-/// Counts of what a history holds, for the one-line summary per seed.
-pub fn summary(history: &[Operation]) -> HashMap<&'static str, usize> {
-    let mut counts = HashMap::new();
-    for operation in history {
-        let kind = match (&operation.action, operation.ret) {
-            (_, None) => "indeterminate",
-            (Action::Write(_), Some(_)) => "writes",
-            (Action::Read { .. }, Some(_)) => "reads",
-        };
-        *counts.entry(kind).or_insert(0) += 1;
-    }
-    counts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,14 +382,5 @@ mod tests {
             }
         }
         assert!(planted >= 10, "only {planted} of 50 histories had a stale read planted");
-    }
-
-    #[test]
-    fn the_summary_counts_what_the_history_holds() {
-        let history = [write(1, "a", Some("1"), 0, Some(1)), read(1, "a", None, 2, None)];
-        let counts = summary(&history);
-        assert_eq!(counts.get("writes"), Some(&1));
-        assert_eq!(counts.get("indeterminate"), Some(&1));
-        assert_eq!(counts.get("reads"), None);
     }
 }

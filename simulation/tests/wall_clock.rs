@@ -19,9 +19,8 @@ fn an_installed_wall_clock_is_what_the_node_reads() {
     install_wall_clock(virtual_now).expect("the first clock installs");
     assert_eq!(wall(), virtual_now());
     assert_eq!(wall_ms(), 1_000_000_250);
-    // Raft's command stamps, the plugins' windows and expiries, and HTTP dates.
+    // Raft's command stamps (and every other reader, through `wall`), and HTTP dates.
     assert_eq!(SystemClock.now_s(), 1_000_000);
-    assert_eq!(tollgate_node::plugins::unix_now(), virtual_now());
     assert_eq!(httpdate::fmt_http_date(wall_time()), httpdate::fmt_http_date(UNIX_EPOCH + virtual_now()));
     // One source of time per process.
     assert!(install_wall_clock(another_clock).is_err());

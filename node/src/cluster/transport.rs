@@ -127,17 +127,13 @@ fn auth_tag(key: &ring::hmac::Key, unix_ms: u64, path: &str, frame: &[u8]) -> ri
     context.sign()
 }
 
-fn unix_ms() -> u64 {
-    crate::clock::wall_ms()
-}
-
 /// Whether `header` is a valid tag of `path` and `frame`, made within [`AUTH_SKEW`].
 fn auth_valid(key: &ring::hmac::Key, header: Option<&HeaderValue>, path: &str, frame: &[u8]) -> bool {
     let Some((sent_ms, tag)) = header.and_then(|v| v.to_str().ok()).and_then(|v| v.split_once('.')) else {
         return false;
     };
     let (Ok(sent_ms), Some(tag)) = (sent_ms.parse::<u64>(), crate::text::unhex(tag)) else { return false };
-    if unix_ms().abs_diff(sent_ms) > AUTH_SKEW.as_millis() as u64 {
+    if crate::clock::wall_ms().abs_diff(sent_ms) > AUTH_SKEW.as_millis() as u64 {
         return false;
     }
     let expected = auth_tag(key, sent_ms, path, frame);
@@ -186,7 +182,7 @@ impl PeerClient {
             .header(http::header::HOST, address)
             .header(http::header::CONTENT_TYPE, "application/x-tollgate-frame");
         if let ClusterAuth::Secret(key) = &self.auth {
-            let now = unix_ms();
+            let now = crate::clock::wall_ms();
             let tag = auth_tag(key, now, path, &frame);
             builder = builder.header(AUTH_HEADER, format!("{now}.{}", crate::text::hex(tag.as_ref())));
         }
@@ -409,7 +405,7 @@ mod tests {
     #[test]
     fn a_tag_covers_time_path_and_frame() {
         let ClusterAuth::Secret(key) = ClusterAuth::secret("s3cret", "tollgate") else { unreachable!() };
-        let now = unix_ms();
+        let now = crate::clock::wall_ms();
         let tag = |ms: u64, path: &str, frame: &[u8]| {
             let tag = auth_tag(&key, ms, path, frame);
             HeaderValue::from_str(&format!("{ms}.{}", crate::text::hex(tag.as_ref()))).ok()

@@ -430,7 +430,7 @@ impl Plugin for RateLimiting {
     }
 
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>) -> Flow {
-        let now = super::unix_now();
+        let now = crate::clock::wall();
         let now_s = now.as_secs();
         let identifier = self.identifier(ctx, request);
         let found = if self.cluster {
@@ -491,7 +491,7 @@ impl CorrelationId {
             // Kong's tracker is nginx's `ip-port-pid-connection-requests-msec`; Tollgate
             // has no nginx connection numbers and sends `ip-pid-sequence-msec`.
             "tracker" => {
-                let ms = super::unix_now().as_millis();
+                let ms = crate::clock::wall().as_millis();
                 format!("{}-{}-{sequence}-{ms}", ctx.client_ip, std::process::id())
             }
             _ => {

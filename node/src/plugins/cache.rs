@@ -57,14 +57,10 @@ pub struct ResponseCache {
     tick: AtomicU64,
 }
 
-fn now_ms() -> u64 {
-    super::unix_now().as_millis() as u64
-}
-
 impl ResponseCache {
     fn get(&self, key: &str) -> Option<Arc<Cached>> {
         let entry = self.entries.read().ok()?.get(key).cloned()?;
-        if now_ms() >= entry.stored_at_ms + entry.ttl * 1000 {
+        if crate::clock::wall_ms() >= entry.stored_at_ms + entry.ttl * 1000 {
             self.remove(key);
             return None;
         }
@@ -233,8 +229,10 @@ impl Plugin for ProxyCache {
                 headers.push((X_CACHE_KEY, HeaderValue::from_str(&key).unwrap_or(HeaderValue::from_static(""))));
             }
             if show.age {
-                headers
-                    .push((http::header::AGE, HeaderValue::from(now_ms().saturating_sub(cached.stored_at_ms) / 1000)));
+                headers.push((
+                    http::header::AGE,
+                    HeaderValue::from(crate::clock::wall_ms().saturating_sub(cached.stored_at_ms) / 1000),
+                ));
             }
             return Flow::Exit(Exit { status: cached.status, body: cached.body.clone(), headers });
         }
@@ -322,7 +320,7 @@ impl<B> CacheTee<B> {
             status: self.status,
             headers: std::mem::take(&mut self.headers),
             body: buffer.freeze(),
-            stored_at_ms: now_ms(),
+            stored_at_ms: crate::clock::wall_ms(),
             ttl: store.ttl,
             last_used: AtomicU64::new(self.state.cache.tick.fetch_add(1, Ordering::Relaxed)),
         };

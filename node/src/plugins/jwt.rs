@@ -283,7 +283,7 @@ impl Jwt {
         if !valid {
             return Err(message("Invalid signature"));
         }
-        let now = super::unix_now().as_secs_f64();
+        let now = crate::clock::wall().as_secs_f64();
         let mut errors = serde_json::Map::new();
         for claim in &self.config.claims_to_verify {
             let value = claims_json.get(claim);

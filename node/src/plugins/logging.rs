@@ -80,7 +80,7 @@ fn request_entry(request: &RequestView<'_>, env: &Env<'_>) -> Value {
 
 /// The whole entry, in the log phase.
 fn entry(ctx: &Ctx, summary: &LogSummary<'_>) -> String {
-    let now_ms = super::unix_now().as_millis() as u64;
+    let now_ms = crate::clock::wall().as_millis() as u64;
     let proxy_ms = summary.upstream_ms.map_or(summary.latency_ms, |upstream| summary.latency_ms - upstream);
     json!({
         "request": ctx.log_request.clone().unwrap_or(Value::Null),

@@ -107,11 +107,6 @@ pub fn id_header(id: Uuid) -> HeaderValue {
     HeaderValue::from_str(&id.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// Wall-clock time since the Unix epoch: windows, expiries and log timestamps.
-pub fn unix_now() -> std::time::Duration {
-    crate::clock::wall()
-}
-
 /// An identified consumer.
 #[derive(Debug)]
 pub struct Consumer {

@@ -219,7 +219,7 @@ impl Plugin for OpenTelemetry {
 
     fn log(&self, ctx: &Ctx, summary: &LogSummary<'_>, state: &super::NodeState) {
         let Some(trace) = ctx.trace.as_ref().filter(|trace| trace.sampled) else { return };
-        let end_ns = super::unix_now().as_nanos();
+        let end_ns = crate::clock::wall().as_nanos();
         let start_ns = end_ns.saturating_sub((summary.latency_ms * 1e6) as u128);
         let attribute = |key: &str, value: serde_json::Value| serde_json::json!({ "key": key, "value": value });
         let mut attributes = vec![

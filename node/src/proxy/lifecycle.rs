@@ -778,7 +778,7 @@ pub fn finish(
     if let Some(access_log) = access_log {
         let round = |ms: f64| (ms * 1000.0).round() / 1000.0;
         let line = serde_json::json!({
-            "time_ms": plugins::unix_now().as_millis() as u64,
+            "time_ms": crate::clock::wall_ms(),
             "request_id": trace.request_id,
             "client_ip": trace.peer.to_string(),
             "method": trace.method,
