@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tollgate_raft_store::planted::{planted, Bug};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -22,7 +23,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tollgate_raft_store::command::{Op, Outcome, Parent};
 use tollgate_raft_store::state::page_size;
@@ -105,7 +105,7 @@ pub fn tls_source(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resu
 
 /// Serves the Admin API until `shutdown` turns true.
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::env::Listener,
     node: Arc<Node>,
     tls: Option<crate::serve::TlsSource>,
     shutdown: watch::Receiver<bool>,
@@ -273,7 +273,7 @@ fn nested(parent_collection: &str, parent_key: &str, collection: &str) -> Result
 }
 
 async fn read_state(node: &Node, request: &AdminRequest) -> Result<Applied, ApiError> {
-    if request.local() {
+    if request.local() || planted(Bug::StaleReads) {
         Ok(node.cluster.state())
     } else {
         node.cluster.read_barrier().await
@@ -311,7 +311,7 @@ async fn collection_route(
             fill_generated_fields(kind, &mut body);
             hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
-            let op = Op::Create { kind, id: Uuid::new_v4(), parent, body: body.into() };
+            let op = Op::Create { kind, id: crate::env::uuid(), parent, body: body.into() };
             write(node, op).await
         }
         _ => Err(method_not_allowed()),
@@ -337,7 +337,7 @@ async fn entity_route(
             fill_generated_fields(kind, &mut body);
             hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
-            write(node, Op::Upsert { kind, key, id: Uuid::new_v4(), parent, body: body.into() }).await
+            write(node, Op::Upsert { kind, key, id: crate::env::uuid(), parent, body: body.into() }).await
         }
         Method::PATCH => {
             let mut body = parse_json_body(request)?;
@@ -399,7 +399,7 @@ async fn hash_passwords(kind: EntityKind, body: &mut Value) -> Result<(), ApiErr
         return Ok(());
     }
     let password = password.to_string();
-    let hashed = tokio::task::spawn_blocking(move || crate::plugins::basic::hash_password(&password))
+    let hashed = crate::env::blocking(move || crate::plugins::basic::hash_password(&password))
         .await
         .map_err(|error| ApiError::new(ErrorCode::Internal, error.to_string()))?
         .map_err(|error| ApiError::new(ErrorCode::Internal, error))?;
@@ -437,18 +437,18 @@ async fn hash_declarative_passwords(document: &mut Value) -> Result<(), ApiError
 fn fill_generated_fields(kind: EntityKind, body: &mut Value) {
     let Some(object) = body.as_object_mut() else { return };
     if kind == EntityKind::KeyAuth && object.get("key").is_none_or(Value::is_null) {
-        object.insert("key".into(), Value::from(Uuid::new_v4().simple().to_string()));
+        object.insert("key".into(), Value::from(crate::env::uuid().simple().to_string()));
     }
     if kind == EntityKind::Jwt {
         if object.get("key").is_none_or(Value::is_null) {
-            object.insert("key".into(), Value::from(Uuid::new_v4().simple().to_string()));
+            object.insert("key".into(), Value::from(crate::env::uuid().simple().to_string()));
         }
         if object.get("secret").is_none_or(Value::is_null) {
-            object.insert("secret".into(), Value::from(Uuid::new_v4().simple().to_string()));
+            object.insert("secret".into(), Value::from(crate::env::uuid().simple().to_string()));
         }
     }
     if kind == EntityKind::HmacAuth && object.get("secret").is_none_or(Value::is_null) {
-        object.insert("secret".into(), Value::from(Uuid::new_v4().simple().to_string()));
+        object.insert("secret".into(), Value::from(crate::env::uuid().simple().to_string()));
     }
 }
 
@@ -586,7 +586,7 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     // validates again when it applies (it is the authority).
     let mut document = document;
     hash_declarative_passwords(&mut document).await?;
-    let id_seed = u128::from_be_bytes(*Uuid::new_v4().as_bytes());
+    let id_seed = crate::env::random();
     tollgate_raft_store::declarative::load(&document, id_seed, 0)?;
     write(node, Op::ReplaceAll { document: document.into(), id_seed }).await
 }

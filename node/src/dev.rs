@@ -59,7 +59,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
     let echo_listener = TcpListener::bind(options.echo_listen)
         .await
         .with_context(|| format!("binding echo {}", options.echo_listen))?;
-    let echo = tokio::spawn(crate::echo::serve(echo_listener, stop_rx));
+    let echo = tokio::spawn(crate::echo::serve(crate::env::Listener::Tcp(echo_listener), stop_rx));
 
     // The cluster port as it runs in production: mutual TLS, with certificates of
     // the dev cluster's own CA.
@@ -85,7 +85,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         let applied = first.cluster.read_barrier().await?;
         if applied.state.entity_count() == 0 {
             let document = sample_config(options.echo_listen);
-            let id_seed = u128::from_be_bytes(*uuid::Uuid::new_v4().as_bytes());
+            let id_seed = crate::env::random();
             first.cluster.write(Op::ReplaceAll { document: document.into(), id_seed }).await?;
         }
         Ok::<_, tollgate_raft_store::ApiError>(())

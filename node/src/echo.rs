@@ -9,7 +9,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Largest request body the echo reads back.
@@ -18,7 +17,7 @@ pub const ECHO_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// Most echo connections open at once.
 const ECHO_CONNECTIONS_MAX: usize = 4096;
 
-pub async fn serve(listener: TcpListener, shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: crate::env::Listener, shutdown: watch::Receiver<bool>) {
     let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let server = crate::serve::Http1Server {
         name: "echo",

@@ -31,6 +31,8 @@ use chitchat::{
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
+mod plain;
+
 /// How often a node gossips with a few peers.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest datagram accepted (chitchat's own bound).
@@ -81,10 +83,17 @@ pub enum MemberEvent {
 
 /// The gossip side of a node.
 pub struct Gossip {
-    handle: ChitchatHandle,
+    backend: Backend,
     events: broadcast::Sender<MemberEvent>,
     /// Datagrams dropped unread (bad tag, too short).
     rejected: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// chitchat in production; under the simulator, gossip whose every choice follows a
+/// fixed order ([`plain`]).
+enum Backend {
+    Chitchat(ChitchatHandle),
+    Plain(Arc<plain::Plain>, watch::Sender<bool>),
 }
 
 /// What a node needs to start gossiping.
@@ -107,6 +116,9 @@ impl Gossip {
         // A restarted node is a new generation, so peers do not mistake its fresh
         // state for an old one.
         let generation = crate::clock::wall().as_nanos() as u64;
+        if crate::env::simulated() {
+            return Gossip::start_plain(setup, generation).await;
+        }
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(setup.node_id.to_string(), generation, setup.advertise),
             cluster_id: setup.cluster_id.clone(),
@@ -134,14 +146,41 @@ impl Gossip {
         let transport = AuthTransport { key, rejected: rejected.clone() };
         let handle = spawn_chitchat(config, initial, &transport).await?;
         let (events, _) = broadcast::channel(MEMBER_EVENTS_MAX);
-        let gossip = Arc::new(Gossip { handle, events, rejected });
+        let gossip = Arc::new(Gossip { backend: Backend::Chitchat(handle), events, rejected });
+        tokio::spawn(watch_members(gossip.clone()));
+        Ok(gossip)
+    }
+
+    async fn start_plain(setup: GossipSetup, generation: u64) -> anyhow::Result<Arc<Gossip>> {
+        let socket = crate::env::bind_udp(setup.listen).await?;
+        let mut seeds = Vec::new();
+        for seed in &setup.seeds {
+            seeds.push(crate::env::resolve(seed).await?);
+        }
+        let rejected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let key = setup.secret.map(|secret| tag_key(&secret, &setup.cluster_id));
+        let own = (setup.cluster_id, setup.node_id.to_string(), generation);
+        let plain = plain::Plain::new(socket, key, own, setup.advertise, &seeds, rejected.clone());
+        plain.set(KEY_CLUSTER_ADDR, setup.advertise.to_string());
+        plain.set(KEY_PROXY_ADDR, setup.proxy_addr.to_string());
+        plain.set(KEY_ADMIN_ADDR, setup.admin_addr.to_string());
+        plain.set(KEY_CONFIG_VERSION, "0".to_string());
+        let (events, _) = broadcast::channel(MEMBER_EVENTS_MAX);
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(plain.clone().run(stopped));
+        let gossip = Arc::new(Gossip { backend: Backend::Plain(plain, stop), events, rejected });
         tokio::spawn(watch_members(gossip.clone()));
         Ok(gossip)
     }
 
     /// Sets one of this node's keys.
     pub async fn set(&self, key: &str, value: String) {
-        self.handle.with_chitchat(|chitchat| chitchat.self_node_state().set(key, value.clone())).await;
+        match &self.backend {
+            Backend::Chitchat(handle) => {
+                handle.with_chitchat(|chitchat| chitchat.self_node_state().set(key, value.clone())).await
+            }
+            Backend::Plain(plain, _) => plain.set(key, value),
+        }
     }
 
     /// Datagrams this node dropped unread (bad or missing tag).
@@ -156,7 +195,19 @@ impl Gossip {
 
     /// Every live node's keys under `prefix`: (node id, key, value).
     pub async fn entries(&self, prefix: &str) -> Vec<(String, String, String)> {
-        self.handle
+        let handle = match &self.backend {
+            Backend::Chitchat(handle) => handle,
+            Backend::Plain(plain, _) => {
+                let mut found = Vec::new();
+                for (id, keys) in plain.live_nodes() {
+                    for (key, value) in keys.into_iter().filter(|(key, _)| key.starts_with(prefix)) {
+                        found.push((id.clone(), key, value));
+                    }
+                }
+                return found;
+            }
+        };
+        handle
             .with_chitchat(|chitchat| {
                 let live: Vec<ChitchatId> = chitchat.live_nodes().cloned().collect();
                 let mut found = Vec::new();
@@ -173,12 +224,37 @@ impl Gossip {
 
     /// Live node ids (this one included), by gossip's failure detector.
     pub async fn live_nodes(&self) -> Vec<String> {
-        self.handle.with_chitchat(|chitchat| chitchat.live_nodes().map(|id| id.node_id.to_string()).collect()).await
+        match &self.backend {
+            Backend::Chitchat(handle) => {
+                handle.with_chitchat(|chitchat| chitchat.live_nodes().map(|id| id.node_id.to_string()).collect()).await
+            }
+            Backend::Plain(plain, _) => plain.live_nodes().into_iter().map(|(id, _)| id).collect(),
+        }
     }
 
     /// The gossip view for `/cluster`: per node, live or not, and its keys.
     pub async fn view(&self) -> Value {
-        self.handle
+        let handle = match &self.backend {
+            Backend::Chitchat(handle) => handle,
+            Backend::Plain(plain, _) => {
+                let live: std::collections::BTreeSet<String> =
+                    plain.live_nodes().into_iter().map(|(id, _)| id).collect();
+                let mut nodes = serde_json::Map::new();
+                for (id, generation, address, keys) in plain.all_nodes() {
+                    let keys: serde_json::Map<String, Value> =
+                        keys.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+                    let entry = json!({
+                        "live": live.contains(&id),
+                        "generation": generation,
+                        "gossip_addr": address.to_string(),
+                        "keys": keys,
+                    });
+                    nodes.insert(id, entry);
+                }
+                return json!({ "live": live.len(), "nodes": nodes });
+            }
+        };
+        handle
             .with_chitchat(|chitchat| {
                 let live: std::collections::BTreeSet<String> =
                     chitchat.live_nodes().map(|id| id.node_id.to_string()).collect();
@@ -208,6 +284,7 @@ impl Gossip {
         let mut last: Option<(tokio::time::Instant, u64)> = None;
         loop {
             tokio::select! {
+                biased;
                 _ = ticks.tick() => {}
                 _ = stop.changed() => return,
             }
@@ -229,50 +306,86 @@ impl Gossip {
                 .collect();
             for member in state.members.iter().filter(|member| !known.contains(member)) {
                 if let Ok(address) = member.parse::<SocketAddr>() {
-                    let _ = self.handle.gossip(address);
+                    match &self.backend {
+                        Backend::Chitchat(handle) => {
+                            let _ = handle.gossip(address);
+                        }
+                        Backend::Plain(plain, _) => plain.add_peer(address),
+                    }
                 }
             }
         }
     }
 
     pub async fn shutdown(&self) {
-        let _ = self.handle.initiate_shutdown();
+        match &self.backend {
+            Backend::Chitchat(handle) => {
+                let _ = handle.initiate_shutdown();
+            }
+            Backend::Plain(_, stop) => {
+                let _ = stop.send(true);
+            }
+        }
     }
 }
 
 /// Turns chitchat's live-node snapshots into add/update/remove events.
 async fn watch_members(gossip: Arc<Gossip>) {
-    let mut watcher = gossip.handle.with_chitchat(|chitchat| chitchat.live_nodes_watcher()).await;
-    let mut known: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        let current: BTreeMap<String, u64> = watcher
-            .borrow_and_update()
-            .iter()
-            .map(|(id, state)| (id.node_id.to_string(), state.max_version()))
-            .collect();
-        for (id, version) in &current {
-            let event = match known.get(id) {
-                None => Some(MemberEvent::Added(id.clone())),
-                Some(old) if old != version => Some(MemberEvent::Updated(id.clone())),
-                Some(_) => None,
-            };
-            if let Some(event) = event {
-                if matches!(event, MemberEvent::Added(_)) {
-                    tracing::info!(node = %id, "gossip: node live");
+    match &gossip.backend {
+        Backend::Chitchat(handle) => {
+            let mut watcher = handle.with_chitchat(|chitchat| chitchat.live_nodes_watcher()).await;
+            let mut known = BTreeMap::new();
+            loop {
+                let current = watcher
+                    .borrow_and_update()
+                    .iter()
+                    .map(|(id, state)| (id.node_id.to_string(), state.max_version()))
+                    .collect();
+                known = announce(&gossip.events, known, current);
+                if watcher.changed().await.is_err() {
+                    return;
                 }
-                let _ = gossip.events.send(event);
             }
         }
-        for id in known.keys().filter(|id| !current.contains_key(*id)) {
-            tracing::info!(node = %id, "gossip: node no longer live");
-            let _ = gossip.events.send(MemberEvent::Removed(id.clone()));
-        }
-        metrics::gauge!("tollgate_gossip_live_nodes").set(current.len() as f64);
-        known = current;
-        if watcher.changed().await.is_err() {
-            return;
+        Backend::Plain(plain, _) => {
+            let mut watcher = plain.live.subscribe();
+            let mut known = BTreeMap::new();
+            loop {
+                let current = watcher.borrow_and_update().clone();
+                known = announce(&gossip.events, known, current);
+                if watcher.changed().await.is_err() {
+                    return;
+                }
+            }
         }
     }
+}
+
+/// Sends the events that turn `known` into `current`, and returns `current`.
+fn announce(
+    events: &broadcast::Sender<MemberEvent>,
+    known: BTreeMap<String, u64>,
+    current: BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    for (id, version) in &current {
+        let event = match known.get(id) {
+            None => Some(MemberEvent::Added(id.clone())),
+            Some(old) if old != version => Some(MemberEvent::Updated(id.clone())),
+            Some(_) => None,
+        };
+        if let Some(event) = event {
+            if matches!(event, MemberEvent::Added(_)) {
+                tracing::info!(node = %id, "gossip: node live");
+            }
+            let _ = events.send(event);
+        }
+    }
+    for id in known.keys().filter(|id| !current.contains_key(*id)) {
+        tracing::info!(node = %id, "gossip: node no longer live");
+        let _ = events.send(MemberEvent::Removed(id.clone()));
+    }
+    metrics::gauge!("tollgate_gossip_live_nodes").set(current.len() as f64);
+    current
 }
 
 /// The key datagrams are tagged with: the secret, bound to the cluster id.
@@ -372,10 +485,7 @@ impl Socket for SealingSocket {
         while let Some(to) = self.destinations.front().copied() {
             let (length, _) = self.outbox.recv_from(&mut self.buffer).await?;
             self.destinations.pop_front();
-            let mut frame = self.buffer[..length].to_vec();
-            frame.extend_from_slice(&crate::clock::wall_ms().to_be_bytes());
-            let tag = ring::hmac::sign(&self.key, &frame);
-            frame.extend_from_slice(tag.as_ref());
+            let frame = seal(&self.key, self.buffer[..length].to_vec());
             // A send that fails (too large with its tag, a peer unreachable now) is
             // not fatal: gossip tries other peers next round.
             match self.public.send_to(&frame, to).await {
@@ -404,21 +514,13 @@ impl Socket for SealingSocket {
                 }
             };
             metrics::counter!("tollgate_gossip_bytes_received_total").increment(length as u64);
-            let Some(split) = length.checked_sub(TAG_BYTES + STAMP_BYTES) else {
-                self.reject(from, "shorter than its tag");
-                continue;
+            let payload = match unseal(&self.key, &self.buffer[..length]) {
+                Ok(payload) => payload,
+                Err(why) => {
+                    self.reject(from, why);
+                    continue;
+                }
             };
-            let (stamped, tag) = self.buffer[..length].split_at(split + STAMP_BYTES);
-            if ring::hmac::verify(&self.key, stamped, tag).is_err() {
-                self.reject(from, "bad tag");
-                continue;
-            }
-            let (payload, stamp) = stamped.split_at(split);
-            let sent_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
-            if crate::clock::wall_ms().abs_diff(sent_ms) > TAG_SKEW.as_millis() as u64 {
-                self.reject(from, "sent too long ago (a replay) or clocks too far apart");
-                continue;
-            }
             if self.senders.len() >= PENDING_DATAGRAMS_MAX {
                 self.reject(from, "too many datagrams waiting to be decoded");
                 continue;
@@ -431,10 +533,39 @@ impl Socket for SealingSocket {
 
 impl SealingSocket {
     fn reject(&self, from: SocketAddr, why: &str) {
-        tracing::debug!(%from, why, "gossip datagram dropped");
-        self.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!("tollgate_gossip_datagrams_rejected_total").increment(1);
+        reject(&self.rejected, from, why);
     }
+}
+
+fn reject(rejected: &std::sync::atomic::AtomicU64, from: SocketAddr, why: &str) {
+    tracing::debug!(%from, why, "gossip datagram dropped");
+    rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("tollgate_gossip_datagrams_rejected_total").increment(1);
+}
+
+/// `payload`, then the time it is sent and the tag of both.
+fn seal(key: &ring::hmac::Key, mut payload: Vec<u8>) -> Vec<u8> {
+    payload.extend_from_slice(&crate::clock::wall_ms().to_be_bytes());
+    let tag = ring::hmac::sign(key, &payload);
+    payload.extend_from_slice(tag.as_ref());
+    payload
+}
+
+/// The payload of a sealed datagram, or why it is refused.
+fn unseal<'a>(key: &ring::hmac::Key, datagram: &'a [u8]) -> Result<&'a [u8], &'static str> {
+    let Some(split) = datagram.len().checked_sub(TAG_BYTES + STAMP_BYTES) else {
+        return Err("shorter than its tag");
+    };
+    let (stamped, tag) = datagram.split_at(split + STAMP_BYTES);
+    if ring::hmac::verify(key, stamped, tag).is_err() {
+        return Err("bad tag");
+    }
+    let (payload, stamp) = stamped.split_at(split);
+    let sent_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+    if crate::clock::wall_ms().abs_diff(sent_ms) > TAG_SKEW.as_millis() as u64 {
+        return Err("sent too long ago (a replay) or clocks too far apart");
+    }
+    Ok(payload)
 }
 
 #[cfg(test)]

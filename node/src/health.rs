@@ -240,12 +240,12 @@ async fn probe(checks: &ActiveChecks, target: &str) -> Outcome {
         // apart from a target that refuses connections.
         let address = match target.parse::<std::net::SocketAddr>() {
             Ok(address) => address,
-            Err(_) => match tokio::net::lookup_host(target).await.ok().and_then(|mut found| found.next()) {
-                Some(address) => address,
-                None => return Outcome::DnsError,
+            Err(_) => match crate::env::resolve(target).await {
+                Ok(address) => address,
+                Err(_) => return Outcome::DnsError,
             },
         };
-        let stream = match tokio::net::TcpStream::connect(address).await {
+        let stream = match crate::env::connect_addr(address).await {
             Ok(stream) => stream,
             Err(_) => return Outcome::TcpFailure,
         };
@@ -452,6 +452,7 @@ impl Checker {
         let mut passive: HashMap<(Uuid, String), Probed> = HashMap::new();
         loop {
             tokio::select! {
+                biased;
                 _ = ticks.tick() => {}
                 _ = stop.changed() => return,
             }

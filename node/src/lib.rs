@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod dev;
 pub mod echo;
+pub mod env;
 pub mod gossip;
 pub mod health;
 pub mod node;

@@ -269,7 +269,8 @@ fn main() -> anyhow::Result<()> {
                     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
                 eprintln!("echo listening on http://{}", listener.local_addr()?);
                 let (stop, stop_rx) = tokio::sync::watch::channel(false);
-                let server = tokio::spawn(tollgate_node::echo::serve(listener, stop_rx));
+                let server =
+                    tokio::spawn(tollgate_node::echo::serve(tollgate_node::env::Listener::Tcp(listener), stop_rx));
                 tokio::signal::ctrl_c().await?;
                 let _ = stop.send(true);
                 let _ = server.await;

@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::storage::RaftLogStorage;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tollgate_raft_store::state::counts;
@@ -82,7 +81,7 @@ impl NodeHandle {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         let threads = std::mem::take(&mut self.proxy_threads);
-        let _ = tokio::task::spawn_blocking(move || {
+        let _ = crate::env::blocking(move || {
             for thread in threads {
                 let _ = thread.join();
             }
@@ -117,19 +116,22 @@ pub async fn start(
     let applied = state_machine.subscribe();
     let ledger = state_machine.ledger();
 
-    let cluster_listener = TcpListener::bind(config.cluster_listen)
+    let cluster_listener = crate::env::bind(config.cluster_listen)
         .await
         .with_context(|| format!("binding cluster_listen {}", config.cluster_listen))?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
+    let admin_listener = crate::env::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
-    let proxy_listener = std::net::TcpListener::bind(config.proxy_listen)
+    let proxy_listener = crate::proxy::Workers::bind(config.proxy_listen)
+        .await
         .with_context(|| format!("binding proxy_listen {}", config.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let proxy_tls_listener = match config.proxy_tls_listen {
-        Some(address) => {
-            Some(std::net::TcpListener::bind(address).with_context(|| format!("binding proxy_tls_listen {address}"))?)
-        }
+        Some(address) => Some(
+            crate::proxy::Workers::bind(address)
+                .await
+                .with_context(|| format!("binding proxy_tls_listen {address}"))?,
+        ),
         None => None,
     };
     let cluster_addr = cluster_listener.local_addr()?;
@@ -188,7 +190,7 @@ pub async fn start(
     // Raft's first report of the restored term and index rather than its zeroed
     // initial metrics.
     let restored = applied.borrow().clone();
-    let first = tokio::task::spawn_blocking(move || CompiledConfig::compile(&restored)).await?;
+    let first = crate::env::blocking(move || CompiledConfig::compile(&restored)).await?;
     let restored_index = first.version;
     let published = Arc::new(Published::new(first));
     let reported = cluster
@@ -204,11 +206,9 @@ pub async fn start(
     }
 
     // Gossip on the cluster port's UDP side, seeded with the other members' addresses.
-    let advertise = tokio::net::lookup_host(&config.advertise)
+    let advertise = crate::env::resolve(&config.advertise)
         .await
-        .with_context(|| format!("resolving advertise {}", config.advertise))?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("advertise {} has no address", config.advertise))?;
+        .with_context(|| format!("resolving advertise {}", config.advertise))?;
     let seeds: Vec<String> = config
         .initial_cluster
         .iter()
@@ -274,16 +274,10 @@ pub async fn start(
         direct: config.proxy_direct,
     };
     let mut proxy_threads =
-        crate::proxy::spawn_workers(config.workers, proxy_listener, None, setup.clone(), shutdown_rx.clone())?;
+        proxy_listener.spawn(config.workers, None, setup.clone(), shutdown_rx.clone(), &mut tasks)?;
     if let Some(tls_listener) = proxy_tls_listener {
         let tls = crate::proxy::server_config(published).context("tls configuration")?;
-        proxy_threads.extend(crate::proxy::spawn_workers(
-            config.workers,
-            tls_listener,
-            Some(tls),
-            setup,
-            shutdown_rx.clone(),
-        )?);
+        proxy_threads.extend(tls_listener.spawn(config.workers, Some(tls), setup, shutdown_rx.clone(), &mut tasks)?);
     }
     let admin_tls = match &config.admin_tls {
         Some((cert, key)) => Some(crate::admin::tls_source(cert, key)?),

@@ -17,10 +17,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::conn::{RequestGuard, TimedIo, Timeouts};
+use crate::env::{Listener, Stream};
 
 /// Longest a TLS handshake may take on the Admin API and the cluster port.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,12 +81,12 @@ impl Drop for PeerSlot {
 /// its task ends).
 pub async fn accept_loop<C, Fut>(
     name: &'static str,
-    listener: TcpListener,
+    listener: Listener,
     limits: Limits,
     on_connection: C,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    C: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    C: Fn(Stream, SocketAddr, watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     debug_assert!(limits.connections_max > 0 && limits.per_peer_max > 0);
@@ -94,6 +94,7 @@ pub async fn accept_loop<C, Fut>(
     let peers = Arc::new(PeerCounts::default());
     loop {
         let permit = tokio::select! {
+            biased;
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
@@ -101,6 +102,7 @@ pub async fn accept_loop<C, Fut>(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let accepted = tokio::select! {
+            biased;
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
@@ -195,18 +197,14 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Serves `handler` over HTTP/1.1 on `listener` until `shutdown` turns true.
-pub async fn serve_http1<H, Fut>(
-    listener: TcpListener,
-    server: Http1Server,
-    handler: H,
-    shutdown: watch::Receiver<bool>,
-) where
+pub async fn serve_http1<H, Fut>(listener: Listener, server: Http1Server, handler: H, shutdown: watch::Receiver<bool>)
+where
     H: Fn(Caller, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let Http1Server { name, limits, timeouts, tls } = server;
     let pending = Arc::new(Pending::new(limits.pending_max.max(1)));
-    let on_connection = move |stream: TcpStream, address: SocketAddr, mut shutdown: watch::Receiver<bool>| {
+    let on_connection = move |stream: Stream, address: SocketAddr, mut shutdown: watch::Receiver<bool>| {
         let handler = handler.clone();
         let tls = tls.clone();
         let pending = pending.clone();
@@ -248,6 +246,7 @@ pub async fn serve_http1<H, Fut>(
                 }
             };
             let accepted = tokio::select! {
+                biased;
                 accepted = accepted => accepted,
                 _ = &mut evicted => None,
             };
@@ -278,6 +277,7 @@ pub async fn serve_http1<H, Fut>(
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::select! {
+                biased;
                 result = connection => {
                     if let Err(error) = result {
                         tracing::debug!(%error, %address, server = name, "connection ended");

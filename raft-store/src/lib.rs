@@ -11,6 +11,7 @@
 
 pub mod entities;
 pub mod error;
+pub mod planted;
 pub mod plugins;
 pub mod schema;
 

@@ -13,6 +13,10 @@
 //! - **install**: a snapshot received from the leader replaces the state and is stored.
 //!
 //! redb calls block (a commit waits for fsync), so writes run on tokio's blocking pool.
+//!
+//! The simulator swaps where the database lives and where its calls run
+//! ([`install_storage`]): a simulated disk per node, and redb called inline on the
+//! simulator's one thread.
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes); boxing it
 // in our helpers would only move the size around.
@@ -69,9 +73,28 @@ pub const DATA_DIR_MODE: u32 = 0o700;
 /// Mode of the database file.
 pub const DATABASE_FILE_MODE: u32 = 0o600;
 
+/// Where databases live and how their calls run, when not on files and the blocking
+/// pool (the simulator's).
+#[derive(Clone, Copy)]
+pub struct StorageSeam {
+    /// Opens the database of a data directory (created empty the first time).
+    pub open: fn(&Path) -> std::result::Result<Database, redb::Error>,
+}
+
+static STORAGE: std::sync::OnceLock<StorageSeam> = std::sync::OnceLock::new();
+
+/// Makes every node of this process keep its database where `seam` says, and call
+/// redb inline. Once per process, before any node opens storage.
+pub fn install_storage(seam: StorageSeam) -> std::result::Result<(), &'static str> {
+    STORAGE.set(seam).map_err(|_| "a storage seam is already installed in this process")
+}
+
 /// Opens (or creates) the node's database, with the directory and file readable by the
 /// node's user only (also when they were made before with wider modes).
 pub fn open_database(data_dir: &Path) -> std::result::Result<Arc<Database>, redb::Error> {
+    if let Some(seam) = STORAGE.get() {
+        return prepare_database((seam.open)(data_dir)?);
+    }
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::create_dir_all(data_dir)?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))?;
@@ -97,12 +120,15 @@ pub fn prepare_database(database: Database) -> std::result::Result<Arc<Database>
     Ok(Arc::new(database))
 }
 
-/// Runs a redb transaction on the blocking pool.
+/// Runs a redb transaction on the blocking pool (inline under the simulator).
 async fn blocking<T, F>(database: &Arc<Database>, work: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce(&Database) -> Result<T> + Send + 'static,
 {
+    if STORAGE.get().is_some() {
+        return work(database);
+    }
     let database = database.clone();
     match tokio::task::spawn_blocking(move || work(&database)).await {
         Ok(result) => result,

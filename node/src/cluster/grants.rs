@@ -29,6 +29,7 @@ pub async fn run(cluster: Cluster, leases: Arc<Leases>, mut stop: watch::Receive
     tokio::pin!(stopped);
     loop {
         tokio::select! {
+            biased;
             _ = &mut stopped => return,
             _ = expire.tick() => {
                 leases.expire(cluster.now_s());

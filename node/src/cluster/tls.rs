@@ -128,6 +128,7 @@ impl ClusterTls {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = ticks.tick() => {
                     self.reload_if_changed();
                 }

@@ -27,7 +27,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::time::Instant;
 use tollgate_raft_store::codec;
@@ -247,8 +246,7 @@ impl PeerClient {
         let address = peer.address;
         let refused = |reason: String| PeerError::Connect { address: address.to_string(), reason };
         let opened = async {
-            let stream = TcpStream::connect(address).await.map_err(|e| refused(e.to_string()))?;
-            let _ = stream.set_nodelay(true);
+            let stream = crate::env::connect(address).await.map_err(|e| refused(e.to_string()))?;
             let io: Box<dyn Io> = match &self.auth {
                 ClusterAuth::Tls(tls) => {
                     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
@@ -303,7 +301,7 @@ pub trait FrameHandler: Send + Sync + 'static {
 
 /// Serves the cluster port until `shutdown` turns true.
 pub async fn serve<H: FrameHandler>(
-    listener: TcpListener,
+    listener: crate::env::Listener,
     auth: ClusterAuth,
     handler: Arc<H>,
     shutdown: watch::Receiver<bool>,

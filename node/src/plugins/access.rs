@@ -481,13 +481,13 @@ pub struct CorrelationId {
 impl CorrelationId {
     pub fn new(config: CorrelationIdConfig) -> Result<CorrelationId, String> {
         let header = HeaderName::from_bytes(config.header_name.as_bytes()).map_err(|error| error.to_string())?;
-        Ok(CorrelationId { config, header, prefix: Uuid::new_v4().to_string(), counter: AtomicU64::new(0) })
+        Ok(CorrelationId { config, header, prefix: crate::env::uuid().to_string(), counter: AtomicU64::new(0) })
     }
 
     fn generate(&self, ctx: &Ctx) -> String {
         let sequence = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         match self.config.generator.as_str() {
-            "uuid" => Uuid::new_v4().to_string(),
+            "uuid" => crate::env::uuid().to_string(),
             // Kong's tracker is nginx's `ip-port-pid-connection-requests-msec`; Tollgate
             // has no nginx connection numbers and sends `ip-pid-sequence-msec`.
             "tracker" => {

@@ -251,7 +251,7 @@ impl Plugin for BasicAuth {
                 let stored = credential.map(|c| c.hash.clone());
                 let password = password.to_string();
                 return Flow::Verify(Box::pin(async move {
-                    let checked = tokio::task::spawn_blocking(move || match &stored {
+                    let checked = crate::env::blocking(move || match &stored {
                         Some(stored) => verify_password(stored, &password),
                         None => {
                             verify_password(decoy_hash(), &password);

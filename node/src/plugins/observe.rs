@@ -186,7 +186,7 @@ impl OpenTelemetry {
 
 fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
-    let random = uuid::Uuid::new_v4();
+    let random = crate::env::uuid();
     let source = random.as_bytes();
     bytes.copy_from_slice(&source[..N]);
     bytes

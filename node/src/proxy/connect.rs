@@ -214,6 +214,20 @@ impl tower_service::Service<Name> for DnsCache {
     }
 }
 
+/// A TCP connection to `uri`'s authority: a name through the DNS cache, Nagle off
+/// (`tcp`), or the simulator's network under the simulator ([`crate::env`]).
+pub async fn dial(
+    tcp: &hyper_util::client::legacy::connect::HttpConnector<DnsCache>,
+    uri: http::Uri,
+) -> Result<crate::env::Stream, super::BoxError> {
+    use tower_service::Service;
+    if crate::env::simulated() {
+        let authority = uri.authority().map(|authority| authority.as_str()).unwrap_or_default();
+        return Ok(crate::env::connect(authority).await?);
+    }
+    Ok(crate::env::Stream::Tcp(tcp.clone().call(uri).await?.into_inner()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;

@@ -451,6 +451,7 @@ impl lifecycle::Upstream for HyperUpstream<'_> {
             tokio::time::sleep(read_timeout).await;
         };
         let sent = tokio::select! {
+            biased;
             sent = self.sender.send(request, fresh) => sent,
             () = head_timer => return Err(ErrorKind::UpstreamTimeout.into()),
         };

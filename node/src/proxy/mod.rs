@@ -35,7 +35,6 @@ use http::Request;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub use self::snapshot::{CompiledConfig, ProxySnapshot, Published};
@@ -243,11 +242,53 @@ impl ClientConn {
     }
 }
 
+/// The proxy's listener, before its workers start: a TCP listener its worker threads
+/// share, or under the simulator the environment's, served by one task.
+pub enum Workers {
+    Threads(std::net::TcpListener),
+    Task(crate::env::Listener),
+}
+
+impl Workers {
+    pub async fn bind(address: SocketAddr) -> std::io::Result<Workers> {
+        if crate::env::simulated() {
+            return Ok(Workers::Task(crate::env::bind(address).await?));
+        }
+        Ok(Workers::Threads(std::net::TcpListener::bind(address)?))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Workers::Threads(listener) => listener.local_addr(),
+            Workers::Task(listener) => listener.local_addr(),
+        }
+    }
+
+    /// Starts the workers: threads (returned), or under the simulator one task on
+    /// `tasks` (the simulator runs a node on one thread).
+    pub fn spawn(
+        self,
+        workers: usize,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        setup: ProxySetup,
+        shutdown: watch::Receiver<bool>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        match self {
+            Workers::Threads(listener) => spawn_workers(workers, listener, tls, setup, shutdown),
+            Workers::Task(listener) => {
+                tasks.spawn(serve(listener, tls, Arc::new(Proxy::new(setup)), shutdown));
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
 /// Starts `workers` proxy threads, each with its own single-threaded runtime and
 /// upstream connection pool, all accepting on `listener` (nginx's worker model: no
 /// work stealing or cross-thread wake-ups on the request path). They stop when
 /// `shutdown` turns true.
-pub fn spawn_workers(
+fn spawn_workers(
     workers: usize,
     listener: std::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -272,8 +313,10 @@ pub fn spawn_workers(
                 }
             };
             runtime.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, tls, Arc::new(Proxy::new(setup)), shutdown).await,
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        serve(crate::env::Listener::Tcp(listener), tls, Arc::new(Proxy::new(setup)), shutdown).await
+                    }
                     Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
                 }
             });
@@ -314,14 +357,14 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves proxy traffic until `shutdown` turns true: HTTP/1.1 and h2c, or with `tls`
 /// HTTPS (HTTP/1.1 and h2 by ALPN).
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::env::Listener,
     tls: Option<Arc<rustls::ServerConfig>>,
     proxy: Arc<Proxy>,
     shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let on_connection = move |stream: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>| {
+    let on_connection = move |stream: crate::env::Stream, peer: SocketAddr, shutdown: watch::Receiver<bool>| {
         let proxy = proxy.clone();
         let acceptor = acceptor.clone();
         async move {
@@ -366,6 +409,7 @@ async fn serve_stream<S>(
         // the connection (and the bytes read of that request) to hyper below.
         let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);
         tokio::select! {
+            biased;
             outcome = direct::serve(&mut stream, &connection) => match outcome {
                 direct::Outcome::Closed => return,
                 direct::Outcome::HandOff(read) => prefix = read,
@@ -396,6 +440,7 @@ async fn serve_stream<S>(
         .max_header_list_size(H2_HEADER_LIST_BYTES_MAX);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::select! {
+        biased;
         result = connection => {
             if let Err(error) = result {
                 tracing::debug!(%error, %peer, "proxy connection ended");

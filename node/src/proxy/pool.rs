@@ -177,15 +177,14 @@ impl H1Pool {
         authority: &Authority,
         write_timeout_ms: Arc<AtomicU64>,
     ) -> Result<SendRequest<UpstreamBody>, SendError> {
-        use tower_service::Service;
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
             .path_and_query("/")
             .build()
             .map_err(|error| SendError::Connect(error.into()))?;
-        let stream = self.tcp.clone().call(uri).await.map_err(|error| SendError::Connect(error.into()))?;
-        let stream = TokioIo::new(WriteTimed::new(stream.into_inner(), write_timeout_ms));
+        let stream = super::connect::dial(&self.tcp, uri).await.map_err(SendError::Connect)?;
+        let stream = TokioIo::new(WriteTimed::new(stream, write_timeout_ms));
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(stream)
             .await
@@ -278,7 +277,7 @@ const RETURN_WAIT_MAX: Duration = Duration::from_secs(1);
 /// An upstream connection of the direct HTTP/1.1 path ([`super::direct`]): the socket
 /// and the bytes read from it, owned by one request at a time.
 pub struct DirectConn {
-    pub stream: tokio::net::TcpStream,
+    pub stream: crate::env::Stream,
     pub buf: bytes::BytesMut,
     /// It served an earlier request (and the upstream may have closed it since).
     pub reused: bool,
@@ -335,9 +334,8 @@ impl DirectPool {
 
     /// A new connection to `authority` (its name resolved through the DNS cache).
     pub async fn connect(&self, authority: &Authority) -> Result<DirectConn, BoxError> {
-        use tower_service::Service;
         let uri = Uri::builder().scheme("http").authority(authority.clone()).path_and_query("/").build()?;
-        let stream = self.tcp.clone().call(uri).await?.into_inner();
+        let stream = super::connect::dial(&self.tcp, uri).await?;
         metrics::counter!("tollgate_upstream_connections_opened_total").increment(1);
         Ok(DirectConn { stream, buf: bytes::BytesMut::with_capacity(DIRECT_BUFFER_BYTES), reused: false })
     }

@@ -38,7 +38,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tollgate_raft_store::entities;
 use tollgate_raft_store::schema::Object;
 use tollgate_raft_store::state::ConfigState;
@@ -300,7 +299,7 @@ impl ServerCertVerifier for UpstreamVerifier {
 }
 
 /// A TCP connection with its writes timed.
-pub type TimedTcp = WriteTimed<TcpStream>;
+pub type TimedTcp = WriteTimed<crate::env::Stream>;
 
 /// A connection to an upstream, in clear text or TLS.
 pub enum UpstreamStream {
@@ -411,13 +410,13 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.tcp.call(uri);
+        let tcp = self.tcp.clone();
         let tls = self.tls.clone();
         let write_timeout = self.write_timeout_ms.clone();
         let timeout = self.connect_timeout;
         Box::pin(async move {
             let connect = async move {
-                let tcp = WriteTimed::new(connecting.await?.into_inner(), write_timeout);
+                let tcp = WriteTimed::new(super::connect::dial(&tcp, uri).await?, write_timeout);
                 let Some(profile) = tls else {
                     return Ok(UpstreamStream::Plain(TokioIo::new(tcp)));
                 };

@@ -1,0 +1,36 @@
+//! Seeds the simulator found bugs with, kept as regressions, and the fixed range CI
+//! runs. Runs are sequential: one test per binary (simulation/README.md).
+
+use std::time::Duration;
+
+use tollgate_simulation::run::{run, Options};
+
+/// The seeds CI runs on every change (debug build, a few minutes on two cores).
+const CI_SEEDS: std::ops::RangeInclusive<u64> = 1..=100;
+
+/// Seeds that found a bug, and what it was (the comments at the fixes).
+const FOUND: [u64; 1] = [
+    // An isolated leader's failed read barriers were retried at once, because the
+    // retry waited for "any change in Raft's metrics", which a leader's metrics make
+    // all the time: thousands of read barriers, each dialling both peers, in one
+    // instant of simulated time, until the host ran out of ports. Now a retry waits
+    // for a new leader or term, or the retry pause (`cluster::attempt_on_leader`).
+    2,
+];
+
+fn options(seed: u64) -> Options {
+    Options { seed, nodes: 3, duration: Duration::from_secs(10), plant: None }
+}
+
+#[test]
+fn found_seeds_and_the_ci_range_run_clean() {
+    let mut failures = Vec::new();
+    for seed in FOUND.into_iter().chain(CI_SEEDS) {
+        let outcome = run(&options(seed));
+        if let Some(failure) = outcome.failure {
+            failures
+                .push(format!("seed {seed}: invariant {}: {}\n{}", failure.invariant, failure.detail, failure.history));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -1,0 +1,34 @@
+//! A seed replays bit for bit. One test in its own binary: runs of the simulator are
+//! sequential on one thread (simulation/README.md, "Determinism").
+
+use std::time::Duration;
+
+use tollgate_simulation::run::{run, Options};
+
+fn options(seed: u64) -> Options {
+    Options { seed, nodes: 3, duration: Duration::from_secs(10), plant: None }
+}
+
+/// The same seed twice in this process gives the same trace, and the `tollgate-simulation`
+/// command in two other processes prints that trace too.
+#[test]
+fn a_seed_replays_bit_for_bit_in_one_process_and_in_two() {
+    let first = run(&options(5));
+    let second = run(&options(5));
+    assert!(first.operations > 100, "the workload ran: {} operations", first.operations);
+    assert!(first.faults > 0, "faults were inflicted");
+    assert_eq!(first.events, second.events, "the same seed ran differently in one process");
+    assert_eq!(first.trace, second.trace);
+    let expected = format!("trace={:016x}", first.trace);
+    for _ in 0..2 {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate-simulation"))
+            .args(["--seed", "5", "--nodes", "3", "--duration", "10"])
+            .output()
+            .expect("the simulation command runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}");
+        assert!(stdout.lines().next().is_some_and(|line| line.ends_with(&expected)), "{stdout}\nexpected {expected}");
+    }
+    // A different seed is a different run.
+    assert_ne!(run(&options(6)).trace, first.trace);
+}
