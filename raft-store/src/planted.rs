@@ -14,15 +14,18 @@ pub enum Bug {
     /// Admin reads skip the read barrier: a deposed leader or a lagging follower
     /// answers from what it holds (CFG2).
     StaleReads = 2,
+    /// The quota ledger grants up to twice a key's limit (RL1).
+    GrantPastLimit = 4,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 2] = [Bug::AckBeforeCommit, Bug::StaleReads];
+    pub const ALL: [Bug; 3] = [Bug::AckBeforeCommit, Bug::StaleReads, Bug::GrantPastLimit];
 
     pub fn name(self) -> &'static str {
         match self {
             Bug::AckBeforeCommit => "ack-before-commit",
             Bug::StaleReads => "stale-reads",
+            Bug::GrantPastLimit => "grant-past-limit",
         }
     }
 

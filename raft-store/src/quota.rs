@@ -151,15 +151,17 @@ impl QuotaLedger {
         account.limit = account.limit.min(request.limit);
         let used = account.used.entry(node).or_default();
         *used = (*used).max(request.used);
-        let rest = account.limit.saturating_sub(account.total);
+        let planted = crate::planted::planted(crate::planted::Bug::GrantPastLimit);
+        let ceiling = if planted { account.limit.saturating_mul(2) } else { account.limit };
+        let rest = ceiling.saturating_sub(account.total);
         let granted =
             request.want.min(rest.div_ceil(GRANT_SHARE_OF_REST)).min(account.limit.div_ceil(GRANT_SHARE_OF_LIMIT));
         if granted > 0 {
             *account.granted.entry(node).or_default() += granted;
             account.total += granted;
         }
-        debug_assert!(account.total <= account.limit || granted == 0, "RL1: grants never pass the limit");
-        Grant { granted, total: account.total, spent: account.total >= account.limit }
+        debug_assert!(account.total <= account.limit || granted == 0 || planted, "RL1: grants never pass the limit");
+        Grant { granted, total: account.total, spent: account.total >= ceiling }
     }
 
     /// Takes back tokens `node` returns unused (at most what it was granted). The

@@ -29,7 +29,7 @@ struct Args {
     /// Print every event of each run.
     #[arg(long)]
     verbose: bool,
-    /// Test-only: plant a bug (ack-before-commit, stale-reads) to see an invariant
+    /// Test-only: plant a bug (ack-before-commit, stale-reads, grant-past-limit) to see an invariant
     /// catch it.
     #[arg(long)]
     plant: Option<String>,

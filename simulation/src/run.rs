@@ -9,7 +9,10 @@
 //! every key join the history. The invariants are checked on what the clients saw:
 //! CFG1 (an acknowledged write that nothing followed is what the final read sees),
 //! CFG2 (the linearizability checker over the whole history), CFG3 (no node's
-//! applied config version goes down, across restarts) and CFG4 (convergence).
+//! applied config version goes down, across restarts), CFG4 (convergence) and RL1
+//! (what two proxy clients got through a cluster rate limit, per second and minute
+//! window, never over the limit, or over by no more than `node/QUOTA.md`'s bound with
+//! `fault_tolerant: true`).
 //!
 //! Everything the run does is appended to its trace; the trace's FNV-1a hash is the
 //! run's fingerprint: the same seed gives the same hash, in one process or another.
@@ -46,6 +49,14 @@ const PROXY_PORT: u16 = 8000;
 const CLUSTER_PORT: u16 = 7946;
 const ADMIN_TOKEN: &str = "sim-admin-token";
 const CLUSTER_SECRET: &str = "sim-cluster-secret";
+/// The cluster rate limit the proxy clients run into (one key: they share an address).
+pub const LIMIT_SECOND: u64 = 8;
+pub const LIMIT_MINUTE: u64 = 60;
+/// Proxy clients sending through every node at once.
+pub const PROXY_CLIENTS: u64 = 2;
+const UPSTREAM_PORT: u16 = 80;
+/// Longest a proxy client waits for an answer.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections a simulated listener queues before accepting them.
 const TCP_BACKLOG: usize = 4096;
 /// The first fault comes after the cluster had this long to elect.
@@ -114,6 +125,10 @@ struct Record {
     statuses: BTreeMap<u64, Vec<(u64, u64)>>,
     converged: Option<Result<u64, String>>,
     faults: usize,
+    /// The rate limit's `fault_tolerant`, once the proxy route is configured.
+    rate_limited: Option<bool>,
+    /// Proxy requests: (sent, answered, status).
+    proxied: Vec<(u64, u64, u16)>,
 }
 
 type Shared = Rc<RefCell<Record>>;
@@ -173,6 +188,7 @@ pub fn run(options: &Options) -> Outcome {
             Ok(())
         });
     }
+    sim.host("upstream", upstream);
     let record: Shared = Rc::default();
     sim.client("admin", workload(options.clone(), safety_end, record.clone()));
 
@@ -224,7 +240,7 @@ pub fn run(options: &Options) -> Outcome {
             detail: format!("a host failed: {error}"),
             history: tail(&record.trace.events, 30),
         }),
-        None => check(&record),
+        None => check(&record).or_else(|| check_rate_limit(&record, nodes)),
     };
     let trace = record.trace.hash();
     Outcome {
@@ -250,6 +266,8 @@ enum Fault {
     CutClient { node: u64, for_ms: u64 },
     /// The node's machine dies (unsynced writes kept, lost or torn) and restarts.
     Crash { node: u64, for_ms: u64 },
+    /// The upstream target dies, and revives.
+    UpstreamDown { for_ms: u64 },
 }
 
 /// How to undo an inflicted fault, and when.
@@ -268,7 +286,7 @@ fn schedule(rng: &mut StdRng, nodes: u64, from: Duration, until: Duration) -> Ve
         }
         let node = rng.gen_range(1..=nodes);
         let for_ms = rng.gen_range(300..3_000);
-        let fault = match rng.gen_range(0..5) {
+        let fault = match rng.gen_range(0..6) {
             0 => Fault::Isolate { node, for_ms },
             1 => {
                 let to = (node % nodes) + 1;
@@ -276,7 +294,8 @@ fn schedule(rng: &mut StdRng, nodes: u64, from: Duration, until: Duration) -> Ve
             }
             2 => Fault::Hold { node, for_ms },
             3 => Fault::CutClient { node, for_ms },
-            _ => Fault::Crash { node, for_ms },
+            4 => Fault::Crash { node, for_ms },
+            _ => Fault::UpstreamDown { for_ms },
         };
         faults.push((at, fault));
         at += Duration::from_millis(for_ms);
@@ -326,6 +345,10 @@ fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: &Shared, rn
                 for_ms,
             )
         }
+        Fault::UpstreamDown { for_ms } => {
+            sim.crash("upstream");
+            ("fault upstream down".to_string(), for_ms)
+        }
     };
     record.trace.events.push(format!("{:>7} {line} for {for_ms} ms", now.as_millis()));
 
@@ -363,15 +386,128 @@ fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, record: &Sha
                 sim.bounce(host(node));
                 format!("restart {}", host(node))
             }
+            Fault::UpstreamDown { .. } => {
+                sim.bounce("upstream");
+                "upstream revived".to_string()
+            }
         };
         record.borrow_mut().trace.events.push(format!("{:>7} {line}", sim.elapsed().as_millis()));
+    }
+}
+
+/// The upstream target: answers every request with 200.
+async fn upstream() -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", UPSTREAM_PORT)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::task::spawn_local(async move {
+            let answer = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), answer).await;
+        });
+    }
+}
+
+/// A service on the upstream, a route `/rl` to it, and a cluster rate limit on it
+/// (`fault_tolerant` as the seed says); each step sent through the nodes in turn
+/// until one answers, a conflict meaning an earlier attempt succeeded.
+async fn configure_rate_limit(nodes: u64, fault_tolerant: bool, record: &Shared) -> bool {
+    let plugin = serde_json::json!({
+        "name": "rate-limiting",
+        "config": {
+            "second": LIMIT_SECOND,
+            "minute": LIMIT_MINUTE,
+            "policy": "cluster",
+            "fault_tolerant": fault_tolerant,
+        },
+    });
+    let steps = [
+        ("PUT", "/services/up", serde_json::json!({ "url": format!("http://upstream:{UPSTREAM_PORT}") })),
+        ("POST", "/services/up/routes", serde_json::json!({ "name": "rl", "paths": ["/rl"] })),
+        ("POST", "/services/up/plugins", plugin),
+    ];
+    // The node that acknowledged the last step: it had applied it when it answered.
+    let mut acknowledged = 1;
+    for (method, path, body) in steps {
+        let mut done = false;
+        for attempt in 0..20u64 {
+            let node = attempt % nodes + 1;
+            let answer = request(node, method, path, Some(body.to_string())).await;
+            record.borrow_mut().trace.push(format!("setup {method} {path} via {} -> {}", host(node), show(&answer)));
+            if matches!(answer, Ok((200 | 201 | 409, _))) {
+                done = true;
+                acknowledged = node;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !done {
+            return false;
+        }
+    }
+    // Proxy traffic starts once every node serves the limit: before that a node that
+    // has the route and not yet the plugin admits without it, which is not the limit
+    // being broken (the config has not reached it).
+    let Some(version) =
+        status(acknowledged).await.and_then(|status| status.get("config_version").and_then(Value::as_u64))
+    else {
+        return false;
+    };
+    for _ in 0..40 {
+        let mut serving = 0;
+        for node in 1..=nodes {
+            let published =
+                status(node).await.and_then(|status| status.get("published_version").and_then(Value::as_u64));
+            if published.is_some_and(|published| published >= version) {
+                serving += 1;
+            }
+        }
+        if serving == nodes {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+async fn proxy_client(client: u64, mut rng: StdRng, nodes: u64, safety_end: Duration, record: Shared) {
+    while turmoil::sim_elapsed().unwrap_or_default() < safety_end {
+        let node = rng.gen_range(1..=nodes);
+        let call = now_ms();
+        let answer = exchange(node, PROXY_PORT, "GET", "/rl", None, PROXY_TIMEOUT).await;
+        let ret = now_ms();
+        let status = answer.as_ref().map_or(0, |(status, _)| *status);
+        {
+            let mut record = record.borrow_mut();
+            record.trace.push(format!("p{client} GET /rl via {} -> {}", host(node), show(&answer)));
+            record.proxied.push((call, ret, status));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..20))).await;
     }
 }
 
 /// The admin side: clients, the status monitor, then healing's checks and the final
 /// reads.
 async fn workload(options: Options, safety_end: Duration, record: Shared) -> turmoil::Result {
+    tokio::time::sleep(FIRST_FAULT_AT / 4).await;
+    let fault_tolerant = options.seed.is_multiple_of(2);
+    if configure_rate_limit(options.nodes, fault_tolerant, &record).await {
+        record.borrow_mut().rate_limited = Some(fault_tolerant);
+    }
     let mut clients = Vec::new();
+    if record.borrow().rate_limited.is_some() {
+        for client in 1..=PROXY_CLIENTS {
+            let rng = StdRng::seed_from_u64(options.seed.wrapping_mul(37).wrapping_add(client));
+            clients.push(tokio::task::spawn_local(proxy_client(
+                client,
+                rng,
+                options.nodes,
+                safety_end,
+                record.clone(),
+            )));
+        }
+    }
     for client in 1..=CLIENTS {
         let rng = StdRng::seed_from_u64(options.seed.wrapping_mul(31).wrapping_add(client));
         clients.push(tokio::task::spawn_local(admin_client(client, rng, options.nodes, safety_end, record.clone())));
@@ -564,8 +700,20 @@ async fn describe_statuses(nodes: u64) -> String {
 
 /// One admin request over a fresh simulated connection.
 async fn request(node: u64, method: &str, path: &str, body: Option<String>) -> Result<(u16, String), String> {
+    exchange(node, ADMIN_PORT, method, path, body, REQUEST_TIMEOUT).await
+}
+
+/// One request to a node's `port` over a fresh simulated connection.
+async fn exchange(
+    node: u64,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let exchange = async {
-        let stream = turmoil::net::TcpStream::connect((host(node), ADMIN_PORT)).await.map_err(|e| e.to_string())?;
+        let stream = turmoil::net::TcpStream::connect((host(node), port)).await.map_err(|e| e.to_string())?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::task::spawn_local(connection);
@@ -583,7 +731,7 @@ async fn request(node: u64, method: &str, path: &str, body: Option<String>) -> R
         let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     };
-    match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+    match tokio::time::timeout(timeout, exchange).await {
         Ok(answer) => answer,
         Err(_) => Err("timeout".to_string()),
     }
@@ -697,6 +845,49 @@ fn check(record: &Record) -> Option<Failure> {
             history: history_of(&key),
         }),
     }
+}
+
+/// RL1: within every window, what the proxy admitted is at most the limit: exactly
+/// with `fault_tolerant: false`; with `true`, plus what each node may admit on its own
+/// while cut off or leaderless, ⌈limit / voters⌉ per node (node/QUOTA.md). Only
+/// requests sent and answered inside one window are counted: they were admitted in it.
+fn check_rate_limit(record: &Record, nodes: u64) -> Option<Failure> {
+    let fault_tolerant = record.rate_limited?;
+    let epoch_ms = crate::env::EPOCH.as_millis() as u64;
+    for (window, limit) in [("second", LIMIT_SECOND), ("minute", LIMIT_MINUTE)] {
+        let size_ms = if window == "second" { 1_000 } else { 60_000 };
+        let bound = if fault_tolerant { limit + nodes * limit.div_ceil(nodes) } else { limit };
+        let mut admitted: BTreeMap<u64, u64> = BTreeMap::new();
+        for (call, ret, status) in &record.proxied {
+            let (first, last) = ((epoch_ms + call) / size_ms, (epoch_ms + ret) / size_ms);
+            if *status == 200 && first == last {
+                *admitted.entry(first).or_default() += 1;
+            }
+        }
+        if let Some((start, count)) = admitted.iter().find(|(_, count)| **count > bound) {
+            let from = start * size_ms - epoch_ms;
+            return Some(Failure {
+                invariant: "RL1",
+                detail: format!(
+                    "{count} requests admitted in the {window} from {from} ms, limit {limit} (fault_tolerant {fault_tolerant}: at most {bound})"
+                ),
+                history: record
+                    .trace
+                    .events
+                    .iter()
+                    .filter(|line| line.contains("/rl") || line.contains("fault") || line.contains("heal"))
+                    .filter(|line| {
+                        let at: u64 = line.split_whitespace().next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                        at + 1_000 >= from && at <= from + size_ms
+                    })
+                    .take(40)
+                    .map(|line| format!("    {line}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
+        }
+    }
+    None
 }
 
 /// Operations of a failing key a report shows.

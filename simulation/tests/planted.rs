@@ -43,4 +43,6 @@ fn each_planted_bug_is_caught_by_its_invariant() {
     // Writes answered before Raft commits them: one that is then lost is seen missing
     // by the final read (CFG1), or by a read in between (CFG2).
     caught(Bug::AckBeforeCommit, &["CFG1", "CFG2"]);
+    // The quota ledger grants up to twice the limit: the proxy admits past it.
+    caught(Bug::GrantPastLimit, &["RL1"]);
 }
