@@ -221,9 +221,18 @@ async fn both_codecs_send_and_answer_the_same_bytes() -> anyhow::Result<()> {
     for (name, request) in &cases {
         upstream.take().await;
         let seen_direct = exchange(&direct, request).await?;
-        let sent_direct = upstream_view(&upstream.take().await, port(&direct));
+        let mut sent_direct = upstream_view(&upstream.take().await, port(&direct));
         let seen_hyper = exchange(&hyper, request).await?;
-        let sent_hyper = upstream_view(&upstream.take().await, port(&hyper));
+        let mut sent_hyper = upstream_view(&upstream.take().await, port(&hyper));
+        if request.starts_with(b"GET /p/drop ") {
+            // Either codec sends this once more when the connection it used was a
+            // pooled one (closed unanswered on a reused connection: retried, as nginx
+            // does), and whether the previous case's connection was back in the pool
+            // yet is a race of the node's tasks, not a difference of the codecs (seen
+            // once in CI). The bytes of what was sent must still be the same.
+            sent_direct.dedup();
+            sent_hyper.dedup();
+        }
         assert_eq!(seen_direct, seen_hyper, "{name}: what the client got");
         assert_eq!(sent_direct, sent_hyper, "{name}: what the upstream received");
         assert!(seen_direct.status_line.starts_with("HTTP/1.1 "), "{name}: {seen_direct:?}");
