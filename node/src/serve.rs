@@ -16,11 +16,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 
 use crate::conn::{RequestGuard, TimedIo, Timeouts};
-use crate::env::{Listener, Stream};
+use crate::env::{Io, Listener, Stream};
 
 /// Longest a TLS handshake may take on the Admin API and the cluster port.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -191,10 +190,6 @@ impl Pending {
         }
     }
 }
-
-/// A connection's stream, plain or TLS.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Serves `handler` over HTTP/1.1 on `listener` until `shutdown` turns true.
 pub async fn serve_http1<H, Fut>(listener: Listener, server: Http1Server, handler: H, shutdown: watch::Receiver<bool>)

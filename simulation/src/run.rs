@@ -102,8 +102,14 @@ struct Trace {
 }
 
 impl Trace {
+    /// An event of a host, at its simulated time.
     fn push(&mut self, line: String) {
-        self.events.push(format!("{:>7} {line}", now_ms()));
+        self.push_at(Duration::from_millis(now_ms()), line);
+    }
+
+    /// An event of the driver (faults, healing), at the simulation's time.
+    fn push_at(&mut self, at: Duration, line: String) {
+        self.events.push(format!("{:>7} {line}", at.as_millis()));
     }
 
     fn hash(&self) -> u64 {
@@ -210,7 +216,7 @@ pub fn run(options: &Options) -> Outcome {
         heal(&mut sim, nodes, &mut active, &record, false);
         if now >= safety_end && !healed {
             heal(&mut sim, nodes, &mut active, &record, true);
-            record.borrow_mut().trace.events.push(format!("{:>7} healed", now.as_millis()));
+            record.borrow_mut().trace.push_at(now, "healed".to_string());
             healed = true;
         }
         // A panic in the simulated network (turmoil's own limits) or in a node is a
@@ -350,7 +356,7 @@ fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: &Shared, rn
             ("fault upstream down".to_string(), for_ms)
         }
     };
-    record.trace.events.push(format!("{:>7} {line} for {for_ms} ms", now.as_millis()));
+    record.trace.push_at(now, format!("{line} for {for_ms} ms"));
 
     Heal { at: now + Duration::from_millis(for_ms), fault }
 }
@@ -391,7 +397,7 @@ fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, record: &Sha
                 "upstream revived".to_string()
             }
         };
-        record.borrow_mut().trace.events.push(format!("{:>7} {line}", sim.elapsed().as_millis()));
+        record.borrow_mut().trace.push_at(sim.elapsed(), line);
     }
 }
 

@@ -247,7 +247,7 @@ impl PeerClient {
         let refused = |reason: String| PeerError::Connect { address: address.to_string(), reason };
         let opened = async {
             let stream = crate::env::connect(address).await.map_err(|e| refused(e.to_string()))?;
-            let io: Box<dyn Io> = match &self.auth {
+            let io: Box<dyn crate::env::Io> = match &self.auth {
                 ClusterAuth::Tls(tls) => {
                     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
                     let stream = connector
@@ -275,10 +275,6 @@ impl PeerClient {
         Ok(sender)
     }
 }
-
-/// A connection's stream, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Why a frame was refused: the HTTP answer it gets.
 #[derive(Debug)]
