@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tollgate_raft_store::entities;
+use tollgate_raft_store::planted::{planted, Bug};
 use tollgate_raft_store::EntityKind;
 use uuid::Uuid;
 
@@ -490,6 +491,9 @@ impl Checker {
             let mut merged: HashMap<(Uuid, String), Observed> = HashMap::new();
             let now_wall_ms = crate::clock::wall_ms();
             for (node, key, value) in self.gossip.entries(KEY_PREFIX).await {
+                if planted(Bug::LocalHealthOnly) && node != me {
+                    continue;
+                }
                 let Some((target, observed)) = believed(&node, &key, &value, &member_set, &live, now_wall_ms) else {
                     continue;
                 };

@@ -16,16 +16,53 @@ pub enum Bug {
     StaleReads = 2,
     /// The quota ledger grants up to twice a key's limit (RL1).
     GrantPastLimit = 4,
+    /// A snapshot restores the config but an empty quota ledger: what was used before
+    /// the snapshot is forgotten at a restart (RL2).
+    ForgetLedger = 8,
+    /// The health checker believes only its own probes, not the results other
+    /// nodes share by gossip (HC1).
+    LocalHealthOnly = 16,
+    /// The publisher drops every other applied batch: the proxy can be left serving
+    /// an older config than the node applied (CFG4).
+    DropPublish = 32,
+    /// The committed index is not read back at a start: a restarted node serves its
+    /// snapshot's older state until the leader tells it the commit index (CFG3).
+    ForgetCommitted = 64,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 3] = [Bug::AckBeforeCommit, Bug::StaleReads, Bug::GrantPastLimit];
+    pub const ALL: [Bug; 7] = [
+        Bug::AckBeforeCommit,
+        Bug::StaleReads,
+        Bug::GrantPastLimit,
+        Bug::ForgetLedger,
+        Bug::LocalHealthOnly,
+        Bug::DropPublish,
+        Bug::ForgetCommitted,
+    ];
+
+    /// The invariant that catches it.
+    pub fn invariant(self) -> &'static str {
+        match self {
+            Bug::AckBeforeCommit => "CFG1",
+            Bug::StaleReads => "CFG2",
+            Bug::GrantPastLimit => "RL1",
+            Bug::ForgetLedger => "RL2",
+            Bug::LocalHealthOnly => "HC1",
+            Bug::DropPublish => "CFG4",
+            Bug::ForgetCommitted => "CFG3",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Bug::AckBeforeCommit => "ack-before-commit",
             Bug::StaleReads => "stale-reads",
             Bug::GrantPastLimit => "grant-past-limit",
+            Bug::ForgetLedger => "forget-ledger",
+            Bug::LocalHealthOnly => "local-health-only",
+            Bug::DropPublish => "drop-publish",
+            Bug::ForgetCommitted => "forget-committed",
         }
     }
 

@@ -1,12 +1,13 @@
 //! The simulator's side of the node's environment seam: turmoil's simulated network
 //! for listeners, dials and datagrams, ids drawn from the run's seed, the wall clock
-//! read from simulated time, and every node's database on a [`SimDisk`] of its own.
+//! read from simulated time (shifted by the offset the seed gave the host reading it),
+//! and every node's database on a [`SimDisk`] of its own.
 //!
 //! Installed once per process ([`install`]), before the first run; each run then
 //! reseeds what is per run ([`begin_run`]).
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,10 @@ thread_local! {
     static RANDOM: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
     /// Each node's disk, by data directory; kept across the node's crashes.
     static DISKS: RefCell<BTreeMap<PathBuf, SimDisk>> = const { RefCell::new(BTreeMap::new()) };
+    /// Each booted host's wall-clock offset in milliseconds, by the id of the tokio
+    /// runtime turmoil runs it on (a new one at every boot). Only looked up, never
+    /// iterated, so the map's order cannot reach the trace.
+    static OFFSETS: RefCell<HashMap<tokio::runtime::Id, i64>> = RefCell::new(HashMap::new());
 }
 
 /// Installs the simulator's environment, clock and storage for this process (once;
@@ -48,6 +53,16 @@ pub fn begin_run(seed: u64) {
     RANDOM.with(|random| *random.borrow_mut() = StdRng::seed_from_u64(seed ^ 0x1d5_u64));
     tollgate_raft_store::runtime::seed_elections(Some(seed ^ 0xe1ec7));
     DISKS.with(|disks| disks.borrow_mut().clear());
+    OFFSETS.with(|offsets| offsets.borrow_mut().clear());
+}
+
+/// Gives the host booting on the current runtime a wall clock `offset_ms` off
+/// simulated time (called first thing in a node's host, at every boot). turmoil runs
+/// every host on this one thread, so the host a clock read comes from is told by
+/// the runtime it runs on.
+pub fn set_clock_offset(offset_ms: i64) {
+    let runtime = tokio::runtime::Handle::current().id();
+    OFFSETS.with(|offsets| offsets.borrow_mut().insert(runtime, offset_ms));
 }
 
 /// The disk of the node whose data directory is `data_dir`.
@@ -60,7 +75,16 @@ fn open(data_dir: &Path) -> Result<redb::Database, redb::Error> {
 }
 
 fn wall_clock() -> Duration {
-    EPOCH + turmoil::sim_elapsed().unwrap_or_default()
+    let offset_ms = tokio::runtime::Handle::try_current()
+        .ok()
+        .and_then(|runtime| OFFSETS.with(|offsets| offsets.borrow().get(&runtime.id()).copied()))
+        .unwrap_or(0);
+    let now = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
+    if offset_ms >= 0 {
+        now + Duration::from_millis(offset_ms as u64)
+    } else {
+        now.saturating_sub(Duration::from_millis(offset_ms.unsigned_abs()))
+    }
 }
 
 struct Simulated;

@@ -29,8 +29,8 @@ struct Args {
     /// Print every event of each run.
     #[arg(long)]
     verbose: bool,
-    /// Test-only: plant a bug (ack-before-commit, stale-reads, grant-past-limit) to see an invariant
-    /// catch it.
+    /// Test-only: plant a bug (ack-before-commit, stale-reads, grant-past-limit, forget-ledger,
+    /// local-health-only, drop-publish, forget-committed) to see an invariant catch it.
     #[arg(long)]
     plant: Option<String>,
 }

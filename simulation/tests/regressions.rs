@@ -5,17 +5,21 @@ use std::time::Duration;
 
 use tollgate_simulation::run::{run, Options};
 
-/// The seeds CI runs on every change (debug build, a few minutes on two cores).
-const CI_SEEDS: std::ops::RangeInclusive<u64> = 1..=100;
+/// The seeds CI runs on every change (debug build, about four minutes on two cores).
+const CI_SEEDS: std::ops::RangeInclusive<u64> = 1..=80;
 
-/// Seeds that found a bug, and what it was (the comments at the fixes).
-const FOUND: [u64; 1] = [
+/// Seeds that fail on the code before a fix, under the current workload (the comments
+/// at the fixes; simulation/README.md's "Bugs found").
+const FOUND: [u64; 2] = [
     // An isolated leader's failed read barriers were retried at once, because the
     // retry waited for "any change in Raft's metrics", which a leader's metrics make
     // all the time: thousands of read barriers, each dialling both peers, in one
     // instant of simulated time, until the host ran out of ports. Now a retry waits
     // for a new leader or term, or the retry pause (`cluster::attempt_on_leader`).
-    2,
+    // Found by seed 2 of the first workload; 36 and 98 failed with the old retry under
+    // this one (seeds 1–105 run on the old code) before crashes stopped sending closes
+    // (simulation/README.md, "Drop order at a crash"); not re-checked since.
+    36, 98,
 ];
 
 fn options(seed: u64) -> Options {

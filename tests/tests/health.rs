@@ -163,3 +163,34 @@ async fn a_target_failing_one_nodes_traffic_is_avoided_by_every_node() -> anyhow
     assert!(seen >= 3, "marked down before the threshold of 3 failures");
     Ok(())
 }
+
+/// Round-robin keeps its rotation across config changes that do not touch the
+/// upstream: 20 requests, each after an unrelated write was published, reach two equal
+/// targets 10 and 10. Every change used to rebuild every balancer, restarting the
+/// rotation at the schedule's first target, which then got every request (the
+/// simulator's `/pooled` clients, under admin writes, saw one target take 60 %).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_rotation_survives_unrelated_config_changes() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1).await?;
+    let targets = [CountingUpstream::start().await?, CountingUpstream::start().await?];
+    let client = cluster.client();
+    client.post("/upstreams", &json!({"name": "pool"})).await?;
+    for target in &targets {
+        client.post("/upstreams/pool/targets", &json!({"target": target.address})).await?;
+    }
+    client.post("/services", &json!({"name": "pooled", "host": "pool", "port": 80, "protocol": "http"})).await?;
+    let route = client.post("/services/pooled/routes", &json!({"paths": ["/pooled"]})).await?;
+    cluster.published(route.config_version.unwrap_or(0)).await?;
+    let proxy = ProxyClient::new();
+    let node = &cluster.nodes[0];
+    for round in 0..20 {
+        let other = json!({"url": format!("http://other{round}.invalid:80")});
+        let written = client.put(&format!("/services/other{round}"), &other).await?;
+        cluster.published(written.config_version.unwrap_or(0)).await?;
+        let reply = proxy.request(&node.proxy_url(), "GET", None, "/pooled", &[]).await?;
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.body);
+    }
+    let received: Vec<u64> = targets.iter().map(CountingUpstream::received).collect();
+    assert_eq!(received, [10, 10], "requests per target");
+    Ok(())
+}

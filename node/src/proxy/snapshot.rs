@@ -33,9 +33,15 @@ pub struct ProxySnapshot {
 
 impl ProxySnapshot {
     pub fn compile(state: &ConfigState) -> ProxySnapshot {
+        ProxySnapshot::compile_after(state, None)
+    }
+
+    /// `state` compiled; what did not change since `previous` (its state and
+    /// snapshot) is kept as it was (the upstreams' balancers).
+    pub fn compile_after(state: &ConfigState, previous: Option<(&ConfigState, &ProxySnapshot)>) -> ProxySnapshot {
         let routes: Vec<tollgate_raft_store::entities::Route> = service::typed(state, EntityKind::Route).collect();
         let router = Router::compile(routes.iter());
-        let upstreams = service::compile_upstreams(state);
+        let upstreams = service::compile_upstreams(state, previous.map(|(old_state, old)| (old_state, &old.upstreams)));
         let services = service::compile_services(state, &upstreams);
         // Metric labels: names, or ids where there is none.
         let route_metrics = routes
@@ -96,7 +102,12 @@ impl CompiledConfig {
                 revision: self.revision,
             };
         }
-        CompiledConfig::compile(applied)
+        CompiledConfig {
+            version: applied.version(),
+            state: applied.state.clone(),
+            proxy: Arc::new(ProxySnapshot::compile_after(&applied.state, Some((&self.state, &self.proxy)))),
+            revision: Some(applied.config_revision),
+        }
     }
 }
 

@@ -1,0 +1,154 @@
+//! What every part of a run shares: its constants, its options, the trace, and the
+//! record the clients fill in and the checks read.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::linearizability::Operation;
+
+/// How long after healing every node must serve the same last version.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(20);
+/// Admin clients writing and reading at once.
+pub const CLIENTS: u64 = 3;
+/// Services the clients work on (one register each).
+pub const KEYS: usize = 4;
+/// Longest a client waits for an answer before calling it indeterminate.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the status monitor asks every node for its applied version.
+pub(crate) const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+/// The ports every simulated node listens on.
+pub(crate) const ADMIN_PORT: u16 = 8001;
+pub(crate) const PROXY_PORT: u16 = 8000;
+pub(crate) const CLUSTER_PORT: u16 = 7946;
+pub(crate) const ADMIN_TOKEN: &str = "sim-admin-token";
+pub(crate) const CLUSTER_SECRET: &str = "sim-cluster-secret";
+/// How long after healing every node must have stopped routing to a target the
+/// cluster knows is down: the prober's detection (a 1 s interval, a timeout of 1 s,
+/// a threshold of 1), a gossip round (0.5 s), and up to 2 s for a node that was cut
+/// off to be seen live again, with room to spare.
+pub const HEALTH_BOUND: Duration = Duration::from_secs(10);
+/// Largest offset of a node's wall clock from simulated time, either way.
+pub const CLOCK_OFFSET_MAX_MS: i64 = 400;
+/// Proxy clients sending through every node at once (one rate-limit key: they share
+/// an address).
+pub const PROXY_CLIENTS: u64 = 2;
+pub(crate) const UPSTREAM_PORT: u16 = 80;
+/// Raft log entries between snapshots: the configurable minimum, so that runs build,
+/// send and restore snapshots (with the quota ledger in them) many times.
+pub(crate) const SNAPSHOT_LOGS: u64 = 100;
+/// Longest a proxy client waits for an answer.
+pub(crate) const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections a simulated listener queues before accepting them.
+pub(crate) const TCP_BACKLOG: usize = 4096;
+/// The first fault comes after the cluster had this long to elect.
+pub(crate) const FIRST_FAULT_AT: Duration = Duration::from_secs(2);
+
+/// What one run is.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    pub nodes: u64,
+    /// The safety phase.
+    pub duration: Duration,
+    /// A planted bug (test-only), to show the invariants catch it.
+    pub plant: Option<tollgate_raft_store::planted::Bug>,
+}
+
+/// An invariant that did not hold.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub invariant: &'static str,
+    pub detail: String,
+    /// The events that led there, readable.
+    pub history: String,
+}
+
+/// What one run found.
+#[derive(Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    /// FNV-1a of the trace.
+    pub trace: u64,
+    pub operations: usize,
+    pub faults: usize,
+    pub failure: Option<Failure>,
+    /// Every event, one line each (`--verbose`).
+    pub events: Vec<String>,
+}
+
+/// The run's event log.
+#[derive(Default)]
+pub(crate) struct Trace {
+    pub(crate) events: Vec<String>,
+}
+
+impl Trace {
+    /// An event of a host, at its simulated time.
+    pub(crate) fn push(&mut self, line: String) {
+        self.push_at(Duration::from_millis(now_ms()), line);
+    }
+
+    /// An event of the driver (faults, healing), at the simulation's time.
+    pub(crate) fn push_at(&mut self, at: Duration, line: String) {
+        self.events.push(format!("{:>7} {line}", at.as_millis()));
+    }
+
+    pub(crate) fn hash(&self) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.events.iter().flat_map(|line| line.bytes().chain(std::iter::once(b'\n'))) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash
+    }
+}
+
+/// What the clients recorded.
+#[derive(Default)]
+pub(crate) struct Record {
+    pub(crate) trace: Trace,
+    pub(crate) history: Vec<Operation>,
+    /// Each node's wall-clock offset from simulated time, in milliseconds.
+    pub(crate) offsets: BTreeMap<u64, i64>,
+    /// Node boots after the first, (time, node): crashes and full restarts.
+    pub(crate) restarts: Vec<(u64, u64)>,
+    /// HC1: every node stopped routing to the sick target (`Ok`), or which did not.
+    pub(crate) health: Option<Result<(), String>>,
+    /// Per node: (time, applied config version) as `/status` reported it.
+    pub(crate) statuses: BTreeMap<u64, Vec<(u64, u64)>>,
+    pub(crate) converged: Option<Result<u64, String>>,
+    pub(crate) faults: usize,
+    /// The rate limit's `fault_tolerant`, once the proxy route is configured.
+    pub(crate) rate_limited: Option<bool>,
+    /// Proxy requests, as the clients saw them.
+    pub(crate) proxied: Vec<Proxied>,
+}
+
+pub(crate) type Shared = Rc<RefCell<Record>>;
+
+/// One proxy request.
+pub(crate) struct Proxied {
+    pub(crate) path: &'static str,
+    pub(crate) node: u64,
+    /// Sent and answered, in simulated milliseconds.
+    pub(crate) call: u64,
+    pub(crate) ret: u64,
+    /// 0: no answer.
+    pub(crate) status: u16,
+}
+
+/// Simulated milliseconds since the run began.
+pub(crate) fn now_ms() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+}
+
+pub(crate) fn host(id: u64) -> String {
+    format!("node{id}")
+}
+
+pub(crate) fn data_dir(id: u64) -> PathBuf {
+    PathBuf::from(format!("/sim/{}", host(id)))
+}
