@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
 
-use crate::world::{data_dir, host, Shared};
+use crate::world::{data_dir, host, Shared, ADMIN_HOST, BACKUP_HOST, UPSTREAM_HOST};
 
 /// A fault the seed chose.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +39,9 @@ pub(crate) enum Fault {
 /// What a lossy link's sends risk: turmoil breaks the link (dropping what is in
 /// flight on it) with this chance per send, and repairs it at the next.
 pub(crate) const LOSS_RATE: f64 = 0.02;
+/// Longest a full restart keeps every node down: longer, and the run's liveness
+/// phase is mostly an election.
+const FULL_RESTART_MAX_MS: u64 = 1_500;
 /// The message latency of a healthy link, at most.
 pub(crate) const LATENCY_MAX: Duration = Duration::from_millis(8);
 
@@ -70,7 +73,7 @@ pub(crate) fn schedule(rng: &mut StdRng, nodes: u64, from: Duration, until: Dura
             5 => Fault::UpstreamDown { for_ms },
             6 => Fault::Lossy { node, for_ms },
             7 => Fault::Slow { node, max_ms: rng.gen_range(50..500), for_ms },
-            8 => Fault::RestartAll { for_ms: for_ms.min(1_500) },
+            8 => Fault::RestartAll { for_ms: for_ms.min(FULL_RESTART_MAX_MS) },
             _ => Fault::Sick { for_ms },
         };
         faults.push((at, fault));
@@ -104,12 +107,12 @@ pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: 
             (format!("fault hold {}", host(node)), for_ms)
         }
         Fault::CutClient { node, for_ms } => {
-            sim.partition("admin", host(node));
+            sim.partition(ADMIN_HOST, host(node));
             (format!("fault cut admin from {}", host(node)), for_ms)
         }
         Fault::Crash { node, for_ms } => (format!("fault crash {}", crash(sim, node, nodes, rng)), for_ms),
         Fault::UpstreamDown { for_ms } => {
-            sim.crash("upstream");
+            sim.crash(UPSTREAM_HOST);
             ("fault upstream down".to_string(), for_ms)
         }
         Fault::Lossy { node, for_ms } => {
@@ -147,7 +150,7 @@ pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: 
 /// generator in an order no seed decides.
 fn crash(sim: &mut turmoil::Sim, node: u64, nodes: u64, rng: &mut StdRng) -> String {
     let peers: Vec<String> =
-        others(node, nodes).into_iter().chain(["admin", "upstream", "backup"].map(String::from)).collect();
+        others(node, nodes).into_iter().chain([ADMIN_HOST, UPSTREAM_HOST, BACKUP_HOST].map(String::from)).collect();
     for peer in &peers {
         sim.partition(host(node), peer.as_str());
     }
@@ -183,7 +186,7 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
                 format!("heal hold {}", host(node))
             }
             Fault::CutClient { node, .. } => {
-                sim.repair("admin", host(node));
+                sim.repair(ADMIN_HOST, host(node));
                 format!("heal admin to {}", host(node))
             }
             Fault::Crash { node, .. } => {
@@ -192,7 +195,7 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
                 format!("restart {}", host(node))
             }
             Fault::UpstreamDown { .. } => {
-                sim.bounce("upstream");
+                sim.bounce(UPSTREAM_HOST);
                 "upstream revived".to_string()
             }
             Fault::Lossy { node, .. } => {

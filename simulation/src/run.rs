@@ -23,11 +23,11 @@ use rand::{Rng, SeedableRng};
 use tollgate_node::config::NodeConfig;
 
 use crate::checks::{check, check_health, check_rate_limits, tail};
-use crate::faults::{heal, inflict, schedule, Heal};
+use crate::faults::{heal, inflict, schedule, Heal, LATENCY_MAX};
 use crate::workload::{upstream, workload};
 use crate::world::{
-    data_dir, host, Shared, ADMIN_PORT, ADMIN_TOKEN, CLUSTER_PORT, CLUSTER_SECRET, FIRST_FAULT_AT, PROXY_PORT,
-    SNAPSHOT_LOGS, TCP_BACKLOG,
+    data_dir, host, Shared, ADMIN_HOST, ADMIN_PORT, ADMIN_TOKEN, BACKUP_HOST, CLUSTER_PORT, CLUSTER_SECRET,
+    FIRST_FAULT_AT, PROXY_PORT, SNAPSHOT_LOGS, TCP_BACKLOG, UPSTREAM_HOST,
 };
 pub use crate::world::{
     Failure, Options, Outcome, CLIENTS, CLOCK_OFFSET_MAX_MS, HEALTH_BOUND, KEYS, LIVENESS_BOUND, PROXY_CLIENTS,
@@ -62,7 +62,7 @@ pub fn run(options: &Options) -> Outcome {
         .simulation_duration(safety_end + LIVENESS_BOUND + Duration::from_secs(60))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(8))
+        .max_message_latency(LATENCY_MAX)
         // A listener's backlog of connections not accepted yet: Linux's default
         // (`net.core.somaxconn`). turmoil's own (64) panics when full, where a kernel
         // drops the SYN; a held link released at once delivers more than 64.
@@ -84,9 +84,9 @@ pub fn run(options: &Options) -> Outcome {
         });
     }
     crate::workload::begin_run();
-    sim.host("upstream", || upstream("upstream"));
-    sim.host("backup", || upstream("backup"));
-    sim.client("admin", workload(options.clone(), safety_end, record.clone()));
+    sim.host(UPSTREAM_HOST, || upstream(UPSTREAM_HOST));
+    sim.host(BACKUP_HOST, || upstream(BACKUP_HOST));
+    sim.client(ADMIN_HOST, workload(options.clone(), safety_end, record.clone()));
 
     let schedule = schedule(&mut faults_rng, nodes, FIRST_FAULT_AT, safety_end);
     let mut pending = schedule.into_iter().peekable();

@@ -40,7 +40,7 @@ pub(crate) async fn upstream(name: &'static str) -> turmoil::Result {
         let (stream, _) = listener.accept().await?;
         tokio::task::spawn_local(async move {
             let answer = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| async move {
-                let sick = name == "backup" && request.uri().path() == HEALTH_PATH && SICK.with(Cell::get);
+                let sick = name == BACKUP_HOST && request.uri().path() == HEALTH_PATH && SICK.with(Cell::get);
                 let mut response = hyper::Response::new(Full::new(Bytes::from_static(name.as_bytes())));
                 if sick {
                     *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
@@ -91,7 +91,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
         config["fault_tolerant"] = fault_tolerant.into();
         serde_json::json!({ "name": "rate-limiting", "config": config })
     };
-    let target = format!("http://upstream:{UPSTREAM_PORT}");
+    let target = format!("http://{UPSTREAM_HOST}:{UPSTREAM_PORT}");
     let checks = serde_json::json!({ "active": {
         "type": "http",
         "http_path": HEALTH_PATH,
@@ -117,8 +117,12 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
             })),
         ),
         ("PUT", "/upstreams/pool", serde_json::json!({ "healthchecks": checks })),
-        ("POST", "/upstreams/pool/targets", serde_json::json!({ "target": format!("upstream:{UPSTREAM_PORT}") })),
-        ("POST", "/upstreams/pool/targets", serde_json::json!({ "target": format!("backup:{UPSTREAM_PORT}") })),
+        (
+            "POST",
+            "/upstreams/pool/targets",
+            serde_json::json!({ "target": format!("{UPSTREAM_HOST}:{UPSTREAM_PORT}") }),
+        ),
+        ("POST", "/upstreams/pool/targets", serde_json::json!({ "target": format!("{BACKUP_HOST}:{UPSTREAM_PORT}") })),
         ("PUT", "/services/pooled", serde_json::json!({ "host": "pool", "port": UPSTREAM_PORT, "protocol": "http" })),
         ("POST", "/services/pooled/routes", serde_json::json!({ "name": "pooled", "paths": ["/pooled"] })),
     ];
@@ -126,7 +130,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
     let mut acknowledged = 1;
     for (method, path, body) in steps {
         let mut done = false;
-        for attempt in 0..20u64 {
+        for attempt in 0..ATTEMPTS_MAX {
             let node = attempt % nodes + 1;
             let answer = request(node, method, path, Some(body.to_string())).await;
             record.borrow_mut().trace.push(format!("setup {method} {path} via {} -> {}", host(node), show(&answer)));
@@ -135,7 +139,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
                 acknowledged = node;
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(ATTEMPT_PAUSE).await;
         }
         if !done {
             return false;
@@ -149,7 +153,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
     else {
         return false;
     };
-    for _ in 0..40 {
+    for _ in 0..SERVING_POLLS_MAX {
         let mut serving = 0;
         for node in 1..=nodes {
             let published =
@@ -161,7 +165,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
         if serving == nodes {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(SERVING_POLL).await;
     }
     false
 }
@@ -220,7 +224,7 @@ async fn health_settled(nodes: u64, safety_end: Duration, record: &Shared) -> Re
                     Ok((200, body)) => body.clone(),
                     other => show(other),
                 };
-                let good = line == "upstream";
+                let good = line == UPSTREAM_HOST;
                 answers.push(line);
                 if !good {
                     break;
@@ -311,7 +315,7 @@ pub(crate) async fn workload(options: Options, safety_end: Duration, record: Sha
 }
 
 pub(crate) async fn final_read(node: u64, key: usize, record: &Shared) {
-    for _ in 0..10 {
+    for _ in 0..FINAL_READ_ATTEMPTS {
         let call = now_ms();
         let path = format!("/services/s{key}");
         let answer = request(node, "GET", &path, None).await;
@@ -328,7 +332,7 @@ pub(crate) async fn final_read(node: u64, key: usize, record: &Shared) {
             });
             return;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(FINAL_READ_PAUSE).await;
     }
     record.borrow_mut().trace.push(format!("final read s{key} via {} failed", host(node)));
 }

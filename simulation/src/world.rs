@@ -19,6 +19,20 @@ pub const KEYS: usize = 4;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the status monitor asks every node for its applied version.
 pub(crate) const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+/// The hosts that are not nodes: the clients, and the two upstream targets.
+pub(crate) const ADMIN_HOST: &str = "admin";
+pub(crate) const UPSTREAM_HOST: &str = "upstream";
+pub(crate) const BACKUP_HOST: &str = "backup";
+/// Attempts at one setup step before the run goes on without the proxy workload, each
+/// through the next node, and the pause between them.
+pub(crate) const ATTEMPTS_MAX: u64 = 20;
+pub(crate) const ATTEMPT_PAUSE: Duration = Duration::from_millis(100);
+/// How often, and how many times, the setup asks whether every node serves it.
+pub(crate) const SERVING_POLL: Duration = Duration::from_millis(50);
+pub(crate) const SERVING_POLLS_MAX: u32 = 40;
+/// Attempts at a final read after healing, and the pause between them.
+pub(crate) const FINAL_READ_ATTEMPTS: u32 = 10;
+pub(crate) const FINAL_READ_PAUSE: Duration = Duration::from_millis(200);
 /// The ports every simulated node listens on.
 pub(crate) const ADMIN_PORT: u16 = 8001;
 pub(crate) const PROXY_PORT: u16 = 8000;

@@ -3,7 +3,7 @@
 //! schema's): each [`Service`] is built whole, with its transport, balancer and
 //! addresses, before the snapshot is published.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,11 +93,7 @@ fn upstream_sources(state: &ConfigState) -> HashMap<Uuid, Vec<&Arc<tollgate_raft
         sources.entry(*id).or_default().push(upstream);
     }
     for target in state.table(EntityKind::Target).values() {
-        let upstream = target
-            .get("upstream")
-            .and_then(|key| key.get("id"))
-            .and_then(serde_json::Value::as_str)
-            .and_then(|id| Uuid::parse_str(id).ok());
+        let upstream = tollgate_raft_store::state::foreign_id(target, "upstream");
         if let Some(sources) = upstream.and_then(|id| sources.get_mut(&id)) {
             sources.push(target);
         }
@@ -113,31 +109,15 @@ fn upstream_sources(state: &ConfigState) -> HashMap<Uuid, Vec<&Arc<tollgate_raft
 /// more than its share under frequent admin writes: the simulator's `/pooled` clients
 /// saw about 60 % of answers from one of two equal targets.)
 pub fn compile_upstreams(state: &ConfigState, previous: Option<(&ConfigState, &Upstreams)>) -> Upstreams {
-    let unchanged: HashSet<Uuid> = match previous {
-        Some((old_state, _)) => {
-            let old = upstream_sources(old_state);
-            upstream_sources(state)
-                .into_iter()
-                .filter(|(id, entities)| {
-                    old.get(id).is_some_and(|before| {
-                        before.len() == entities.len()
-                            && before.iter().zip(entities).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
-                    })
-                })
-                .map(|(id, _)| id)
-                .collect()
-        }
-        None => HashSet::new(),
+    let sources = previous.map(|(old_state, _)| (upstream_sources(old_state), upstream_sources(state)));
+    // The balancer compiled before for upstream `id` named `name`, if its upstream and
+    // targets are what they were.
+    let kept = |name: &str, id: Uuid| -> Option<Arc<balancer::Upstream>> {
+        let ((_, upstreams), (before, now)) = (previous?, sources.as_ref()?);
+        let (before, now) = (before.get(&id)?, now.get(&id)?);
+        let same = before.len() == now.len() && before.iter().zip(now).all(|(a, b)| Arc::ptr_eq(a, b) || a == b);
+        upstreams.get(name).filter(|compiled| same && compiled.id == id).cloned()
     };
-    let kept: HashMap<Uuid, (String, Arc<balancer::Upstream>)> = previous
-        .map(|(_, upstreams)| {
-            upstreams
-                .iter()
-                .filter(|(_, upstream)| unchanged.contains(&upstream.id))
-                .map(|(name, upstream)| (upstream.id, (name.clone(), upstream.clone())))
-                .collect()
-        })
-        .unwrap_or_default();
     let mut targets_by_upstream: HashMap<Uuid, Vec<Target>> = HashMap::new();
     for target in typed::<entities::Target>(state, EntityKind::Target) {
         let address = balancer::target_address(&target.target);
@@ -145,8 +125,9 @@ pub fn compile_upstreams(state: &ConfigState, previous: Option<(&ConfigState, &U
     }
     typed::<entities::Upstream>(state, EntityKind::Upstream)
         .map(|upstream| {
-            if let Some((name, compiled)) = kept.get(&upstream.id) {
-                return (name.clone(), compiled.clone());
+            let name = upstream.name.to_ascii_lowercase();
+            if let Some(compiled) = kept(&name, upstream.id) {
+                return (name, compiled);
             }
             let mut targets = targets_by_upstream.remove(&upstream.id).unwrap_or_default();
             targets.sort_by(|a, b| a.address.cmp(&b.address));
@@ -165,7 +146,7 @@ pub fn compile_upstreams(state: &ConfigState, previous: Option<(&ConfigState, &U
             let balancer = Balancer::new(&upstream.algorithm, targets, hash_on, hash_fallback);
             let passive = balancer::passive_checks_on(Some(&upstream.healthchecks));
             let compiled = balancer::Upstream::new(upstream.id, balancer, passive);
-            (upstream.name.to_ascii_lowercase(), Arc::new(compiled))
+            (name, Arc::new(compiled))
         })
         .collect()
 }
