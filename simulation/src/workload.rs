@@ -358,8 +358,9 @@ pub(crate) async fn admin_client(client: u64, mut rng: StdRng, nodes: u64, safet
         let key = format!("s{}", rng.gen_range(0..KEYS));
         let path = format!("/services/{key}");
         let call = now_ms();
-        match rng.gen_range(0..10) {
-            0..=3 => {
+        match rng.gen_range(0..20) {
+            19 => declarative(client, node, &mut rng, &mut written, &record).await,
+            0..=7 => {
                 written += 1;
                 let value = format!("c{client}-{written}.sim");
                 let body = serde_json::json!({ "host": value }).to_string();
@@ -370,7 +371,7 @@ pub(crate) async fn admin_client(client: u64, mut rng: StdRng, nodes: u64, safet
                 record.trace.push(format!("c{client} PUT {key} {value} via {} -> {}", host(node), show(&answer)));
                 record.history.push(Operation { client, key, action: Action::Write(Some(value)), call, ret });
             }
-            4 => {
+            8..=9 => {
                 let answer = request(node, "DELETE", &path, None).await;
                 let ok = matches!(answer, Ok((204, _)));
                 let ret = ok.then(now_ms);
@@ -378,7 +379,7 @@ pub(crate) async fn admin_client(client: u64, mut rng: StdRng, nodes: u64, safet
                 record.trace.push(format!("c{client} DELETE {key} via {} -> {}", host(node), show(&answer)));
                 record.history.push(Operation { client, key, action: Action::Write(None), call, ret });
             }
-            5 => {
+            10..=11 => {
                 // A local read: this node's view, not linearizable; traced only.
                 let answer = request(node, "GET", &format!("{path}?consistency=local"), None).await;
                 let observed = read_outcome(&answer);
@@ -402,6 +403,56 @@ pub(crate) async fn admin_client(client: u64, mut rng: StdRng, nodes: u64, safet
             }
         }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
+    }
+}
+
+/// A declarative write: the whole config read (`GET /config`), the clients' keys
+/// rewritten, and the document sent back (`POST /config`, one Raft entry replacing
+/// everything). Each key gets a new value, is left out (removed), or keeps what the
+/// read saw; to the checker that is one write per key, all at once. The routes,
+/// limits and upstreams the setup made go back with their ids, so their quota and
+/// balancers carry on.
+async fn declarative(client: u64, node: u64, rng: &mut StdRng, written: &mut u64, record: &Shared) {
+    let dumped = request(node, "GET", "/config", None).await;
+    let Ok((200, body)) = &dumped else {
+        record.borrow_mut().trace.push(format!("c{client} GET /config via {} -> {}", host(node), show(&dumped)));
+        return;
+    };
+    let Ok(mut document) = serde_json::from_str::<Value>(body) else { return };
+    let ours = |service: &Value| {
+        service.get("name").and_then(Value::as_str).is_some_and(|name| (0..KEYS).any(|key| name == format!("s{key}")))
+    };
+    let before: Vec<Value> = document["services"].as_array().cloned().unwrap_or_default();
+    let mut services: Vec<Value> = before.iter().filter(|service| !ours(service)).cloned().collect();
+    let mut writes = Vec::new();
+    for key in 0..KEYS {
+        let name = format!("s{key}");
+        let current = before.iter().find(|service| service["name"] == name.as_str());
+        let value = match rng.gen_range(0..3) {
+            0 => {
+                *written += 1;
+                let value = format!("c{client}-{written}.sim");
+                services.push(serde_json::json!({ "name": name, "host": value }));
+                Some(value)
+            }
+            1 => None,
+            _ => current.map(|service| {
+                services.push(service.clone());
+                service["host"].as_str().unwrap_or_default().to_string()
+            }),
+        };
+        writes.push((name, value));
+    }
+    document["services"] = Value::Array(services);
+    let call = now_ms();
+    let answer = request(node, "POST", "/config", Some(document.to_string())).await;
+    let ret = matches!(answer, Ok((200 | 201 | 204, _))).then(now_ms);
+    let mut record = record.borrow_mut();
+    let shown: Vec<String> =
+        writes.iter().map(|(key, value)| format!("{key} {}", value.as_deref().unwrap_or("-"))).collect();
+    record.trace.push(format!("c{client} POST /config {} via {} -> {}", shown.join(", "), host(node), show(&answer)));
+    for (key, value) in writes {
+        record.history.push(Operation { client, key, action: Action::Write(value), call, ret });
     }
 }
 
