@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::json::JsonValue;
+use crate::json::{JsonText, JsonValue};
 use crate::schema::EntityKind;
 
 /// One replicated write.
@@ -48,7 +48,7 @@ pub enum Op {
     Delete { kind: EntityKind, key: String, parent: Option<Parent> },
     /// `POST /config`: replace the whole configuration with a declarative document.
     /// Entities without an id get one derived from `id_seed` and their position.
-    ReplaceAll { document: JsonValue, id_seed: u128 },
+    ReplaceAll { document: JsonText, id_seed: u128 },
     /// Tokens of the cluster rate-limit ledger for `node`, many keys at once.
     Grant { node: crate::NodeId, requests: Vec<crate::quota::GrantRequest> },
     /// Tokens `node` gives back unused (it stops, and will not use them).

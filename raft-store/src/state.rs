@@ -72,7 +72,10 @@ impl ConfigState {
             Op::Patch { kind, key, parent, body } => self.patch(*kind, key, parent.as_ref(), &body.0, now),
             Op::Delete { kind, key, parent } => self.delete(*kind, key, parent.as_ref()),
             Op::ReplaceAll { document, id_seed } => {
-                let replacement = declarative::load(&document.0, *id_seed, now)?;
+                let document = document.parse().map_err(|error| {
+                    ApiError::new(ErrorCode::BadRequest, format!("the declarative document is not JSON: {error}"))
+                })?;
+                let replacement = declarative::load(&document, *id_seed, now)?;
                 let entities = replacement.entity_count as u64;
                 *self = replacement;
                 Ok(Outcome::Replaced { entities })
