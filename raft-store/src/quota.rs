@@ -96,17 +96,45 @@ pub struct Account {
     pub total: u64,
 }
 
-/// The ledger: live accounts, and their keys by window end for expiry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The ledger: live accounts, their keys by window end for expiry, and its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaLedger {
     accounts: BTreeMap<QuotaKey, Account>,
     by_end: BTreeSet<(i64, QuotaKey)>,
+    /// The latest leader time applied: the ledger's clock, which never goes back. A
+    /// window over by it stays over, whatever a later command's leader time says.
+    /// Found by the simulator (a node's clock stepped ahead while it led): the leader
+    /// ended a second's window early, and when leader time went back (the step undone,
+    /// or a new leader whose clock is behind) the window was opened afresh, its limit
+    /// granted a second time (16 admitted in a second of 8).
+    now_s: i64,
+}
+
+impl Default for QuotaLedger {
+    fn default() -> QuotaLedger {
+        QuotaLedger { accounts: BTreeMap::new(), by_end: BTreeSet::new(), now_s: i64::MIN }
+    }
 }
 
 /// The ledger as stored in snapshots.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LedgerImage {
     pub accounts: Vec<(QuotaKey, Account)>,
+    /// The ledger's clock ([`QuotaLedger`]'s `now_s`).
+    pub now_s: i64,
+}
+
+/// The ledger as snapshots stored it before it kept its clock; read as one whose clock
+/// is unknown (it starts at the first leader time applied after).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LedgerImageV0 {
+    pub accounts: Vec<(QuotaKey, Account)>,
+}
+
+impl From<LedgerImageV0> for LedgerImage {
+    fn from(old: LedgerImageV0) -> LedgerImage {
+        LedgerImage { accounts: old.accounts, now_s: i64::MIN }
+    }
 }
 
 impl QuotaLedger {
@@ -126,6 +154,7 @@ impl QuotaLedger {
     /// order. A grant is never more than the limit minus what all nodes already hold,
     /// so the sum of grants never passes the limit.
     pub fn grant(&mut self, node: NodeId, now_s: i64, requests: &[GrantRequest]) -> Vec<Grant> {
+        let now_s = self.advance(now_s);
         self.expire(now_s);
         requests.iter().map(|request| self.grant_one(node, now_s, request)).collect()
     }
@@ -167,6 +196,7 @@ impl QuotaLedger {
     /// Takes back tokens `node` returns unused (at most what it was granted). The
     /// node zeroed them before asking, so they can be granted again.
     pub fn release(&mut self, node: NodeId, now_s: i64, releases: &[(QuotaKey, u64)]) {
+        let now_s = self.advance(now_s);
         self.expire(now_s);
         for (key, tokens) in releases {
             let Some(account) = self.accounts.get_mut(key) else { continue };
@@ -175,6 +205,12 @@ impl QuotaLedger {
             *granted -= returned;
             account.total -= returned;
         }
+    }
+
+    /// Moves the ledger's clock to `now_s` unless it is already later; returns it.
+    fn advance(&mut self, now_s: i64) -> i64 {
+        self.now_s = self.now_s.max(now_s);
+        self.now_s
     }
 
     /// Drops every account whose window ended by `now_s`.
@@ -195,11 +231,14 @@ impl QuotaLedger {
     }
 
     pub fn to_image(&self) -> LedgerImage {
-        LedgerImage { accounts: self.accounts.iter().map(|(key, account)| (key.clone(), account.clone())).collect() }
+        LedgerImage {
+            accounts: self.accounts.iter().map(|(key, account)| (key.clone(), account.clone())).collect(),
+            now_s: self.now_s,
+        }
     }
 
     pub fn from_image(image: LedgerImage) -> QuotaLedger {
-        let mut ledger = QuotaLedger::new();
+        let mut ledger = QuotaLedger { now_s: image.now_s, ..QuotaLedger::new() };
         for (key, account) in image.accounts {
             ledger.by_end.insert((key.end_s(), key.clone()));
             ledger.accounts.insert(key, account);
@@ -270,6 +309,36 @@ mod tests {
         // Past the hour's end everything before is dropped.
         ledger.grant(1, 7200, &[]);
         assert!(ledger.is_empty());
+    }
+
+    /// A leader's clock that ran ahead ends a window; leader time going back (the step
+    /// undone, a new leader whose clock is behind) does not open it again, across a
+    /// snapshot too. On the code before the ledger kept its clock: 8 more granted.
+    #[test]
+    fn a_window_once_over_stays_over_when_leader_time_goes_back() {
+        let mut ledger = QuotaLedger::new();
+        let second = key("svc", 1, 100);
+        let drain = |ledger: &mut QuotaLedger, node: NodeId, now_s: i64| {
+            let mut total = 0;
+            loop {
+                let grant = ledger.grant(node, now_s, &[ask(&second, 8, 8)])[0];
+                if grant.granted == 0 {
+                    return (total, grant.spent);
+                }
+                total += grant.granted;
+            }
+        };
+        assert_eq!(drain(&mut ledger, 1, 100), (8, true));
+        // A leader whose clock is a second ahead: the window is over and dropped.
+        ledger.grant(2, 101, &[]);
+        assert!(ledger.is_empty());
+        // Leader time back at 100: still over, here and after a snapshot.
+        assert_eq!(drain(&mut ledger, 3, 100), (0, true));
+        let mut restored = QuotaLedger::from_image(ledger.to_image());
+        assert_eq!(drain(&mut restored, 3, 100), (0, true));
+        // A snapshot from before the ledger kept its clock restores with none.
+        let old = LedgerImageV0 { accounts: ledger.to_image().accounts };
+        assert_eq!(QuotaLedger::from_image(old.into()).now_s, i64::MIN);
     }
 
     #[test]

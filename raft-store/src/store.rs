@@ -40,7 +40,7 @@ use tokio::sync::{watch, RwLock};
 
 use crate::codec;
 use crate::command::{CommandResponse, Op, Outcome};
-use crate::quota::{LedgerImage, QuotaLedger};
+use crate::quota::{LedgerImage, LedgerImageV0, QuotaLedger};
 use crate::recent::{RecentImage, RecentWrites};
 use crate::state::{ConfigState, StateImage};
 use crate::{NodeId, TypeConfig};
@@ -302,6 +302,24 @@ struct SnapshotBody {
     recent: RecentImage,
 }
 
+/// A snapshot body as stored before the ledger kept its clock: read when the current
+/// shape does not decode (postcard has no optional trailing fields).
+#[derive(Serialize, Deserialize)]
+struct SnapshotBodyV0 {
+    image: StateImage,
+    ledger: LedgerImageV0,
+    recent: RecentImage,
+}
+
+impl SnapshotBody {
+    fn decode(data: &[u8]) -> std::result::Result<SnapshotBody, codec::CodecError> {
+        codec::decode::<SnapshotBody>(data).or_else(|error| {
+            let old = codec::decode::<SnapshotBodyV0>(data).map_err(|_| error)?;
+            Ok(SnapshotBody { image: old.image, ledger: old.ledger.into(), recent: old.recent })
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
@@ -384,8 +402,7 @@ fn applied_from_snapshot(
     meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
     data: &[u8],
 ) -> Result<(Applied, QuotaLedger)> {
-    let body: SnapshotBody =
-        codec::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+    let body = SnapshotBody::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
     let state = ConfigState::from_image(&body.image)
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)))?;
     let applied = Applied {
@@ -548,4 +565,31 @@ pub async fn open(data_dir: &Path) -> std::result::Result<(LogStore, StateMachin
     let database = open_database(data_dir).map_err(io_error)?;
     let state_machine = StateMachineStore::open(database.clone()).await?;
     Ok((LogStore::new(database), state_machine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::{GrantRequest, QuotaKey};
+
+    /// A snapshot stored before the ledger kept its clock still restores, its grants
+    /// with it; one stored now keeps the clock.
+    #[test]
+    fn snapshot_bodies_of_both_shapes_decode() {
+        let mut ledger = QuotaLedger::new();
+        let key = QuotaKey { plugin: uuid::Uuid::from_u128(1), subject: "s".into(), window_s: 60, start_s: 60 };
+        ledger.grant(1, 70, &[GrantRequest { key: key.clone(), limit: 10, want: 5, used: 0 }]);
+        let image = ConfigState::default().to_image();
+        let old = SnapshotBodyV0 {
+            image: image.clone(),
+            ledger: LedgerImageV0 { accounts: ledger.to_image().accounts },
+            recent: RecentImage::default(),
+        };
+        let decoded = SnapshotBody::decode(&codec::encode(&old).expect("encodes")).expect("the old shape decodes");
+        assert_eq!(decoded.ledger.accounts.len(), 1);
+        assert_eq!(decoded.ledger.now_s, i64::MIN);
+        let new = SnapshotBody { image, ledger: ledger.to_image(), recent: RecentImage::default() };
+        let decoded = SnapshotBody::decode(&codec::encode(&new).expect("encodes")).expect("the new shape decodes");
+        assert_eq!(QuotaLedger::from_image(decoded.ledger), ledger);
+    }
 }
