@@ -28,10 +28,14 @@ pub enum Bug {
     /// The committed index is not read back at a start: a restarted node serves its
     /// snapshot's older state until the leader tells it the commit index (CFG3).
     ForgetCommitted = 64,
+    /// A member's removal is acknowledged and not made: the leader answers
+    /// `DELETE /cluster/members/{id}` without changing the membership (the
+    /// simulator's membership check).
+    KeepRemoved = 128,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::AckBeforeCommit,
         Bug::StaleReads,
         Bug::GrantPastLimit,
@@ -39,6 +43,7 @@ impl Bug {
         Bug::LocalHealthOnly,
         Bug::DropPublish,
         Bug::ForgetCommitted,
+        Bug::KeepRemoved,
     ];
 
     /// The invariant that catches it.
@@ -51,6 +56,7 @@ impl Bug {
             Bug::LocalHealthOnly => "HC1",
             Bug::DropPublish => "CFG4",
             Bug::ForgetCommitted => "CFG3",
+            Bug::KeepRemoved => "membership",
         }
     }
 
@@ -63,6 +69,7 @@ impl Bug {
             Bug::LocalHealthOnly => "local-health-only",
             Bug::DropPublish => "drop-publish",
             Bug::ForgetCommitted => "forget-committed",
+            Bug::KeepRemoved => "keep-removed",
         }
     }
 

@@ -32,6 +32,17 @@ pub(crate) fn check(record: &Record) -> Option<Failure> {
             })
         }
     }
+    // The membership settles after healing: a replacement finished, every member
+    // counts the same voters, and they are the run's members.
+    if let Some(Err(detail)) = &record.membership {
+        return Some(Failure {
+            invariant: "membership",
+            detail: format!("not settled {} s after healing: {detail}", LIVENESS_BOUND.as_secs()),
+            history: tail_of(&record.trace.events, 30, |line| {
+                line.contains("fault") || line.contains("heal") || line.contains("operator") || line.contains("restart")
+            }),
+        });
+    }
     // CFG3: no node's applied version goes down.
     for (node, seen) in &record.statuses {
         for pair in seen.windows(2) {
@@ -142,21 +153,29 @@ pub(crate) fn check_rate_limits(record: &Record, nodes: u64) -> Option<Failure> 
     for (path, window, size_s, limit) in WINDOWS {
         let size_ms = size_s as i64 * 1_000;
         let window_of = |node: u64, at: u64| {
-            let offset = record.offsets.get(&node).copied().unwrap_or(0);
+            let offset = record.offset(node, at);
             (epoch_ms + at as i64 + offset).div_euclid(size_ms)
         };
         let mut admitted: BTreeMap<i64, u64> = BTreeMap::new();
         for request in record.proxied.iter().filter(|request| request.path == path && request.status == 200) {
+            // A clock step while the request was in flight leaves its window unknown.
+            let stepped = record
+                .offsets
+                .get(&request.node)
+                .is_some_and(|changes| changes.iter().any(|(from, _)| (request.call..=request.ret).contains(from)));
             let first = window_of(request.node, request.call);
-            if first == window_of(request.node, request.ret) {
+            if !stepped && first == window_of(request.node, request.ret) {
                 *admitted.entry(first).or_default() += 1;
             }
         }
         for (index, count) in admitted {
-            // The window in simulated time, widened by the clocks' offsets.
-            let from = (index * size_ms - epoch_ms - CLOCK_OFFSET_MAX_MS).max(0) as u64;
-            let until = ((index + 1) * size_ms - epoch_ms + CLOCK_OFFSET_MAX_MS).max(0) as u64;
-            let restarts = record.restarts.iter().filter(|(at, _)| (from..until).contains(at)).count() as u64;
+            // The window in simulated time, widened by the clocks' offsets and jumps.
+            let widest = CLOCK_OFFSET_MAX_MS + CLOCK_JUMP_MAX_MS;
+            let from = (index * size_ms - epoch_ms - widest).max(0) as u64;
+            let until = ((index + 1) * size_ms - epoch_ms + widest).max(0) as u64;
+            // A node process that started in this window of its own clock counts
+            // afresh: the restarted node's, or a replacement's.
+            let restarts = record.restarts.iter().filter(|(at, node)| window_of(*node, *at) == index).count() as u64;
             let share = limit.div_ceil(nodes);
             let bound = if fault_tolerant { limit + (nodes + restarts) * share } else { limit };
             if count <= bound {
@@ -166,7 +185,8 @@ pub(crate) fn check_rate_limits(record: &Record, nodes: u64) -> Option<Failure> 
             let failure = Failure {
                 invariant,
                 detail: format!(
-                    "{count} requests to {path} admitted in the {window} from {from} ms ({restarts} node restarts in it), limit {limit} (fault_tolerant {fault_tolerant}: at most {bound})"
+                    "{count} requests to {path} admitted in the {window} starting at {} ms of simulated time on the admitting nodes' clocks ({restarts} node processes started in it), limit {limit} (fault_tolerant {fault_tolerant}: at most {bound})",
+                    index * size_ms - epoch_ms
                 ),
                 history: tail_of(&record.trace.events, 40, |line| {
                     let at: u64 = line.split_whitespace().next().and_then(|t| t.parse().ok()).unwrap_or(0);

@@ -29,10 +29,13 @@ thread_local! {
     static RANDOM: RefCell<StdRng> = RefCell::new(StdRng::seed_from_u64(0));
     /// Each node's disk, by data directory; kept across the node's crashes.
     static DISKS: RefCell<BTreeMap<PathBuf, SimDisk>> = const { RefCell::new(BTreeMap::new()) };
-    /// Each booted host's wall-clock offset in milliseconds, by the id of the tokio
-    /// runtime turmoil runs it on (a new one at every boot). Only looked up, never
-    /// iterated, so the map's order cannot reach the trace.
-    static OFFSETS: RefCell<HashMap<tokio::runtime::Id, i64>> = RefCell::new(HashMap::new());
+    /// The node each booted host runs, by the id of the tokio runtime turmoil runs it
+    /// on (a new one at every boot). Only looked up, never iterated, so the map's
+    /// order cannot reach the trace.
+    static RUNTIMES: RefCell<HashMap<tokio::runtime::Id, u64>> = RefCell::new(HashMap::new());
+    /// Each node's wall-clock offset from simulated time, in milliseconds: set at the
+    /// start, and changed by a clock jump.
+    static OFFSETS: RefCell<BTreeMap<u64, i64>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 /// Installs the simulator's environment, clock and storage for this process (once;
@@ -54,15 +57,22 @@ pub fn begin_run(seed: u64) {
     tollgate_raft_store::runtime::seed_elections(Some(seed ^ 0xe1ec7));
     DISKS.with(|disks| disks.borrow_mut().clear());
     OFFSETS.with(|offsets| offsets.borrow_mut().clear());
+    RUNTIMES.with(|runtimes| runtimes.borrow_mut().clear());
 }
 
-/// Gives the host booting on the current runtime a wall clock `offset_ms` off
-/// simulated time (called first thing in a node's host, at every boot). turmoil runs
-/// every host on this one thread, so the host a clock read comes from is told by
-/// the runtime it runs on.
-pub fn set_clock_offset(offset_ms: i64) {
+/// Says that the host booting on the current runtime is `node`, whose wall clock
+/// runs at the node's offset ([`set_clock_offset`]); called first thing in a node's
+/// host, at every boot. turmoil runs every host on this one thread, so the host a
+/// clock read comes from is told by the runtime it runs on.
+pub fn set_clock_node(node: u64) {
     let runtime = tokio::runtime::Handle::current().id();
-    OFFSETS.with(|offsets| offsets.borrow_mut().insert(runtime, offset_ms));
+    RUNTIMES.with(|runtimes| runtimes.borrow_mut().insert(runtime, node));
+}
+
+/// Sets `node`'s wall clock `offset_ms` off simulated time, from its next read on
+/// (a clock jump when the node runs).
+pub fn set_clock_offset(node: u64, offset_ms: i64) {
+    OFFSETS.with(|offsets| offsets.borrow_mut().insert(node, offset_ms));
 }
 
 /// The disk of the node whose data directory is `data_dir`.
@@ -77,7 +87,8 @@ fn open(data_dir: &Path) -> Result<redb::Database, redb::Error> {
 fn wall_clock() -> Duration {
     let offset_ms = tokio::runtime::Handle::try_current()
         .ok()
-        .and_then(|runtime| OFFSETS.with(|offsets| offsets.borrow().get(&runtime.id()).copied()))
+        .and_then(|runtime| RUNTIMES.with(|runtimes| runtimes.borrow().get(&runtime.id()).copied()))
+        .and_then(|node| OFFSETS.with(|offsets| offsets.borrow().get(&node).copied()))
         .unwrap_or(0);
     let now = EPOCH + turmoil::sim_elapsed().unwrap_or_default();
     if offset_ms >= 0 {

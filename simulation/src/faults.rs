@@ -6,9 +6,13 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
 
-use crate::world::{data_dir, host, Shared, ADMIN_HOST, BACKUP_HOST, UPSTREAM_HOST};
+use crate::world::{
+    data_dir, host, members, now_ms_of, Record, Shared, ADMIN_HOST, BACKUP_HOST, CLOCK_JUMP_CHANCE, CLOCK_JUMP_MAX_MS,
+    REPLACE_AFTER, REPLACE_BEFORE, REPLACE_CHANCE, UPSTREAM_HOST,
+};
 
-/// A fault the seed chose.
+/// A fault the seed chose. Its nodes are slots when scheduled ([`Record::members`]),
+/// the nodes in them once inflicted.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Fault {
     /// The node cannot reach the other nodes nor they it.
@@ -81,17 +85,38 @@ pub(crate) fn schedule(rng: &mut StdRng, nodes: u64, from: Duration, until: Dura
     }
 }
 
-pub(crate) fn others(node: u64, nodes: u64) -> Vec<String> {
-    (1..=nodes).filter(|other| *other != node).map(host).collect()
+/// The other members' hosts.
+pub(crate) fn others(node: u64, members: &[u64]) -> Vec<String> {
+    members.iter().filter(|other| **other != node).map(|other| host(*other)).collect()
 }
 
-pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: &Shared, rng: &mut StdRng) -> Heal {
+impl Fault {
+    /// The fault on the nodes that hold its slots now.
+    fn resolve(self, record: &Record) -> Fault {
+        match self {
+            Fault::Isolate { node, for_ms } => Fault::Isolate { node: record.member(node), for_ms },
+            Fault::OneWay { from, to, for_ms } => {
+                Fault::OneWay { from: record.member(from), to: record.member(to), for_ms }
+            }
+            Fault::Hold { node, for_ms } => Fault::Hold { node: record.member(node), for_ms },
+            Fault::CutClient { node, for_ms } => Fault::CutClient { node: record.member(node), for_ms },
+            Fault::Crash { node, for_ms } => Fault::Crash { node: record.member(node), for_ms },
+            Fault::Lossy { node, for_ms } => Fault::Lossy { node: record.member(node), for_ms },
+            Fault::Slow { node, max_ms, for_ms } => Fault::Slow { node: record.member(node), max_ms, for_ms },
+            Fault::UpstreamDown { .. } | Fault::RestartAll { .. } | Fault::Sick { .. } => self,
+        }
+    }
+}
+
+pub(crate) fn inflict(sim: &mut turmoil::Sim, fault: Fault, record: &Shared, rng: &mut StdRng) -> Heal {
     let now = sim.elapsed();
+    let members = members(record);
     let mut record = record.borrow_mut();
     record.faults += 1;
+    let fault = fault.resolve(&record);
     let (line, for_ms) = match fault {
         Fault::Isolate { node, for_ms } => {
-            for other in others(node, nodes) {
+            for other in others(node, &members) {
                 sim.partition(host(node), other);
             }
             (format!("fault isolate {}", host(node)), for_ms)
@@ -101,7 +126,7 @@ pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: 
             (format!("fault drop {} -> {}", host(from), host(to)), for_ms)
         }
         Fault::Hold { node, for_ms } => {
-            for other in others(node, nodes) {
+            for other in others(node, &members) {
                 sim.hold(host(node), other);
             }
             (format!("fault hold {}", host(node)), for_ms)
@@ -110,25 +135,25 @@ pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: 
             sim.partition(ADMIN_HOST, host(node));
             (format!("fault cut admin from {}", host(node)), for_ms)
         }
-        Fault::Crash { node, for_ms } => (format!("fault crash {}", crash(sim, node, nodes, rng)), for_ms),
+        Fault::Crash { node, for_ms } => (format!("fault crash {}", crash(sim, node, &members, rng)), for_ms),
         Fault::UpstreamDown { for_ms } => {
             sim.crash(UPSTREAM_HOST);
             ("fault upstream down".to_string(), for_ms)
         }
         Fault::Lossy { node, for_ms } => {
-            for other in others(node, nodes) {
+            for other in others(node, &members) {
                 sim.set_link_fail_rate(host(node), other, LOSS_RATE);
             }
             (format!("fault lossy {}", host(node)), for_ms)
         }
         Fault::Slow { node, max_ms, for_ms } => {
-            for other in others(node, nodes) {
+            for other in others(node, &members) {
                 sim.set_link_max_message_latency(host(node), other, Duration::from_millis(max_ms));
             }
             (format!("fault slow {} up to {max_ms} ms", host(node)), for_ms)
         }
         Fault::RestartAll { for_ms } => {
-            let crashed: Vec<String> = (1..=nodes).map(|node| crash(sim, node, nodes, rng)).collect();
+            let crashed: Vec<String> = members.iter().map(|node| crash(sim, *node, &members, rng)).collect();
             (format!("fault crash all: {}", crashed.join(", ")), for_ms)
         }
         Fault::Sick { for_ms } => {
@@ -148,9 +173,9 @@ pub(crate) fn inflict(sim: &mut turmoil::Sim, nodes: u64, fault: Fault, record: 
 /// maps that held them (hyper-util's pool among them: std `HashMap`s, whose order is
 /// drawn per map), so closes sent through turmoil would draw latencies from the run's
 /// generator in an order no seed decides.
-fn crash(sim: &mut turmoil::Sim, node: u64, nodes: u64, rng: &mut StdRng) -> String {
+pub(crate) fn crash(sim: &mut turmoil::Sim, node: u64, members: &[u64], rng: &mut StdRng) -> String {
     let peers: Vec<String> =
-        others(node, nodes).into_iter().chain([ADMIN_HOST, UPSTREAM_HOST, BACKUP_HOST].map(String::from)).collect();
+        others(node, members).into_iter().chain([ADMIN_HOST, UPSTREAM_HOST, BACKUP_HOST].map(String::from)).collect();
     for peer in &peers {
         sim.partition(host(node), peer.as_str());
     }
@@ -163,14 +188,15 @@ fn crash(sim: &mut turmoil::Sim, node: u64, nodes: u64, rng: &mut StdRng) -> Str
 }
 
 /// Undoes the active faults whose time has come, or all of them (`all`).
-pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, record: &Shared, all: bool) {
+pub(crate) fn heal(sim: &mut turmoil::Sim, active: &mut Vec<Heal>, record: &Shared, all: bool) {
     let now = sim.elapsed();
+    let members = members(record);
     let (due, kept): (Vec<Heal>, Vec<Heal>) = active.drain(..).partition(|heal| all || heal.at <= now);
     *active = kept;
     for heal in due {
         let line = match heal.fault {
             Fault::Isolate { node, .. } => {
-                for other in others(node, nodes) {
+                for other in others(node, &members) {
                     sim.repair(host(node), other);
                 }
                 format!("heal isolate {}", host(node))
@@ -180,7 +206,7 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
                 format!("heal drop {} -> {}", host(from), host(to))
             }
             Fault::Hold { node, .. } => {
-                for other in others(node, nodes) {
+                for other in others(node, &members) {
                     sim.release(host(node), other);
                 }
                 format!("heal hold {}", host(node))
@@ -188,6 +214,9 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
             Fault::CutClient { node, .. } => {
                 sim.repair(ADMIN_HOST, host(node));
                 format!("heal admin to {}", host(node))
+            }
+            Fault::Crash { node, .. } if record.borrow().retired.contains(&node) => {
+                format!("{} stays down: it was replaced", host(node))
             }
             Fault::Crash { node, .. } => {
                 sim.bounce(host(node));
@@ -199,19 +228,19 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
                 "upstream revived".to_string()
             }
             Fault::Lossy { node, .. } => {
-                for other in others(node, nodes) {
+                for other in others(node, &members) {
                     sim.set_link_fail_rate(host(node), other, 0.0);
                 }
                 format!("heal lossy {}", host(node))
             }
             Fault::Slow { node, .. } => {
-                for other in others(node, nodes) {
+                for other in others(node, &members) {
                     sim.set_link_max_message_latency(host(node), other, LATENCY_MAX);
                 }
                 format!("heal slow {}", host(node))
             }
             Fault::RestartAll { .. } => {
-                for node in 1..=nodes {
+                for &node in &members {
                     sim.bounce(host(node));
                     record.borrow_mut().restarts.push((sim.elapsed().as_millis() as u64, node));
                 }
@@ -224,4 +253,100 @@ pub(crate) fn heal(sim: &mut turmoil::Sim, nodes: u64, active: &mut Vec<Heal>, r
         };
         record.borrow_mut().trace.push_at(sim.elapsed(), line);
     }
+}
+
+/// When a run replaces a node, and which slot's: drawn from `rng` (the run's own
+/// generator for it), `None` for the runs that do not.
+pub(crate) fn plan_replacement(
+    rng: &mut StdRng,
+    nodes: u64,
+    from: Duration,
+    until: Duration,
+) -> Option<(Duration, u64)> {
+    let earliest = from + REPLACE_AFTER;
+    let latest = until.checked_sub(REPLACE_BEFORE)?;
+    if !rng.gen_bool(REPLACE_CHANCE) || latest <= earliest {
+        return None;
+    }
+    let at = rng.gen_range(earliest.as_millis() as u64..latest.as_millis() as u64);
+    Some((Duration::from_millis(at), rng.gen_range(1..=nodes)))
+}
+
+/// Replaces the node in `slot` by node `new`, as an operator replaces a machine that
+/// died: the old machine crashes for good (its disk with it), the new node takes its
+/// slot, and the operator (`workload::operator`) removes the old one from Raft once
+/// the new one has joined. Starting the new node's host is the caller's.
+pub(crate) fn replace(sim: &mut turmoil::Sim, slot: u64, new: u64, record: &Shared, rng: &mut StdRng) -> u64 {
+    let members = members(record);
+    let old = record.borrow().member(slot);
+    let crashed = crash(sim, old, &members, rng);
+    let mut record = record.borrow_mut();
+    record.members[slot as usize - 1] = new;
+    record.retired.push(old);
+    record.replacing.push((old, new));
+    record.faults += 1;
+    record.trace.push_at(sim.elapsed(), format!("fault replace {crashed} by {}", host(new)));
+    old
+}
+
+/// A step of one node's wall clock, undone `for_ms` later.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClockJump {
+    pub(crate) at: Duration,
+    slot: u64,
+    by_ms: i64,
+    for_ms: u64,
+}
+
+/// A jump that was made: when to undo it, whose clock, and the offset it had.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Jumped {
+    pub(crate) until: Duration,
+    node: u64,
+    offset_ms: i64,
+}
+
+/// Whether a run steps a clock, when, whose, by how much and for how long: drawn from
+/// `rng` (the run's own generator for it), `None` for the runs that do not.
+pub(crate) fn plan_clock_jump(rng: &mut StdRng, nodes: u64, from: Duration, until: Duration) -> Option<ClockJump> {
+    if !rng.gen_bool(CLOCK_JUMP_CHANCE) || until <= from {
+        return None;
+    }
+    let at = Duration::from_millis(rng.gen_range(from.as_millis() as u64..until.as_millis() as u64));
+    let slot = rng.gen_range(1..=nodes);
+    let size = rng.gen_range(1_000..=CLOCK_JUMP_MAX_MS);
+    let by_ms = if rng.gen_bool(0.5) { size } else { -size };
+    Some(ClockJump { at, slot, by_ms, for_ms: rng.gen_range(1_000..4_000) })
+}
+
+/// Sets `node`'s wall clock `offset_ms` off simulated time from now on, and records it.
+pub(crate) fn set_clock(sim: &turmoil::Sim, node: u64, offset_ms: i64, record: &Shared) {
+    crate::env::set_clock_offset(node, offset_ms);
+    let now = sim.elapsed();
+    let mut record = record.borrow_mut();
+    record.offsets.entry(node).or_default().push((now_ms_of(now), offset_ms));
+    record.trace.push_at(now, format!("{} clock offset {offset_ms} ms", host(node)));
+}
+
+/// Steps the clock of the node in the jump's slot.
+pub(crate) fn jump_clock(sim: &turmoil::Sim, jump: ClockJump, record: &Shared) -> Jumped {
+    let now = sim.elapsed();
+    let (node, offset_ms) = {
+        let record = record.borrow();
+        let node = record.member(jump.slot);
+        (node, record.offset(node, now_ms_of(now)))
+    };
+    record
+        .borrow_mut()
+        .trace
+        .push_at(now, format!("fault clock of {} steps {} ms for {} ms", host(node), jump.by_ms, jump.for_ms));
+    record.borrow_mut().faults += 1;
+    set_clock(sim, node, offset_ms + jump.by_ms, record);
+    Jumped { until: now + Duration::from_millis(jump.for_ms), node, offset_ms }
+}
+
+/// Undoes a clock jump: the node's clock is right again (stepped back).
+pub(crate) fn undo_jump(sim: &turmoil::Sim, jumped: Jumped, record: &Shared) {
+    record.borrow_mut().trace.push_at(sim.elapsed(), format!("heal clock of {}", host(jumped.node)));
+    set_clock(sim, jumped.node, jumped.offset_ms, record);
 }

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     verbose: bool,
     /// Test-only: plant a bug (ack-before-commit, stale-reads, grant-past-limit, forget-ledger,
-    /// local-health-only, drop-publish, forget-committed) to see an invariant catch it.
+    /// local-health-only, drop-publish, forget-committed, keep-removed) to see an invariant catch it.
     #[arg(long)]
     plant: Option<String>,
 }

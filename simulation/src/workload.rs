@@ -131,7 +131,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
     for (method, path, body) in steps {
         let mut done = false;
         for attempt in 0..ATTEMPTS_MAX {
-            let node = attempt % nodes + 1;
+            let node = record.borrow().member(attempt % nodes + 1);
             let answer = request(node, method, path, Some(body.to_string())).await;
             record.borrow_mut().trace.push(format!("setup {method} {path} via {} -> {}", host(node), show(&answer)));
             if matches!(answer, Ok((200 | 201 | 409, _))) {
@@ -155,7 +155,7 @@ pub(crate) async fn configure_routes(nodes: u64, fault_tolerant: bool, record: &
     };
     for _ in 0..SERVING_POLLS_MAX {
         let mut serving = 0;
-        for node in 1..=nodes {
+        for node in members(record) {
             let published =
                 status(node).await.and_then(|status| status.get("published_version").and_then(Value::as_u64));
             if published.is_some_and(|published| published >= version) {
@@ -184,7 +184,7 @@ fn pick_path(rng: &mut StdRng) -> &'static str {
 
 pub(crate) async fn proxy_client(client: u64, mut rng: StdRng, nodes: u64, safety_end: Duration, record: Shared) {
     while turmoil::sim_elapsed().unwrap_or_default() < safety_end {
-        let node = rng.gen_range(1..=nodes);
+        let node = record.borrow().member(rng.gen_range(1..=nodes));
         let path = pick_path(&mut rng);
         let call = now_ms();
         let answer = exchange(node, PROXY_PORT, "GET", path, None, PROXY_TIMEOUT).await;
@@ -210,10 +210,10 @@ const HEALTHY_STREAK: usize = 8;
 
 /// HC1, after healing: every node, within [`HEALTH_BOUND`] of the heal, answers
 /// [`HEALTHY_STREAK`] `/pooled` requests in a row from the live target.
-async fn health_settled(nodes: u64, safety_end: Duration, record: &Shared) -> Result<(), String> {
+async fn health_settled(safety_end: Duration, record: &Shared) -> Result<(), String> {
     let deadline = safety_end + HEALTH_BOUND;
     let mut unsettled = Vec::new();
-    for node in 1..=nodes {
+    for node in members(record) {
         let mut last = String::new();
         let settled = loop {
             let mut streak = 0;
@@ -277,7 +277,8 @@ pub(crate) async fn workload(options: Options, safety_end: Duration, record: Sha
         let rng = StdRng::seed_from_u64(options.seed.wrapping_mul(31).wrapping_add(client));
         clients.push(tokio::task::spawn_local(admin_client(client, rng, options.nodes, safety_end, record.clone())));
     }
-    let monitor = tokio::task::spawn_local(status_monitor(options.nodes, record.clone()));
+    let monitor = tokio::task::spawn_local(status_monitor(record.clone()));
+    let operator = tokio::task::spawn_local(operator(record.clone()));
     for client in clients {
         let _ = client.await;
     }
@@ -288,29 +289,40 @@ pub(crate) async fn workload(options: Options, safety_end: Duration, record: Sha
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let converged = loop {
-        if let Some(version) = converged(options.nodes).await {
+        if let Some(version) = converged(&record).await {
             break Ok(version);
         }
         if turmoil::sim_elapsed().unwrap_or_default() >= deadline {
-            break Err(describe_statuses(options.nodes).await);
+            break Err(describe_statuses(&record).await);
         }
         tokio::time::sleep(STATUS_INTERVAL).await;
     };
     record.borrow_mut().trace.push(format!("converged: {converged:?}"));
+    // A replacement finishes within the same bound.
+    let settled = loop {
+        let settled = membership_settled(&record).await;
+        if settled.is_ok() || turmoil::sim_elapsed().unwrap_or_default() >= deadline {
+            break settled;
+        }
+        tokio::time::sleep(STATUS_INTERVAL).await;
+    };
+    record.borrow_mut().trace.push(format!("membership settled: {settled:?}"));
+    record.borrow_mut().membership = Some(settled);
     let ok = converged.is_ok();
     record.borrow_mut().converged = Some(converged);
     if ok {
         if record.borrow().rate_limited.is_some() {
-            let health = health_settled(options.nodes, safety_end, &record).await;
+            let health = health_settled(safety_end, &record).await;
             record.borrow_mut().health = Some(health);
         }
         // Final reads: what survived, through each node in turn.
         for key in 0..KEYS {
-            let node = (key as u64 % options.nodes) + 1;
+            let node = record.borrow().member((key as u64 % options.nodes) + 1);
             final_read(node, key, &record).await;
         }
     }
     monitor.abort();
+    operator.abort();
     Ok(())
 }
 
@@ -354,7 +366,7 @@ pub(crate) async fn admin_client(client: u64, mut rng: StdRng, nodes: u64, safet
     let mut written = 0u64;
     tokio::time::sleep(FIRST_FAULT_AT / 2).await;
     while turmoil::sim_elapsed().unwrap_or_default() < safety_end {
-        let node = rng.gen_range(1..=nodes);
+        let node = record.borrow().member(rng.gen_range(1..=nodes));
         let key = format!("s{}", rng.gen_range(0..KEYS));
         let path = format!("/services/{key}");
         let call = now_ms();
@@ -463,9 +475,9 @@ pub(crate) fn show(answer: &Result<(u16, String), String>) -> String {
     }
 }
 
-pub(crate) async fn status_monitor(nodes: u64, record: Shared) {
+pub(crate) async fn status_monitor(record: Shared) {
     loop {
-        for node in 1..=nodes {
+        for node in members(&record) {
             if let Some(status) = status(node).await {
                 let version = status.get("config_version").and_then(Value::as_u64).unwrap_or_default();
                 let mut record = record.borrow_mut();
@@ -477,6 +489,49 @@ pub(crate) async fn status_monitor(nodes: u64, record: Shared) {
     }
 }
 
+/// The voters `node` knows of (`GET /cluster`, its own view), sorted.
+pub(crate) async fn voters(node: u64) -> Option<Vec<u64>> {
+    let Ok((200, body)) = request(node, "GET", "/cluster?consistency=local", None).await else { return None };
+    let cluster: Value = serde_json::from_str(&body).ok()?;
+    let mut voters: Vec<u64> = cluster
+        .get("members")?
+        .as_array()?
+        .iter()
+        .filter(|member| member.get("voter").and_then(Value::as_bool) == Some(true))
+        .filter_map(|member| member.get("node_id").and_then(Value::as_u64))
+        .collect();
+    voters.sort_unstable();
+    Some(voters)
+}
+
+/// The operator of a replacement: once the new node is a voter (it joined by
+/// itself), removes the old one (`DELETE /cluster/members/{old}`) through the members
+/// in turn, until one acknowledges it. Adding before removing keeps the voters at
+/// least as many as the run's nodes, as an operator replacing a dead machine does.
+pub(crate) async fn operator(record: Shared) {
+    let mut attempt = 0u64;
+    loop {
+        let Some((old, new)) = record.borrow().replacing.first().copied() else {
+            tokio::time::sleep(OPERATOR_POLL).await;
+            continue;
+        };
+        let members = members(&record);
+        attempt += 1;
+        let via = members[attempt as usize % members.len()];
+        if voters(via).await.is_some_and(|voters| voters.contains(&new)) {
+            let answer = request(via, "DELETE", &format!("/cluster/members/{old}"), None).await;
+            let done = matches!(answer, Ok((204, _)));
+            let mut record = record.borrow_mut();
+            record.trace.push(format!("operator remove {} via {} -> {}", host(old), host(via), show(&answer)));
+            if done {
+                record.replacing.remove(0);
+                continue;
+            }
+        }
+        tokio::time::sleep(OPERATOR_POLL).await;
+    }
+}
+
 pub(crate) async fn status(node: u64) -> Option<Value> {
     match request(node, "GET", "/status", None).await {
         Ok((200, body)) => serde_json::from_str(&body).ok(),
@@ -485,9 +540,9 @@ pub(crate) async fn status(node: u64) -> Option<Value> {
 }
 
 /// The version every node applied and serves, when they all agree.
-pub(crate) async fn converged(nodes: u64) -> Option<u64> {
+pub(crate) async fn converged(record: &Shared) -> Option<u64> {
     let mut versions = Vec::new();
-    for node in 1..=nodes {
+    for node in members(record) {
         let status = status(node).await?;
         let applied = status.get("config_version").and_then(Value::as_u64)?;
         let published = status.get("published_version").and_then(Value::as_u64)?;
@@ -499,17 +554,36 @@ pub(crate) async fn converged(nodes: u64) -> Option<u64> {
     versions.windows(2).all(|pair| pair[0] == pair[1]).then(|| versions[0])
 }
 
-pub(crate) async fn describe_statuses(nodes: u64) -> String {
+/// Whether the membership settled: no replacement is left to finish, and every
+/// member's voters are the run's members. `Err` says what is not so.
+pub(crate) async fn membership_settled(record: &Shared) -> Result<(), String> {
+    if let Some((old, new)) = record.borrow().replacing.first() {
+        return Err(format!("the removal of {} (replaced by {}) is not done", host(*old), host(*new)));
+    }
+    let members = members(record);
+    let mut expected = members.clone();
+    expected.sort_unstable();
+    for node in members {
+        match voters(node).await {
+            Some(voters) if voters == expected => {}
+            seen => return Err(format!("{} has voters {seen:?}, not {expected:?}", host(node))),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn describe_statuses(record: &Shared) -> String {
     let mut lines = Vec::new();
-    for node in 1..=nodes {
+    for node in members(record) {
         let line = match status(node).await {
             Some(status) => format!(
-                "{}: config_version {} published_version {} role {} term {}",
+                "{}: config_version {} published_version {} role {} term {} voters {:?}",
                 host(node),
                 status["config_version"],
                 status["published_version"],
                 status["role"],
-                status["term"]
+                status["term"],
+                voters(node).await,
             ),
             None => format!("{}: no status", host(node)),
         };

@@ -46,6 +46,12 @@ pub(crate) const CLUSTER_SECRET: &str = "sim-cluster-secret";
 pub const HEALTH_BOUND: Duration = Duration::from_secs(10);
 /// Largest offset of a node's wall clock from simulated time, either way.
 pub const CLOCK_OFFSET_MAX_MS: i64 = 400;
+/// The chance that a run steps one node's wall clock (an NTP step, a VM resumed),
+/// drawn from its own generator; the step is by 1 to [`CLOCK_JUMP_MAX_MS`] either way
+/// and is undone after 1 to 4 s. A step back of more than the time since the epoch
+/// puts the node in 2025: every window kind rolls over.
+pub(crate) const CLOCK_JUMP_CHANCE: f64 = 0.5;
+pub const CLOCK_JUMP_MAX_MS: i64 = 5_000;
 /// Proxy clients sending through every node at once (one rate-limit key: they share
 /// an address).
 pub const PROXY_CLIENTS: u64 = 2;
@@ -59,6 +65,17 @@ pub(crate) const PROXY_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const TCP_BACKLOG: usize = 4096;
 /// The first fault comes after the cluster had this long to elect.
 pub(crate) const FIRST_FAULT_AT: Duration = Duration::from_secs(2);
+/// The chance that a run replaces one of its nodes (a membership change), drawn from
+/// its own generator so that runs without one keep their schedules.
+pub(crate) const REPLACE_CHANCE: f64 = 0.5;
+/// A replacement comes this long after the first fault at the earliest, and this long
+/// before the safety phase ends at the latest (the operator's add and remove run into
+/// the faults after it).
+pub(crate) const REPLACE_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const REPLACE_BEFORE: Duration = Duration::from_secs(4);
+/// How often the operator asks whether the replacement joined, or sends the removal
+/// again.
+pub(crate) const OPERATOR_POLL: Duration = Duration::from_millis(200);
 
 /// What one run is.
 #[derive(Clone, Debug)]
@@ -125,8 +142,9 @@ impl Trace {
 pub(crate) struct Record {
     pub(crate) trace: Trace,
     pub(crate) history: Vec<Operation>,
-    /// Each node's wall-clock offset from simulated time, in milliseconds.
-    pub(crate) offsets: BTreeMap<u64, i64>,
+    /// Each node's wall-clock offsets from simulated time, in milliseconds, each from
+    /// the simulated millisecond it took effect (a start, a clock jump, its undoing).
+    pub(crate) offsets: BTreeMap<u64, Vec<(u64, i64)>>,
     /// Node boots after the first, (time, node): crashes and full restarts.
     pub(crate) restarts: Vec<(u64, u64)>,
     /// HC1: every node stopped routing to the sick target (`Ok`), or which did not.
@@ -134,11 +152,40 @@ pub(crate) struct Record {
     /// Per node: (time, applied config version) as `/status` reported it.
     pub(crate) statuses: BTreeMap<u64, Vec<(u64, u64)>>,
     pub(crate) converged: Option<Result<u64, String>>,
+    /// After healing: every member's voters are the run's members (`Err`: who
+    /// disagrees), once the replacement, if any, is done.
+    pub(crate) membership: Option<Result<(), String>>,
     pub(crate) faults: usize,
     /// The rate limit's `fault_tolerant`, once the proxy route is configured.
     pub(crate) rate_limited: Option<bool>,
     /// Proxy requests, as the clients saw them.
     pub(crate) proxied: Vec<Proxied>,
+    /// The cluster's nodes by slot: faults and clients pick a slot, and a replaced
+    /// node's slot goes to its replacement. Node `i` holds slot `i` until then.
+    pub(crate) members: Vec<u64>,
+    /// Nodes replaced: their machines are gone for good.
+    pub(crate) retired: Vec<u64>,
+    /// Replacements the operator has yet to finish, (removed, added): the new node
+    /// joins by itself (`--join`), then the operator removes the old one.
+    pub(crate) replacing: Vec<(u64, u64)>,
+}
+
+impl Record {
+    /// `node`'s wall-clock offset at simulated millisecond `at`.
+    pub(crate) fn offset(&self, node: u64, at: u64) -> i64 {
+        let changes = self.offsets.get(&node).map(Vec::as_slice).unwrap_or_default();
+        changes.iter().take_while(|(from, _)| *from <= at).last().map_or(0, |(_, offset)| *offset)
+    }
+
+    /// The node that holds `slot` (1-based) now.
+    pub(crate) fn member(&self, slot: u64) -> u64 {
+        self.members.get(slot as usize - 1).copied().unwrap_or(slot)
+    }
+}
+
+/// The cluster's nodes now.
+pub(crate) fn members(record: &Shared) -> Vec<u64> {
+    record.borrow().members.clone()
 }
 
 pub(crate) type Shared = Rc<RefCell<Record>>;
@@ -156,7 +203,12 @@ pub(crate) struct Proxied {
 
 /// Simulated milliseconds since the run began.
 pub(crate) fn now_ms() -> u64 {
-    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+    now_ms_of(turmoil::sim_elapsed().unwrap_or_default())
+}
+
+/// `elapsed` in whole milliseconds.
+pub(crate) fn now_ms_of(elapsed: Duration) -> u64 {
+    elapsed.as_millis() as u64
 }
 
 pub(crate) fn host(id: u64) -> String {

@@ -538,6 +538,10 @@ impl Cluster {
                 if !known {
                     return Err(LeaderError::Failed(ApiError::not_found()));
                 }
+                if tollgate_raft_store::planted::planted(tollgate_raft_store::planted::Bug::KeepRemoved) {
+                    let log_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
+                    return Ok(LeaderReply::Membership { log_index });
+                }
                 // A voter is demoted and dropped in one change; a learner is just dropped.
                 let change = if is_voter {
                     ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
