@@ -147,6 +147,14 @@ impl AdminRequest {
 }
 
 async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Readiness answers without the admin token, as Kong's status listener does: load
+    // balancers and Kubernetes probes hold no token, and it tells only ready or why not.
+    if request.method() == Method::GET && request.uri().path() == "/status/ready" {
+        return match node.readiness() {
+            Ok(()) => json_response(StatusCode::OK, &json!({ "message": "ready" })),
+            Err(reason) => error_response(&ApiError::new(ErrorCode::Unavailable, reason)),
+        };
+    }
     if let Some(token) = node.config.admin_token.as_deref() {
         if !authorized(request.headers().get(AUTHORIZATION), token) {
             let mut response =

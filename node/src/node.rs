@@ -23,6 +23,10 @@ use crate::cluster::{self, Cluster, ClusterHandler};
 use crate::config::NodeConfig;
 use crate::publish::{self, CompiledConfig, Published};
 
+/// Most committed entries a node may have left to apply and still answer ready
+/// (`GET /status/ready`): a few batches of a busy cluster, not a node catching up.
+pub const READY_APPLY_LAG_MAX: u64 = 1_000;
+
 pub struct Node {
     pub config: NodeConfig,
     pub cluster: Cluster,
@@ -347,6 +351,32 @@ impl Node {
             "publications": self.published.publications(),
             "entities": counts(&compiled.state),
         })
+    }
+
+    /// `GET /status/ready`: whether this node should be sent traffic. It must know a
+    /// leader (a node cut off from the quorum, or in an election, does not), and have
+    /// applied the committed config to within [`READY_APPLY_LAG_MAX`] entries (a node
+    /// catching up after a partition or a restart is not ready until it has). The
+    /// Admin API itself answers only once the restored config is compiled. `Err` says
+    /// why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let metrics = self.cluster.raft.metrics().borrow().clone();
+        if metrics.current_leader.is_none() {
+            return Err("no leader: the cluster is electing one, or this node is cut off from it".to_string());
+        }
+        // openraft 0.9 keeps a leader that lost its quorum leading: it is ready only
+        // while a quorum acknowledged it within an election timeout.
+        let lost_quorum = metrics.current_leader == Some(self.config.node_id)
+            && metrics.millis_since_quorum_ack.is_none_or(|ms| ms > self.config.raft_election_max_ms);
+        if lost_quorum {
+            return Err("leading without a quorum: no majority acknowledged this leader lately".to_string());
+        }
+        let applied = metrics.last_applied.map_or(0, |id| id.index);
+        let committed = self.committed_index.load(Ordering::Relaxed).max(applied);
+        if committed - applied > READY_APPLY_LAG_MAX {
+            return Err(format!("catching up: applied {applied} of {committed} committed entries"));
+        }
+        Ok(())
     }
 
     /// Raft membership as this node sees it: `GET /cluster`.

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use tollgate_client::{AdminClient, ErrorCode};
-use tollgate_tests::TestCluster;
+use tollgate_tests::{eventually, TestCluster, CONVERGE_TIMEOUT};
 
 /// The whole config and version, to show a refused write changed nothing.
 async fn snapshot(client: &AdminClient) -> (Value, u64) {
@@ -229,5 +229,47 @@ async fn client_moves_past_unreachable_nodes() -> anyhow::Result<()> {
         matches!(&error, tollgate_client::ClientError::Unreachable { tried, .. } if tried == &vec![dead]),
         "{error}"
     );
+    Ok(())
+}
+
+/// Issue 16: `GET /status/ready` answers without the admin token (Kong's status API
+/// needs none): 200 `{"message": "ready"}` on every member; 503 saying why on a node
+/// left without a quorum (a leader that lost its followers included); 200 again once
+/// the others are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_needs_a_leader_with_a_quorum_and_no_token() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start_with_token(3, "s3cret").await?;
+    let anonymous = |cluster: &TestCluster, id: u64| {
+        let node = cluster.nodes.iter().find(|node| node.id == id).expect("known node");
+        AdminClient::new([node.admin_url()])
+    };
+    for id in 1..=3 {
+        let reply = anonymous(&cluster, id).get("/status/ready").await?;
+        assert_eq!(reply.body["message"], "ready", "node {id}");
+    }
+    // Everything else still needs the token.
+    assert_eq!(anonymous(&cluster, 1).get("/status").await.err().and_then(|e| e.status()), Some(401));
+    // The leader alone: openraft 0.9 keeps it leading, but without a quorum it is not
+    // ready (it can neither commit a write nor confirm a read).
+    let leader = cluster.leader().await?;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for id in &others {
+        cluster.node(*id).kill9();
+    }
+    let reason = eventually("the lone leader to turn not ready", CONVERGE_TIMEOUT, || async {
+        match anonymous(&cluster, leader).get("/status/ready").await {
+            Err(error) if error.status() == Some(503) => Some(error.to_string()),
+            _ => None,
+        }
+    })
+    .await?;
+    assert!(reason.contains("without a quorum") || reason.contains("no leader"), "{reason}");
+    for id in &others {
+        cluster.node(*id).start()?;
+    }
+    eventually("the node to be ready again", CONVERGE_TIMEOUT, || async {
+        anonymous(&cluster, leader).get("/status/ready").await.ok().map(|_| ())
+    })
+    .await?;
     Ok(())
 }
