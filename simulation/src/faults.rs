@@ -7,8 +7,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
 
 use crate::world::{
-    data_dir, host, members, now_ms_of, Record, Shared, ADMIN_HOST, BACKUP_HOST, CLOCK_JUMP_CHANCE, CLOCK_JUMP_MAX_MS,
-    REPLACE_AFTER, REPLACE_BEFORE, REPLACE_CHANCE, UPSTREAM_HOST,
+    data_dir, host, members, now_ms_of, Record, Shared, ADMIN_HOST, BACKUP_HOST, CLOCK_JUMP_CHANCE, CLOCK_JUMP_FOR_MS,
+    CLOCK_JUMP_MAX_MS, CLOCK_JUMP_MIN_MS, REPLACE_AFTER, REPLACE_BEFORE, REPLACE_CHANCE, UPSTREAM_HOST,
 };
 
 /// A fault the seed chose. Its nodes are slots when scheduled ([`Record::members`]),
@@ -276,7 +276,7 @@ pub(crate) fn plan_replacement(
 /// died: the old machine crashes for good (its disk with it), the new node takes its
 /// slot, and the operator (`workload::operator`) removes the old one from Raft once
 /// the new one has joined. Starting the new node's host is the caller's.
-pub(crate) fn replace(sim: &mut turmoil::Sim, slot: u64, new: u64, record: &Shared, rng: &mut StdRng) -> u64 {
+pub(crate) fn replace(sim: &mut turmoil::Sim, slot: u64, new: u64, record: &Shared, rng: &mut StdRng) {
     let members = members(record);
     let old = record.borrow().member(slot);
     let crashed = crash(sim, old, &members, rng);
@@ -286,7 +286,6 @@ pub(crate) fn replace(sim: &mut turmoil::Sim, slot: u64, new: u64, record: &Shar
     record.replacing.push((old, new));
     record.faults += 1;
     record.trace.push_at(sim.elapsed(), format!("fault replace {crashed} by {}", host(new)));
-    old
 }
 
 /// A step of one node's wall clock, undone `for_ms` later.
@@ -314,9 +313,9 @@ pub(crate) fn plan_clock_jump(rng: &mut StdRng, nodes: u64, from: Duration, unti
     }
     let at = Duration::from_millis(rng.gen_range(from.as_millis() as u64..until.as_millis() as u64));
     let slot = rng.gen_range(1..=nodes);
-    let size = rng.gen_range(1_000..=CLOCK_JUMP_MAX_MS);
+    let size = rng.gen_range(CLOCK_JUMP_MIN_MS..=CLOCK_JUMP_MAX_MS);
     let by_ms = if rng.gen_bool(0.5) { size } else { -size };
-    Some(ClockJump { at, slot, by_ms, for_ms: rng.gen_range(1_000..4_000) })
+    Some(ClockJump { at, slot, by_ms, for_ms: rng.gen_range(CLOCK_JUMP_FOR_MS) })
 }
 
 /// Sets `node`'s wall clock `offset_ms` off simulated time from now on, and records it.

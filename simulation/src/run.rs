@@ -57,8 +57,8 @@ pub(crate) fn node_config(id: u64, nodes: u64) -> NodeConfig {
 
 /// A node that joins the running cluster through `members` (`--join`): a replacement.
 pub(crate) fn joiner_config(id: u64, members: &[u64]) -> NodeConfig {
+    // No initial cluster: a node of no bootstrap set.
     let mut config = node_config(id, 0);
-    config.initial_cluster.clear();
     config.join = members
         .iter()
         .filter(|member| **member != id)

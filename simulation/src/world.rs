@@ -47,11 +47,15 @@ pub const HEALTH_BOUND: Duration = Duration::from_secs(10);
 /// Largest offset of a node's wall clock from simulated time, either way.
 pub const CLOCK_OFFSET_MAX_MS: i64 = 400;
 /// The chance that a run steps one node's wall clock (an NTP step, a VM resumed),
-/// drawn from its own generator; the step is by 1 to [`CLOCK_JUMP_MAX_MS`] either way
-/// and is undone after 1 to 4 s. A step back of more than the time since the epoch
-/// puts the node in 2025: every window kind rolls over.
+/// drawn from its own generator; the step is by [`CLOCK_JUMP_MIN_MS`] to
+/// [`CLOCK_JUMP_MAX_MS`] either way and is undone after [`CLOCK_JUMP_FOR_MS`]. A step
+/// back of more than the time since the epoch puts the node in 2025: every window kind
+/// rolls over.
 pub(crate) const CLOCK_JUMP_CHANCE: f64 = 0.5;
+pub(crate) const CLOCK_JUMP_MIN_MS: i64 = 1_000;
 pub const CLOCK_JUMP_MAX_MS: i64 = 5_000;
+/// How long a clock stays stepped, in milliseconds.
+pub(crate) const CLOCK_JUMP_FOR_MS: std::ops::Range<u64> = 1_000..4_000;
 /// Proxy clients sending through every node at once (one rate-limit key: they share
 /// an address).
 pub const PROXY_CLIENTS: u64 = 2;
