@@ -41,6 +41,10 @@ pub const PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 /// How long a proxy write to a client may make no progress (a client that stopped
 /// reading) before the connection is closed (nginx's `send_timeout`, 60 s).
 pub const PROXY_SEND_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// How long a stopping node (SIGTERM) lets requests in progress finish before it cuts
+/// their connections: within Docker's default stop timeout of 10 s, with time left for
+/// the leadership hand-off and giving quota leases back.
+pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// The Admin API's header timeout (a request head, from its first byte) and idle
 /// timeout between requests.
 pub const ADMIN_HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
@@ -56,6 +60,7 @@ const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 const PROXY_SEND_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
+const DRAIN_TIMEOUT_MS_RANGE: (u64, u64) = (0, 600_000);
 const ADMIN_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
 const ADMIN_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 
@@ -94,6 +99,8 @@ pub struct NodeConfig {
     /// HTTP/1.1 requests take the direct path where they can (`--proxy-direct`).
     pub proxy_direct: bool,
     pub proxy_send_timeout_ms: u64,
+    /// The graceful stop's bound on requests in progress ([`DRAIN_TIMEOUT_MS_DEFAULT`]).
+    pub drain_timeout_ms: u64,
     /// Mutual TLS on the cluster port (`--cluster-ca`, `--cluster-cert`,
     /// `--cluster-key`).
     pub cluster_tls: Option<crate::cluster::tls::TlsFiles>,
@@ -134,6 +141,7 @@ impl NodeConfig {
             proxy_keepalive_timeout_ms: PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT,
             proxy_direct: true,
             proxy_send_timeout_ms: PROXY_SEND_TIMEOUT_MS_DEFAULT,
+            drain_timeout_ms: DRAIN_TIMEOUT_MS_DEFAULT,
             cluster_tls: None,
             admin_tls: None,
             admin_header_timeout_ms: ADMIN_HEADER_TIMEOUT_MS_DEFAULT,
@@ -166,6 +174,7 @@ impl NodeConfig {
         check_range("proxy_header_timeout_ms", self.proxy_header_timeout_ms, PROXY_HEADER_TIMEOUT_MS_RANGE)?;
         check_range("proxy_keepalive_timeout_ms", self.proxy_keepalive_timeout_ms, PROXY_KEEPALIVE_TIMEOUT_MS_RANGE)?;
         check_range("proxy_send_timeout_ms", self.proxy_send_timeout_ms, PROXY_SEND_TIMEOUT_MS_RANGE)?;
+        check_range("drain_timeout_ms", self.drain_timeout_ms, DRAIN_TIMEOUT_MS_RANGE)?;
         check_range("admin_header_timeout_ms", self.admin_header_timeout_ms, ADMIN_HEADER_TIMEOUT_MS_RANGE)?;
         check_range("admin_keepalive_timeout_ms", self.admin_keepalive_timeout_ms, ADMIN_KEEPALIVE_TIMEOUT_MS_RANGE)?;
         // The cluster port off loopback: every peer is authenticated, by certificate
@@ -264,6 +273,7 @@ pub struct FileConfig {
     pub proxy_keepalive_timeout_ms: Option<u64>,
     pub proxy_direct: Option<bool>,
     pub proxy_send_timeout_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
     pub cluster_ca: Option<PathBuf>,
     pub cluster_cert: Option<PathBuf>,
     pub cluster_key: Option<PathBuf>,

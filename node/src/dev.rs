@@ -28,6 +28,9 @@ const DEV_READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct DevOptions {
     pub data_dir: PathBuf,
     pub echo_listen: std::net::SocketAddr,
+    /// Called once the cluster has a leader and the sample config (or the wait for
+    /// them ended): `tollgate` turns its start-up log filter back up.
+    pub started: Option<Box<dyn FnOnce() + Send>>,
 }
 
 pub fn dev_node_config(id: u64, data_dir: &std::path::Path) -> NodeConfig {
@@ -91,6 +94,9 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         Ok::<_, tollgate_raft_store::ApiError>(())
     })
     .await;
+    if let Some(started) = options.started {
+        started();
+    }
     match seeded {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "could not load the sample config"),

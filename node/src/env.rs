@@ -75,9 +75,21 @@ pub async fn bind(address: SocketAddr) -> io::Result<Listener> {
     }
 }
 
-/// A stream to `address` (`host:port`), with Nagle off.
+/// A stream to `address` (`host:port`, the name looked up by [`crate::dns`]), with
+/// Nagle off.
 pub async fn connect(address: &str) -> io::Result<Stream> {
-    connect_to(address).await
+    if INSTALLED.get().is_some() {
+        return connect_to(address).await;
+    }
+    let addresses = resolve_all(address).await?;
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{address} has no address"));
+    for address in addresses {
+        match connect_to(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(last_error)
 }
 
 /// [`connect`] to a socket address.
@@ -96,15 +108,27 @@ async fn connect_to<A: tokio::net::ToSocketAddrs + std::fmt::Display>(address: A
     }
 }
 
-/// The first address `name` resolves to.
+/// The first address `name` (`host:port`) resolves to.
 pub async fn resolve(name: &str) -> io::Result<SocketAddr> {
     match INSTALLED.get() {
         Some(environment) => environment.resolve(name),
-        None => tokio::net::lookup_host(name)
+        None => resolve_all(name)
             .await?
+            .into_iter()
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name} has no address"))),
     }
+}
+
+/// Every address of `host:port`, IPv4 first ([`crate::dns`]).
+async fn resolve_all(address: &str) -> io::Result<Vec<SocketAddr>> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{address}: expected host:port")))?;
+    let mut ips = crate::dns::lookup(host).await?;
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect())
 }
 
 /// The simulator's datagram socket (only the simulator's gossip asks for one).

@@ -111,6 +111,34 @@ pub struct GossipSetup {
     pub admin_addr: SocketAddr,
 }
 
+/// How long a starting node retries looking its gossip seeds up while none resolves
+/// (peers started at the same moment may not be in DNS yet).
+const SEED_RESOLVE_WAIT: Duration = Duration::from_secs(30);
+const SEED_RESOLVE_PAUSE: Duration = Duration::from_millis(500);
+
+/// The seeds' addresses (`ip:port`). Those that do not resolve are left out: gossip
+/// spreads membership, so one reachable seed is enough. While none resolves, it retries
+/// for [`SEED_RESOLVE_WAIT`].
+async fn resolve_seeds(seeds: &[String]) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + SEED_RESOLVE_WAIT;
+    loop {
+        let mut resolved = Vec::new();
+        for seed in seeds {
+            match crate::env::resolve(seed).await {
+                Ok(address) => resolved.push(address.to_string()),
+                Err(error) => tracing::debug!(%seed, %error, "gossip seed does not resolve yet"),
+            }
+        }
+        if !resolved.is_empty() || seeds.is_empty() || tokio::time::Instant::now() >= deadline {
+            if resolved.len() < seeds.len() {
+                tracing::warn!(resolved = resolved.len(), seeds = seeds.len(), "some gossip seeds did not resolve");
+            }
+            return resolved;
+        }
+        tokio::time::sleep(SEED_RESOLVE_PAUSE).await;
+    }
+}
+
 impl Gossip {
     pub async fn start(setup: GossipSetup) -> anyhow::Result<Arc<Gossip>> {
         // A restarted node is a new generation, so peers do not mistake its fresh
@@ -119,12 +147,15 @@ impl Gossip {
         if crate::env::simulated() {
             return Gossip::start_plain(setup, generation).await;
         }
+        // chitchat looks seed names up with glibc's resolver, which a static binary in
+        // an empty image cannot load (crate::dns): it gets addresses.
+        let seeds = resolve_seeds(&setup.seeds).await;
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(setup.node_id.to_string(), generation, setup.advertise),
             cluster_id: setup.cluster_id.clone(),
             gossip_interval: GOSSIP_INTERVAL,
             listen_addr: setup.listen,
-            seed_nodes: setup.seeds,
+            seed_nodes: seeds,
             failure_detector_config: FailureDetectorConfig {
                 initial_interval: GOSSIP_INTERVAL,
                 dead_node_grace_period: Duration::from_secs(3600),

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dev;
+pub mod dns;
 pub mod echo;
 pub mod env;
 pub mod gossip;

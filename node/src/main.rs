@@ -36,6 +36,81 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Exit 0 when a node answers ready (`GET /status/ready`): a container health check
+    /// for images without curl.
+    Ready {
+        /// The node's Admin API.
+        #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:8001")]
+        admin: String,
+    },
+    /// Write the whole configuration, read linearizably through any node (`GET /config`),
+    /// to a file: entities with their ids, hashed passwords as stored.
+    Backup {
+        /// Admin API URLs, comma-separated: tried in turn until one answers.
+        #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:8001")]
+        admin: String,
+        #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The file to write (replaced whole, never left half-written).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Load a backup into a cluster (`POST /config`): it replaces the cluster's whole
+    /// configuration in one Raft entry.
+    Restore {
+        #[arg(long, env = "TOLLGATE_ADMIN", default_value = "http://127.0.0.1:8001")]
+        admin: String,
+        #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file `tollgate backup` wrote (or any declarative config in JSON).
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
+}
+
+/// How long `ready`, `backup` and `restore` wait for one node's answer.
+const ADMIN_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long the health check waits for its answer.
+const READY_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn admin_client(admin: &str, token: Option<String>, timeout: std::time::Duration) -> tollgate_client::AdminClient {
+    let urls: Vec<String> = admin.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect();
+    let client = tollgate_client::AdminClient::new(urls).with_timeout(timeout);
+    match token {
+        Some(token) => client.with_token(token),
+        None => client,
+    }
+}
+
+async fn ready(admin: &str) -> anyhow::Result<()> {
+    let reply = admin_client(admin, None, READY_CALL_TIMEOUT).get("/status/ready").await;
+    match reply {
+        Ok(reply) if reply.status == 200 => Ok(()),
+        Ok(reply) => anyhow::bail!("not ready: {} {}", reply.status, reply.body),
+        Err(error) => anyhow::bail!("not ready: {error}"),
+    }
+}
+
+async fn backup(admin: &str, token: Option<String>, out: &std::path::Path) -> anyhow::Result<()> {
+    let reply = admin_client(admin, token, ADMIN_CALL_TIMEOUT).get("/config").await.context("GET /config")?;
+    let text = serde_json::to_string_pretty(&reply.body)? + "\n";
+    let partial = out.with_extension("partial");
+    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
+    let version = reply.config_version.map_or_else(|| "?".to_string(), |v| v.to_string());
+    eprintln!("backed up config version {version} from {} to {}", reply.node, out.display());
+    Ok(())
+}
+
+async fn restore(admin: &str, token: Option<String>, input: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
+    let document: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a JSON document", input.display()))?;
+    let reply =
+        admin_client(admin, token, ADMIN_CALL_TIMEOUT).post("/config", &document).await.context("POST /config")?;
+    let version = reply.config_version.map_or_else(|| "?".to_string(), |v| v.to_string());
+    eprintln!("restored {} through {}: config version {version}", input.display(), reply.node);
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -63,6 +138,10 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[arg(long, env = "TOLLGATE_NODE_ID")]
     node_id: Option<u64>,
+    /// The node id from the host name's trailing `-N`, plus one (`tollgate-0` is node 1):
+    /// a Kubernetes StatefulSet's pods. `{id}` in the certificate paths is the id.
+    #[arg(long, env = "TOLLGATE_NODE_ID_FROM_HOSTNAME", value_parser = clap::builder::BoolishValueParser::new())]
+    node_id_from_hostname: Option<bool>,
     #[arg(long, env = "TOLLGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[arg(long, env = "TOLLGATE_PROXY_LISTEN")]
@@ -122,6 +201,10 @@ struct RunArgs {
     /// How long a write to a client may make no progress before the connection closes.
     #[arg(long, env = "TOLLGATE_PROXY_SEND_TIMEOUT_MS")]
     proxy_send_timeout_ms: Option<u64>,
+    /// On SIGTERM, how long requests in progress may take to finish before their
+    /// connections are cut (the node answers not ready and accepts none meanwhile).
+    #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
     /// The cluster's CA certificate (PEM): peers must present a certificate it signed.
     #[arg(long, env = "TOLLGATE_CLUSTER_CA")]
     cluster_ca: Option<PathBuf>,
@@ -151,7 +234,16 @@ impl RunArgs {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let node_id = self.node_id.or(file.node_id).context("--node-id (TOLLGATE_NODE_ID) is required")?;
+        let from_hostname = match self.node_id_from_hostname {
+            Some(true) => Some(node_id_from_hostname(&hostname()?)?),
+            _ => None,
+        };
+        let node_id = self
+            .node_id
+            .or(from_hostname)
+            .or(file.node_id)
+            .context("--node-id (TOLLGATE_NODE_ID) or --node-id-from-hostname is required")?;
+        let with_id = |path: PathBuf| PathBuf::from(path.to_string_lossy().replace("{id}", &node_id.to_string()));
         let data_dir =
             self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("./tollgate-data/{node_id}")));
         let mut config = NodeConfig::new(node_id, data_dir);
@@ -178,12 +270,13 @@ impl RunArgs {
         pick!(proxy_keepalive_timeout_ms);
         pick!(proxy_direct);
         pick!(proxy_send_timeout_ms);
+        pick!(drain_timeout_ms);
         pick!(admin_header_timeout_ms);
         pick!(admin_keepalive_timeout_ms);
         let cluster_tls = (
-            self.cluster_ca.or(file.cluster_ca),
-            self.cluster_cert.or(file.cluster_cert),
-            self.cluster_key.or(file.cluster_key),
+            self.cluster_ca.or(file.cluster_ca).map(with_id),
+            self.cluster_cert.or(file.cluster_cert).map(with_id),
+            self.cluster_key.or(file.cluster_key).map(with_id),
         );
         config.cluster_tls = match cluster_tls {
             (Some(ca), Some(cert), Some(key)) => Some(tollgate_node::cluster::tls::TlsFiles { ca, cert, key }),
@@ -222,24 +315,59 @@ impl RunArgs {
     }
 }
 
+/// This host's name: `HOSTNAME` (Kubernetes and Docker set it), else the kernel's.
+fn hostname() -> anyhow::Result<String> {
+    if let Ok(name) = std::env::var("HOSTNAME") {
+        if !name.is_empty() {
+            return Ok(name);
+        }
+    }
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(name.trim().to_string())
+}
+
+/// `tollgate-2` is node 3: a StatefulSet's ordinal plus one (node ids start at 1).
+fn node_id_from_hostname(hostname: &str) -> anyhow::Result<u64> {
+    let ordinal = hostname
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .with_context(|| format!("--node-id-from-hostname: host name {hostname:?} does not end in -<number>"))?;
+    ordinal.checked_add(1).context("--node-id-from-hostname: ordinal too large")
+}
+
 /// mimalloc instead of glibc's malloc: with a large config (10 000 routes) glibc's
 /// fastbin consolidation showed up in proxy profiles; tests/bench/proxy-bench.sh
 /// measures the difference.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `tollgate dev`'s log while the cluster starts, and once it runs (`RUST_LOG` wins).
+const DEV_STARTING_LOG: &str = "warn,openraft=off";
+const DEV_RUNNING_LOG: &str = "warn,openraft=error";
+
 /// Threads of the control-plane runtime.
 const CONTROL_THREADS: usize = 2;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let chosen = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let is_dev = matches!(cli.command, Command::Dev { .. });
+    // `tollgate dev` is a newcomer's first screen: while its three nodes find each
+    // other (votes to peers not listening yet are expected), only this program's own
+    // warnings and errors show; once the cluster is up, openraft's errors show too.
+    let initial = match (&chosen, is_dev) {
+        (Some(_), _) => None,
+        (None, true) => Some(tracing_subscriber::EnvFilter::new(DEV_STARTING_LOG)),
+        (None, false) => Some(tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+    };
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(chosen.or(initial).unwrap_or_default());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let user_chose_filter = std::env::var_os("RUST_LOG").is_some();
     match cli.command {
         Command::Run(args) => {
             let config = (*args).resolve()?;
@@ -251,7 +379,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Dev { data_dir, echo_listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(dev::run(DevOptions { data_dir, echo_listen }))
+            let started: Box<dyn FnOnce() + Send> = Box::new(move || {
+                if !user_chose_filter {
+                    let _ = reload.reload(tracing_subscriber::EnvFilter::new(DEV_RUNNING_LOG));
+                }
+            });
+            runtime.block_on(dev::run(DevOptions { data_dir, echo_listen, started: Some(started) }))
         }
         Command::Certs { command: CertsCommand::Init { out, nodes, hosts } } => {
             let nodes = tollgate_node::certs::parse_nodes(&nodes)?;
@@ -262,6 +395,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ready { admin } => current_thread()?.block_on(ready(&admin)),
+        Command::Backup { admin, token, out } => current_thread()?.block_on(backup(&admin, token, &out)),
+        Command::Restore { admin, token, input } => current_thread()?.block_on(restore(&admin, token, &input)),
         Command::Echo { listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
             runtime.block_on(async move {
@@ -271,13 +407,18 @@ fn main() -> anyhow::Result<()> {
                 let (stop, stop_rx) = tokio::sync::watch::channel(false);
                 let server =
                     tokio::spawn(tollgate_node::echo::serve(tollgate_node::env::Listener::Tcp(listener), stop_rx));
-                tokio::signal::ctrl_c().await?;
+                // PID 1 in a container: SIGTERM has no default action there.
+                stop_signal().await?;
                 let _ = stop.send(true);
                 let _ = server.await;
                 Ok(())
             })
         }
     }
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
@@ -291,13 +432,34 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    let drain = std::time::Duration::from_millis(config.drain_timeout_ms);
     let node = tollgate_node::node::start(config, Some(handle)).await?;
+    stop_signal().await?;
+    // A second signal stops at once.
+    tokio::select! {
+        _ = node.stop(drain) => tracing::info!("stopped"),
+        _ = stop_signal() => tracing::warn!("second stop signal: stopping without waiting"),
+    }
+    Ok(())
+}
+
+/// SIGTERM (Docker, Kubernetes, systemd) or SIGINT (Ctrl-C).
+async fn stop_signal() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!("stopping");
-    node.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_ids_come_from_a_statefulset_ordinal() {
+        assert_eq!(super::node_id_from_hostname("tollgate-0").unwrap(), 1);
+        assert_eq!(super::node_id_from_hostname("my-gw-tollgate-4").unwrap(), 5);
+        let error = super::node_id_from_hostname("tollgate").unwrap_err().to_string();
+        assert!(error.contains("--node-id-from-hostname") && error.contains("\"tollgate\""), "{error}");
+    }
 }

@@ -48,6 +48,8 @@ pub struct Node {
     pub health_states: Arc<crate::health::HealthStates>,
     /// The proxy's load, published by gossip.
     pub load: Arc<crate::proxy::Load>,
+    /// The graceful stop: once begun, not ready, and the proxy drains.
+    pub drain: Arc<crate::serve::Drain>,
 }
 
 /// A running node; dropping it does not stop it, [`NodeHandle::shutdown`] does.
@@ -62,8 +64,39 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    /// The graceful stop (SIGTERM): this node answers not ready, its proxy stops
+    /// accepting and closes idle connections, requests in progress are answered for
+    /// up to `drain` (then cut), a leader hands leadership to its most caught-up voter,
+    /// and then [`NodeHandle::shutdown`] gives quota leases back and stops the rest.
+    pub async fn stop(self, drain: Duration) {
+        let started = tokio::time::Instant::now();
+        self.node.drain.start();
+        tracing::info!(drain_ms = drain.as_millis() as u64, "stopping: not ready, draining proxy connections");
+        // Followers first wait out their leader lease (an election timeout), then elect.
+        self.node.cluster.hand_off_leadership(Duration::from_millis(5 * self.node.config.raft_election_max_ms)).await;
+        let deadline = started + drain;
+        // Worker threads end once their connections have (`proxy::serve`); the
+        // simulator's proxy task is checked through the node's in-flight count.
+        while tokio::time::Instant::now() < deadline {
+            let threads_done = self.proxy_threads.iter().all(|thread| thread.is_finished());
+            let in_flight = self.node.load.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            if threads_done && in_flight == 0 {
+                break;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        let cut = self.proxy_threads.iter().filter(|thread| !thread.is_finished()).count();
+        if cut > 0 {
+            tracing::warn!(workers = cut, "drain bound reached: connections still open are cut");
+        } else {
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "proxy drained");
+        }
+        self.shutdown().await;
+    }
+
     /// Stops serving, then stops Raft.
     pub async fn shutdown(mut self) {
+        self.node.drain.start();
         let _ = self.shutdown.send(true);
         // Tokens leased and unused go back to the ledger, so a clean restart loses none
         // (a crash loses them: under the limit, never over).
@@ -99,6 +132,13 @@ const RAFT_REPORT_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a stopping node tries to give its unused rate-limit tokens back.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a starting node retries looking its own `--advertise` name up.
+const ADVERTISE_RESOLVE_WAIT: Duration = Duration::from_secs(60);
+const ADVERTISE_RESOLVE_PAUSE: Duration = Duration::from_millis(500);
+
+/// How often a draining node looks whether its proxy connections have closed.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// How often queued histogram samples are folded into their buckets.
 pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -210,9 +250,14 @@ pub async fn start(
     }
 
     // Gossip on the cluster port's UDP side, seeded with the other members' addresses.
-    let advertise = crate::env::resolve(&config.advertise)
-        .await
-        .with_context(|| format!("resolving advertise {}", config.advertise))?;
+    // A new pod's own name may reach DNS a little after the pod starts.
+    let mut advertise = crate::env::resolve(&config.advertise).await;
+    let deadline = tokio::time::Instant::now() + ADVERTISE_RESOLVE_WAIT;
+    while advertise.is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(ADVERTISE_RESOLVE_PAUSE).await;
+        advertise = crate::env::resolve(&config.advertise).await;
+    }
+    let advertise = advertise.with_context(|| format!("resolving advertise {}", config.advertise))?;
     let seeds: Vec<String> = config
         .initial_cluster
         .iter()
@@ -247,6 +292,7 @@ pub async fn start(
         health: Arc::default(),
         health_states: Arc::default(),
         load: Arc::default(),
+        drain: Arc::default(),
     });
 
     tasks.spawn(publish::run(applied, published.clone()));
@@ -276,6 +322,7 @@ pub async fn start(
         health: node.health.clone(),
         load: node.load.clone(),
         direct: config.proxy_direct,
+        drain: node.drain.clone(),
     };
     let mut proxy_threads =
         proxy_listener.spawn(config.workers, None, setup.clone(), shutdown_rx.clone(), &mut tasks)?;
@@ -360,6 +407,9 @@ impl Node {
     /// Admin API itself answers only once the restored config is compiled. `Err` says
     /// why not.
     pub fn readiness(&self) -> Result<(), String> {
+        if self.drain.started() {
+            return Err("stopping: this node is draining its connections".to_string());
+        }
         let metrics = self.cluster.raft.metrics().borrow().clone();
         if metrics.current_leader.is_none() {
             return Err("no leader: the cluster is electing one, or this node is cut off from it".to_string());

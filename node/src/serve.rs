@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -75,35 +76,84 @@ impl Drop for PeerSlot {
     }
 }
 
+/// A node's graceful stop, shared by its proxy workers and its readiness answer:
+/// once started, listeners stop accepting, idle connections close, and a connection
+/// busy with a request closes after answering it (with `Connection: close`).
+pub struct Drain {
+    started: AtomicBool,
+    signal: watch::Sender<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Drain {
+        Drain { started: AtomicBool::new(false), signal: watch::Sender::new(false) }
+    }
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.started.store(true, Ordering::Relaxed);
+        self.signal.send_replace(true);
+    }
+
+    /// Whether the stop began (one atomic load: read once per request).
+    #[inline]
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Turns true when the stop begins.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.signal.subscribe()
+    }
+}
+
+/// The connections an accept loop started, to wait for after it stopped accepting.
+pub struct Connections {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Connections {
+    /// Returns once every connection's task has ended.
+    pub async fn closed(self) {
+        let max = u32::try_from(self.max).unwrap_or(u32::MAX);
+        let _ = self.permits.acquire_many(max).await;
+    }
+}
+
 /// Accepts connections until `shutdown` turns true and hands each to `on_connection`
 /// with the `shutdown` receiver, within `limits` (a connection holds its places until
-/// its task ends).
+/// its task ends). The listener is closed on return; the connections go on, and
+/// [`Connections::closed`] waits for them.
 pub async fn accept_loop<C, Fut>(
     name: &'static str,
     listener: Listener,
     limits: Limits,
     on_connection: C,
     mut shutdown: watch::Receiver<bool>,
-) where
+) -> Connections
+where
     C: Fn(Stream, SocketAddr, watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     debug_assert!(limits.connections_max > 0 && limits.per_peer_max > 0);
     let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let open = Connections { permits: permits.clone(), max: limits.connections_max };
     let peers = Arc::new(PeerCounts::default());
     loop {
         let permit = tokio::select! {
             biased;
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_) => return,
+                Err(_) => return open,
             },
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => return open,
         };
         let accepted = tokio::select! {
             biased;
             accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => return open,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,

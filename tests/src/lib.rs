@@ -166,6 +166,18 @@ impl TestNode {
         }
     }
 
+    /// SIGTERM, without waiting: the node stops gracefully ([`TestNode::wait_exit`]).
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Whether the process has exited, and how (reaped once it has).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -472,6 +484,21 @@ pub struct ProxyReply {
     pub status: u16,
     pub headers: http::HeaderMap,
     pub body: Value,
+}
+
+/// Polls every node's `/upstreams/pool/health` until `target` shows `health` there;
+/// returns the time it took.
+pub async fn pool_health_everywhere(cluster: &TestCluster, target: &str, health: &str) -> anyhow::Result<Duration> {
+    let started = tokio::time::Instant::now();
+    for node in &cluster.nodes {
+        eventually(&format!("node {} to see {target} {health}", node.id), Duration::from_secs(20), || async {
+            let view = cluster.client_of(node.id).get("/upstreams/pool/health").await.ok()?;
+            let found = view.body["data"].as_array()?.iter().any(|t| t["target"] == target && t["health"] == health);
+            found.then_some(())
+        })
+        .await?;
+    }
+    Ok(started.elapsed())
 }
 
 /// A keep-alive HTTP client for proxy listeners.

@@ -5,22 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::time::Instant;
-use tollgate_tests::{eventually, CountingUpstream, ProxyClient, TestCluster};
-
-/// Polls every node's `/upstreams/pool/health` until `target` shows `health`; returns
-/// the time it took.
-async fn everywhere(cluster: &TestCluster, target: &str, health: &str) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    for node in &cluster.nodes {
-        eventually(&format!("node {} to see {target} {health}", node.id), Duration::from_secs(20), || async {
-            let view = cluster.client_of(node.id).get("/upstreams/pool/health").await.ok()?;
-            let found = view.body["data"].as_array()?.iter().any(|t| t["target"] == target && t["health"] == health);
-            found.then_some(())
-        })
-        .await?;
-    }
-    Ok(started.elapsed())
-}
+use tollgate_tests::{eventually, pool_health_everywhere, CountingUpstream, ProxyClient, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_everywhere() -> anyhow::Result<()> {
@@ -45,9 +30,9 @@ async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_ev
     let route = client.post("/services/pooled/routes", &json!({"paths": ["/pooled"]})).await?;
     cluster.published(route.config_version.unwrap_or(0)).await?;
     for target in &targets {
-        everywhere(&cluster, &target.address, "HEALTHY").await?;
+        pool_health_everywhere(&cluster, &target.address, "HEALTHY").await?;
     }
-    everywhere(&cluster, "nowhere.invalid:80", "DNS_ERROR").await?;
+    pool_health_everywhere(&cluster, "nowhere.invalid:80", "DNS_ERROR").await?;
 
     // No traffic: probes per target per second, across the whole cluster.
     let before: Vec<u64> = targets.iter().map(CountingUpstream::received).collect();
@@ -68,7 +53,7 @@ async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_ev
     let dead = targets.remove(1);
     let dead_address = dead.address.clone();
     drop(dead);
-    let down_after = everywhere(&cluster, &dead_address, "UNHEALTHY").await?;
+    let down_after = pool_health_everywhere(&cluster, &dead_address, "UNHEALTHY").await?;
     let proxy = ProxyClient::new();
     for node in &cluster.nodes {
         for _ in 0..20 {
@@ -78,7 +63,7 @@ async fn targets_are_probed_once_across_the_cluster_and_a_dead_one_is_avoided_ev
     }
     // Revived on the same address: HEALTHY everywhere again.
     let revived = CountingUpstream::start_at(&dead_address).await?;
-    let up_after = everywhere(&cluster, &dead_address, "HEALTHY").await?;
+    let up_after = pool_health_everywhere(&cluster, &dead_address, "HEALTHY").await?;
     eprintln!("target killed: UNHEALTHY on every node after {down_after:?}; revived: HEALTHY after {up_after:?}");
     assert!(down_after <= Duration::from_secs(5));
     assert!(up_after <= Duration::from_secs(5));
@@ -139,7 +124,7 @@ async fn a_target_failing_one_nodes_traffic_is_avoided_by_every_node() -> anyhow
     client.post("/services", &json!({"name": "pooled", "host": "pool", "port": 80, "protocol": "http"})).await?;
     let route = client.post("/services/pooled/routes", &json!({"paths": ["/pooled"]})).await?;
     cluster.published(route.config_version.unwrap_or(0)).await?;
-    everywhere(&cluster, &bad.address, "HEALTHY").await?;
+    pool_health_everywhere(&cluster, &bad.address, "HEALTHY").await?;
 
     // Only node 1 carries traffic; the bad target's 500s mark it down there.
     let proxy = ProxyClient::new();
@@ -147,7 +132,7 @@ async fn a_target_failing_one_nodes_traffic_is_avoided_by_every_node() -> anyhow
     for _ in 0..20 {
         proxy.request(&node1, "GET", None, "/pooled", &[]).await?;
     }
-    let down_after = everywhere(&cluster, &bad.address, "UNHEALTHY").await?;
+    let down_after = pool_health_everywhere(&cluster, &bad.address, "UNHEALTHY").await?;
     // Every node now sends it nothing.
     let seen = bad.received();
     for node in &cluster.nodes {

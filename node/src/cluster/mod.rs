@@ -45,6 +45,17 @@ use crate::config::NodeConfig;
 pub const PATH_LEADER: &str = "/cluster/leader";
 /// A new node asking any member to add it; the member routes it to the leader.
 pub const PATH_JOIN: &str = "/cluster/join";
+/// A stopping leader asking the voter it hands leadership to to call an election.
+pub const PATH_ELECT: &str = "/cluster/elect";
+/// Longest a stopping leader waits for its successor to catch up before asking it to
+/// call an election.
+const HAND_OFF_CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Sent by a stopping leader to the voter it hands leadership to ([`PATH_ELECT`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ElectRequest {
+    pub from: NodeId,
+}
 /// How long one forwarded request may take before its outcome counts as unknown (and
 /// never past the request's `write_leader_wait_ms`).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,6 +215,62 @@ impl Cluster {
             Err(error) => return Err(error.into()),
         }
         Ok(())
+    }
+
+    /// A graceful stop: this node calls no more elections, and if it leads it hands
+    /// leadership to its most caught-up voter, waiting up to `wait` for another leader.
+    /// openraft 0.9 has no leadership transfer; this does its work. The leader stops
+    /// its idle heartbeats, so the followers' leader leases run out, and asks the voter
+    /// to call an election. Its vote request wins at once when this leader's own lease
+    /// (from its election) is over, or else on the voter's next election timeout;
+    /// this node, which calls none, cannot take leadership back.
+    pub async fn hand_off_leadership(&self, wait: Duration) {
+        self.raft.runtime_config().elect(false);
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return;
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let matched = |metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, id: NodeId| {
+            metrics
+                .replication
+                .as_ref()
+                .and_then(|replication| replication.get(&id).cloned().flatten())
+                .map(|l| l.index)
+        };
+        let Some(target) = membership.voter_ids().filter(|id| *id != self.id).max_by_key(|id| matched(&metrics, *id))
+        else {
+            return;
+        };
+        let Some(address) = membership.get_node(&target).map(|node| node.addr.clone()) else { return };
+        // Its log must be as long as the leader's, or the leader refuses its vote.
+        let caught_up = self
+            .raft
+            .wait(Some(HAND_OFF_CATCH_UP))
+            .metrics(|m| m.last_log_index.is_some() && matched(m, target) >= m.last_log_index, "successor caught up")
+            .await;
+        if caught_up.is_err() {
+            tracing::warn!(target, "the successor has not caught up; asking it to call an election anyway");
+        }
+        self.raft.runtime_config().heartbeat(false);
+        let request = ElectRequest { from: self.id };
+        let peer = Peer { address: &address, id: Some(target) };
+        let answer: Result<Result<(), String>, PeerError> =
+            self.peers.call(peer, PATH_ELECT, &request, FORWARD_TIMEOUT.min(wait)).await;
+        match answer {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return tracing::warn!(target, reason, "leadership hand-off refused"),
+            Err(error) => return tracing::warn!(target, %error, "leadership hand-off failed"),
+        }
+        let moved = self
+            .raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some_and(|leader| leader != self.id), "leadership handed off")
+            .await;
+        match moved {
+            Ok(m) => tracing::info!(leader = ?m.current_leader, term = m.current_term, "leadership handed off"),
+            Err(_) => tracing::warn!(target, "leadership was not handed off; the cluster elects once this node stops"),
+        }
     }
 
     /// Asks the cluster, through any of `seeds`, to add this node; retries until it is
@@ -722,6 +789,20 @@ impl FrameHandler for ClusterHandler {
                     return Err(Refusal::Forbidden(format!("node {sender} is not a member")));
                 }
                 frame(&self.cluster.execute_forwarded(forwarded).await)
+            }
+            PATH_ELECT => {
+                let request: ElectRequest = parse(&body)?;
+                let sender = Self::speaks_for(&from, Some(request.from))?;
+                let metrics = raft.metrics().borrow().clone();
+                let answer = if metrics.current_leader != Some(sender) {
+                    Err(format!("node {sender} is not the leader this node follows"))
+                } else if !metrics.membership_config.membership().voter_ids().any(|id| id == self.cluster.id) {
+                    Err("this node is not a voter".to_string())
+                } else {
+                    tracing::info!(leader = sender, "the stopping leader hands leadership here: calling an election");
+                    raft.trigger().elect().await.map_err(|error| error.to_string())
+                };
+                frame(&answer)
             }
             PATH_JOIN => match parse::<LeaderRequest>(&body)? {
                 LeaderRequest::AddMember { node_id, address } => {

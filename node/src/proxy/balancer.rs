@@ -494,6 +494,9 @@ impl HealthView {
 
     /// Replaces the set of down (upstream id, target address) pairs.
     pub fn set_down(&self, down: std::collections::HashSet<(uuid::Uuid, String)>) {
+        // Targets down cluster-wide as this node sees them (the dashboard's upstream
+        // health panel).
+        metrics::gauge!("tollgate_upstream_targets_down").set(down.len() as f64);
         self.down.store(Arc::new(down));
         self.generation.fetch_add(1, Ordering::Release);
     }

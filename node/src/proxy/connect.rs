@@ -149,7 +149,10 @@ pub struct DnsEntry {
 impl DnsCache {
     pub fn system() -> DnsCache {
         DnsCache::with_lookup(Arc::new(|name: String| {
-            Box::pin(async move { Ok(tokio::net::lookup_host((name.as_str(), 0)).await?.collect()) })
+            Box::pin(async move {
+                let ips = crate::dns::lookup(&name).await?;
+                Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect())
+            })
         }))
     }
 

@@ -101,7 +101,9 @@ where
     loop {
         if buf.is_empty() {
             buf.reserve(CLIENT_BUFFER_BYTES);
+            conn.idle.store(true, std::sync::atomic::Ordering::Relaxed);
             let read = watchdog.within(Instant::now() + idle, stream.read_buf(&mut buf)).await;
+            conn.idle.store(false, std::sync::atomic::Ordering::Relaxed);
             idle = keepalive;
             match read {
                 Some(Ok(0)) | Some(Err(_)) => return Outcome::Closed,
@@ -401,11 +403,13 @@ impl Reply<'_> {
             response_bytes: Some(answer.body.len() as u64),
         };
         self.finish(&ending, run, upstream, Instant::now());
-        let sent = write_answer(out, &answer, self.close, self.method == "HEAD");
+        // A stopping node closes after this answer.
+        let close = self.close || self.conn.closing();
+        let sent = write_answer(out, &answer, close, self.method == "HEAD");
         if let Some(metrics) = self.metrics {
             metrics.egress_bytes.increment(sent);
         }
-        answered(stream, out, self.close, self.end, self.conn, watchdog).await
+        answered(stream, out, close, self.end, self.conn, watchdog).await
     }
 
     /// Sends the error's answer.
@@ -700,7 +704,7 @@ where
         let mut response_headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
         let mut response = httparse::Response::new(&mut []);
         let parsed = parse_response(&mut response, &connection.buf, &mut response_headers);
-        match (parsed, framing(&response, upstream_method, head.close)) {
+        match (parsed, framing(&response, upstream_method, head.close || conn.closing())) {
             (Ok(httparse::Status::Complete(_)), Some(framing)) => {
                 let stamp = Stamp { request_id: reply.request_id.as_str(), upstream_ms, proxy_ms };
                 match run.as_mut() {

@@ -100,6 +100,8 @@ pub struct ProxySetup {
     pub load: Arc<Load>,
     /// HTTP/1.1 requests take the direct path where they can (`--proxy-direct`).
     pub direct: bool,
+    /// The node's graceful stop.
+    pub drain: Arc<crate::serve::Drain>,
 }
 
 /// A node's proxy load, over all its workers.
@@ -175,6 +177,7 @@ pub struct Proxy {
     health: Arc<balancer::HealthView>,
     load: Arc<Load>,
     direct: bool,
+    drain: Arc<crate::serve::Drain>,
     /// Requests answered by the direct path, and connections it handed to hyper.
     direct_requests: metrics::Counter,
     handoffs: metrics::Counter,
@@ -182,8 +185,18 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup { published, node_id, access_log, trusted_ips, timeouts, plugin_state, health, load, direct } =
-            setup;
+        let ProxySetup {
+            published,
+            node_id,
+            access_log,
+            trusted_ips,
+            timeouts,
+            plugin_state,
+            health,
+            load,
+            direct,
+            drain,
+        } = setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
         Proxy {
@@ -198,6 +211,7 @@ impl Proxy {
             health,
             load,
             direct,
+            drain,
             direct_requests: metrics::counter!("tollgate_proxy_direct_requests_total"),
             handoffs: metrics::counter!("tollgate_proxy_handoffs_total"),
         }
@@ -221,6 +235,9 @@ pub struct ClientConn {
     /// The hyper adapter's connection timers (none on the direct codec, which has its
     /// own).
     state: Option<Arc<conn::ConnState>>,
+    /// The direct path waits for a request (no request of this connection is being
+    /// answered): a graceful stop may close it now.
+    idle: std::sync::atomic::AtomicBool,
 }
 
 impl ClientConn {
@@ -233,7 +250,22 @@ impl ClientConn {
     ) -> ClientConn {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static(""));
         let port = local.map_or(if tls { 443 } else { 80 }, |local| local.port());
-        ClientConn { proxy, peer, tls, peer_ip, local_port: HeaderValue::from(port), state }
+        ClientConn {
+            proxy,
+            peer,
+            tls,
+            peer_ip,
+            local_port: HeaderValue::from(port),
+            state,
+            idle: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Whether this connection closes after the request being answered: a graceful
+    /// stop began.
+    #[inline]
+    pub fn closing(&self) -> bool {
+        self.proxy.drain.started()
     }
 
     /// Answers one request on this connection (the hyper adapter).
@@ -354,8 +386,9 @@ pub fn server_config(published: Arc<Published>) -> Result<Arc<rustls::ServerConf
 /// Longest a TLS handshake may take.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves proxy traffic until `shutdown` turns true: HTTP/1.1 and h2c, or with `tls`
-/// HTTPS (HTTP/1.1 and h2 by ALPN).
+/// Serves proxy traffic until the node drains (then until its connections have
+/// closed) or `shutdown` turns true: HTTP/1.1 and h2c, or with `tls` HTTPS (HTTP/1.1
+/// and h2 by ALPN).
 pub async fn serve(
     listener: crate::env::Listener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -364,9 +397,14 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let on_connection = move |stream: crate::env::Stream, peer: SocketAddr, shutdown: watch::Receiver<bool>| {
+    let draining = proxy.drain.subscribe();
+    let hard_stop = shutdown.clone();
+    // The accept loop ends when draining begins; each connection stops early only at
+    // the hard stop.
+    let on_connection = move |stream: crate::env::Stream, peer: SocketAddr, _: watch::Receiver<bool>| {
         let proxy = proxy.clone();
         let acceptor = acceptor.clone();
+        let shutdown = hard_stop.clone();
         async move {
             match acceptor {
                 None => serve_stream(stream, peer, local, false, false, proxy, shutdown).await,
@@ -388,7 +426,18 @@ pub async fn serve(
         per_peer_max: PROXY_CONNECTIONS_MAX,
         pending_max: PROXY_CONNECTIONS_MAX,
     };
-    crate::serve::accept_loop("proxy", listener, limits, on_connection, shutdown).await;
+    let mut accepting = draining.clone();
+    let mut shutdown = shutdown;
+    tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stop| *stop) => {}
+        _ = async move {
+            let open = crate::serve::accept_loop("proxy", listener, limits, on_connection, draining).await;
+            // Draining: the listener is closed; wait for the connections to finish.
+            let _ = accepting.wait_for(|drain| *drain).await;
+            open.closed().await;
+        } => {}
+    }
 }
 
 async fn serve_stream<S>(
@@ -404,17 +453,34 @@ async fn serve_stream<S>(
 {
     let mut stream = stream;
     let mut prefix = bytes::BytesMut::new();
+    let mut draining = proxy.drain.subscribe();
     if !h2 && proxy.direct {
         // The common request takes the direct path; the first one it leaves hands
         // the connection (and the bytes read of that request) to hyper below.
         let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);
-        tokio::select! {
+        let serving = direct::serve(&mut stream, &connection);
+        tokio::pin!(serving);
+        let mut hard_stop = shutdown.clone();
+        let outcome = tokio::select! {
             biased;
-            outcome = direct::serve(&mut stream, &connection) => match outcome {
-                direct::Outcome::Closed => return,
-                direct::Outcome::HandOff(read) => prefix = read,
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            outcome = &mut serving => outcome,
+            _ = turned_true(&mut shutdown) => return,
+            _ = turned_true(&mut draining) => {
+                // Idle between requests: closed now. Busy: the answer goes out with
+                // `Connection: close` (direct::serve reads `closing`), then it ends.
+                if connection.idle.load(Ordering::Relaxed) {
+                    return;
+                }
+                tokio::select! {
+                    biased;
+                    outcome = &mut serving => outcome,
+                    _ = turned_true(&mut hard_stop) => return,
+                }
+            }
+        };
+        match outcome {
+            direct::Outcome::Closed => return,
+            direct::Outcome::HandOff(read) => prefix = read,
         }
     }
     let stream = direct::Prefixed::new(prefix, stream);
@@ -439,15 +505,31 @@ async fn serve_stream<S>(
         .max_concurrent_streams(H2_STREAMS_MAX)
         .max_header_list_size(H2_HEADER_LIST_BYTES_MAX);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::select! {
+    tokio::pin!(connection);
+    let mut hard_stop = shutdown.clone();
+    let result = tokio::select! {
         biased;
-        result = connection => {
-            if let Err(error) = result {
-                tracing::debug!(%error, %peer, "proxy connection ended");
+        result = connection.as_mut() => result,
+        _ = turned_true(&mut shutdown) => return,
+        _ = turned_true(&mut draining) => {
+            // hyper closes an idle connection now, a busy one after its answers (h2:
+            // GOAWAY, streams in progress finish).
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => result,
+                _ = turned_true(&mut hard_stop) => return,
             }
         }
-        _ = shutdown.wait_for(|stop| *stop) => {}
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "proxy connection ended");
     }
+}
+
+/// Waits until `signal` turns true (or its sender is gone).
+async fn turned_true(signal: &mut watch::Receiver<bool>) {
+    let _ = signal.wait_for(|on| *on).await;
 }
 
 #[cfg(test)]
