@@ -262,8 +262,13 @@ impl AdminClient {
             }
         };
         if status >= 400 {
-            let error = ApiError::from_json(&body)
-                .unwrap_or_else(|| ApiError::new(ErrorCode::Internal, format!("unexpected error body: {body}")));
+            // Kong's answers to a body it cannot read carry the message alone.
+            let error = ApiError::from_json(&body).unwrap_or_else(|| match (status, body["message"].as_str()) {
+                (415, Some(message)) => ApiError::new(ErrorCode::UnsupportedMediaType, message),
+                (405, Some(message)) => ApiError::new(ErrorCode::MethodNotAllowed, message),
+                (400, Some(message)) => ApiError::new(ErrorCode::CannotParseBody, message),
+                _ => ApiError::new(ErrorCode::Internal, format!("unexpected error body: {body}")),
+            });
             return Ok(Err(ClientError::Api { node, status, error }));
         }
         Ok(Ok(Reply { node, status, config_version, body }))

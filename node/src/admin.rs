@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tollgate_raft_store::command::{Op, Outcome, Parent};
 use tollgate_raft_store::state::page_size;
 use tollgate_raft_store::store::Applied;
+use tollgate_raft_store::tags::TagFilter;
 use tollgate_raft_store::{ApiError, EntityKind, ErrorCode};
 use uuid::Uuid;
 
@@ -136,7 +137,10 @@ struct AdminRequest {
     method: Method,
     segments: Vec<String>,
     query: BTreeMap<String, String>,
+    /// Lower case, for matching.
     content_type: String,
+    /// As sent: a multipart boundary is case-sensitive.
+    content_type_header: String,
     body: Bytes,
 }
 
@@ -155,6 +159,16 @@ async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Re
             Err(reason) => error_response(&ApiError::new(ErrorCode::Unavailable, reason)),
         };
     }
+    // OPTIONS answers as Kong's does, without the token (a browser's CORS preflight
+    // carries none): the path's methods, 204.
+    if request.method() == Method::OPTIONS {
+        let segments: Vec<String> =
+            request.uri().path().split('/').filter(|s| !s.is_empty()).map(|s| percent_decode(s, false)).collect();
+        return match allowed_methods(&segments) {
+            Some(methods) => options_response(methods),
+            None => error_response(&ApiError::not_found()),
+        };
+    }
     if let Some(token) = node.config.admin_token.as_deref() {
         if !authorized(request.headers().get(AUTHORIZATION), token) {
             let mut response =
@@ -163,11 +177,16 @@ async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Re
             return response;
         }
     }
-    let method = request.method().clone();
+    // HEAD is GET without the body (hyper leaves the body out and keeps the headers).
+    let method = match request.method() {
+        &Method::HEAD => Method::GET,
+        other => other.clone(),
+    };
     let path = request.uri().path().to_string();
     let query = parse_query(request.uri().query().unwrap_or(""));
-    let content_type =
-        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let content_type_header =
+        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let content_type = content_type_header.to_ascii_lowercase();
     let limit = node.config.admin_body_bytes_max;
     let mut body = request.into_body();
     let body = match Limited::new(&mut body, limit).collect().await {
@@ -185,8 +204,11 @@ async fn handle(node: &Node, peer: SocketAddr, request: Request<Incoming>) -> Re
             return response;
         }
     };
+    if !supported_body(&method, &content_type, body.is_empty(), &path) {
+        return error_response(&ApiError::new(ErrorCode::UnsupportedMediaType, "Unsupported media type"));
+    }
     let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(|s| percent_decode(s, false)).collect();
-    let request = AdminRequest { method, segments, query, content_type, body };
+    let request = AdminRequest { method, segments, query, content_type, content_type_header, body };
     let started = tokio::time::Instant::now();
     let response = route(node, &request).await.unwrap_or_else(|error| error_response(&error));
     tracing::debug!(
@@ -206,6 +228,12 @@ fn authorized(header: Option<&HeaderValue>, token: &str) -> bool {
 }
 
 async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    // A path of the API with a method it does not take: Kong's 405.
+    if let Some(methods) = allowed_methods(&request.segments) {
+        if !methods.split(", ").any(|method| method == request.method.as_str()) {
+            return Err(method_not_allowed());
+        }
+    }
     let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
     match (&request.method, segments.as_slice()) {
         (&Method::GET, []) => Ok(json_response(StatusCode::OK, &node.info())),
@@ -246,6 +274,8 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
         (&Method::GET, ["rate-limits", plugin]) => rate_limits(node, request, plugin).await,
         (&Method::GET, ["upstreams", upstream, "health"]) => upstream_health(node, upstream),
         (&Method::GET, ["config"]) => get_config(node, request).await,
+        (&Method::GET, ["tags"]) => tags_route(node, request, None).await,
+        (&Method::GET, ["tags", tag]) => tags_route(node, request, Some(tag)).await,
         (&Method::POST, ["config"]) => post_config(node, request).await,
         (_, [collection]) => {
             let kind = top_level(collection)?;
@@ -306,16 +336,22 @@ async fn collection_route(
                 })?),
                 None => None,
             };
+            let filter = ListFilter::from_query(request, kind, parent.is_some())?;
             let applied = read_state(node, request).await?;
-            let (page, next) = applied.state.list(kind, parent.as_ref(), offset, size)?;
+            let keep = |entity: &tollgate_raft_store::schema::Object| filter.keeps(entity);
+            let (page, next) = applied.state.list(kind, parent.as_ref(), offset, size, &keep)?;
             let base = request.segments.join("/");
-            let next_path = next.map(|after| format!("/{base}?offset={after}&size={size}"));
+            let next_path = next.map(|after| format!("/{base}?offset={after}&size={size}{}", filter.next_args()));
             let data: Vec<Value> = page.iter().map(|entity| Value::Object((**entity).clone())).collect();
-            let body = json!({ "data": data, "next": next_path, "offset": next.map(|after| after.to_string()) });
+            // Kong's page: `offset` only when there is a next page.
+            let mut body = json!({ "data": data, "next": next_path });
+            if let Some(after) = next {
+                body["offset"] = Value::from(after.to_string());
+            }
             Ok(versioned(json_response(StatusCode::OK, &body), applied.version()))
         }
         Method::POST => {
-            let mut body = parse_json_body(request)?;
+            let mut body = parse_body(request, Some(kind))?;
             fill_generated_fields(kind, &mut body);
             hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
@@ -324,6 +360,81 @@ async fn collection_route(
         }
         _ => Err(method_not_allowed()),
     }
+}
+
+/// What a list keeps besides its page bounds: Kong's `?tags=` on a top-level list
+/// (ignored on a nested one, as Kong does: its #6779) and `?custom_id=` on
+/// `/consumers`. Both used to be ignored, and a list "by tag" returned everything.
+struct ListFilter {
+    tags: Option<(String, TagFilter)>,
+    custom_id: Option<String>,
+}
+
+impl ListFilter {
+    fn from_query(request: &AdminRequest, kind: EntityKind, nested: bool) -> Result<ListFilter, ApiError> {
+        let tags = match request.query.get("tags") {
+            Some(text) if !nested => Some((text.clone(), TagFilter::parse(text)?)),
+            _ => None,
+        };
+        let custom_id = match request.query.get("custom_id") {
+            Some(id) if kind == EntityKind::Consumer && !nested => {
+                if id.is_empty() {
+                    let mut error = ApiError::new(ErrorCode::BadRequest, "custom_id must be an unempty string");
+                    error.fields.insert("custom_id".into(), "must be an unempty string".into());
+                    return Err(error);
+                }
+                Some(id.clone())
+            }
+            _ => None,
+        };
+        Ok(ListFilter { tags, custom_id })
+    }
+
+    fn keeps(&self, entity: &tollgate_raft_store::schema::Object) -> bool {
+        self.tags.as_ref().is_none_or(|(_, filter)| filter.matches(entity))
+            && self.custom_id.as_ref().is_none_or(|id| entity.get("custom_id").and_then(Value::as_str) == Some(id))
+    }
+
+    /// The filter's arguments for the `next` link.
+    fn next_args(&self) -> String {
+        let mut args = String::new();
+        if let Some((text, _)) = &self.tags {
+            args.push_str("&tags=");
+            args.push_str(&crate::text::percent_encode(text));
+        }
+        if let Some(id) = &self.custom_id {
+            args.push_str("&custom_id=");
+            args.push_str(&crate::text::percent_encode(id));
+        }
+        args
+    }
+}
+
+/// `GET /tags` and `GET /tags/{tag}`: every tag of every entity, as Kong lists them
+/// (`entity_name` is the entity's table, `entity_id` its id). One page: the config's
+/// size bounds it (`DOCUMENT_ENTITIES_MAX` entities, `TAGS_MAX` tags each).
+async fn tags_route(
+    node: &Node,
+    request: &AdminRequest,
+    only: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if only.is_some_and(|tag| tag.contains('\u{FFFD}')) {
+        return Err(ApiError::new(ErrorCode::BadRequest, "invalid utf-8 in the tag"));
+    }
+    let applied = read_state(node, request).await?;
+    let mut data = Vec::new();
+    for kind in EntityKind::ALL {
+        for (id, entity) in applied.state.table(kind).iter() {
+            let Some(tags) = entity.get("tags").and_then(Value::as_array) else { continue };
+            for tag in tags.iter().filter_map(Value::as_str) {
+                if only.is_none_or(|only| only == tag) {
+                    data.push(json!({ "entity_name": kind.table(), "entity_id": id.to_string(), "tag": tag }));
+                }
+            }
+        }
+    }
+    let body = json!({ "data": data, "next": Value::Null });
+    Ok(versioned(json_response(StatusCode::OK, &body), applied.version()))
 }
 
 async fn entity_route(
@@ -341,14 +452,14 @@ async fn entity_route(
             Ok(versioned(json_response(StatusCode::OK, &Value::Object((*entity).clone())), applied.version()))
         }
         Method::PUT => {
-            let mut body = parse_json_body(request)?;
+            let mut body = parse_body(request, Some(kind))?;
             fill_generated_fields(kind, &mut body);
             hash_passwords(kind, &mut body).await?;
             check_certificate(kind, &body)?;
             write(node, Op::Upsert { kind, key, id: crate::env::uuid(), parent, body: body.into() }).await
         }
         Method::PATCH => {
-            let mut body = parse_json_body(request)?;
+            let mut body = parse_body(request, Some(kind))?;
             hash_passwords(kind, &mut body).await?;
             write(node, Op::Patch { kind, key, parent, body: body.into() }).await
         }
@@ -474,7 +585,7 @@ async fn write(node: &Node, op: Op) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 async fn add_member(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = parse_json_body(request)?;
+    let body = parse_body(request, None)?;
     let node_id = body
         .get("node_id")
         .and_then(Value::as_u64)
@@ -588,7 +699,7 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
         let text = std::str::from_utf8(&request.body).map_err(|_| body_error("the YAML body is not UTF-8"))?;
         serde_saphyr::from_str(text).map_err(|e| body_error(&format!("cannot parse YAML body: {e}")))?
     } else {
-        parse_json_body(request)?
+        parse_body(request, None)?
     };
     // Validate here first so a bad document costs no Raft entry; the state machine
     // validates again when it applies (it is the authority).
@@ -599,20 +710,86 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     write(node, Op::ReplaceAll { document: document.into(), id_seed }).await
 }
 
-fn parse_json_body(request: &AdminRequest) -> Result<Value, ApiError> {
-    if request.body.is_empty() {
+/// A request body as JSON: JSON, or a form (urlencoded or multipart) typed by `kind`'s
+/// schema. Kong's answer to JSON it cannot parse, an empty JSON body included, is
+/// exactly `{"message": "Cannot parse JSON body"}`; a body with no content type counts
+/// only when empty (the gate in `handle` answers 415 otherwise).
+fn parse_body(request: &AdminRequest, kind: Option<EntityKind>) -> Result<Value, ApiError> {
+    let content_type = request.content_type.as_str();
+    let form = if content_type.starts_with("application/x-www-form-urlencoded") {
+        Some(crate::form::urlencoded(&request.body)?)
+    } else if content_type.starts_with("multipart/form-data") {
+        Some(crate::form::multipart(&request.body, &request.content_type_header)?)
+    } else {
+        None
+    };
+    if let Some(mut body) = form {
+        if let Some(kind) = kind {
+            crate::form::coerce_entity(kind, &mut body);
+        }
+        return Ok(body);
+    }
+    if request.body.is_empty() && !content_type.starts_with("application/json") {
         return Ok(json!({}));
     }
-    if !request.content_type.is_empty() && !request.content_type.contains("json") {
-        return Err(body_error(&format!("unsupported content type '{}': send application/json", request.content_type)));
+    serde_json::from_slice(&request.body)
+        .map_err(|_| ApiError::new(ErrorCode::CannotParseBody, "Cannot parse JSON body"))
+}
+
+/// Kong's gate on bodies (kong/api/api_helpers.lua `before_filter`): a PUT, POST or
+/// PATCH body must be JSON, a form, or (for `/config`) YAML; one without a content type
+/// must be empty. 415 otherwise.
+fn supported_body(method: &Method, content_type: &str, body_empty: bool, path: &str) -> bool {
+    if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        return true;
     }
-    serde_json::from_slice(&request.body).map_err(|e| body_error(&format!("Cannot parse JSON body: {e}")))
+    if content_type.is_empty() {
+        return body_empty;
+    }
+    let accepted = ["application/json", "multipart/form-data", "application/x-www-form-urlencoded"];
+    let yaml = path.trim_end_matches('/') == "/config"
+        && (content_type.starts_with("application/yaml") || content_type.starts_with("text/yaml"));
+    yaml || accepted.iter().any(|accepted| content_type.starts_with(accepted))
 }
 
 fn body_error(message: &str) -> ApiError {
     let mut error = ApiError::new(ErrorCode::BadRequest, message);
     error.fields.insert("@body".into(), message.to_string());
     error
+}
+
+/// The methods of an Admin API path, as Kong's `Allow` lists them; `None` when the
+/// path is none of the API's.
+fn allowed_methods(segments: &[String]) -> Option<&'static str> {
+    const READ: &str = "GET, HEAD, OPTIONS";
+    const COLLECTION: &str = "GET, HEAD, OPTIONS, POST";
+    const ENTITY: &str = "DELETE, GET, HEAD, OPTIONS, PATCH, PUT";
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    Some(match segments.as_slice() {
+        [] | ["status"] | ["status", "ready"] | ["metrics"] | ["cluster"] | ["tags"] | ["tags", _] => READ,
+        ["plugins", "enabled"] | ["rate-limits", _] | ["upstreams", _, "health"] => READ,
+        ["config"] => COLLECTION,
+        ["cluster", "members"] => "OPTIONS, POST",
+        ["cluster", "members", _] => "DELETE, OPTIONS",
+        ["proxy-cache"] => "DELETE, OPTIONS",
+        ["proxy-cache", _] => "DELETE, GET, HEAD, OPTIONS",
+        [collection] => top_level(collection).map(|_| COLLECTION).ok()?,
+        [collection, _] => top_level(collection).map(|_| ENTITY).ok()?,
+        [parent, key, collection] => nested(parent, key, collection).map(|_| COLLECTION).ok()?,
+        [parent, key, collection, _] => nested(parent, key, collection).map(|_| ENTITY).ok()?,
+        _ => return None,
+    })
+}
+
+/// Kong's answer to OPTIONS (spec/02-integration/04-admin_api/02-kong_routes_spec.lua:59).
+fn options_response(methods: &'static str) -> Response<Full<Bytes>> {
+    let mut response = empty_response(StatusCode::NO_CONTENT);
+    let headers = response.headers_mut();
+    headers.insert(http::header::ALLOW, HeaderValue::from_static(methods));
+    headers.insert(http::header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(methods));
+    headers.insert(http::header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Content-Type"));
+    headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    response
 }
 
 fn method_not_allowed() -> ApiError {

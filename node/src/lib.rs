@@ -14,6 +14,7 @@ pub mod dev;
 pub mod dns;
 pub mod echo;
 pub mod env;
+pub mod form;
 pub mod gossip;
 pub mod health;
 pub mod node;

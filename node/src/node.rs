@@ -370,11 +370,46 @@ pub async fn start(
 }
 
 impl Node {
+    /// `GET /`: Kong's fields that tools read (decK reads `version` and, to choose
+    /// between the entity API and `/config`, `configuration.database`: Tollgate has
+    /// both, so it is not `off`). Secrets are shown as Kong shows them, `******`.
     pub fn info(&self) -> Value {
+        let config = &self.config;
+        let secret = |value: &Option<String>| value.as_ref().map(|_| "******");
+        let plugins: Vec<&str> = tollgate_raft_store::plugins::PLUGINS.iter().map(|spec| spec.name).collect();
+        let available: serde_json::Map<String, Value> = plugins
+            .iter()
+            .map(|name| (name.to_string(), json!({ "version": env!("CARGO_PKG_VERSION"), "priority": 0 })))
+            .collect();
+        let enabled: std::collections::BTreeSet<String> = self
+            .cluster
+            .state()
+            .state
+            .table(tollgate_raft_store::EntityKind::Plugin)
+            .values()
+            .filter_map(|plugin| plugin.get("name").and_then(Value::as_str).map(str::to_string))
+            .collect();
         json!({
             "tagline": "Welcome to Tollgate",
             "version": env!("CARGO_PKG_VERSION"),
-            "node_id": self.config.node_id,
+            "edition": "community",
+            "node_id": config.node_id,
+            "hostname": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+            "plugins": { "available_on_server": available, "enabled_in_cluster": enabled },
+            "configuration": {
+                "database": "raft",
+                "node_id": config.node_id,
+                "proxy_listen": [config.proxy_listen.to_string()],
+                "proxy_tls_listen": config.proxy_tls_listen.map(|a| a.to_string()),
+                "admin_listen": [config.admin_listen.to_string()],
+                "cluster_listen": config.cluster_listen.to_string(),
+                "advertise": config.advertise,
+                "workers": config.workers,
+                "admin_token": secret(&config.admin_token),
+                "cluster_secret": secret(&config.cluster_secret),
+                "cluster_id": config.cluster_id,
+                "loaded_plugins": plugins,
+            },
         })
     }
 
@@ -397,6 +432,30 @@ impl Node {
             "published_version": compiled.version,
             "publications": self.published.publications(),
             "entities": counts(&compiled.state),
+            // Kong's fields (spec/02-integration/04-admin_api/02-kong_routes_spec.lua:197):
+            // the proxy's connections, and whether the store answers (here: a leader
+            // is known).
+            "server": self.server_status(),
+            "database": { "reachable": metrics.current_leader.is_some() },
+        })
+    }
+
+    /// Kong's `server` block of `/status`, from the proxy's counters: `reading` is 0
+    /// (a connection reading a request head is not counted apart), `writing` the
+    /// requests being answered, `waiting` the open connections without one.
+    fn server_status(&self) -> Value {
+        let load = &self.load;
+        let accepted = load.connections_accepted.load(Ordering::Relaxed);
+        let active = load.connections_active.load(Ordering::Relaxed);
+        let writing = load.in_flight.load(Ordering::Relaxed);
+        json!({
+            "connections_accepted": accepted,
+            "connections_handled": accepted,
+            "connections_active": active,
+            "connections_reading": 0,
+            "connections_writing": writing,
+            "connections_waiting": active.saturating_sub(writing),
+            "total_requests": load.requests.load(Ordering::Relaxed),
         })
     }
 

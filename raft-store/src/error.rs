@@ -29,6 +29,13 @@ pub enum ErrorCode {
     Internal,
     /// Tollgate's own: the path exists but not with this method.
     MethodNotAllowed,
+    /// A list option that is not valid (`?tags=`). Last: variants are numbered in
+    /// encoded Raft entries.
+    InvalidOptions,
+    /// Kong's `{"message": "Cannot parse JSON body"}` (400): the body is the message alone.
+    CannotParseBody,
+    /// Kong's 415 for a body that is not JSON, a form or YAML: the message alone.
+    UnsupportedMediaType,
 }
 
 impl ErrorCode {
@@ -48,6 +55,9 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 103,
             ErrorCode::Internal => 104,
             ErrorCode::MethodNotAllowed => 105,
+            ErrorCode::InvalidOptions => 11,
+            ErrorCode::CannotParseBody => 106,
+            ErrorCode::UnsupportedMediaType => 107,
         }
     }
 
@@ -66,6 +76,9 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Internal => "internal error",
             ErrorCode::MethodNotAllowed => "method not allowed",
+            ErrorCode::InvalidOptions => "invalid options",
+            ErrorCode::CannotParseBody => "cannot parse body",
+            ErrorCode::UnsupportedMediaType => "unsupported media type",
         }
     }
 
@@ -78,6 +91,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Internal => 500,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::UnsupportedMediaType => 415,
             _ => 400,
         }
     }
@@ -118,6 +132,13 @@ impl ApiError {
         ApiError::schema(fields)
     }
 
+    /// Kong's `invalid option (field: why)`.
+    pub fn invalid_option(name: &str, why: &str) -> ApiError {
+        let mut error = ApiError::new(ErrorCode::InvalidOptions, format!("invalid option ({name}: {why})"));
+        error.fields.insert(name.to_string(), why.to_string());
+        error
+    }
+
     pub fn not_found() -> ApiError {
         ApiError::new(ErrorCode::NotFound, "Not found")
     }
@@ -128,6 +149,12 @@ impl ApiError {
 
     /// The JSON body the Admin API sends.
     pub fn to_json(&self) -> serde_json::Value {
+        if matches!(
+            self.code,
+            ErrorCode::CannotParseBody | ErrorCode::UnsupportedMediaType | ErrorCode::MethodNotAllowed
+        ) {
+            return serde_json::json!({ "message": self.message });
+        }
         serde_json::json!({
             "code": self.code.number(),
             "name": self.code.name(),
@@ -154,7 +181,7 @@ impl ApiError {
     }
 }
 
-const ALL_CODES: [ErrorCode; 13] = [
+const ALL_CODES: [ErrorCode; 16] = [
     ErrorCode::SchemaViolation,
     ErrorCode::PrimaryKeyViolation,
     ErrorCode::ForeignKeyViolation,
@@ -168,6 +195,9 @@ const ALL_CODES: [ErrorCode; 13] = [
     ErrorCode::Unauthorized,
     ErrorCode::Internal,
     ErrorCode::MethodNotAllowed,
+    ErrorCode::InvalidOptions,
+    ErrorCode::CannotParseBody,
+    ErrorCode::UnsupportedMediaType,
 ];
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod error;
 pub mod planted;
 pub mod plugins;
 pub mod schema;
+pub mod tags;
 
 #[cfg(feature = "storage")]
 pub mod codec;

@@ -90,6 +90,63 @@ pub fn normalize(name: &str, config: &Value) -> Result<Value, BTreeMap<String, S
     })
 }
 
+/// Most repairs [`coerce_text`] makes to one config.
+pub const TEXT_COERCIONS_MAX: usize = 256;
+
+/// Types the text values of a form-encoded `config` (every value arrives as text) the
+/// way plugin `name`'s config asks for them, as Kong types form arguments by schema:
+/// the config is decoded, and where the decoder wanted a number, a boolean or a list
+/// and found text, that text becomes one. A value that is none of those is left, and
+/// the check that follows names its field.
+pub fn coerce_text(name: &str, config: &mut Value) {
+    let Some(spec) = plugin(name) else { return };
+    for _ in 0..TEXT_COERCIONS_MAX {
+        let Err((path, message)) = (spec.normalize)(config) else { return };
+        let Some(at) = value_at(config, &path) else { return };
+        let Value::String(text) = &*at else { return };
+        let repaired = if message.contains("expected a sequence") {
+            Value::Array(vec![Value::String(text.clone())])
+        } else if message.contains("expected a boolean") {
+            match text.as_str() {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                _ => return,
+            }
+        } else if message.contains("expected u") || message.contains("expected i") {
+            match text.parse::<i64>() {
+                Ok(number) => Value::from(number),
+                Err(_) => return,
+            }
+        } else if message.contains("expected f") {
+            // An integer stays one, as it would be written in JSON.
+            match text.parse::<i64>() {
+                Ok(number) => Value::from(number),
+                Err(_) => match text.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+                    Some(number) => Value::Number(number),
+                    None => return,
+                },
+            }
+        } else {
+            return;
+        };
+        *at = repaired;
+    }
+}
+
+/// The value at a `serde_path_to_error` path (`a.b[0].c`).
+fn value_at<'v>(mut value: &'v mut Value, path: &str) -> Option<&'v mut Value> {
+    for part in path.split('.').filter(|part| !part.is_empty() && *part != "?") {
+        let (name, indexes) = part.split_once('[').map_or((part, ""), |(name, rest)| (name, rest));
+        if !name.is_empty() {
+            value = value.get_mut(name)?;
+        }
+        for index in indexes.split('[').filter(|i| !i.is_empty()) {
+            value = value.get_mut(index.trim_end_matches(']').parse::<usize>().ok()?)?;
+        }
+    }
+    Some(value)
+}
+
 /// A config's own rules beyond its types.
 pub trait Check {
     /// `Err((field path, message))`.

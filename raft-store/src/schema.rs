@@ -139,8 +139,9 @@ pub enum OnDelete {
 pub enum StrRule {
     /// Any string up to the given length.
     Text(usize),
-    /// Kong's `name` type: letters, digits, `.`, `-`, `_`, `~`.
-    Name,
+    /// Kong's `utf8_name` (services, routes, a plugin's `instance_name`): letters,
+    /// digits, `.`, `-`, `_`, `~`, and any non-ASCII character (`円`).
+    Utf8Name,
     /// A hostname or IP address (no port).
     Host,
     /// A host pattern for route matching: a hostname with at most one `*` at either end.
@@ -400,7 +401,7 @@ static SCHEMAS: [EntitySchema; 14] = [
     EntitySchema {
         kind: EntityKind::Service,
         fields: &[
-            field("name", FieldType::Str(StrRule::Name), DefaultValue::Null),
+            field("name", FieldType::Str(StrRule::Utf8Name), DefaultValue::Null),
             field("retries", FieldType::Int { min: 0, max: 32767 }, DefaultValue::Int(5)),
             field("protocol", FieldType::Str(StrRule::OneOf(PROTOCOLS)), DefaultValue::Str("http")),
             required("host", FieldType::Str(StrRule::Host)),
@@ -428,7 +429,7 @@ static SCHEMAS: [EntitySchema; 14] = [
     EntitySchema {
         kind: EntityKind::Route,
         fields: &[
-            field("name", FieldType::Str(StrRule::Name), DefaultValue::Null),
+            field("name", FieldType::Str(StrRule::Utf8Name), DefaultValue::Null),
             field(
                 "protocols",
                 FieldType::Strings { rule: StrRule::OneOf(PROTOCOLS), max_items: 10, unique: true },
@@ -615,7 +616,7 @@ static SCHEMAS: [EntitySchema; 14] = [
         kind: EntityKind::Plugin,
         fields: &[
             required("name", FieldType::Str(StrRule::Text(128))),
-            field("instance_name", FieldType::Str(StrRule::Name), DefaultValue::Null),
+            field("instance_name", FieldType::Str(StrRule::Utf8Name), DefaultValue::Null),
             field("config", FieldType::Object, DefaultValue::EmptyObject),
             field(
                 "protocols",
@@ -941,13 +942,13 @@ fn check_str(rule: StrRule, text: &str) -> Result<(), String> {
                 return Err(format!("length must be at most {max}"));
             }
         }
-        StrRule::Name => {
+        StrRule::Utf8Name => {
             if text.len() > 128 {
                 return Err("length must be at most 128".into());
             }
-            if !text.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_~".contains(&b)) {
+            if !text.chars().all(|c| !c.is_ascii() || c.is_ascii_alphanumeric() || ".-_~".contains(c)) {
                 return Err(format!(
-                    "invalid value '{text}': it must only contain alphanumeric and '., -, _, ~' characters"
+                    "invalid value '{text}': the only accepted ascii characters are alphanumerics or ., -, _, and ~"
                 ));
             }
         }

@@ -98,12 +98,15 @@ impl ConfigState {
 
     /// A page of entities of `kind` (within `parent` when given), ordered by id, after
     /// `offset` (an id). Returns the page and the offset of the next one.
+    /// A page of `kind` (under `parent`) after `offset`: up to `size` entities that
+    /// `keep` accepts, in id order, and the offset of the next page.
     pub fn list(
         &self,
         kind: EntityKind,
         parent: Option<&Parent>,
         offset: Option<Uuid>,
         size: usize,
+        keep: &dyn Fn(&Object) -> bool,
     ) -> Result<(Vec<Arc<Object>>, Option<Uuid>), ApiError> {
         debug_assert!(size > 0 && size <= PAGE_SIZE_MAX);
         let scope = self.resolve_parent(kind, parent)?;
@@ -119,6 +122,9 @@ impl ConfigState {
                 if foreign_id(entity, field) != Some(parent_id) {
                     continue;
                 }
+            }
+            if !keep(entity) {
+                continue;
             }
             if page.len() == size {
                 next = page.last().map(|e: &Arc<Object>| entity_id(e));
@@ -709,7 +715,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut offset = None;
         loop {
-            let (page, next) = state.list(EntityKind::Consumer, None, offset, 10).unwrap();
+            let (page, next) = state.list(EntityKind::Consumer, None, offset, 10, &|_| true).unwrap();
             seen.extend(page.iter().map(|e| entity_id(e)));
             match next {
                 Some(next) => offset = Some(next),

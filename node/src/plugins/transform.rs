@@ -13,6 +13,7 @@ use serde_json::Value;
 use tollgate_raft_store::plugins::{RequestTransformerConfig, ResponseParts, ResponseTransformerConfig};
 
 use super::{Ctx, Env, Flow, Phases, Plugin, RequestView};
+use crate::text::percent_encode;
 
 /// Operations on the fields of a JSON object or a form body.
 pub type JsonOperations = Operations<String, Value>;
@@ -78,11 +79,11 @@ impl JsonOperations {
             if !out.is_empty() {
                 out.push('&');
             }
-            out.push_str(&encode(name));
+            out.push_str(&percent_encode(name));
             out.push('=');
             match value {
-                Value::String(text) => out.push_str(&encode(text)),
-                other => out.push_str(&encode(&other.to_string())),
+                Value::String(text) => out.push_str(&percent_encode(text)),
+                other => out.push_str(&percent_encode(&other.to_string())),
             }
         };
         for (name, value) in &object {
@@ -243,20 +244,7 @@ impl HeaderOperations {
 }
 
 fn query_pairs(entries: &[String]) -> Result<Vec<(String, String)>, String> {
-    entries.iter().map(|entry| split(entry).map(|(name, value)| (name.to_string(), encode(value)))).collect()
-}
-
-/// Percent-encodes a query or form value (RFC 3986 unreserved characters stay).
-fn encode(value: &str) -> String {
-    let mut encoded = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            encoded.push(byte as char);
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
+    entries.iter().map(|entry| split(entry).map(|(name, value)| (name.to_string(), percent_encode(value)))).collect()
 }
 
 impl QueryOperations {

@@ -111,6 +111,27 @@ pub struct Load {
     pub in_flight: AtomicU64,
     /// Requests since start.
     pub requests: AtomicU64,
+    /// Client connections accepted since start, and open now (`GET /status`'s
+    /// `server`, as Kong reports nginx's).
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+}
+
+/// A client connection counted in [`Load::connections_active`] while it lives.
+struct OpenConnection(Arc<Load>);
+
+impl OpenConnection {
+    fn new(load: &Arc<Load>) -> OpenConnection {
+        load.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        load.connections_active.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(load.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request id, `{node:x}-{sequence:x}`, on the stack (the direct path writes it
@@ -405,7 +426,9 @@ pub async fn serve(
         let proxy = proxy.clone();
         let acceptor = acceptor.clone();
         let shutdown = hard_stop.clone();
+        let open = OpenConnection::new(&proxy.load);
         async move {
+            let _open = open;
             match acceptor {
                 None => serve_stream(stream, peer, local, false, false, proxy, shutdown).await,
                 Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
