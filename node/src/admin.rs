@@ -701,6 +701,13 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     } else {
         parse_body(request, None)?
     };
+    // Kong's other shape: `{"config": "<the document as YAML or JSON text>"}` (its own
+    // specs post it: spec/02-integration/04-admin_api/15-off_spec.lua:960).
+    let document = match document.get("config").and_then(Value::as_str) {
+        Some(text) if document.as_object().is_some_and(|o| o.len() == 1) => serde_saphyr::from_str(text)
+            .map_err(|e| ApiError::field("config", format!("cannot parse the declarative config: {e}")))?,
+        _ => document,
+    };
     // Validate here first so a bad document costs no Raft entry; the state machine
     // validates again when it applies (it is the authority).
     let mut document = document;

@@ -24,7 +24,9 @@ use crate::state::ConfigState;
 /// Most entities one document may hold.
 pub const DOCUMENT_ENTITIES_MAX: usize = 200_000;
 
-const FORMAT_VERSIONS: &[&str] = &["3.0"];
+/// Kong 3.x loads 1.1 and 2.1 files too, converting their route paths
+/// ([`migrate_path`]); what they hold is otherwise read as 3.0.
+const FORMAT_VERSIONS: &[&str] = &["3.0", "2.1", "1.1"];
 
 struct Pending {
     kind: EntityKind,
@@ -81,15 +83,20 @@ pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, 
     let Some(document) = document.as_object() else {
         return Err(declarative_error("@document", ApiError::new(ErrorCode::DeclarativeConfig, "expected an object")));
     };
-    match document.get("_format_version").and_then(Value::as_str) {
-        Some(version) if FORMAT_VERSIONS.contains(&version) => {}
+    let migrated;
+    let document = match document.get("_format_version").and_then(Value::as_str) {
+        Some("3.0") => document,
+        Some(version) if FORMAT_VERSIONS.contains(&version) => {
+            migrated = migrate_route_paths(document);
+            &migrated
+        }
         _ => {
             let mut error =
                 ApiError::new(ErrorCode::DeclarativeConfig, "declarative config is invalid: _format_version");
             error.fields.insert("_format_version".into(), format!("expected one of: {}", FORMAT_VERSIONS.join(", ")));
             return Err(error);
         }
-    }
+    };
 
     let mut pending: Vec<Pending> = Vec::new();
     let mut generated = 0usize;
@@ -126,6 +133,103 @@ pub fn load(document: &Value, id_seed: u128, now_s: i64) -> Result<ConfigState, 
         state.apply(&command).map_err(|error| declarative_error(&item.path, error))?;
     }
     Ok(state)
+}
+
+/// A 1.1 or 2.1 document with its route paths as 3.0 reads them (Kong's
+/// kong/db/declarative/migrations/route_path.lua: top-level routes and those nested in
+/// services).
+fn migrate_route_paths(document: &Map<String, Value>) -> Map<String, Value> {
+    let mut document = document.clone();
+    let migrate_routes = |routes: Option<&mut Value>| {
+        for route in routes.and_then(Value::as_array_mut).into_iter().flatten() {
+            for path in route.get_mut("paths").and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(text) = path.as_str() {
+                    *path = Value::String(migrate_path(text));
+                }
+            }
+        }
+    };
+    migrate_routes(document.get_mut("routes"));
+    for service in document.get_mut("services").and_then(Value::as_array_mut).into_iter().flatten() {
+        migrate_routes(service.get_mut("routes"));
+    }
+    document.insert("_format_version".into(), Value::from("3.0"));
+    document
+}
+
+/// Reserved characters (RFC 3986) stay percent-encoded, their hex upper-cased.
+const RESERVED: &[u8] = b"!#$%&'()*+,/:;=?@[]";
+
+/// Kong 3.0's conversion of a pre-3.0 route path (kong/db/migrations/
+/// migrate_path_280_300.lua): before 3.0 a path was a regex whenever it held a
+/// character outside `[a-zA-Z0-9.-_~/%]`; from 3.0 a regex starts with `~`. A plain
+/// path is normalized (unreserved escapes decoded, dot segments removed, slashes
+/// merged); a regex gets `~`, and its escapes of non-reserved characters are decoded,
+/// escaped again where they mean something in a regex.
+pub fn migrate_path(path: &str) -> String {
+    let plain = path.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_~/%".contains(&b));
+    if plain {
+        return normalize_path(&decode_escapes(path, |byte| vec![byte]));
+    }
+    let regex = decode_escapes(path, |byte| match byte {
+        b'.' | b'^' | b'-' | b'{' | b'}' | b'\\' | b'|' => vec![b'\\', byte],
+        other => vec![other],
+    });
+    format!("~{regex}")
+}
+
+/// Decodes `%XX` triplets but those of reserved characters (upper-cased instead);
+/// `decoded` gives the bytes a decoded one becomes.
+fn decode_escapes(path: &str, decoded: impl Fn(u8) -> Vec<u8>) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes.get(at + 1..at + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+        match (bytes[at], hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
+            (b'%', Some(byte)) if RESERVED.contains(&byte) => {
+                out.push(b'%');
+                out.extend(bytes[at + 1..at + 3].to_ascii_uppercase());
+                at += 3;
+            }
+            (b'%', Some(byte)) => {
+                out.extend(decoded(byte));
+                at += 3;
+            }
+            (other, _) => {
+                out.push(other);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Dot segments removed and slashes merged, as Kong's `normalize(path, true)`.
+fn normalize_path(path: &str) -> String {
+    if path.is_empty() || path == "/" {
+        return path.to_string();
+    }
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment),
+        }
+    }
+    let mut normalized = String::with_capacity(path.len());
+    if path.starts_with('/') {
+        normalized.push('/');
+    }
+    normalized.push_str(&segments.join("/"));
+    if trailing && !segments.is_empty() {
+        normalized.push('/');
+    }
+    normalized
 }
 
 fn flatten(
@@ -227,6 +331,31 @@ mod tests {
         assert_eq!(again.dump(), state.dump());
         // The same seed gives the same ids: loading is deterministic.
         assert_eq!(load(&document, 42, 1).unwrap().dump(), state.dump());
+    }
+
+    /// Kong's kong/db/migrations/migrate_path_280_300.lua, on the paths a 1.1 file
+    /// holds (Kong's own /config specs post 1.1 files: spec/02-integration/04-admin_api/
+    /// 15-off_spec.lua:225).
+    #[test]
+    fn pre_3_0_route_paths_are_migrated() {
+        assert_eq!(migrate_path("/users/\\d+"), "~/users/\\d+");
+        assert_eq!(migrate_path("/a//b/./c/../d"), "/a/b/d");
+        assert_eq!(migrate_path("/%7ea%2f"), "/~a%2F");
+        assert_eq!(migrate_path("/x%2e(y)"), "~/x\\.(y)");
+        assert_eq!(migrate_path("/"), "/");
+        let document = json!({
+            "_format_version": "1.1",
+            "services": [{"name": "s", "host": "a.com", "routes": [{"name": "r", "paths": ["/users/\\d+", "/plain//x"]}]}],
+            "routes": [{"name": "top", "service": "s", "paths": ["/top$"]}]
+        });
+        let state = load(&document, 3, 1).unwrap();
+        let dumped = state.dump();
+        assert_eq!(dumped["_format_version"], "3.0");
+        let paths: Vec<Value> =
+            dumped["routes"].as_array().unwrap().iter().map(|route| route["paths"].clone()).collect();
+        assert!(paths.contains(&json!(["~/users/\\d+", "/plain/x"])), "{paths:?}");
+        assert!(paths.contains(&json!(["~/top$"])), "{paths:?}");
+        assert!(load(&json!({"_format_version": "1.0"}), 1, 1).is_err());
     }
 
     #[test]

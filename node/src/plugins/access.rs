@@ -63,7 +63,8 @@ pub struct IpRestriction {
     allow: Option<Vec<(IpAddr, u8)>>,
     deny: Vec<(IpAddr, u8)>,
     status: StatusCode,
-    message: String,
+    /// `None`: Kong's `IP address not allowed: <client address>`.
+    message: Option<String>,
 }
 
 impl IpRestriction {
@@ -79,7 +80,7 @@ impl IpRestriction {
             allow: parse(&config.allow)?.filter(|list| !list.is_empty()),
             deny: parse(&config.deny)?.unwrap_or_default(),
             status: StatusCode::from_u16(config.status.unwrap_or(403)).map_err(|error| error.to_string())?,
-            message: config.message.unwrap_or_else(|| "Your IP address is not allowed".into()),
+            message: config.message,
         })
     }
 }
@@ -113,7 +114,11 @@ impl Plugin for IpRestriction {
         let denied = self.deny.iter().any(|cidr| cidr_contains(cidr, ip))
             || self.allow.as_ref().is_some_and(|allow| !allow.iter().any(|cidr| cidr_contains(cidr, ip)));
         if denied {
-            return Flow::Exit(Exit::message(self.status, &self.message));
+            let message = match &self.message {
+                Some(message) => std::borrow::Cow::Borrowed(message.as_str()),
+                None => std::borrow::Cow::Owned(format!("IP address not allowed: {ip}")),
+            };
+            return Flow::Exit(Exit::message(self.status, &message));
         }
         Flow::Continue
     }

@@ -108,6 +108,10 @@ pub struct KeyAuth {
     challenge: HeaderValue,
 }
 
+/// Kong's key-auth answer to a key it does not know (kong/plugins/key-auth/handler.lua
+/// `ERR_INVALID_AUTH_CRED`).
+const INVALID_KEY: &str = "Unauthorized";
+
 impl KeyAuth {
     pub fn new(config: KeyAuthConfig) -> Result<KeyAuth, String> {
         let names = config
@@ -115,8 +119,12 @@ impl KeyAuth {
             .iter()
             .map(|name| HeaderName::from_bytes(name.as_bytes()).map_err(|error| format!("key_names: {error}")))
             .collect::<Result<_, _>>()?;
-        let realm = config.realm.as_deref().unwrap_or("kong");
-        let challenge = HeaderValue::from_str(&format!("Key realm=\"{realm}\"")).map_err(|error| error.to_string())?;
+        // Kong's: `Key`, or with a configured realm `Key realm="…"`.
+        let challenge = match config.realm.as_deref() {
+            Some(realm) => format!("Key realm=\"{realm}\""),
+            None => "Key".to_string(),
+        };
+        let challenge = HeaderValue::from_str(&challenge).map_err(|error| error.to_string())?;
         Ok(KeyAuth { config, names, challenge })
     }
 
@@ -267,7 +275,7 @@ impl Plugin for KeyAuth {
                     _ => None,
                 };
                 if !accept(ctx, request, env, identity, hide_header) {
-                    return self.unauthorized("Invalid authentication credentials");
+                    return self.unauthorized(INVALID_KEY);
                 }
                 match place {
                     Found::Query(name) if hide => {
@@ -288,7 +296,7 @@ impl Plugin for KeyAuth {
                     return use_anonymous(ctx, request, env, anonymous);
                 }
                 if found.is_some() {
-                    self.unauthorized("Invalid authentication credentials")
+                    self.unauthorized(INVALID_KEY)
                 } else {
                     self.unauthorized("No API key found in request")
                 }

@@ -40,9 +40,15 @@ impl ProxySnapshot {
     /// snapshot) is kept as it was (the upstreams' balancers).
     pub fn compile_after(state: &ConfigState, previous: Option<(&ConfigState, &ProxySnapshot)>) -> ProxySnapshot {
         let routes: Vec<tollgate_raft_store::entities::Route> = service::typed(state, EntityKind::Route).collect();
-        let router = Router::compile(routes.iter());
         let upstreams = service::compile_upstreams(state, previous.map(|(old_state, old)| (old_state, &old.upstreams)));
         let services = service::compile_services(state, &upstreams);
+        // A route whose service is disabled is not in the router, as in Kong
+        // (kong/runloop/handler.lua; spec/02-integration/05-proxy/02-router_spec.lua:458):
+        // a request matching it matches the next route, or none (404).
+        let disabled = |route: &&tollgate_raft_store::entities::Route| {
+            route.service.and_then(|key| services.get(&key.id)).is_some_and(|service| !service.enabled)
+        };
+        let router = Router::compile(routes.iter().filter(|route| !disabled(route)));
         // Metric labels: names, or ids where there is none.
         let route_metrics = routes
             .iter()

@@ -116,11 +116,14 @@ async fn key_auth_identifies_consumers_hides_credentials_and_falls_back_to_anony
 
     let missing = proxy_request(&proxy, "GET", None, "/keyed/x", &[]).await?;
     assert_eq!(missing.status, 401);
+    // Kong's spec/03-plugins/09-key-auth/02-access_spec.lua:220 and :296 (`Key`, no
+    // realm unless configured), :320 ("Unauthorized" for an unknown key).
     assert_eq!(missing.body["message"], "No API key found in request");
-    assert_eq!(header(&missing, "www-authenticate"), Some("Key realm=\"kong\""));
+    assert_eq!(header(&missing, "www-authenticate"), Some("Key"));
     let wrong = proxy_request(&proxy, "GET", None, "/keyed/x", &[("apikey", "nope")]).await?;
     assert_eq!(wrong.status, 401);
-    assert_eq!(wrong.body["message"], "Invalid authentication credentials");
+    assert_eq!(wrong.body["message"], "Unauthorized");
+    assert_eq!(header(&wrong, "www-authenticate"), Some("Key"));
 
     // A client's own X-Consumer-* headers never reach the upstream.
     let good = proxy_request(&proxy, "GET", None, "/keyed/x", &[("apikey", "alice-key"), ("x-consumer-id", "spoofed")])
@@ -191,7 +194,8 @@ async fn key_auth_finds_keys_in_form_and_json_bodies_and_hides_them() -> anyhow:
     assert_eq!(missing.body["message"], "No API key found in request");
     let wrong = post_body(&proxy, "/body/x", FORM, "apikey=nope").await?;
     assert_eq!(wrong.status, 401);
-    assert_eq!(wrong.body["message"], "Invalid authentication credentials");
+    // 09-key-auth/02-access_spec.lua:496 "returns 401 Unauthorized on invalid key" (body)
+    assert_eq!(wrong.body["message"], "Unauthorized");
     // A header key still works, and the body is not read for it.
     let headed = proxy_request(&proxy, "GET", None, "/body/x", &[("apikey", "alice-key")]).await?;
     assert_eq!(headed.status, 200, "{}", headed.body);
