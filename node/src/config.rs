@@ -290,6 +290,17 @@ impl FileConfig {
     }
 }
 
+/// This host's name: `HOSTNAME` (Kubernetes and Docker set it), else the kernel's.
+/// `--node-id-from-hostname` reads it, and `GET /` shows it.
+pub fn hostname() -> std::io::Result<String> {
+    if let Ok(name) = std::env::var("HOSTNAME") {
+        if !name.is_empty() {
+            return Ok(name);
+        }
+    }
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

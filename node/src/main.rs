@@ -235,7 +235,7 @@ impl RunArgs {
             None => FileConfig::default(),
         };
         let from_hostname = match self.node_id_from_hostname {
-            Some(true) => Some(node_id_from_hostname(&hostname()?)?),
+            Some(true) => Some(node_id_from_hostname(&config::hostname().context("reading the host name")?)?),
             _ => None,
         };
         let node_id = self
@@ -313,17 +313,6 @@ impl RunArgs {
         config.validate()?;
         Ok(config)
     }
-}
-
-/// This host's name: `HOSTNAME` (Kubernetes and Docker set it), else the kernel's.
-fn hostname() -> anyhow::Result<String> {
-    if let Ok(name) = std::env::var("HOSTNAME") {
-        if !name.is_empty() {
-            return Ok(name);
-        }
-    }
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
-    Ok(name.trim().to_string())
 }
 
 /// `tollgate-2` is node 3: a StatefulSet's ordinal plus one (node ids start at 1).

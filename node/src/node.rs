@@ -394,7 +394,7 @@ impl Node {
             "version": env!("CARGO_PKG_VERSION"),
             "edition": "community",
             "node_id": config.node_id,
-            "hostname": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+            "hostname": crate::config::hostname().unwrap_or_default(),
             "plugins": { "available_on_server": available, "enabled_in_cluster": enabled },
             "configuration": {
                 "database": "raft",
