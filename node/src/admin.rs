@@ -328,11 +328,12 @@ async fn collection_route(
         Method::GET => {
             let size = page_size(request.query.get("size").map(String::as_str))?;
             let offset = match request.query.get("offset") {
+                // Kong's code and message start (kong/db/dao/init.lua), no `fields`.
                 Some(offset) => Some(Uuid::parse_str(offset).map_err(|_| {
-                    let mut error =
-                        ApiError::new(ErrorCode::InvalidOffset, format!("'{offset}' is not a valid offset"));
-                    error.fields.insert("offset".into(), "expected an offset returned by a previous page".into());
-                    error
+                    ApiError::new(
+                        ErrorCode::InvalidOffset,
+                        format!("'{offset}' is not a valid offset: expected one returned by a previous page"),
+                    )
                 })?),
                 None => None,
             };
@@ -695,6 +696,13 @@ async fn get_config(node: &Node, request: &AdminRequest) -> Result<Response<Full
 
 async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Full<Bytes>>, ApiError> {
     let is_yaml = request.content_type.contains("yaml");
+    // Kong's `check_hash` (kong/api/routes/config.lua): the text as sent is hashed (the
+    // `config` string of the other shape, else the body); with `?check_hash=1` a text
+    // equal to the one the config was last loaded from answers 304 and changes nothing.
+    let text_of_config = |document: &Value| match document.get("config").and_then(Value::as_str) {
+        Some(text) if document.as_object().is_some_and(|o| o.len() == 1) => Some(text.to_string()),
+        _ => None,
+    };
     let document: Value = if is_yaml {
         let text = std::str::from_utf8(&request.body).map_err(|_| body_error("the YAML body is not UTF-8"))?;
         serde_saphyr::from_str(text).map_err(|e| body_error(&format!("cannot parse YAML body: {e}")))?
@@ -703,10 +711,18 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     };
     // Kong's other shape: `{"config": "<the document as YAML or JSON text>"}` (its own
     // specs post it: spec/02-integration/04-admin_api/15-off_spec.lua:960).
-    let document = match document.get("config").and_then(Value::as_str) {
-        Some(text) if document.as_object().is_some_and(|o| o.len() == 1) => serde_saphyr::from_str(text)
+    let config_text = text_of_config(&document);
+    let hash = config_hash(config_text.as_deref().map_or(&request.body[..], str::as_bytes));
+    if request.query.get("check_hash").is_some_and(|value| value == "1") {
+        let applied = read_state(node, request).await?;
+        if applied.state.config_hash() == Some(hash.as_str()) {
+            return Ok(empty_response(StatusCode::NOT_MODIFIED));
+        }
+    }
+    let document = match config_text {
+        Some(text) => serde_saphyr::from_str(&text)
             .map_err(|e| ApiError::field("config", format!("cannot parse the declarative config: {e}")))?,
-        _ => document,
+        None => document,
     };
     // Validate here first so a bad document costs no Raft entry; the state machine
     // validates again when it applies (it is the authority).
@@ -714,7 +730,14 @@ async fn post_config(node: &Node, request: &AdminRequest) -> Result<Response<Ful
     hash_declarative_passwords(&mut document).await?;
     let id_seed = crate::env::random();
     tollgate_raft_store::declarative::load(&document, id_seed, 0)?;
-    write(node, Op::ReplaceAll { document: document.into(), id_seed }).await
+    write(node, Op::ReplaceHashed { document: document.into(), id_seed, hash }).await
+}
+
+/// The `configuration_hash` of a declarative text: 128 bits of its SHA-256, as 32 hex
+/// digits (the length of Kong's md5 hash; only ever compared with itself).
+fn config_hash(text: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text);
+    digest.as_ref()[..16].iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A request body as JSON: JSON, or a form (urlencoded or multipart) typed by `kind`'s

@@ -269,6 +269,8 @@ pub struct FileConfig {
     pub write_leader_wait_ms: Option<u64>,
     pub access_log: Option<bool>,
     pub trusted_ips: Option<String>,
+    pub real_ip_header: Option<String>,
+    pub real_ip_recursive: Option<bool>,
     pub proxy_header_timeout_ms: Option<u64>,
     pub proxy_keepalive_timeout_ms: Option<u64>,
     pub proxy_direct: Option<bool>,

@@ -188,6 +188,14 @@ struct RunArgs {
     /// CIDRs whose X-Forwarded-* headers are believed (Kong's `trusted_ips`).
     #[arg(long, env = "TOLLGATE_TRUSTED_IPS")]
     trusted_ips: Option<String>,
+    /// Where a trusted peer names the client (Kong's `real_ip_header`): `X-Real-IP`
+    /// (the default), `X-Forwarded-For`, or another header.
+    #[arg(long, env = "TOLLGATE_REAL_IP_HEADER")]
+    real_ip_header: Option<String>,
+    /// With `X-Forwarded-For`: the right-most untrusted hop (`on`) or the last one
+    /// (`off`, the default), as Kong's `real_ip_recursive`.
+    #[arg(long, env = "TOLLGATE_REAL_IP_RECURSIVE", value_parser = clap::builder::BoolishValueParser::new())]
+    real_ip_recursive: Option<bool>,
     /// Time for a request's line and headers once its first byte arrived: 408 after it.
     #[arg(long, env = "TOLLGATE_PROXY_HEADER_TIMEOUT_MS")]
     proxy_header_timeout_ms: Option<u64>,
@@ -290,7 +298,13 @@ impl RunArgs {
                 _ => anyhow::bail!("--admin-tls-cert and --admin-tls-key go together: pass both or neither"),
             };
         if let Some(trusted) = self.trusted_ips.or(file.trusted_ips) {
-            let parsed = tollgate_node::proxy::trusted::TrustedIps::parse(&trusted).map_err(anyhow::Error::msg)?;
+            use tollgate_node::proxy::trusted::{RealIpHeader, TrustedIps};
+            let source = match self.real_ip_header.or(file.real_ip_header) {
+                Some(name) => RealIpHeader::parse(&name).map_err(anyhow::Error::msg)?,
+                None => RealIpHeader::default(),
+            };
+            let recursive = self.real_ip_recursive.or(file.real_ip_recursive).unwrap_or(false);
+            let parsed = TrustedIps::parse(&trusted).map_err(anyhow::Error::msg)?.with_real_ip(source, recursive);
             config.trusted_ips = std::sync::Arc::new(parsed);
         }
         config.proxy_tls_listen = self.proxy_tls_listen.or(file.proxy_tls_listen);

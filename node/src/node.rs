@@ -27,6 +27,10 @@ use crate::publish::{self, CompiledConfig, Published};
 /// (`GET /status/ready`): a few batches of a busy cluster, not a node catching up.
 pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 
+/// `configuration_hash` of a config not loaded from a declarative text (Kong's
+/// `DECLARATIVE_EMPTY_CONFIG_HASH`).
+pub const EMPTY_CONFIG_HASH: &str = "00000000000000000000000000000000";
+
 pub struct Node {
     pub config: NodeConfig,
     pub cluster: Cluster,
@@ -310,7 +314,6 @@ pub async fn start(
     let access_log = if config.access_log { Some(crate::proxy::telemetry::AccessLog::start()?) } else { None };
     let setup = crate::proxy::ProxySetup {
         published: published.clone(),
-        node_id: config.node_id,
         access_log,
         trusted_ips: config.trusted_ips.clone(),
         timeouts: crate::conn::Timeouts {
@@ -437,6 +440,9 @@ impl Node {
             // is known).
             "server": self.server_status(),
             "database": { "reachable": metrics.current_leader.is_some() },
+            // Kong's hash of the declarative text the config was loaded from; 32 zeros
+            // when it was not loaded from one, or an entity write changed it since.
+            "configuration_hash": self.cluster.state().state.config_hash().unwrap_or(EMPTY_CONFIG_HASH),
         })
     }
 

@@ -53,6 +53,10 @@ pub enum Op {
     Grant { node: crate::NodeId, requests: Vec<crate::quota::GrantRequest> },
     /// Tokens `node` gives back unused (it stops, and will not use them).
     Release { node: crate::NodeId, releases: Vec<(crate::quota::QuotaKey, u64)> },
+    /// `POST /config` as [`Op::ReplaceAll`], with the hash of the text as sent (Kong's
+    /// `configuration_hash`, which `?check_hash=1` compares). Last: variants are
+    /// numbered in encoded entries.
+    ReplaceHashed { document: JsonText, id_seed: u128, hash: String },
 }
 
 impl Op {

@@ -366,7 +366,7 @@ mod tests {
         });
         let error = load(&document, 1, 1).unwrap_err();
         assert_eq!(error.code, ErrorCode::DeclarativeConfig);
-        assert!(error.fields.contains_key("services[1].routes[0].paths"), "{error:?}");
+        assert!(error.fields.contains_key("services[1].routes[0].paths[0]"), "{error:?}");
         let error = load(&json!({"services": []}), 1, 1).unwrap_err();
         assert!(error.fields.contains_key("_format_version"));
     }

@@ -114,10 +114,17 @@ impl ApiError {
         ApiError { code, message: message.into(), fields: BTreeMap::new() }
     }
 
-    /// A schema violation naming the fields; the message lists them as Kong does.
+    /// A schema violation naming the fields; the message lists them as Kong does
+    /// (`kong/db/errors.lua`): entity-level checks first, then each field by its path
+    /// with Lua's 1-based positions (`paths.2: …`).
     pub fn schema(fields: BTreeMap<String, String>) -> ApiError {
         debug_assert!(!fields.is_empty(), "a schema violation names at least one field");
-        let listed: Vec<String> = fields.iter().map(|(name, why)| format!("{name}: {why}")).collect();
+        let entity = fields.iter().filter(|(name, _)| is_entity_key(name)).map(|(_, why)| why.clone());
+        let named = fields
+            .iter()
+            .filter(|(name, _)| !is_entity_key(name))
+            .map(|(name, why)| format!("{}: {why}", message_path(name)));
+        let listed: Vec<String> = entity.chain(named).collect();
         let message = if listed.len() == 1 {
             format!("schema violation ({})", listed[0])
         } else {
@@ -155,12 +162,15 @@ impl ApiError {
         ) {
             return serde_json::json!({ "message": self.message });
         }
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "code": self.code.number(),
             "name": self.code.name(),
             "message": self.message,
-            "fields": self.fields,
-        })
+        });
+        if !self.fields.is_empty() {
+            body["fields"] = nest_fields(&self.fields);
+        }
+        body
     }
 
     /// Parses an Admin API error body (the inverse of [`ApiError::to_json`]).
@@ -168,16 +178,143 @@ impl ApiError {
         let number = body.get("code")?.as_u64()?;
         let code = ALL_CODES.iter().copied().find(|c| u64::from(c.number()) == number)?;
         let message = body.get("message").and_then(|m| m.as_str()).unwrap_or_default().to_string();
-        let fields = body
-            .get("fields")
-            .and_then(|f| f.as_object())
-            .map(|f| {
-                f.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut fields = BTreeMap::new();
+        if let Some(nested) = body.get("fields") {
+            flatten_fields(nested, String::new(), &mut fields);
+        }
         Some(ApiError { code, message, fields })
+    }
+}
+
+/// `@entity` names the entity as a whole (Kong's entity checks); `@entity[1]` a second
+/// such error.
+fn is_entity_key(name: &str) -> bool {
+    name == "@entity" || name.starts_with("@entity[")
+}
+
+/// A flat field path (`services[1].routes[0].paths`) as Kong's message writes it: dots
+/// and Lua's 1-based positions (`services.2.routes.1.paths`).
+fn message_path(name: &str) -> String {
+    path_segments(name)
+        .iter()
+        .map(|segment| match segment {
+            Segment::Key(key) => (*key).to_string(),
+            Segment::Index(index) => (index + 1).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Splits `config.add.headers[0]` into `config`, `add`, `headers`, 0.
+fn path_segments(name: &str) -> Vec<Segment<'_>> {
+    let mut segments = Vec::new();
+    for part in name.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(key, rest)| (key, rest));
+        if !key.is_empty() {
+            segments.push(Segment::Key(key));
+        }
+        while let Some((index, after)) = rest.split_once(']') {
+            match index.parse::<usize>() {
+                Ok(index) => segments.push(Segment::Index(index)),
+                Err(_) => segments.push(Segment::Key(index)),
+            }
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    segments
+}
+
+/// Largest position an error path may name in an array: a path from the network never
+/// makes the answer large (positions come from the entity's own arrays, bounded too).
+const NESTED_INDEX_MAX: usize = 10_000;
+
+/// Kong's `fields` shape: flat paths nested as objects and arrays (`{"config": {"add":
+/// {"headers": ["…"]}}}`, `{"paths": [null, "…"]}`), entity checks as an `@entity`
+/// array.
+fn nest_fields(fields: &BTreeMap<String, String>) -> serde_json::Value {
+    use serde_json::Value;
+    let mut root = Value::Object(serde_json::Map::new());
+    for (name, why) in fields {
+        if is_entity_key(name) {
+            let list = root.as_object_mut().map(|o| o.entry("@entity").or_insert_with(|| Value::Array(Vec::new())));
+            if let Some(Value::Array(list)) = list {
+                list.push(Value::from(why.clone()));
+            }
+            continue;
+        }
+        let mut node = &mut root;
+        let segments = path_segments(name);
+        for (position, segment) in segments.iter().enumerate() {
+            let last = position + 1 == segments.len();
+            let child = match (segment, &mut *node) {
+                (Segment::Key(key), Value::Object(object)) => object.entry(key.to_string()).or_insert(Value::Null),
+                (Segment::Index(index), Value::Array(array)) if *index < NESTED_INDEX_MAX => {
+                    if array.len() <= *index {
+                        array.resize(index + 1, Value::Null);
+                    }
+                    &mut array[*index]
+                }
+                // A path that clashes with one already written (a message where a
+                // record was expected): the first one stays.
+                _ => break,
+            };
+            if last {
+                if child.is_null() {
+                    *child = Value::from(why.clone());
+                }
+            } else if child.is_null() {
+                *child = match segments[position + 1] {
+                    Segment::Key(_) => Value::Object(serde_json::Map::new()),
+                    Segment::Index(_) => Value::Array(Vec::new()),
+                };
+            }
+            node = child;
+        }
+    }
+    root
+}
+
+/// The inverse of [`nest_fields`]: every message under its flat path.
+fn flatten_fields(value: &serde_json::Value, path: String, out: &mut BTreeMap<String, String>) {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            for (key, child) in object {
+                let child_path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                if key == "@entity" && path.is_empty() {
+                    if let Value::Array(messages) = child {
+                        for (index, message) in messages.iter().enumerate() {
+                            let name = if index == 0 { "@entity".to_string() } else { format!("@entity[{index}]") };
+                            out.insert(
+                                name,
+                                message.as_str().map(str::to_string).unwrap_or_else(|| message.to_string()),
+                            );
+                        }
+                        continue;
+                    }
+                }
+                flatten_fields(child, child_path, out);
+            }
+        }
+        Value::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                if !item.is_null() {
+                    flatten_fields(item, format!("{path}[{index}]"), out);
+                }
+            }
+        }
+        Value::Null => {}
+        Value::String(text) => {
+            out.insert(path, text.clone());
+        }
+        other => {
+            out.insert(path, other.to_string());
+        }
     }
 }
 
@@ -211,5 +348,35 @@ mod tests {
         assert_eq!(parsed, error);
         assert_eq!(error.to_json()["message"], "schema violation (host: required field missing)");
         assert_eq!(error.http_status(), 400);
+    }
+
+    /// Kong's shapes: spec/02-integration/04-admin_api/09-routes_routes_spec.lua:354
+    /// (an array element), spec/03-plugins/36-request-transformer/03-api_spec.lua:55 (a
+    /// nested plugin config), 03-consumers_routes_spec.lua:573 (`@entity` a list).
+    #[test]
+    fn fields_nest_as_kong_writes_them() {
+        let mut fields = BTreeMap::new();
+        fields.insert("protocols[0]".to_string(), "expected one of: http, https".to_string());
+        fields.insert("paths[1]".to_string(), "should start with: /".to_string());
+        fields.insert("config.add.headers[0]".to_string(), "invalid value: just_a_key".to_string());
+        fields.insert("@entity".to_string(), "at least one of these fields must be non-empty".to_string());
+        let error = ApiError::schema(fields);
+        let body = error.to_json();
+        assert_eq!(body["fields"]["protocols"], serde_json::json!(["expected one of: http, https"]));
+        assert_eq!(body["fields"]["paths"], serde_json::json!([null, "should start with: /"]));
+        assert_eq!(body["fields"]["config"]["add"]["headers"], serde_json::json!(["invalid value: just_a_key"]));
+        assert_eq!(body["fields"]["@entity"], serde_json::json!(["at least one of these fields must be non-empty"]));
+        assert_eq!(
+            body["message"],
+            "4 schema violations (at least one of these fields must be non-empty; config.add.headers.1: invalid \
+             value: just_a_key; paths.2: should start with: /; protocols.1: expected one of: http, https)"
+        );
+        assert_eq!(ApiError::from_json(&body).expect("parses"), error);
+    }
+
+    #[test]
+    fn huge_positions_are_not_materialised() {
+        let error = ApiError::field("paths[99999999999]", "bad");
+        assert!(error.to_json()["fields"].to_string().len() < 20, "{}", error.to_json());
     }
 }

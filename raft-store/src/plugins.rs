@@ -400,7 +400,9 @@ fn check_pairs(field: &str, items: &[String], with_value: bool, header: bool) ->
         let name = if with_value {
             match item.split_once(':') {
                 Some((name, _)) => name,
-                None => return fail(&format!("{field}[{position}]"), "invalid value, expected 'name:value'"),
+                // Kong's message (its `match = "^[^:]+:.*$"`): spec/03-plugins/
+                // 36-request-transformer/03-api_spec.lua:55.
+                None => return fail(&format!("{field}[{position}]"), format!("invalid value: {item}")),
             }
         } else {
             item.as_str()

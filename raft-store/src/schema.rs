@@ -289,14 +289,35 @@ fn check_route(route: &Object, errors: &mut BTreeMap<String, String>) {
         .and_then(Value::as_array)
         .map(|list| list.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let is_http = protocols.iter().any(|p| matches!(*p, "http" | "https" | "grpc" | "grpcs" | "ws" | "wss"));
-    let has_matcher = ["methods", "hosts", "paths", "headers", "snis"].iter().any(|name| is_set(route, name));
-    if is_http && !has_matcher {
-        errors.insert(
-            "@entity".into(),
-            "must set one of 'methods', 'hosts', 'headers', 'paths', 'snis' when 'protocols' is 'http' or 'https'"
-                .into(),
-        );
+    // Kong picks a route's subschema by its first protocol (`get_subschema` in
+    // kong/db/schema/init.lua; routes_subschemas.lua): gRPC routes keep their paths
+    // (`strip_path` false, and not settable) and match no methods.
+    if is_grpc_route(route) {
+        if route.get("strip_path") == Some(&Value::Bool(true)) {
+            errors.insert("strip_path".into(), "cannot set 'strip_path' when 'protocols' is 'grpc' or 'grpcs'".into());
+        }
+        if is_set(route, "methods") {
+            errors.insert("methods".into(), "cannot set 'methods' when 'protocols' is 'grpc' or 'grpcs'".into());
+        }
+    }
+    let has = |protocol: &str| protocols.contains(&protocol);
+    let missing = |names: &[&str]| !names.iter().any(|name| is_set(route, name));
+    let needed = if has("https") || has("wss") {
+        Some(("'methods', 'hosts', 'headers', 'paths', 'snis'", "https"))
+    } else if has("http") || has("ws") {
+        Some(("'methods', 'hosts', 'headers', 'paths'", "http"))
+    } else if has("grpcs") {
+        Some(("'hosts', 'headers', 'paths', 'snis'", "grpcs"))
+    } else if has("grpc") {
+        Some(("'hosts', 'headers', 'paths'", "grpc"))
+    } else {
+        None
+    };
+    if let Some((fields, protocol)) = needed {
+        let names: Vec<&str> = fields.split(", ").map(|quoted| quoted.trim_matches('\'')).collect();
+        if missing(&names) {
+            errors.insert("@entity".into(), format!("must set one of {fields} when 'protocols' is '{protocol}'"));
+        }
     }
     if let Some(methods) = route.get("methods").and_then(Value::as_array) {
         for method in methods.iter().filter_map(Value::as_str) {
@@ -310,6 +331,28 @@ fn check_route(route: &Object, errors: &mut BTreeMap<String, String>) {
         errors.insert(
             "snis".into(),
             "'snis' can only be set when 'protocols' is or includes 'https', 'tls' or 'grpcs'".into(),
+        );
+    }
+}
+
+/// A route whose first protocol is `grpc` or `grpcs` (Kong's gRPC subschema).
+fn is_grpc_route(route: &Object) -> bool {
+    let first = route.get("protocols").and_then(Value::as_array).and_then(|list| list.first());
+    matches!(first.and_then(Value::as_str), Some("grpc" | "grpcs"))
+}
+
+fn check_upstream(upstream: &Object, errors: &mut BTreeMap<String, String>) {
+    // kong/db/schema/entities/upstreams.lua: `distinct` on the two header names,
+    // compared exactly (spec/02-integration/04-admin_api/07-upstreams_routes_spec.lua:318).
+    let header = |name: &str| upstream.get(name).and_then(Value::as_str);
+    if upstream.get("hash_on").and_then(Value::as_str) == Some("header")
+        && upstream.get("hash_fallback").and_then(Value::as_str) == Some("header")
+        && header("hash_on_header").is_some()
+        && header("hash_on_header") == header("hash_fallback_header")
+    {
+        errors.insert(
+            "@entity".into(),
+            "values of these fields must be distinct: 'hash_on_header', 'hash_fallback_header'".into(),
         );
     }
 }
@@ -592,7 +635,7 @@ static SCHEMAS: [EntitySchema; 14] = [
         endpoint_keys: &["name"],
         unique: &[&["name"]],
         has_updated_at: true,
-        check: no_check,
+        check: check_upstream,
     },
     EntitySchema {
         kind: EntityKind::Target,
@@ -726,6 +769,9 @@ pub fn validate(kind: EntityKind, input: &Value, mode: Mode, existing: Option<&O
         let value = match (given, mode, existing) {
             (Some(value), _, _) => value.clone(),
             (None, Mode::Patch, Some(existing)) => existing.get(field.name).cloned().unwrap_or(Value::Null),
+            (None, _, _) if kind == EntityKind::Route && field.name == "strip_path" && is_grpc_route(input) => {
+                Value::Bool(false)
+            }
             (None, _, _) => field.default.to_value(),
         };
         if value.is_null() {
@@ -740,13 +786,20 @@ pub fn validate(kind: EntityKind, input: &Value, mode: Mode, existing: Option<&O
                 output.insert(field.name.to_string(), normalised);
             }
             Err(why) => {
-                errors.insert(field.name.to_string(), why);
+                let (key, why) = element_error(field.name, why);
+                errors.insert(key, why);
             }
         }
     }
 
     if errors.is_empty() {
         (schema.check)(&output, &mut errors);
+    }
+    if errors.is_empty() && kind == EntityKind::Target {
+        if let Some(Value::String(target)) = output.get("target") {
+            let normalized = target_with_port(target);
+            output.insert("target".into(), Value::String(normalized));
+        }
     }
     if errors.is_empty() && kind == EntityKind::Plugin {
         // A PATCH's config is merged into the stored one, key by key, as in Kong.
@@ -771,6 +824,17 @@ pub fn validate(kind: EntityKind, input: &Value, mode: Mode, existing: Option<&O
         Ok(output)
     } else {
         Err(ApiError::schema(errors))
+    }
+}
+
+/// An array element's error (`[2] expected a string`, positions 1-based as Kong's
+/// messages count) under the element's own path (`paths[1]`), so that the answer's
+/// `fields` lists it where Kong does (`{"paths": [null, "expected a string"]}`).
+fn element_error(name: &str, why: String) -> (String, String) {
+    let element = why.strip_prefix('[').and_then(|rest| rest.split_once("] "));
+    match element.and_then(|(position, rest)| Some((position.parse::<usize>().ok()?.checked_sub(1)?, rest))) {
+        Some((index, rest)) => (format!("{name}[{index}]"), rest.to_string()),
+        None => (name.to_string(), why),
     }
 }
 
@@ -1042,6 +1106,21 @@ fn check_str(rule: StrRule, text: &str) -> Result<(), String> {
 }
 
 /// Splits `host:port`, `[v6]:port`, `host`, `v6` into host and optional port.
+/// The port a target without one gets, as Kong's (`kong/db/dao/targets.lua`).
+pub const TARGET_PORT_DEFAULT: u16 = 8000;
+
+/// A target as Kong stores it: with a port (8000 when none is given), an IPv6
+/// address in brackets (`konghq.test` → `konghq.test:8000`, `::1` → `[::1]:8000`).
+pub fn target_with_port(target: &str) -> String {
+    if target.parse::<std::net::Ipv6Addr>().is_ok() {
+        return format!("[{target}]:{TARGET_PORT_DEFAULT}");
+    }
+    match split_host_port(target) {
+        (_, Some(_)) => target.to_string(),
+        (host, None) => format!("{host}:{TARGET_PORT_DEFAULT}"),
+    }
+}
+
 pub fn split_host_port(text: &str) -> (&str, Option<&str>) {
     if text.starts_with('[') {
         return match text.rsplit_once("]:") {
@@ -1111,7 +1190,7 @@ mod tests {
         let error = validate(EntityKind::Route, &json!({"protocols": ["http"]}), Mode::Create, None).unwrap_err();
         assert!(error.fields["@entity"].contains("must set one of"));
         let error = validate(EntityKind::Route, &json!({"paths": ["nope"]}), Mode::Create, None).unwrap_err();
-        assert!(error.fields["paths"].contains("should start with"));
+        assert!(error.fields["paths[0]"].contains("should start with"));
         let error = validate(EntityKind::Plugin, &json!({"name": "no-such"}), Mode::Create, None).unwrap_err();
         assert!(error.fields["name"].contains("not enabled"));
     }

@@ -41,6 +41,9 @@ pub struct ConfigState {
     tables: [OrdMap<Uuid, Arc<Object>>; 14],
     unique: OrdMap<UniqueKey, Uuid>,
     entity_count: usize,
+    /// The hash of the declarative text the config was last replaced with, while no
+    /// other write changed it since (Kong's `configuration_hash`).
+    config_hash: Option<String>,
 }
 
 /// The serialised form of the state, as stored in snapshots.
@@ -63,28 +66,56 @@ impl ConfigState {
         &self.tables[kind.index()]
     }
 
+    /// The hash of the declarative text this config was loaded from, unless an entity
+    /// write changed it since.
+    pub fn config_hash(&self) -> Option<&str> {
+        self.config_hash.as_deref()
+    }
+
+    /// Restores the hash a snapshot kept.
+    pub fn set_config_hash(&mut self, hash: Option<String>) {
+        self.config_hash = hash;
+    }
+
     /// Applies one command. On error the state is unchanged.
     pub fn apply(&mut self, command: &Command) -> Result<Outcome, ApiError> {
         let now = command.now_s;
-        match &command.op {
+        let outcome = match &command.op {
             Op::Create { kind, id, parent, body } => self.create(*kind, *id, parent.as_ref(), &body.0, now),
             Op::Upsert { kind, key, id, parent, body } => self.upsert(*kind, key, *id, parent.as_ref(), &body.0, now),
             Op::Patch { kind, key, parent, body } => self.patch(*kind, key, parent.as_ref(), &body.0, now),
             Op::Delete { kind, key, parent } => self.delete(*kind, key, parent.as_ref()),
-            Op::ReplaceAll { document, id_seed } => {
-                let document = document.parse().map_err(|error| {
-                    ApiError::new(ErrorCode::BadRequest, format!("the declarative document is not JSON: {error}"))
-                })?;
-                let replacement = declarative::load(&document, *id_seed, now)?;
-                let entities = replacement.entity_count as u64;
-                *self = replacement;
-                Ok(Outcome::Replaced { entities })
+            Op::ReplaceAll { document, id_seed } => return self.replace(document, *id_seed, now, None),
+            Op::ReplaceHashed { document, id_seed, hash } => {
+                return self.replace(document, *id_seed, now, Some(hash.clone()))
             }
             // The store applies grants to the quota ledger; the config is not involved.
             Op::Grant { .. } | Op::Release { .. } => {
                 Err(ApiError::new(ErrorCode::Internal, "quota grants are not config writes"))
             }
+        };
+        // An entity write makes the config differ from the text it was loaded from.
+        if outcome.is_ok() {
+            self.config_hash = None;
         }
+        outcome
+    }
+
+    fn replace(
+        &mut self,
+        document: &crate::json::JsonText,
+        id_seed: u128,
+        now: i64,
+        hash: Option<String>,
+    ) -> Result<Outcome, ApiError> {
+        let document = document.parse().map_err(|error| {
+            ApiError::new(ErrorCode::BadRequest, format!("the declarative document is not JSON: {error}"))
+        })?;
+        let mut replacement = declarative::load(&document, id_seed, now)?;
+        let entities = replacement.entity_count as u64;
+        replacement.config_hash = hash;
+        *self = replacement;
+        Ok(Outcome::Replaced { entities })
     }
 
     // ---- reads -------------------------------------------------------------------
@@ -284,8 +315,14 @@ impl ConfigState {
     fn delete(&mut self, kind: EntityKind, key: &str, parent: Option<&Parent>) -> Result<Outcome, ApiError> {
         let scope = self.resolve_parent(kind, parent)?;
         let Some(existing) = self.lookup(kind, key, scope) else {
-            // Kong answers 204 for an entity that is not there: DELETE is idempotent.
-            return Ok(Outcome::Deleted);
+            // Kong answers 204 for an entity that is not there (DELETE is idempotent),
+            // but 404 under a parent that does not hold it (kong/api/endpoints.lua,
+            // delete_entity_endpoint; spec/02-integration/04-admin_api/
+            // 03-consumers_routes_spec.lua:1019).
+            return match parent {
+                Some(_) => Err(ApiError::not_found()),
+                None => Ok(Outcome::Deleted),
+            };
         };
         // Collect the whole cascade first and check every restriction, so that a refused
         // delete changes nothing.
@@ -373,13 +410,8 @@ impl ConfigState {
                                 target.path()
                             ),
                         );
-                        error.fields.insert(
-                            field.name.into(),
-                            format!(
-                                "the foreign key '{{id=\"{reference}\"}}' does not reference an existing '{}' entity.",
-                                target.path()
-                            ),
-                        );
+                        // Kong's fields carry the reference itself: `{"service": {"id": …}}`.
+                        error.fields.insert(format!("{}.id", field.name), reference.to_string());
                         error
                     })?;
                     entity.insert(field.name.into(), json!({ "id": entity_id(&resolved).to_string() }));
@@ -419,8 +451,25 @@ impl ConfigState {
                         ErrorCode::UniqueViolation,
                         format!("UNIQUE violation detected on '{{{}}}'", described.join(",")),
                     );
+                    // Kong names the conflicting values (kong/db/errors.lua,
+                    // unique_violation): `{"name": "my.upstream"}`, a reference as
+                    // `{"route": {"id": …}}`; a null one is left out.
                     for field in *fields {
-                        error.fields.insert((*field).into(), "value already exists".into());
+                        match entity.get(*field) {
+                            Some(Value::String(text)) => {
+                                error.fields.insert((*field).into(), text.clone());
+                            }
+                            Some(Value::Object(reference)) => {
+                                for (key, value) in reference {
+                                    let text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                                    error.fields.insert(format!("{field}.{key}"), text);
+                                }
+                            }
+                            Some(Value::Null) | None => {}
+                            Some(other) => {
+                                error.fields.insert((*field).into(), other.to_string());
+                            }
+                        }
                     }
                     return Err(error);
                 }
@@ -489,6 +538,14 @@ impl ConfigState {
                 return in_scope(entity).then(|| entity.clone());
             }
         }
+        // A target is stored with its port; Kong looks one up the same way.
+        let normalized;
+        let key = if kind == EntityKind::Target {
+            normalized = schema::target_with_port(key);
+            normalized.as_str()
+        } else {
+            key
+        };
         let schema = kind.schema();
         for endpoint_key in schema.endpoint_keys {
             let indexed = schema.unique.iter().position(|fields| fields.len() == 1 && fields[0] == *endpoint_key);
@@ -567,11 +624,10 @@ pub fn page_size(raw: Option<&str>) -> Result<usize, ApiError> {
     };
     match raw.parse::<usize>() {
         Ok(size) if (1..=PAGE_SIZE_MAX).contains(&size) => Ok(size),
+        // Kong's messages (kong/db/dao/init.lua), without `fields`.
+        Err(_) if raw.parse::<f64>().is_err() => Err(ApiError::new(ErrorCode::InvalidSize, "size must be a number")),
         _ => {
-            let mut error =
-                ApiError::new(ErrorCode::InvalidSize, format!("size must be an integer between 1 and {PAGE_SIZE_MAX}"));
-            error.fields.insert("size".into(), format!("must be an integer between 1 and {PAGE_SIZE_MAX}"));
-            Err(error)
+            Err(ApiError::new(ErrorCode::InvalidSize, format!("size must be an integer between 1 and {PAGE_SIZE_MAX}")))
         }
     }
 }
@@ -609,7 +665,7 @@ mod tests {
         let dangling =
             create(&mut state, EntityKind::Route, json!({"paths": ["/"], "service": {"id": "nope"}})).unwrap_err();
         assert_eq!(dangling.code, ErrorCode::ForeignKeyViolation);
-        assert!(dangling.fields.contains_key("service"));
+        assert_eq!(dangling.fields.get("service.id").map(String::as_str), Some("nope"));
 
         create(&mut state, EntityKind::Route, json!({"name": "r", "paths": ["/"], "service": {"name": "svc"}}))
             .unwrap();

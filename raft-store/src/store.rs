@@ -300,6 +300,16 @@ struct SnapshotBody {
     image: StateImage,
     ledger: LedgerImage,
     recent: RecentImage,
+    /// The config's `configuration_hash` (Kong's), when it was loaded from a document.
+    config_hash: Option<String>,
+}
+
+/// A snapshot body as stored before the config kept its hash.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBodyV1 {
+    image: StateImage,
+    ledger: LedgerImage,
+    recent: RecentImage,
 }
 
 /// A snapshot body as stored before the ledger kept its clock: read when the current
@@ -314,8 +324,16 @@ struct SnapshotBodyV0 {
 impl SnapshotBody {
     fn decode(data: &[u8]) -> std::result::Result<SnapshotBody, codec::CodecError> {
         codec::decode::<SnapshotBody>(data).or_else(|error| {
+            if let Ok(old) = codec::decode::<SnapshotBodyV1>(data) {
+                return Ok(SnapshotBody {
+                    image: old.image,
+                    ledger: old.ledger,
+                    recent: old.recent,
+                    config_hash: None,
+                });
+            }
             let old = codec::decode::<SnapshotBodyV0>(data).map_err(|_| error)?;
-            Ok(SnapshotBody { image: old.image, ledger: old.ledger.into(), recent: old.recent })
+            Ok(SnapshotBody { image: old.image, ledger: old.ledger.into(), recent: old.recent, config_hash: None })
         })
     }
 }
@@ -403,8 +421,9 @@ fn applied_from_snapshot(
     data: &[u8],
 ) -> Result<(Applied, QuotaLedger)> {
     let body = SnapshotBody::decode(data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-    let state = ConfigState::from_image(&body.image)
+    let mut state = ConfigState::from_image(&body.image)
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)))?;
+    state.set_config_hash(body.config_hash);
     let applied = Applied {
         state,
         last_applied: meta.last_log_id,
@@ -444,13 +463,18 @@ async fn store_snapshot(database: &Arc<Database>, snapshot: StoredSnapshot) -> R
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let (image, ledger, recent, last_applied, membership) = {
+        let (body, last_applied, membership) = {
             let applied = self.applied.read().await;
             let ledger = self.ledger.read().await;
-            let recent = applied.recent.to_image();
-            (applied.state.to_image(), ledger.to_image(), recent, applied.last_applied, applied.membership.clone())
+            let body = SnapshotBody {
+                image: applied.state.to_image(),
+                ledger: ledger.to_image(),
+                recent: applied.recent.to_image(),
+                config_hash: applied.state.config_hash().map(str::to_string),
+            };
+            (body, applied.last_applied, applied.membership.clone())
         };
-        let data = codec::encode(&SnapshotBody { image, ledger, recent }).map_err(io_error)?;
+        let data = codec::encode(&body).map_err(io_error)?;
         let snapshot_id = match last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
             None => "empty".to_string(),
@@ -588,8 +612,18 @@ mod tests {
         let decoded = SnapshotBody::decode(&codec::encode(&old).expect("encodes")).expect("the old shape decodes");
         assert_eq!(decoded.ledger.accounts.len(), 1);
         assert_eq!(decoded.ledger.now_s, i64::MIN);
-        let new = SnapshotBody { image, ledger: ledger.to_image(), recent: RecentImage::default() };
+        let v1 = SnapshotBodyV1 { image: image.clone(), ledger: ledger.to_image(), recent: RecentImage::default() };
+        let decoded = SnapshotBody::decode(&codec::encode(&v1).expect("encodes")).expect("the v1 shape decodes");
+        assert_eq!(QuotaLedger::from_image(decoded.ledger), ledger);
+        assert_eq!(decoded.config_hash, None);
+        let new = SnapshotBody {
+            image,
+            ledger: ledger.to_image(),
+            recent: RecentImage::default(),
+            config_hash: Some("0123456789abcdef0123456789abcdef".into()),
+        };
         let decoded = SnapshotBody::decode(&codec::encode(&new).expect("encodes")).expect("the new shape decodes");
         assert_eq!(QuotaLedger::from_image(decoded.ledger), ledger);
+        assert_eq!(decoded.config_hash.as_deref(), Some("0123456789abcdef0123456789abcdef"));
     }
 }

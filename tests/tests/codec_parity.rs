@@ -239,13 +239,16 @@ async fn both_codecs_send_and_answer_the_same_bytes() -> anyhow::Result<()> {
         eprintln!("{name}: {} ({} upstream requests)", seen_direct.status_line, sent_direct.len());
     }
     // The direct node took these on its direct codec (the comparison is between the
-    // two codecs, not twice the same one).
+    // two codecs, not twice the same one), all but a request asking for trailers
+    // (`TE`), which takes the hyper adapter on both nodes.
     let metrics = cluster.client_of(1).get("/metrics").await?.body.as_str().unwrap_or_default().to_string();
     let direct_requests = metrics
         .lines()
         .find_map(|line| line.strip_prefix("tollgate_proxy_direct_requests_total"))
         .and_then(|rest| rest.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert_eq!(direct_requests, cases.len() as f64);
+    let asking_trailers = cases.iter().filter(|(_, request)| request.windows(6).any(|w| w == b"\r\nTE: ")).count();
+    assert_eq!(asking_trailers, 1);
+    assert_eq!(direct_requests, (cases.len() - asking_trailers) as f64);
     Ok(())
 }

@@ -76,3 +76,53 @@ async fn a_kong_1_1_file_loads_and_proxies_as_kong_3_would() -> anyhow::Result<(
     assert_eq!(dumped["_format_version"], "3.0");
     Ok(())
 }
+
+async fn call(admin_url: &str, method: &str, path: &str, body: &Value) -> anyhow::Result<(u16, String)> {
+    tollgate_tests::admin_exchange(admin_url, method, path, Some(body)).await
+}
+
+/// spec/02-integration/04-admin_api/15-off_spec.lua:582-619: `?check_hash=1` with the
+/// text the config was loaded from answers 304 and changes nothing; and
+/// 02-kong_routes_spec.lua:224-269: `/status` reports the hash (32 characters). The
+/// hash is replicated with the config: it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_hash_skips_a_config_already_loaded() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(1).await?;
+    let admin = cluster.nodes[0].admin_url();
+    let document = json!({"config": "_format_version: \"1.1\"\nconsumers:\n- username: bobby_tables\n"});
+    let (status, body) = call(&admin, "POST", "/config?check_hash=1", &document).await?;
+    assert_eq!(status, 201, "{body}");
+    let client = cluster.client();
+    let hash = client.get("/status").await?.body["configuration_hash"].as_str().unwrap_or_default().to_string();
+    assert_eq!(hash.len(), 32);
+    assert_ne!(hash, "0".repeat(32));
+    let (status, body) = call(&admin, "POST", "/config?check_hash=1", &document).await?;
+    assert_eq!((status, body.as_str()), (304, ""));
+    // Without check_hash the same text loads again.
+    let (status, _) = call(&admin, "POST", "/config", &document).await?;
+    assert_eq!(status, 201);
+
+    // The hash is part of the replicated state: after a restart it still matches.
+    cluster.node(1).stop();
+    cluster.node(1).start()?;
+    let admin = cluster.nodes[0].admin_url();
+    let status = eventually("the restarted node to answer", CONVERGE_TIMEOUT, || async {
+        call(&admin, "POST", "/config?check_hash=1", &document)
+            .await
+            .ok()
+            .map(|(status, _)| status)
+            .filter(|s| *s != 503)
+    })
+    .await?;
+    assert_eq!(status, 304);
+
+    // An entity write makes the config differ from the text: the hash is cleared and
+    // the same text loads again.
+    let client = cluster.client();
+    client.post("/consumers", &json!({"username": "another"})).await?;
+    assert_eq!(client.get("/status").await?.body["configuration_hash"], "0".repeat(32));
+    let (status, _) = call(&admin, "POST", "/config?check_hash=1", &document).await?;
+    assert_eq!(status, 201);
+    assert_eq!(client.get("/consumers").await?.body["data"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}

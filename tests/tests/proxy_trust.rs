@@ -80,8 +80,11 @@ async fn a_client_cannot_strip_identity_headers_a_plugin_set() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_x_forwarded_for_line_counts_with_trusted_ips() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
-    let (cluster, client) =
-        app_on_both_paths(&format!("http://{}", echo.address), &["--trusted-ips", "127.0.0.1"]).await?;
+    let (cluster, client) = app_on_both_paths(
+        &format!("http://{}", echo.address),
+        &["--trusted-ips", "127.0.0.1", "--real-ip-header", "X-Forwarded-For", "--real-ip-recursive", "on"],
+    )
+    .await?;
     client.post("/services/app/routes", &json!({"name": "guarded", "paths": ["/guarded"]})).await?;
     let last = client
         .post("/routes/guarded/plugins", &json!({"name": "ip-restriction", "config": {"deny": ["7.7.7.7"]}}))
@@ -276,8 +279,11 @@ async fn log_lines_redact_every_name_a_credential_is_read_from() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basic_auth_neither_tells_usernames_apart_by_time_nor_lets_one_client_take_every_check() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
-    let (cluster, client) =
-        app_on_both_paths(&format!("http://{}", echo.address), &["--trusted-ips", "127.0.0.1"]).await?;
+    let (cluster, client) = app_on_both_paths(
+        &format!("http://{}", echo.address),
+        &["--trusted-ips", "127.0.0.1", "--real-ip-header", "X-Forwarded-For", "--real-ip-recursive", "on"],
+    )
+    .await?;
     client.post("/services/app/routes", &json!({"name": "basic", "paths": ["/basic"]})).await?;
     client.post("/consumers", &json!({"username": "alice"})).await?;
     client.post("/consumers/alice/basic-auth", &json!({"username": "alice", "password": "right"})).await?;

@@ -300,10 +300,22 @@ impl RateLimiting {
                 .and_then(|name| request.headers.get(name))
                 .and_then(|value| value.to_str().ok())
                 .map_or_else(ip, |value| Identifier::Text(value.to_string())),
-            "path" => self.config.path.clone().map_or_else(ip, Identifier::Text),
+            // Kong's get_identifier (kong/plugins/rate-limiting/handler.lua): requests
+            // to the configured path share its counter; every other request counts
+            // per client address (spec/03-plugins/23-rate-limiting/04-access_spec.lua:877).
+            "path" => match &self.config.path {
+                Some(path) if is_request_path(request.path, path) => Identifier::Text(path.clone()),
+                _ => ip(),
+            },
             _ => ip(),
         }
     }
+}
+
+/// Whether the request's path (as sent) is `configured`, once normalised as Kong's
+/// `kong.request.get_path()` is (escapes decoded, dot segments and double slashes gone).
+fn is_request_path(sent: &str, configured: &str) -> bool {
+    sent == configured || crate::proxy::path::normalize(sent).is_some_and(|normal| normal == configured)
 }
 
 /// What one request found in one window: tokens left and seconds to the reset.
@@ -465,7 +477,11 @@ impl Plugin for RateLimiting {
             let reset = found().filter(|(_, found)| found.over).map(|(_, found)| found.reset).max();
             let status = StatusCode::from_u16(self.config.error_code).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
             let mut exit = Exit::message(status, &self.config.error_message);
-            exit.headers.push((http::header::RETRY_AFTER, super::number_value(reset.unwrap_or(1))));
+            // Kong sends `Retry-After` with the other client headers only
+            // (spec/03-plugins/23-rate-limiting/04-access_spec.lua:678).
+            if !self.config.hide_client_headers {
+                exit.headers.push((http::header::RETRY_AFTER, super::number_value(reset.unwrap_or(1))));
+            }
             return Flow::Exit(exit);
         }
         Flow::Continue
@@ -635,8 +651,10 @@ impl Plugin for Cors {
     }
 }
 
-/// request-size-limiting: `Content-Length` over the limit is 413 before anything is
-/// read; a body without one is cut at the limit as it streams (413 too).
+/// request-size-limiting: `Content-Length` over the limit is 413 (417 with `Expect:
+/// 100-continue`) before anything is read; a body without one is read whole first
+/// and refused the same way, or, under a limit above [`super::BODY_FILTER_BYTES_MAX`],
+/// cut at the limit as it streams.
 pub struct RequestSizeLimiting {
     limit: u64,
     require_content_length: bool,
@@ -658,14 +676,33 @@ impl Plugin for RequestSizeLimiting {
             .headers
             .get(http::header::CONTENT_LENGTH)
             .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+        // Kong's check_size (kong/plugins/request-size-limiting/handler.lua): 417 for a
+        // client waiting on `Expect: 100-continue`, else 413
+        // (spec/03-plugins/12-request-size-limiting/01-access_spec.lua:129, :234).
+        let waits = request
+            .headers
+            .get(http::header::EXPECT)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.trim().eq_ignore_ascii_case("100-continue"));
+        let exceeded = || {
+            let status = if waits { StatusCode::EXPECTATION_FAILED } else { StatusCode::PAYLOAD_TOO_LARGE };
+            Flow::Exit(Exit::message(status, "Request size limit exceeded"))
+        };
         match declared {
-            Some(Some(length)) if length > self.limit => {
-                Flow::Exit(Exit::message(StatusCode::PAYLOAD_TOO_LARGE, "Request size limit exceeded"))
-            }
+            Some(Some(length)) if length > self.limit => exceeded(),
             Some(Some(_)) => Flow::Continue,
             _ if self.require_content_length && !request.headers.contains_key(http::header::TRANSFER_ENCODING) => {
                 Flow::Exit(Exit::message(StatusCode::LENGTH_REQUIRED, "A valid Content-Length header is required"))
             }
+            // A body without a length (chunked) is read whole before anything goes
+            // upstream, as Kong buffers it, so the upstream never sees part of a body
+            // that is refused. A limit above what plugins read whole is enforced while
+            // the body streams instead.
+            _ if self.limit <= super::BODY_FILTER_BYTES_MAX as u64 => match &ctx.request_body {
+                None => Flow::ReadBody,
+                Some(body) if body.len() as u64 > self.limit => exceeded(),
+                Some(_) => Flow::Continue,
+            },
             _ => {
                 ctx.body_limit = Some(ctx.body_limit.map_or(self.limit, |limit| limit.min(self.limit)));
                 Flow::Continue

@@ -18,7 +18,7 @@ const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credentia
 const X_ANONYMOUS_CONSUMER: HeaderName = HeaderName::from_static("x-anonymous-consumer");
 
 /// What a credential of any authentication plugin identifies: its consumer, its own
-/// id, and that id as the `X-Credential-Identifier` value (made once per snapshot).
+/// id, and its `X-Credential-Identifier` value (made once per snapshot).
 pub struct Identity {
     pub consumer: uuid::Uuid,
     pub id: uuid::Uuid,
@@ -27,10 +27,19 @@ pub struct Identity {
 
 impl Identity {
     /// The identity of a stored credential entity; `None` without a consumer.
-    pub fn of(credential: &tollgate_raft_store::schema::Object) -> Option<Identity> {
+    /// `X-Credential-Identifier` is the value of `identifier_field` when given, as
+    /// Kong's plugins send it (basic-auth and hmac-auth the username, jwt the key:
+    /// spec/03-plugins/10-basic-auth/03-access_spec.lua:282,
+    /// 16-jwt/03-access_spec.lua:491), else the credential's id (key-auth:
+    /// 09-key-auth/02-access_spec.lua:600).
+    pub fn of(credential: &tollgate_raft_store::schema::Object, identifier_field: Option<&str>) -> Option<Identity> {
         let consumer = tollgate_raft_store::state::foreign_id(credential, "consumer")?;
         let id = tollgate_raft_store::state::entity_id(credential);
-        Some(Identity { consumer, id, header: super::id_header(id) })
+        let named = identifier_field
+            .and_then(|field| credential.get(field))
+            .and_then(serde_json::Value::as_str)
+            .and_then(|text| HeaderValue::from_str(text).ok());
+        Some(Identity { consumer, id, header: named.unwrap_or_else(|| super::id_header(id)) })
     }
 }
 
@@ -104,7 +113,10 @@ pub fn use_anonymous(ctx: &mut Ctx, request: &mut RequestView<'_>, env: &Env<'_>
 /// key-auth: an API key in a header or the query string.
 pub struct KeyAuth {
     config: KeyAuthConfig,
-    names: Vec<HeaderName>,
+    /// Each of `key_names` as a header, and for a name with `_` the same with `-`,
+    /// looked for when the first is absent: nginx finds `api_key` sent as `api-key`
+    /// (spec/03-plugins/09-key-auth/02-access_spec.lua:534), not the other way round.
+    names: Vec<(HeaderName, Option<HeaderName>)>,
     challenge: HeaderValue,
 }
 
@@ -117,8 +129,12 @@ impl KeyAuth {
         let names = config
             .key_names
             .iter()
-            .map(|name| HeaderName::from_bytes(name.as_bytes()).map_err(|error| format!("key_names: {error}")))
-            .collect::<Result<_, _>>()?;
+            .map(|name| {
+                let header = HeaderName::from_bytes(name.as_bytes()).map_err(|error| format!("key_names: {error}"))?;
+                let dashed = name.contains('_').then(|| HeaderName::from_bytes(name.replace('_', "-").as_bytes()));
+                Ok((header, dashed.and_then(Result::ok)))
+            })
+            .collect::<Result<_, String>>()?;
         // Kong's: `Key`, or with a configured realm `Key realm="…"`.
         let challenge = match config.realm.as_deref() {
             Some(realm) => format!("Key realm=\"{realm}\""),
@@ -143,15 +159,22 @@ impl KeyAuth {
     /// than pick one.
     fn find_key<'e>(&self, ctx: &Ctx, request: &RequestView<'_>, env: &Env<'e>) -> Lookup<'e> {
         let keys = &env.data.keys;
-        for (index, name) in self.names.iter().enumerate() {
+        for (index, (name, dashed)) in self.names.iter().enumerate() {
             if self.config.key_in_header {
+                let name = match dashed {
+                    Some(dashed) if !request.headers.contains_key(name) => dashed,
+                    _ => name,
+                };
                 let mut values = request.headers.get_all(name).iter();
                 if let Some(value) = values.next() {
                     if values.next().is_some() {
                         return Lookup::Duplicate;
                     }
-                    if let Ok(value) = value.to_str() {
-                        return Lookup::Found(keys.get(value), Found::Header(name.clone()));
+                    // An empty key is no key (Kong: `if not key or key == ""`).
+                    if let Ok(value) = value.to_str().map(str::trim) {
+                        if !value.is_empty() {
+                            return Lookup::Found(keys.get(value), Found::Header(name.clone()));
+                        }
                     }
                 }
             }

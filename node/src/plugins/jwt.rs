@@ -266,6 +266,10 @@ impl Jwt {
             .or_else(|| header_json.get(key_claim))
             .and_then(Value::as_str)
             .ok_or_else(|| message(&format!("No mandatory '{key_claim}' in claims")))?;
+        // spec/03-plugins/16-jwt/03-access_spec.lua:322: an empty one is invalid, not unknown.
+        if key.is_empty() {
+            return Err(message(&format!("Invalid '{key_claim}' in claims")));
+        }
         let credential =
             credentials.get(key).ok_or_else(|| message(&format!("No credentials found for given '{key_claim}'")))?;
         // The credential decides the algorithm: `none`, or HS256 against an RSA key, is refused here.
@@ -289,9 +293,8 @@ impl Jwt {
             let value = claims_json.get(claim);
             let number = value.and_then(Value::as_f64);
             match (claim.as_str(), number) {
-                (_, None) if value.is_none() => {
-                    errors.insert(claim.clone(), Value::from("must be present"));
-                }
+                // Kong's jwt_parser says the same of a missing claim as of one that is
+                // not a number (spec/03-plugins/16-jwt/03-access_spec.lua:1136).
                 (_, None) => {
                     errors.insert(claim.clone(), Value::from("must be a number"));
                 }
@@ -304,15 +307,17 @@ impl Jwt {
                 _ => {}
             }
         }
-        if self.config.maximum_expiration > 0 {
-            if let Some(exp) = claims_json.get("exp").and_then(Value::as_f64) {
-                if exp - now > self.config.maximum_expiration as f64 {
-                    errors.insert("exp".into(), Value::from("exceeds maximum allowed expiration"));
-                }
-            }
-        }
         if !errors.is_empty() {
             return Err(Value::Object(errors));
+        }
+        // Checked after the claims, and a token without `exp` fails it too, as Kong's
+        // check_maximum_expiration (spec/03-plugins/16-jwt/03-access_spec.lua:430).
+        if self.config.maximum_expiration > 0 {
+            let exp = claims_json.get("exp").and_then(Value::as_f64);
+            if exp.is_none_or(|exp| exp - now > self.config.maximum_expiration as f64) {
+                errors.insert("exp".into(), Value::from("exceeds maximum allowed expiration"));
+                return Err(Value::Object(errors));
+            }
         }
         Ok(credential)
     }

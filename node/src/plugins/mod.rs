@@ -420,7 +420,7 @@ impl PluginData {
         }
         for credential in state.table(EntityKind::KeyAuth).values() {
             if let (Some(identity), Some(key)) =
-                (auth::Identity::of(credential), credential.get("key").and_then(Value::as_str))
+                (auth::Identity::of(credential, None), credential.get("key").and_then(Value::as_str))
             {
                 data.keys.insert(key.to_string(), identity);
             }
@@ -438,7 +438,7 @@ impl PluginData {
                     base64,
                 ) {
                     Ok(verifier) => {
-                        let Some(identity) = auth::Identity::of(credential) else { break };
+                        let Some(identity) = auth::Identity::of(credential, Some("key")) else { break };
                         let algorithm = algorithm.to_string();
                         map.insert(key.to_string(), jwt::JwtCredential { identity, algorithm, verifier });
                     }
@@ -450,7 +450,7 @@ impl PluginData {
         for credential in state.table(EntityKind::HmacAuth).values() {
             let text = |field: &str| credential.get(field).and_then(Value::as_str);
             if let (Some(identity), Some(username), Some(secret)) =
-                (auth::Identity::of(credential), text("username"), text("secret"))
+                (auth::Identity::of(credential, Some("username")), text("username"), text("secret"))
             {
                 let secret = secret.to_string();
                 data.hmac.insert(username.to_string(), hmac::HmacCredential { identity, secret });
@@ -459,7 +459,7 @@ impl PluginData {
         for credential in state.table(EntityKind::BasicAuth).values() {
             let text = |field: &str| credential.get(field).and_then(Value::as_str);
             if let (Some(identity), Some(username), Some(hash)) =
-                (auth::Identity::of(credential), text("username"), text("password"))
+                (auth::Identity::of(credential, Some("username")), text("username"), text("password"))
             {
                 let hash = hash.to_string();
                 data.basic.insert(username.to_string(), basic::Credential { identity, hash });

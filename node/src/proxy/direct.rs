@@ -154,10 +154,12 @@ fn tokens(value: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Request headers this codec does not carry (the hyper adapter does): `Expect`
-/// (100-continue), `Upgrade` (a tunnel), `Transfer-Encoding` (a streamed body).
+/// (100-continue), `Upgrade` (a tunnel), `Transfer-Encoding` (a streamed body), `TE`
+/// (trailers asked for).
 fn refused_by_codec(name: &str) -> bool {
     let is = |wanted: &str| name.eq_ignore_ascii_case(wanted);
     match name.len() {
+        2 => is("te"),
         6 => is("expect"),
         7 => is("upgrade"),
         17 => is("transfer-encoding"),
@@ -541,7 +543,8 @@ where
     proxy.direct_requests.increment(1);
     reply.in_flight = Some(InFlight::new(&proxy.load));
     reply.metrics = routed.metrics.map(|metrics| &**metrics);
-    let client_ip = lifecycle::client_ip(&proxy.trusted_ips, conn.peer.ip(), request.forwarded_for.as_deref());
+    let named = |name: &str| headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| text(h.value));
+    let client_ip = lifecycle::client_ip(&proxy.trusted_ips, conn.peer.ip(), request.forwarded_for.as_deref(), named);
 
     // access, with the body at hand for plugins that read it
     let mut body = Bytes::new();

@@ -18,6 +18,9 @@ use super::BoxError;
 pub enum ErrorKind {
     /// The request path is not `/`-rooted, or has a malformed escape.
     InvalidPath,
+    /// An HTTP/1.1 request without `Host` (nor an absolute target): RFC 9112 §3.2, and
+    /// nginx's 400 that Kong answers (spec/02-integration/05-proxy/02-router_spec.lua:378).
+    MissingHost,
     /// The request target is longer than [`super::URI_BYTES_MAX`].
     UriTooLong,
     /// A declared body longer than [`super::BODY_BYTES_MAX`].
@@ -63,7 +66,7 @@ pub enum Source {
 impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::InvalidPath | ErrorKind::BodyInvalid => StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidPath | ErrorKind::BodyInvalid | ErrorKind::MissingHost => StatusCode::BAD_REQUEST,
             ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
             ErrorKind::BodyTooLarge | ErrorKind::BodyLimitExceeded => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -83,6 +86,7 @@ impl ErrorKind {
     pub fn message(self) -> &'static str {
         match self {
             ErrorKind::InvalidPath => "invalid request path",
+            ErrorKind::MissingHost => "Bad request",
             ErrorKind::UriTooLong => "request URI too long",
             ErrorKind::BodyTooLarge => "request body too large",
             ErrorKind::BodyLimitExceeded => "Request size limit exceeded",
@@ -105,6 +109,7 @@ impl ErrorKind {
     pub fn source(self) -> Source {
         match self {
             ErrorKind::InvalidPath
+            | ErrorKind::MissingHost
             | ErrorKind::UriTooLong
             | ErrorKind::BodyTooLarge
             | ErrorKind::BodyLimitExceeded

@@ -135,6 +135,9 @@ async fn forward<'s>(
         parts.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     // `Host` as sent (HTTP/2: the authority), kept apart from the map plugins change.
     let sent_host = parts.headers.get(HOST).cloned();
+    if sent_host.is_none() && parts.version == http::Version::HTTP_11 && uri.authority().is_none() {
+        return Err(ErrorKind::MissingHost.into());
+    }
     let client_host = sent_host.as_ref().and_then(|host| host.to_str().ok());
     let client_host = client_host.or_else(|| uri.authority().map(Authority::as_str)).unwrap_or_default();
     let declared_length =
@@ -173,7 +176,9 @@ async fn forward<'s>(
         lifecycle::route(snapshot, &view)?
     };
     learnt.metrics = routed.metrics;
-    let client_ip = lifecycle::client_ip(&proxy.trusted_ips, connection.peer.ip(), head.forwarded_for.as_deref());
+    let named = |name: &str| parts.headers.get(name).and_then(|value| value.to_str().ok());
+    let client_ip =
+        lifecycle::client_ip(&proxy.trusted_ips, connection.peer.ip(), head.forwarded_for.as_deref(), named);
 
     // access (plugins run for routes without a service too: request-termination is
     // often used so)
@@ -202,9 +207,10 @@ async fn forward<'s>(
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // Hop-by-hop fields a plugin set (the client's went above).
     lifecycle::remove_hop_by_hop(&mut parts.headers);
-    // `TE: trailers` is end to end on HTTP/2 (gRPC needs it); other TE values and
-    // every TE on HTTP/1.1 are hop-by-hop.
-    if service.transport.is_h2() && client_wants_trailers {
+    // `TE` is hop-by-hop, but a client that takes trailers says so upstream too (gRPC
+    // needs it): Kong sends `TE: trailers` alone, whatever the upstream's protocol
+    // (spec/02-integration/05-proxy/03-upstream_headers_spec.lua:158).
+    if client_wants_trailers {
         parts.headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
     if let Some(protocol) = &upgrade {
@@ -272,7 +278,15 @@ async fn forward<'s>(
                         Err(_) => return Err(ErrorKind::BodyTimeout.into()),
                     }
                 }
-                _ => (None, Some(body.boxed())),
+                known => {
+                    // A body of unknown length goes chunked to an HTTP/1.1 upstream. Said
+                    // so explicitly: hyper's client would otherwise send a GET, HEAD or
+                    // CONNECT without it (nginx, and so Kong, sends every body).
+                    if known.is_none() && !service.transport.is_h2() {
+                        parts.headers.insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                    }
+                    (None, Some(body.boxed()))
+                }
             }
         }
     };
@@ -340,7 +354,17 @@ async fn forward<'s>(
     let from_plugins = learnt.run.as_ref().map_or(0, |run| run.ctx.response_headers.len());
     parts.headers.reserve(RESPONSE_HEADERS_ADDED + from_plugins);
     let proxy_ms = (started.elapsed().as_millis() as u64).saturating_sub(upstream_ms);
+    // `Trailer` announces trailers: it stays for a client that takes them (Kong:
+    // 03-upstream_headers_spec.lua:186 and :206), with the other hop-by-hop fields
+    // gone.
+    let announced: Vec<HeaderValue> = match client_wants_trailers {
+        true => parts.headers.get_all(http::header::TRAILER).iter().cloned().collect(),
+        false => Vec::new(),
+    };
     Stamp { request_id: id, upstream_ms, proxy_ms }.apply(&mut parts.headers);
+    for value in announced {
+        parts.headers.append(http::header::TRAILER, value);
+    }
     lifecycle::header_filter(learnt.run.as_mut(), parts.status, &mut parts.headers);
     learnt.from_upstream = true;
 

@@ -171,11 +171,15 @@ pub fn route<'s>(snapshot: &'s ProxySnapshot, view: &RequestView<'_>) -> Result<
 
 /// The client's address: the peer, or for a peer in `--trusted-ips` the right-most
 /// untrusted address of `X-Forwarded-For`.
-pub fn client_ip(trusted: &super::trusted::TrustedIps, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
-    match forwarded_for {
-        Some(chain) => trusted.client_ip(peer, Some(chain)),
-        None => peer,
-    }
+/// `named` reads a request header's value (for `real_ip_header`).
+pub fn client_ip<'h>(
+    trusted: &super::trusted::TrustedIps,
+    peer: IpAddr,
+    forwarded_for: Option<&str>,
+    named: impl FnOnce(&str) -> Option<&'h str>,
+) -> IpAddr {
+    let header = trusted.real_ip_header().and_then(named);
+    trusted.client_ip(peer, forwarded_for, header)
 }
 
 /// The plugins whose access phase ran for a request, and its context.

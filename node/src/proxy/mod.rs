@@ -87,7 +87,6 @@ const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 #[derive(Clone)]
 pub struct ProxySetup {
     pub published: Arc<Published>,
-    pub node_id: u64,
     pub access_log: Option<telemetry::AccessLog>,
     pub trusted_ips: Arc<trusted::TrustedIps>,
     pub timeouts: conn::Timeouts,
@@ -134,38 +133,46 @@ impl Drop for OpenConnection {
     }
 }
 
-/// A request id, `{node:x}-{sequence:x}`, on the stack (the direct path writes it
-/// without allocating).
+/// A request id as Kong's (`X-Kong-Request-Id`, 16 random bytes in hex): 32 hex
+/// digits, on the stack (the direct path writes it without allocating). The first 16
+/// are drawn once per proxy (so two workers, two nodes or two runs of one node never
+/// share them); the last 16 are the proxy's request sequence through a bijective mix,
+/// so ids never repeat within a proxy and do not reveal how many requests it served.
 pub struct RequestId {
-    bytes: [u8; 33],
-    len: usize,
+    bytes: [u8; 32],
 }
 
 impl RequestId {
-    fn new(node: u64, sequence: u64) -> RequestId {
-        let mut id = RequestId { bytes: [0; 33], len: 0 };
-        id.push_hex(node);
-        id.bytes[id.len] = b'-';
-        id.len += 1;
-        id.push_hex(sequence);
+    fn new(prefix: u64, sequence: u64) -> RequestId {
+        let mut id = RequestId { bytes: [0; 32] };
+        id.put_hex(0, prefix);
+        id.put_hex(16, mix(sequence));
         id
     }
 
-    fn push_hex(&mut self, value: u64) {
-        let digits = (16 - value.leading_zeros() as usize / 4).max(1);
-        for position in (0..digits).rev() {
-            self.bytes[self.len] = b"0123456789abcdef"[((value >> (position * 4)) & 0xf) as usize];
-            self.len += 1;
+    fn put_hex(&mut self, at: usize, value: u64) {
+        for position in 0..16 {
+            let nibble = (value >> ((15 - position) * 4)) & 0xf;
+            self.bytes[at + position] = b"0123456789abcdef"[nibble as usize];
         }
     }
 
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("-")
+        std::str::from_utf8(&self.bytes).unwrap_or("-")
     }
 
     pub fn header_value(&self) -> HeaderValue {
         HeaderValue::from_str(self.as_str()).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
+}
+
+/// splitmix64's finalizer: a bijection on 64 bits, so distinct sequences give distinct
+/// ids.
+fn mix(value: u64) -> u64 {
+    let mut z = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Counts a request in flight until dropped.
@@ -191,7 +198,7 @@ pub struct Proxy {
     trusted_ips: Arc<trusted::TrustedIps>,
     access_log: Option<telemetry::AccessLog>,
     clients: upstream::Clients,
-    node_id: u64,
+    request_id_prefix: u64,
     request_counter: AtomicU64,
     timeouts: conn::Timeouts,
     plugin_state: Arc<crate::plugins::NodeState>,
@@ -206,18 +213,8 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(setup: ProxySetup) -> Proxy {
-        let ProxySetup {
-            published,
-            node_id,
-            access_log,
-            trusted_ips,
-            timeouts,
-            plugin_state,
-            health,
-            load,
-            direct,
-            drain,
-        } = setup;
+        let ProxySetup { published, access_log, trusted_ips, timeouts, plugin_state, health, load, direct, drain } =
+            setup;
         let clients = upstream::Clients::default();
         let request_counter = AtomicU64::new(0);
         Proxy {
@@ -225,7 +222,7 @@ impl Proxy {
             trusted_ips,
             access_log,
             clients,
-            node_id,
+            request_id_prefix: crate::env::random() as u64,
             request_counter,
             timeouts,
             plugin_state,
@@ -239,7 +236,7 @@ impl Proxy {
     }
 
     fn next_request_id(&self) -> RequestId {
-        RequestId::new(self.node_id, self.request_counter.fetch_add(1, Ordering::Relaxed))
+        RequestId::new(self.request_id_prefix, self.request_counter.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -559,11 +556,18 @@ async fn turned_true(signal: &mut watch::Receiver<bool>) {
 mod request_id_tests {
     use super::RequestId;
 
+    /// spec/02-integration/05-proxy/33-request-id-header_spec.lua:89 (`^[0-9a-f]+$`)
+    /// and spec/03-plugins/11-correlation-id/01-access_spec.lua:486 (32 digits).
     #[test]
-    fn request_ids_are_node_and_sequence_in_hex() {
-        assert_eq!(RequestId::new(1, 0).as_str(), "1-0");
-        assert_eq!(RequestId::new(0x2a, 0xbeef).as_str(), "2a-beef");
-        assert_eq!(RequestId::new(u64::MAX, u64::MAX).as_str(), "ffffffffffffffff-ffffffffffffffff");
-        assert_eq!(RequestId::new(3, 16).as_str(), format!("{:x}-{:x}", 3, 16));
+    fn request_ids_are_32_hex_digits_and_never_repeat_within_a_proxy() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|sequence| RequestId::new(0x2a, sequence).as_str().to_string()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id}");
+            assert!(id.starts_with("000000000000002a"), "{id}");
+        }
+        assert_ne!(RequestId::new(1, 0).as_str(), RequestId::new(2, 0).as_str());
     }
 }

@@ -331,7 +331,11 @@ impl Router {
             if best.as_ref().is_some_and(|(rank, _)| *rank <= entry.rank) {
                 break;
             }
-            consider(entry, 0, &mut best);
+            // A route without paths matches as if its path were `/` (Kong's routers,
+            // kong/router/atc.lua): what follows the first slash is the postfix, so
+            // service `/service` with `strip_path` takes `GET /` to `/service`
+            // (spec/fixtures/router_path_handling_tests.lua:105).
+            consider(entry, usize::from(request.path.starts_with('/')), &mut best);
         }
         best.map(|(_, found)| found)
     }

@@ -220,7 +220,7 @@ async fn key_auth_finds_keys_in_form_and_json_bodies_and_hides_them() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_ip_restriction_rate_limiting_correlation_id_and_termination() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
-    let cluster = PROXY_MODE.cluster(1, &["--trusted-ips", "127.0.0.1/32"]).await?;
+    let cluster = PROXY_MODE.cluster(1, &["--trusted-ips", "127.0.0.1/32", "--real-ip-header", "X-Forwarded-For", "--real-ip-recursive", "on"]).await?;
     let client = cluster.client();
     let (_, routes) =
         service_with_routes(&client, &echo, "guarded", &["/acl", "/ip", "/limited", "/correlated", "/maybe"]).await?;
@@ -504,28 +504,12 @@ async fn basic_auth_stores_only_salted_hashes_and_verifies_off_the_worker() -> a
     Ok(())
 }
 
-/// Base64 with `table`'s alphabet; `pad` with `=` (standard) or not (base64url).
-fn encode64(bytes: &[u8], table: &[u8; 64], pad: bool) -> String {
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let group = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(table[((group >> (18 - 6 * i)) & 63) as usize] as char);
-            } else if pad {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn b64url(bytes: &[u8]) -> String {
-    encode64(bytes, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", false)
+    tollgate_tests::base64(bytes, true)
 }
 
 fn base64(bytes: &[u8]) -> String {
-    encode64(bytes, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", true)
+    tollgate_tests::base64(bytes, false)
 }
 
 /// `header.claims` of a token, base64url encoded.

@@ -549,7 +549,7 @@ async fn consistent_hashing_sends_a_key_to_the_same_target_from_every_node() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_are_believed_only_from_trusted_peers() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
-    let trusting = PROXY_MODE.cluster(1, &["--trusted-ips", "127.0.0.0/8"]).await?;
+    let trusting = PROXY_MODE.cluster(1, &["--trusted-ips", "127.0.0.0/8", "--real-ip-header", "X-Forwarded-For", "--real-ip-recursive", "on"]).await?;
     let doubting = PROXY_MODE.cluster(1, &[]).await?;
     let forwarded =
         [("x-forwarded-for", "203.0.113.5"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "api.example.com")];
