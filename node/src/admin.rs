@@ -10,7 +10,9 @@
 //! - nested: `/services/{s}/routes|plugins`, `/routes/{r}/plugins`,
 //!   `/consumers/{c}/plugins|key-auth|basic-auth|jwt|hmac-auth|acls`,
 //!   `/upstreams/{u}/targets`, `/certificates/{c}/snis`, and `/{nested}/{id}` below each;
-//! - `/status`, `/cluster`, `/cluster/members[/{id}]`, `/config`, `/metrics`.
+//! - `/status`, `/cluster`, `/cluster/members[/{id}]`, `/config`, `/metrics`;
+//! - `meta`: `/endpoints`, `/schemas/...`, links (`/routes/{r}/service`) and
+//!   `/upstreams/{u}/targets/all`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +35,8 @@ use uuid::Uuid;
 
 use crate::node::Node;
 use crate::text::percent_decode;
+
+mod meta;
 
 pub const CONFIG_VERSION_HEADER: &str = "tollgate-config-version";
 
@@ -277,6 +281,15 @@ async fn route(node: &Node, request: &AdminRequest) -> Result<Response<Full<Byte
         (&Method::GET, ["tags"]) => tags_route(node, request, None).await,
         (&Method::GET, ["tags", tag]) => tags_route(node, request, Some(tag)).await,
         (&Method::POST, ["config"]) => post_config(node, request).await,
+        (&Method::GET, ["endpoints"]) => Ok(meta::endpoints_response()),
+        (&Method::GET, ["schemas", table]) => Ok(meta::entity_schema(table)),
+        (&Method::POST, ["schemas", table, "validate"]) => meta::validate(request, table),
+        (&Method::GET, ["schemas", "plugins", name]) => Ok(meta::plugin_schema(name)),
+        (&Method::GET, ["upstreams", upstream, "targets", "all"]) => meta::all_targets(node, request, upstream).await,
+        (_, [collection, key, field]) if meta::foreign_link(collection, field).is_some() => {
+            let (kind, target) = meta::foreign_link(collection, field).ok_or_else(ApiError::not_found)?;
+            meta::foreign_entity_route(node, request, kind, key, field, target).await
+        }
         (_, [collection]) => {
             let kind = top_level(collection)?;
             collection_route(node, request, kind, None).await
@@ -327,16 +340,7 @@ async fn collection_route(
     match request.method {
         Method::GET => {
             let size = page_size(request.query.get("size").map(String::as_str))?;
-            let offset = match request.query.get("offset") {
-                // Kong's code and message start (kong/db/dao/init.lua), no `fields`.
-                Some(offset) => Some(Uuid::parse_str(offset).map_err(|_| {
-                    ApiError::new(
-                        ErrorCode::InvalidOffset,
-                        format!("'{offset}' is not a valid offset: expected one returned by a previous page"),
-                    )
-                })?),
-                None => None,
-            };
+            let offset = list_offset(request)?;
             let filter = ListFilter::from_query(request, kind, parent.is_some())?;
             let applied = read_state(node, request).await?;
             let keep = |entity: &tollgate_raft_store::schema::Object| filter.keeps(entity);
@@ -361,6 +365,19 @@ async fn collection_route(
         }
         _ => Err(method_not_allowed()),
     }
+}
+
+/// A list's `?offset=`: the id a previous page ended at.
+fn list_offset(request: &AdminRequest) -> Result<Option<Uuid>, ApiError> {
+    let Some(offset) = request.query.get("offset") else { return Ok(None) };
+    // Kong's code and message start (kong/db/dao/init.lua), no `fields`.
+    let offset = Uuid::parse_str(offset).map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidOffset,
+            format!("'{offset}' is not a valid offset: expected one returned by a previous page"),
+        )
+    })?;
+    Ok(Some(offset))
 }
 
 /// What a list keeps besides its page bounds: Kong's `?tags=` on a top-level list
@@ -798,6 +815,10 @@ fn allowed_methods(segments: &[String]) -> Option<&'static str> {
     Some(match segments.as_slice() {
         [] | ["status"] | ["status", "ready"] | ["metrics"] | ["cluster"] | ["tags"] | ["tags", _] => READ,
         ["plugins", "enabled"] | ["rate-limits", _] | ["upstreams", _, "health"] => READ,
+        ["endpoints"] | ["schemas", _] | ["upstreams", _, "targets", "all"] => READ,
+        ["schemas", _, "validate"] => "OPTIONS, POST",
+        ["schemas", "plugins", _] => READ,
+        [collection, _, field] if meta::foreign_link(collection, field).is_some() => ENTITY,
         ["config"] => COLLECTION,
         ["cluster", "members"] => "OPTIONS, POST",
         ["cluster", "members", _] => "DELETE, OPTIONS",

@@ -1,6 +1,7 @@
 //! Tollgate's replicated state.
 //!
-//! - [`schema`] and [`error`]: the entity model and the Admin API error shape, and
+//! - [`schema`] and [`error`]: the entity model and the Admin API error shape
+//!   ([`schema_doc`]: the schemas as Kong's `GET /schemas` shows them), and
 //!   [`entities`] and [`plugins`]: the typed forms and the plugin registry; usable
 //!   without the storage half (the client builds with `default-features = false`).
 //! - [`command`], [`state`], [`declarative`], [`quota`], [`recent`]: the
@@ -14,6 +15,7 @@ pub mod error;
 pub mod planted;
 pub mod plugins;
 pub mod schema;
+pub mod schema_doc;
 pub mod tags;
 
 #[cfg(feature = "storage")]
