@@ -2,7 +2,8 @@
 //!
 //! - [`schema`] and [`error`]: the entity model and the Admin API error shape
 //!   ([`schema_doc`]: the schemas as Kong's `GET /schemas` shows them), and
-//!   [`entities`] and [`plugins`]: the typed forms and the plugin registry; usable
+//!   [`entities`] and [`plugins`]: the typed forms and the plugin registry
+//!   ([`template`]: request-transformer's `$(…)` values); usable
 //!   without the storage half (the client builds with `default-features = false`).
 //! - [`command`], [`state`], [`declarative`], [`quota`], [`recent`]: the
 //!   deterministic state machine (config, the cluster rate-limit ledger, and the admin
@@ -17,6 +18,7 @@ pub mod plugins;
 pub mod schema;
 pub mod schema_doc;
 pub mod tags;
+pub mod template;
 
 #[cfg(feature = "storage")]
 pub mod codec;

@@ -233,6 +233,31 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a mut http::HeaderMap,
+    /// The regex path that routed it, for Kong's `uri_captures`.
+    pub uri: UriMatch<'a>,
+}
+
+/// The regex path that routed a request and the normalised path it matched: Kong's
+/// `uri_captures`, computed only when a plugin asks (request-transformer's templates),
+/// so routing keeps no captures.
+#[derive(Clone, Copy, Default)]
+pub struct UriMatch<'a> {
+    regex: Option<&'a regex::Regex>,
+    path: &'a str,
+}
+
+impl<'a> UriMatch<'a> {
+    pub fn new(regex: Option<&'a regex::Regex>, path: &'a str) -> UriMatch<'a> {
+        UriMatch { regex, path }
+    }
+
+    /// The groups of the match (`0`, the whole match, then numbered and named), or
+    /// `None` when no regex routed the request or none of its groups took part: Kong's
+    /// router then leaves `uri_captures` empty (kong/router/atc.lua, `has_capture`).
+    pub fn captures(&self) -> Option<regex::Captures<'a>> {
+        let captures = self.regex?.captures(self.path)?;
+        captures.iter().skip(1).any(|group| group.is_some()).then_some(captures)
+    }
 }
 
 /// What plugins may consult: the snapshot's consumers and credentials, and the
@@ -918,7 +943,8 @@ mod tests {
             .rewrite("http", &mut RewriteView { method: &method, path: "/", headers: &mut headers })
             .is_none());
         let mut ctx = Ctx::new(IpAddr::from([127, 0, 0, 1]), Some(route), None, method.clone(), "http");
-        let mut view = RequestView { method: &method, path: "/", query: None, headers: &mut headers };
+        let mut view =
+            RequestView { method: &method, path: "/", query: None, headers: &mut headers, uri: UriMatch::default() };
         let mut body = Some(http_body_util::Full::new(Bytes::from_static(b"sent")));
         let state = NodeState::default();
         let (ran, exit) = plugins.access(&mut ctx, &mut view, &mut body, &state).await;

@@ -4,15 +4,29 @@
 //! `application/x-www-form-urlencoded` request body, read whole (at most
 //! [`super::BODY_FILTER_BYTES_MAX`]). Multipart bodies pass untouched.
 //!
-//! `remove` drops a name; `rename` moves every value to the new name; `replace` sets
-//! a name only if present; `add` sets it only if absent; `append` adds a value
-//! whatever is there. Entries are parsed when the snapshot compiles.
+//! `remove` drops a name; `rename` moves its values to the new name (replacing what
+//! was there); `replace` sets a name only if present; `add` sets it only if absent;
+//! `append` adds a value whatever is there. Entries are `name:value`, split as Kong
+//! splits them (every colon after the name's is skipped), and parsed when the
+//! snapshot compiles.
+//!
+//! request-transformer runs Kong's steps in Kong's order (`access.lua`): `replace.uri`,
+//! `http_method` (to GET, HEAD or TRACE, a form body's fields join the query), the
+//! headers, the body (its kind read from `Content-Type` after the header step, so a
+//! `Content-Type` the plugin adds decides it), then the query string. Its values may
+//! be `$(…)` templates ([`tollgate_raft_store::template`]) over the request as the
+//! plugin received it: the headers before its header step, the query after the
+//! method step, and the regex path's captures. A part without templates is compiled
+//! once; one with templates is rendered per request, before anything changes.
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use std::borrow::Cow;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde_json::Value;
-use tollgate_raft_store::plugins::{RequestTransformerConfig, ResponseParts, ResponseTransformerConfig};
+use tollgate_raft_store::plugins::{split_entry, RequestTransformerConfig, ResponseParts, ResponseTransformerConfig};
+use tollgate_raft_store::template::{Key, Lookup, NoValues, Source, Template};
 
-use super::{Ctx, Env, Flow, Phases, Plugin, RequestView};
+use super::{Ctx, Env, Exit, Flow, Phases, Plugin, RequestView};
 use crate::text::percent_encode;
 
 /// Operations on the fields of a JSON object or a form body.
@@ -48,6 +62,20 @@ impl JsonOperations {
             replace: typed(replace)?,
             add: typed(add)?,
             append: typed(append)?,
+        })
+    }
+
+    /// request-transformer's body operations: every value a string.
+    fn build_strings(entries: &Entries, values: &dyn Lookup) -> Result<JsonOperations, String> {
+        let strings = |list: &[(String, Text)]| -> Vec<(String, Value)> {
+            list.iter().map(|(name, text)| (name.clone(), Value::from(text.render(values).into_owned()))).collect()
+        };
+        Ok(Operations {
+            remove: entries.remove.clone(),
+            rename: entries.rename.iter().map(|(from, to)| (from.clone(), to.render(values).into_owned())).collect(),
+            replace: strings(&entries.replace),
+            add: strings(&entries.add),
+            append: strings(&entries.append),
         })
     }
 
@@ -100,6 +128,10 @@ impl JsonOperations {
             object.remove(name);
         }
         for (from, to) in &self.rename {
+            // A template may render the new name empty: nothing to rename to.
+            if from == to || to.is_empty() {
+                continue;
+            }
             if let Some(value) = object.remove(from) {
                 object.insert(to.clone(), value);
             }
@@ -133,7 +165,7 @@ pub fn form_fields(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
 }
 
 /// The body kinds transformers edit.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyKind {
     Json,
     Form,
@@ -153,7 +185,7 @@ pub fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
 }
 
 /// The five operations on one kind of part, compiled.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Operations<N, V> {
     remove: Vec<N>,
     rename: Vec<(N, N)>,
@@ -176,25 +208,114 @@ type HeaderOperations = Operations<HeaderName, HeaderValue>;
 type QueryOperations = Operations<String, String>;
 
 fn split(entry: &str) -> Result<(&str, &str), String> {
-    entry.split_once(':').ok_or_else(|| format!("'{entry}' is not name:value"))
+    split_entry(entry).ok_or_else(|| format!("'{entry}' is not name:value"))
 }
 
 fn header_name(name: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(name.trim().as_bytes()).map_err(|error| format!("{name}: {error}"))
 }
 
-fn header_pairs(entries: &[String]) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
-    entries
-        .iter()
-        .map(|entry| {
-            let (name, value) = split(entry)?;
-            Ok((header_name(name)?, HeaderValue::from_str(value).map_err(|error| error.to_string())?))
-        })
-        .collect()
+/// A configured value: as written, or a template rendered per request.
+enum Text {
+    Plain(String),
+    Template(Template),
 }
 
-fn header_renames(entries: &[String]) -> Result<Vec<(HeaderName, HeaderName)>, String> {
-    entries.iter().map(|entry| split(entry).and_then(|(from, to)| Ok((header_name(from)?, header_name(to)?)))).collect()
+impl Text {
+    fn parse(value: &str, templates: bool) -> Result<Text, String> {
+        if !templates {
+            return Ok(Text::Plain(value.to_string()));
+        }
+        let template = Template::parse(value).map_err(|error| error.to_string())?;
+        Ok(if template.is_plain() { Text::Plain(value.to_string()) } else { Text::Template(template) })
+    }
+
+    fn render(&self, values: &dyn Lookup) -> Cow<'_, str> {
+        match self {
+            Text::Plain(text) => Cow::Borrowed(text),
+            Text::Template(template) => Cow::Owned(template.render(values)),
+        }
+    }
+
+    fn reads(&self, source: Source) -> bool {
+        matches!(self, Text::Template(template) if template.reads(source))
+    }
+}
+
+/// One part's entries as configured: names, and values that may be templates. An
+/// entry with an empty value does nothing (Kong's `iter` gives it no value).
+#[derive(Default)]
+struct Entries {
+    remove: Vec<String>,
+    rename: Vec<(String, Text)>,
+    replace: Vec<(String, Text)>,
+    add: Vec<(String, Text)>,
+    append: Vec<(String, Text)>,
+}
+
+impl Entries {
+    /// `templates`: values may be `$(…)` templates (request-transformer's).
+    fn parse(parts: [&[String]; 5], templates: bool) -> Result<Entries, String> {
+        let [remove, rename, replace, add, append] = parts;
+        let pairs = |entries: &[String]| -> Result<Vec<(String, Text)>, String> {
+            let mut pairs = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let (name, value) = split(entry)?;
+                if !value.is_empty() {
+                    pairs.push((name.to_string(), Text::parse(value, templates)?));
+                }
+            }
+            Ok(pairs)
+        };
+        Ok(Entries {
+            remove: remove.to_vec(),
+            rename: pairs(rename)?,
+            replace: pairs(replace)?,
+            add: pairs(add)?,
+            append: pairs(append)?,
+        })
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Text> {
+        [&self.rename, &self.replace, &self.add, &self.append].into_iter().flatten().map(|(_, text)| text)
+    }
+
+    fn is_fixed(&self) -> bool {
+        self.values().all(|text| matches!(text, Text::Plain(_)))
+    }
+
+    fn reads(&self, source: Source) -> bool {
+        self.values().any(|text| text.reads(source))
+    }
+}
+
+/// One part's operations: compiled once when no value is a template, otherwise
+/// built per request from the rendered values.
+enum Part<T> {
+    Fixed(T),
+    Templated(Entries),
+}
+
+type Build<T> = fn(&Entries, &dyn Lookup) -> Result<T, String>;
+
+impl<T: Clone> Part<T> {
+    fn new(entries: Entries, build: Build<T>) -> Result<Part<T>, String> {
+        // Built once either way, so that what cannot be built is refused when the
+        // snapshot compiles.
+        let fixed = build(&entries, &NoValues)?;
+        Ok(if entries.is_fixed() { Part::Fixed(fixed) } else { Part::Templated(entries) })
+    }
+
+    fn resolve(&self, values: &dyn Lookup, build: Build<T>) -> Result<Cow<'_, T>, String> {
+        match self {
+            Part::Fixed(operations) => Ok(Cow::Borrowed(operations)),
+            Part::Templated(entries) => build(entries, values).map(Cow::Owned),
+        }
+    }
+
+    fn reads(&self, source: Source) -> bool {
+        matches!(self, Part::Templated(entries) if entries.reads(source))
+    }
 }
 
 impl HeaderOperations {
@@ -205,13 +326,40 @@ impl HeaderOperations {
         add: &[String],
         append: &[String],
     ) -> Result<HeaderOperations, String> {
+        HeaderOperations::build(&Entries::parse([remove, rename, replace, add, append], false)?, &NoValues)
+    }
+
+    /// A rendered value that is empty is nginx's empty header: `replace` removes the
+    /// header, `add` and `append` add nothing (ngx_http_lua's `set_header` with "").
+    fn build(entries: &Entries, values: &dyn Lookup) -> Result<HeaderOperations, String> {
+        let pairs = |list: &[(String, Text)]| -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+            list.iter()
+                .map(|(name, text)| {
+                    let value = text.render(values);
+                    let value = HeaderValue::from_bytes(value.as_bytes())
+                        .map_err(|_| format!("{name}: '{}' is not a valid header value", value.escape_debug()))?;
+                    Ok((header_name(name)?, value))
+                })
+                .collect()
+        };
         Ok(Operations {
-            remove: remove.iter().map(|name| header_name(name)).collect::<Result<_, _>>()?,
-            rename: header_renames(rename)?,
-            replace: header_pairs(replace)?,
-            add: header_pairs(add)?,
-            append: header_pairs(append)?,
+            remove: entries.remove.iter().map(|name| header_name(name)).collect::<Result<_, _>>()?,
+            rename: entries
+                .rename
+                .iter()
+                .map(|(from, to)| Ok((header_name(from)?, header_name(&to.render(values))?)))
+                .collect::<Result<_, String>>()?,
+            replace: pairs(&entries.replace)?,
+            add: pairs(&entries.add)?,
+            append: pairs(&entries.append)?,
         })
+    }
+
+    /// Whether an operation names `name`.
+    fn touches(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name)
+            || self.rename.iter().any(|(from, to)| from == name || to == name)
+            || [&self.replace, &self.add, &self.append].into_iter().flatten().any(|(n, _)| n == name)
     }
 
     fn apply(&self, headers: &mut HeaderMap) {
@@ -219,9 +367,14 @@ impl HeaderOperations {
             headers.remove(name);
         }
         for (from, to) in &self.rename {
+            if from == to {
+                continue;
+            }
             if let http::header::Entry::Occupied(entry) = headers.entry(from) {
                 let (_, values) = entry.remove_entry_mult();
                 let values: Vec<HeaderValue> = values.collect();
+                // Kong's: the new name takes the old one's values, and only them.
+                headers.remove(to);
                 for value in values {
                     headers.append(to, value);
                 }
@@ -229,83 +382,216 @@ impl HeaderOperations {
         }
         for (name, value) in &self.replace {
             if headers.contains_key(name) {
-                headers.insert(name, value.clone());
+                if value.is_empty() {
+                    headers.remove(name);
+                } else {
+                    headers.insert(name, value.clone());
+                }
             }
         }
         for (name, value) in &self.add {
-            if !headers.contains_key(name) {
+            if !value.is_empty() && !headers.contains_key(name) {
                 headers.insert(name, value.clone());
             }
         }
         for (name, value) in &self.append {
-            headers.append(name, value.clone());
+            if !value.is_empty() {
+                headers.append(name, value.clone());
+            }
         }
     }
 }
 
-fn query_pairs(entries: &[String]) -> Result<Vec<(String, String)>, String> {
-    entries.iter().map(|entry| split(entry).map(|(name, value)| (name.to_string(), percent_encode(value)))).collect()
-}
-
 impl QueryOperations {
-    fn compile(parts: [&[String]; 5]) -> Result<QueryOperations, String> {
-        let [remove, rename, replace, add, append] = parts;
+    /// Names and values as configured (decoded); encoded when the query is written.
+    fn build(entries: &Entries, values: &dyn Lookup) -> Result<QueryOperations, String> {
+        let pairs = |list: &[(String, Text)]| -> Vec<(String, String)> {
+            list.iter().map(|(name, text)| (name.clone(), text.render(values).into_owned())).collect()
+        };
         Ok(Operations {
-            remove: remove.to_vec(),
-            rename: rename
-                .iter()
-                .map(|entry| split(entry).map(|(from, to)| (from.to_string(), to.to_string())))
-                .collect::<Result<_, _>>()?,
-            replace: query_pairs(replace)?,
-            add: query_pairs(add)?,
-            append: query_pairs(append)?,
+            remove: entries.remove.clone(),
+            rename: entries.rename.iter().map(|(from, to)| (from.clone(), to.render(values).into_owned())).collect(),
+            replace: pairs(&entries.replace),
+            add: pairs(&entries.add),
+            append: pairs(&entries.append),
         })
     }
 
-    /// The query string after the operations (`None` when nothing is left).
+    /// The query string after the operations (`None` when nothing is left). Arguments
+    /// are matched by their decoded names; those the operations leave alone keep their
+    /// spelling, new ones are percent-encoded. As in Kong (one value per name in a
+    /// Lua table), `rename` replaces what the new name had and `replace` leaves one
+    /// value.
     fn apply(&self, query: Option<&str>) -> Option<String> {
+        fn encoded(name: &str, value: &str) -> String {
+            format!("{}={}", percent_encode(name), percent_encode(value))
+        }
+        // (decoded name, the argument as it is written)
         let mut pairs: Vec<(String, String)> = query
             .unwrap_or_default()
             .split('&')
             .filter(|pair| !pair.is_empty())
             .map(|pair| {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (name.to_string(), value.to_string())
+                let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+                (crate::text::percent_decode(name, true), pair.to_string())
             })
             .collect();
         pairs.retain(|(name, _)| !self.remove.contains(name));
         for (from, to) in &self.rename {
+            if from == to || to.is_empty() || !pairs.iter().any(|(name, _)| name == from) {
+                continue;
+            }
+            pairs.retain(|(name, _)| name != to);
             for pair in pairs.iter_mut().filter(|(name, _)| name == from) {
+                let value = pair.1.split_once('=').map(|(_, value)| value);
                 pair.0 = to.clone();
+                pair.1 = match value {
+                    Some(value) => format!("{}={value}", percent_encode(to)),
+                    None => percent_encode(to),
+                };
             }
         }
         for (name, value) in &self.replace {
-            for pair in pairs.iter_mut().filter(|(existing, _)| existing == name) {
-                pair.1 = value.clone();
-            }
+            let Some(first) = pairs.iter().position(|(existing, _)| existing == name) else { continue };
+            pairs[first].1 = encoded(name, value);
+            let mut position = 0;
+            pairs.retain(|(existing, _)| {
+                position += 1;
+                position - 1 <= first || existing != name
+            });
         }
         for (name, value) in &self.add {
             if !pairs.iter().any(|(existing, _)| existing == name) {
-                pairs.push((name.clone(), value.clone()));
+                pairs.push((name.clone(), encoded(name, value)));
             }
         }
         for (name, value) in &self.append {
-            pairs.push((name.clone(), value.clone()));
+            pairs.push((name.clone(), encoded(name, value)));
         }
-        let joined: Vec<String> = pairs
-            .iter()
-            .map(|(name, value)| if value.is_empty() { name.clone() } else { format!("{name}={value}") })
-            .collect();
+        let joined: Vec<&str> = pairs.iter().map(|(_, pair)| pair.as_str()).collect();
         (!joined.is_empty()).then(|| joined.join("&"))
+    }
+}
+
+/// Kong's `transform_method`: to GET, HEAD or TRACE, the fields of a form body join
+/// the query (after the arguments already there).
+fn merge_form_into_query(query: Option<&str>, body: &[u8]) -> Option<String> {
+    let mut merged = query.unwrap_or_default().to_string();
+    for (name, value) in form_fields(&String::from_utf8_lossy(body)) {
+        if !merged.is_empty() {
+            merged.push('&');
+        }
+        merged.push_str(&percent_encode(&name));
+        merged.push('=');
+        merged.push_str(&percent_encode(&value));
+    }
+    (!merged.is_empty()).then_some(merged)
+}
+
+/// Kong's `set_path` escaping (kong/tools/uri.lua's `escape`): bytes outside the
+/// reserved and unreserved sets, and `%`, are percent-encoded. `#` is encoded too:
+/// sent raw it would end the request target.
+fn escape_path(path: &str) -> Cow<'_, str> {
+    let keep = |byte: u8| byte.is_ascii_alphanumeric() || b"!$&'()*+,/:;=?@[]-_.~%".contains(&byte);
+    if path.bytes().all(keep) {
+        return Cow::Borrowed(path);
+    }
+    let mut escaped = String::with_capacity(path.len() + 8);
+    for byte in path.bytes() {
+        if keep(byte) {
+            escaped.push(byte as char);
+        } else {
+            escaped.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+/// Kong's path normalisation decodes every escape but those of reserved characters;
+/// Tollgate's keeps all but the unreserved ones encoded. A capture is decoded to
+/// Kong's spelling before a template uses it.
+fn kong_decoded(text: &str) -> Cow<'_, str> {
+    if !text.contains('%') {
+        return Cow::Borrowed(text);
+    }
+    const RESERVED: &[u8] = b"!*'();:@&=+$,/?%#[]";
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut position = 0;
+    while position < bytes.len() {
+        let byte = bytes[position];
+        if byte == b'%' {
+            let hex = text.get(position + 1..position + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            if let Some(value) = hex.filter(|value| !RESERVED.contains(value)) {
+                decoded.push(value);
+                position += 3;
+                continue;
+            }
+        }
+        decoded.push(byte);
+        position += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&decoded).into_owned())
+}
+
+/// What request-transformer's templates read, for one request: the headers as the
+/// plugin received them, the query after the method step, the regex path's groups.
+/// A name given more than once renders as its values joined with `, ` (Kong renders
+/// a Lua table there: `table: 0x…`).
+struct Sources<'r> {
+    headers: &'r HeaderMap,
+    /// Decoded names and values; `None` for an argument without `=` (Lua's `true`).
+    query: Vec<(String, Option<String>)>,
+    captures: Option<regex::Captures<'r>>,
+}
+
+impl Lookup for Sources<'_> {
+    fn lookup(&self, source: Source, key: &Key, out: &mut String) -> bool {
+        let mut found = false;
+        let mut put = |text: &str, out: &mut String| {
+            if found {
+                out.push_str(", ");
+            }
+            out.push_str(text);
+            found = true;
+        };
+        match (source, key) {
+            (Source::Headers, Key::Name(name)) => {
+                for value in self.headers.get_all(name.as_str()) {
+                    put(&String::from_utf8_lossy(value.as_bytes()), out);
+                }
+            }
+            (Source::QueryParams, Key::Name(name)) => {
+                for (_, value) in self.query.iter().filter(|(n, _)| n == name) {
+                    put(value.as_deref().unwrap_or("true"), out);
+                }
+            }
+            (Source::UriCaptures, key) => {
+                let group = self.captures.as_ref().and_then(|captures| match key {
+                    Key::Name(name) => captures.name(name),
+                    Key::Index(index) => captures.get(*index),
+                });
+                if let Some(group) = group {
+                    put(&kong_decoded(group.as_str()), out);
+                }
+            }
+            _ => {}
+        }
+        found
     }
 }
 
 pub struct RequestTransformer {
     method: Option<Method>,
-    uri: Option<String>,
-    headers: HeaderOperations,
-    query: QueryOperations,
-    body: JsonOperations,
+    /// The new method is GET, HEAD or TRACE: a form body's fields join the query.
+    method_takes_form: bool,
+    uri: Option<Text>,
+    headers: Part<HeaderOperations>,
+    query: Part<QueryOperations>,
+    body: Part<JsonOperations>,
+    /// Some template reads the query arguments, or the regex path's groups.
+    reads_query: bool,
+    reads_captures: bool,
 }
 
 impl RequestTransformer {
@@ -316,30 +602,64 @@ impl RequestTransformer {
             .map(|m| Method::from_bytes(m.as_bytes()))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let headers = HeaderOperations::compile(
-            &config.remove.headers,
-            &config.rename.headers,
-            &config.replace.headers,
-            &config.add.headers,
-            &config.append.headers,
+        let method_takes_form = method.as_ref().is_some_and(|m| [Method::GET, Method::HEAD, Method::TRACE].contains(m));
+        let headers = Entries::parse(
+            [
+                config.remove.headers.as_slice(),
+                &config.rename.headers,
+                &config.replace.headers,
+                &config.add.headers,
+                &config.append.headers,
+            ],
+            true,
         )?;
-        let query = QueryOperations::compile([
-            &config.remove.querystring,
-            &config.rename.querystring,
-            &config.replace.querystring,
-            &config.add.querystring,
-            &config.append.querystring,
-        ])?;
-        let no_types: &[String] = &[];
-        let body = JsonOperations::compile_json([
-            (&config.remove.body, no_types),
-            (&config.rename.body, no_types),
-            (&config.replace.body, no_types),
-            (&config.add.body, no_types),
-            (&config.append.body, no_types),
-        ])?;
-        Ok(RequestTransformer { method, uri: config.replace.uri, headers, query, body })
+        let query = Entries::parse(
+            [
+                config.remove.querystring.as_slice(),
+                &config.rename.querystring,
+                &config.replace.querystring,
+                &config.add.querystring,
+                &config.append.querystring,
+            ],
+            true,
+        )?;
+        let body = Entries::parse(
+            [
+                config.remove.body.as_slice(),
+                &config.rename.body,
+                &config.replace.body,
+                &config.add.body,
+                &config.append.body,
+            ],
+            true,
+        )?;
+        let uri = config.replace.uri.as_deref().map(|uri| Text::parse(uri, true)).transpose()?;
+        let headers = Part::new(headers, HeaderOperations::build)?;
+        let query = Part::new(query, QueryOperations::build)?;
+        let body = Part::new(body, JsonOperations::build_strings)?;
+        let reads = |source| {
+            headers.reads(source)
+                || query.reads(source)
+                || body.reads(source)
+                || uri.as_ref().is_some_and(|u| u.reads(source))
+        };
+        let (reads_query, reads_captures) = (reads(Source::QueryParams), reads(Source::UriCaptures));
+        Ok(RequestTransformer { method, method_takes_form, uri, headers, query, body, reads_query, reads_captures })
     }
+
+    fn query_changes(&self) -> bool {
+        match &self.query {
+            Part::Fixed(operations) => !operations.is_empty(),
+            Part::Templated(_) => true,
+        }
+    }
+}
+
+/// Kong answers a template that fails at run time with a 500 (and logs it; here at
+/// debug level, since what a client sends can cause it).
+fn render_failed(error: &str) -> Flow {
+    tracing::debug!(%error, "[request-transformer] failed to render a template");
+    Flow::Exit(Exit::message(StatusCode::INTERNAL_SERVER_ERROR, "An unexpected error occurred"))
 }
 
 impl Plugin for RequestTransformer {
@@ -347,29 +667,98 @@ impl Plugin for RequestTransformer {
         Phases::NONE
     }
 
+    /// Runs again from the start once a body it asked for is read: nothing changes
+    /// before it has what it needs.
     fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
-        // Body operations need the body whole: ask for it first, then edit it before
-        // the headers change (they may rename Content-Type).
-        if let Some(kind) = body_kind(request.headers).filter(|_| !self.body.is_empty()) {
-            let Some(body) = &ctx.request_body else { return Flow::ReadBody };
+        // The method step reads a form body (Content-Type as the client sent it).
+        let merge_form = self.method_takes_form && body_kind(request.headers) == Some(BodyKind::Form);
+        if merge_form && ctx.request_body.is_none() {
+            return Flow::ReadBody;
+        }
+        let query_changes = merge_form || self.query_changes();
+        let query: Option<String> = match (merge_form, query_changes || self.reads_query) {
+            (true, _) => merge_form_into_query(
+                ctx.upstream_query.as_deref().or(request.query),
+                ctx.request_body.as_deref().unwrap_or_default(),
+            ),
+            (false, true) => ctx.upstream_query.clone().or_else(|| request.query.map(str::to_string)),
+            (false, false) => None,
+        };
+
+        // Every template rendered first, over the request as received.
+        let sources = Sources {
+            headers: &*request.headers,
+            query: match (&query, self.reads_query) {
+                (Some(query), true) => query
+                    .split('&')
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| match pair.split_once('=') {
+                        Some((name, value)) => {
+                            (crate::text::percent_decode(name, true), Some(crate::text::percent_decode(value, true)))
+                        }
+                        None => (crate::text::percent_decode(pair, true), None),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+            captures: if self.reads_captures { request.uri.captures() } else { None },
+        };
+        let uri = self.uri.as_ref().map(|uri| escape_path(&uri.render(&sources)).into_owned());
+        let headers = match self.headers.resolve(&sources, HeaderOperations::build) {
+            Ok(headers) => headers,
+            Err(error) => return render_failed(&error),
+        };
+        let query_operations = match self.query.resolve(&sources, QueryOperations::build) {
+            Ok(operations) => operations,
+            Err(error) => return render_failed(&error),
+        };
+        let body = match self.body.resolve(&sources, JsonOperations::build_strings) {
+            Ok(operations) => operations,
+            Err(error) => return render_failed(&error),
+        };
+        drop(sources);
+        if let Some(uri) = &uri {
+            if !uri.starts_with('/') {
+                return render_failed(&format!("path must start with /: '{uri}'"));
+            }
+        }
+
+        // The body step reads Content-Type after the header step.
+        let kind = if body.is_empty() {
+            None
+        } else if headers.touches(&http::header::CONTENT_TYPE) {
+            let mut after = request.headers.clone();
+            headers.apply(&mut after);
+            body_kind(&after)
+        } else {
+            body_kind(request.headers)
+        };
+        if kind.is_some() && ctx.request_body.is_none() {
+            return Flow::ReadBody;
+        }
+
+        // Kong's order: uri, method, headers, body, query.
+        if let Some(uri) = uri {
+            ctx.upstream_path = Some(uri);
+        }
+        if let Some(method) = &self.method {
+            ctx.upstream_method = Some(method.clone());
+        }
+        headers.apply(request.headers);
+        if let (Some(kind), Some(sent)) = (kind, &ctx.request_body) {
             let edited = match kind {
-                BodyKind::Json => self.body.apply_json(body),
-                BodyKind::Form => self.body.apply_form(body),
+                // No body is an empty object (Kong's `{}`); one that is not JSON
+                // is left as it is.
+                BodyKind::Json if sent.is_empty() => body.apply_json(b"{}"),
+                BodyKind::Json => body.apply_json(sent),
+                BodyKind::Form => body.apply_form(sent),
             };
             if let Some(edited) = edited {
                 ctx.request_body = Some(bytes::Bytes::from(edited));
             }
         }
-        self.headers.apply(request.headers);
-        if !self.query.is_empty() {
-            let current = ctx.upstream_query.clone();
-            ctx.upstream_query = Some(self.query.apply(current.as_deref().or(request.query)).unwrap_or_default());
-        }
-        if let Some(method) = &self.method {
-            ctx.upstream_method = Some(method.clone());
-        }
-        if let Some(uri) = &self.uri {
-            ctx.upstream_path = Some(uri.clone());
+        if query_changes {
+            ctx.upstream_query = Some(query_operations.apply(query.as_deref()).unwrap_or_default());
         }
         Flow::Continue
     }
@@ -432,20 +821,178 @@ impl Plugin for ResponseTransformer {
 mod tests {
     use super::*;
 
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn query_operations_run_in_kongs_order() {
-        let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let operations = QueryOperations::compile([
-            &strings(&["drop"]),
-            &strings(&["old:new"]),
-            &strings(&["keep:changed", "absent:never"]),
-            &strings(&["keep:not-added", "extra:a b"]),
-            &strings(&["list:2"]),
-        ])
-        .unwrap();
-        let query = operations.apply(Some("drop=1&old=x&keep=y&list=1")).unwrap();
-        assert_eq!(query, "new=x&keep=changed&list=1&extra=a%20b&list=2");
+        let lists = [
+            strings(&["drop", "a[]"]),
+            strings(&["old:new", "other:keep"]),
+            strings(&["keep:changed", "absent:never", "twice:once"]),
+            strings(&["keep:not-added", "extra:a b", "p[x]:1"]),
+            strings(&["list:2"]),
+        ];
+        let entries = Entries::parse(lists.each_ref().map(Vec::as_slice), true).unwrap();
+        let operations = QueryOperations::build(&entries, &NoValues).unwrap();
+        let query = operations.apply(Some("drop=1&a%5B%5D=2&old=x&keep=y&keep=z&list=1&twice=1&twice=2&flag")).unwrap();
+        // Names match decoded; `rename` takes over the new name, `replace` leaves one
+        // value; new arguments are encoded.
+        assert_eq!(query, "new=x&keep=changed&list=1&twice=once&flag&extra=a%20b&p%5Bx%5D=1&list=2");
+        let renamed = operations.apply(Some("old=1&new=2&other=3")).unwrap();
+        assert_eq!(renamed, "new=1&keep=changed&extra=a%20b&p%5Bx%5D=1&list=2");
         assert_eq!(Operations::<String, String>::default().apply(None), None);
+    }
+
+    /// Runs the plugin as the framework does: once, and again with the body when it
+    /// asks for it.
+    fn run(
+        config: Value,
+        method: Method,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        regex: Option<&regex::Regex>,
+    ) -> (Ctx, HeaderMap, Option<Exit>) {
+        let plugin = RequestTransformer::new(serde_json::from_value(config).unwrap()).unwrap();
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+            );
+        }
+        let mut ctx = Ctx::new([127, 0, 0, 1].into(), None, None, method.clone(), "http");
+        let state = super::super::NodeState::default();
+        let data = super::super::PluginData::default();
+        let env = Env {
+            data: &data,
+            counters: &state.counters,
+            verified: &state.verified,
+            cache: &state.cache,
+            quota: &state.quota,
+        };
+        let uri = super::super::UriMatch::new(regex, path);
+        let mut view = RequestView { method: &method, path, query, headers: &mut map, uri };
+        let mut flow = plugin.access(&mut ctx, &mut view, &env);
+        if matches!(flow, Flow::ReadBody) {
+            ctx.request_body = Some(bytes::Bytes::copy_from_slice(body));
+            flow = plugin.access(&mut ctx, &mut view, &env);
+        }
+        let exit = match flow {
+            Flow::Continue => None,
+            Flow::Exit(exit) => Some(exit),
+            _ => panic!("the plugin asked for more than the body"),
+        };
+        (ctx, map, exit)
+    }
+
+    fn query_of(ctx: &Ctx) -> Vec<(String, String)> {
+        form_fields(ctx.upstream_query.as_deref().unwrap_or_default()).collect()
+    }
+
+    fn captures_route() -> regex::Regex {
+        regex::Regex::new(r"^(?:/requests/user1/(?<user1>\w+)/user2/(?<user2>\S+))").unwrap()
+    }
+
+    #[test]
+    fn templates_read_the_request_as_received() {
+        // spec/03-plugins/36-request-transformer/02-access_spec.lua:2162 (route 16).
+        let config = serde_json::json!({
+            "replace": {"querystring": ["q2:$(headers['x-remove-header'])"]},
+            "add": {"querystring": ["q1:$(uri_captures.user1)"], "headers": ["x-test-header:$(headers['x-remove-header'])"]},
+            "remove": {"headers": ["x-remove-header"]}
+        });
+        let regex = captures_route();
+        let (ctx, headers, exit) = run(
+            config,
+            Method::GET,
+            "/requests/user1/foo/user2/bar?q2=20",
+            &[("x-remove-header", "its a test")],
+            b"",
+            Some(&regex),
+        );
+        assert!(exit.is_none());
+        assert!(!headers.contains_key("x-remove-header"));
+        assert_eq!(headers["x-test-header"], "its a test");
+        let expected = [("q2", "its a test"), ("q1", "foo")].map(|(n, v)| (n.to_string(), v.to_string()));
+        assert_eq!(query_of(&ctx), expected);
+
+        // :2064 (route 10), :2099 (route 12: no regex, the defaults), :2127 (route 14).
+        let config = serde_json::json!({"add": {"querystring": [
+            "uri_param1:$(uri_captures.user1 or 'default1')", "uri_param2[some_index][1]:$(uri_captures.user2)"
+        ]}, "replace": {"uri": "/requests$(uri_captures[0])"}});
+        let (ctx, _, _) =
+            run(config.clone(), Method::GET, "/requests/user1/foo/user2/bar?q1=20", &[], b"", Some(&regex));
+        assert_eq!(ctx.upstream_query.as_deref(), Some("q1=20&uri_param1=foo&uri_param2%5Bsome_index%5D%5B1%5D=bar"));
+        assert_eq!(ctx.upstream_path.as_deref(), Some("/requests/requests/user1/foo/user2/bar"));
+        let (ctx, _, _) = run(config, Method::GET, "/requests/?q1=20", &[], b"", None);
+        assert_eq!(ctx.upstream_query.as_deref(), Some("q1=20&uri_param1=default1&uri_param2%5Bsome_index%5D%5B1%5D="));
+        assert_eq!(ctx.upstream_path.as_deref(), Some("/requests"));
+    }
+
+    #[test]
+    fn the_method_step_merges_a_form_body_and_the_header_step_decides_the_body() {
+        // spec/03-plugins/36-request-transformer/02-access_spec.lua:553 (route 8).
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        let (ctx, _, _) = run(
+            serde_json::json!({"http_method": "GET"}),
+            Method::POST,
+            "/request?hello=world",
+            &form,
+            b"name=marco",
+            None,
+        );
+        assert_eq!(ctx.upstream_method, Some(Method::GET));
+        assert_eq!(ctx.upstream_query.as_deref(), Some("hello=world&name=marco"));
+        // :571 (route 20): the Content-Type the header step adds makes the empty body JSON.
+        let config = serde_json::json!({"http_method": "POST",
+            "add": {"headers": ["Content-Type:application/json"], "body": ["body:somecontent"]}});
+        let (ctx, headers, _) = run(config, Method::GET, "/request", &[], b"", None);
+        assert_eq!(ctx.upstream_method, Some(Method::POST));
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(ctx.request_body.as_deref(), Some(&br#"{"body":"somecontent"}"#[..]));
+    }
+
+    #[test]
+    fn rendered_values_that_cannot_be_sent_answer_500() {
+        let config = serde_json::json!({"add": {"headers": ["x-q:$(query_params.q)"]}});
+        let (_, _, exit) = run(config.clone(), Method::GET, "/?q=a%0Ab", &[], b"", None);
+        assert_eq!(exit.map(|exit| exit.status), Some(StatusCode::INTERNAL_SERVER_ERROR));
+        let (_, headers, exit) = run(config.clone(), Method::GET, "/?q=a+b&q=c", &[], b"", None);
+        assert!(exit.is_none());
+        assert_eq!(headers["x-q"], "a b, c", "a repeated argument renders its values joined");
+        // Rendered empty: nginx's empty header, not sent.
+        let (_, headers, _) = run(config, Method::GET, "/", &[], b"", None);
+        assert!(!headers.contains_key("x-q"));
+        let config = serde_json::json!({"replace": {"uri": "$(headers.x_path)"}});
+        let (ctx, _, exit) = run(config.clone(), Method::GET, "/", &[("x-path", "/a b#c/tést")], b"", None);
+        assert!(exit.is_none());
+        assert_eq!(ctx.upstream_path.as_deref(), Some("/a%20b%23c/t%C3%A9st"));
+        let (_, _, exit) = run(config, Method::GET, "/", &[("x-path", "relative")], b"", None);
+        assert_eq!(exit.map(|exit| exit.status), Some(StatusCode::INTERNAL_SERVER_ERROR), "Kong's set_path refuses it");
+    }
+
+    #[test]
+    fn captures_are_read_in_kongs_spelling() {
+        assert_eq!(kong_decoded("a%20b%2Fc%41"), "a b%2FcA");
+        assert_eq!(kong_decoded("plain"), "plain");
+        assert_eq!(merge_form_into_query(None, b"a=1&b=x+y").as_deref(), Some("a=1&b=x%20y"));
+        assert_eq!(merge_form_into_query(Some("q=1"), b"").as_deref(), Some("q=1"));
+        // spec/03-plugins/36-request-transformer/02-access_spec.lua:1205 (route 29): an
+        // optional group that took no part.
+        let regex = regex::Regex::new(r"^(?:/(gw/)?api/(?<subpath>htest)$)").unwrap();
+        let config = serde_json::json!({"replace": {"uri": "/api/v2/$(uri_captures[\"subpath\"])$(uri_captures[1])"}});
+        for path in ["/api/htest", "/gw/api/htest"] {
+            let (ctx, _, _) = run(config.clone(), Method::GET, path, &[], b"", Some(&regex));
+            let expected = if path.starts_with("/gw") { "/api/v2/htestgw/" } else { "/api/v2/htest" };
+            assert_eq!(ctx.upstream_path.as_deref(), Some(expected));
+        }
     }
 
     #[test]

@@ -553,7 +553,9 @@ where
         let sent = Bytes::copy_from_slice(&buf[head_len..request_end]);
         let mut whole = Some(http_body_util::Full::new(sent.clone()));
         let state = &proxy.plugin_state;
-        match lifecycle::access(snapshot, &routed, &request, client_ip, http_method, map, &mut whole, state).await {
+        match lifecycle::access(snapshot, &routed, &request, &path, client_ip, http_method, map, &mut whole, state)
+            .await
+        {
             Access::Exit(mut exited, exit) => {
                 let answer = lifecycle::exit_answer(exit, &mut exited, reply.request_id.as_str());
                 return reply.made(stream, out, watchdog, answer, Some(&exited), (None, None)).await;

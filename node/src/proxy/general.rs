@@ -185,8 +185,18 @@ async fn forward<'s>(
     let ingress = routed.metrics.map_or_else(metrics::Counter::noop, |metrics| metrics.ingress_bytes.clone());
     let mut body = Some(telemetry::CountingBody::new(body, ingress));
     let state = &proxy.plugin_state;
-    match lifecycle::access(snapshot, &routed, &head, client_ip, &parts.method, &mut parts.headers, &mut body, state)
-        .await
+    match lifecycle::access(
+        snapshot,
+        &routed,
+        &head,
+        &path,
+        client_ip,
+        &parts.method,
+        &mut parts.headers,
+        &mut body,
+        state,
+    )
+    .await
     {
         Access::Exit(mut run, exit) => {
             let answer = lifecycle::exit_answer(exit, &mut run, id);

@@ -136,6 +136,8 @@ pub struct Routed<'s> {
     pub route: &'s CompiledRoute,
     /// How much of the normalised path the route matched.
     pub matched_len: usize,
+    /// The regex path that matched, when one did (for `uri_captures`).
+    pub regex: Option<&'s regex::Regex>,
     pub service: Option<&'s Arc<Service>>,
     pub metrics: Option<&'s Arc<RouteMetrics>>,
     /// What the route's plugins ask for.
@@ -163,6 +165,7 @@ pub fn route<'s>(snapshot: &'s ProxySnapshot, view: &RequestView<'_>) -> Result<
     Ok(Routed {
         route,
         matched_len: found.matched_len,
+        regex: found.regex,
         service: route.service.and_then(|id| snapshot.services.get(&id)),
         metrics: snapshot.route_metrics.get(&route.id),
         plan: if snapshot.plugins.is_empty() { RoutePlan::default() } else { snapshot.plugins.plan(route.id) },
@@ -196,13 +199,15 @@ pub enum Access {
     Exit(PluginRun, Exit),
 }
 
-/// Access: the plugins' access phase, when the route's plan says some may run. `body`
-/// is the request body, read whole only if a plugin asks for it.
+/// Access: the plugins' access phase, when the route's plan says some may run. `path`
+/// is the normalised path the router matched; `body` is the request body, read whole
+/// only if a plugin asks for it.
 #[allow(clippy::too_many_arguments)]
 pub async fn access<B>(
     snapshot: &ProxySnapshot,
     routed: &Routed<'_>,
     head: &RequestHead<'_>,
+    path: &str,
     client_ip: IpAddr,
     method: &http::Method,
     headers: &mut HeaderMap,
@@ -218,7 +223,8 @@ where
     }
     let route = routed.route;
     let mut ctx = Ctx::new(client_ip, Some(route.id), route.service, method.clone(), head.protocol());
-    let mut view = plugins::RequestView { method, path: head.path, query: head.query, headers };
+    let uri = plugins::UriMatch::new(routed.regex, path);
+    let mut view = plugins::RequestView { method, path: head.path, query: head.query, headers, uri };
     let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, body, state).await;
     let run = PluginRun { ran, ctx };
     match exit {

@@ -92,6 +92,9 @@ pub struct Match<'a> {
     pub route: &'a CompiledRoute,
     /// Length of the request path's matched part (the prefix, or the regex match's end).
     pub matched_len: usize,
+    /// The regex path that matched, when one did: its captures (Kong's `uri_captures`)
+    /// are only computed when a plugin asks for them.
+    pub regex: Option<&'a Regex>,
 }
 
 /// One path of one route, with its priority rank (lower is better).
@@ -292,19 +295,20 @@ impl Router {
     pub fn find<'a>(&'a self, request: &RequestView<'_>) -> Option<Match<'a>> {
         let host_without_port = strip_port(request.host);
         let mut best: Option<(u32, Match<'a>)> = None;
-        let consider = |entry: &PathEntry, matched_len: usize, best: &mut Option<(u32, Match<'a>)>| {
-            if best.as_ref().is_some_and(|(rank, _)| *rank <= entry.rank) {
-                return;
-            }
-            let route = &self.routes[entry.route as usize];
-            if self.route_matches(route, request, host_without_port) {
-                *best = Some((entry.rank, Match { route, matched_len }));
-            }
-        };
+        let consider =
+            |entry: &PathEntry, matched_len: usize, regex: Option<&'a Regex>, best: &mut Option<(u32, Match<'a>)>| {
+                if best.as_ref().is_some_and(|(rank, _)| *rank <= entry.rank) {
+                    return;
+                }
+                let route = &self.routes[entry.route as usize];
+                if self.route_matches(route, request, host_without_port) {
+                    *best = Some((entry.rank, Match { route, matched_len, regex }));
+                }
+            };
         // Prefix paths: walk the trie along the request path.
         let mut node = 0usize;
         for entry in &self.trie[0].entries {
-            consider(entry, 0, &mut best);
+            consider(entry, 0, None, &mut best);
         }
         for (position, byte) in request.path.bytes().enumerate() {
             let Some(next) = self.trie[node].children.iter().find(|(b, _)| *b == byte).map(|(_, n)| *n as usize) else {
@@ -312,7 +316,7 @@ impl Router {
             };
             node = next;
             for entry in &self.trie[node].entries {
-                consider(entry, position + 1, &mut best);
+                consider(entry, position + 1, None, &mut best);
             }
         }
         let regex_matches = self.regex_set.as_ref().map(|set| set.matches(request.path));
@@ -324,7 +328,7 @@ impl Router {
                 continue;
             }
             if let Some(found) = regex.find(request.path) {
-                consider(entry, found.end(), &mut best);
+                consider(entry, found.end(), Some(regex), &mut best);
             }
         }
         for entry in &self.pathless {
@@ -335,7 +339,7 @@ impl Router {
             // kong/router/atc.lua): what follows the first slash is the postfix, so
             // service `/service` with `strip_path` takes `GET /` to `/service`
             // (spec/fixtures/router_path_handling_tests.lua:105).
-            consider(entry, usize::from(request.path.starts_with('/')), &mut best);
+            consider(entry, usize::from(request.path.starts_with('/')), None, &mut best);
         }
         best.map(|(_, found)| found)
     }
@@ -424,6 +428,23 @@ mod tests {
         assert_eq!(find(&router, "GET", "h", "/users/42"), Some("high"));
         assert_eq!(find(&router, "GET", "h", "/users/abc"), Some("prefix"));
         assert_eq!(router.refused.len(), 1);
+    }
+
+    #[test]
+    fn a_regex_match_keeps_its_regex_for_the_captures() {
+        let routes = [
+            route(json!({"name": "re", "paths": [r"~/users/(?<id>\d+)"]})),
+            route(json!({"name": "prefix", "paths": ["/p"]})),
+        ];
+        let router = Router::compile(routes.iter());
+        let headers = http::HeaderMap::new();
+        let view = RequestView { method: "GET", host: "h", path: "/users/42/x", headers: &headers, protocol: "http" };
+        let found = router.find(&view).expect("a match");
+        let captures = found.regex.and_then(|regex| regex.captures(view.path)).expect("captures");
+        assert_eq!(&captures["id"], "42");
+        assert_eq!(&captures[0], "/users/42");
+        let view = RequestView { path: "/p/x", ..view };
+        assert!(router.find(&view).expect("a match").regex.is_none());
     }
 
     #[test]
