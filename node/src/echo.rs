@@ -1,6 +1,8 @@
 //! `tollgate echo`: a demo upstream that answers every request with what it received,
 //! as JSON (`method`, `path`, `query`, `headers`, `body`, and the echo's own `listen`).
 //! A request asking to `Upgrade` is switched (101) and its bytes are echoed back raw.
+//! On a path ending in `/response-headers`, each query argument is also a response
+//! header (Kong's mock upstream does so; its specs ask for `Vary` and others that way).
 
 use std::net::SocketAddr;
 
@@ -86,5 +88,21 @@ async fn echo(mut request: Request<Incoming>, peer: SocketAddr, listen: &str) ->
     });
     let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    if parts.uri.path().ends_with("/response-headers") {
+        add_asked_headers(response.headers_mut(), parts.uri.query().unwrap_or_default());
+    }
     response
+}
+
+/// Each `name=value` of a query string as a response header (added after any of the
+/// same name); a name or value that cannot be one is skipped.
+fn add_asked_headers(headers: &mut http::HeaderMap, query: &str) {
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = http::HeaderName::from_bytes(crate::text::percent_decode(name, true).as_bytes());
+        let value = http::HeaderValue::from_str(&crate::text::percent_decode(value, true));
+        if let (Ok(name), Ok(value)) = (name, value) {
+            headers.append(name, value);
+        }
+    }
 }

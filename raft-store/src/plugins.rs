@@ -1059,16 +1059,25 @@ impl Check for CorrelationIdConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CorsConfig {
-    /// Exact origins, `*`, or regular expressions (an entry with regex characters).
+    /// Exact origins, `*`, or regular expressions (an entry with a character outside
+    /// `[A-Za-z0-9.:/-]`, as Kong tells them apart).
     pub origins: Option<Vec<String>>,
     pub headers: Option<Vec<String>>,
     pub exposed_headers: Option<Vec<String>>,
-    pub methods: Vec<String>,
+    /// Kong's schema gives a default but no `required`: an explicit `null` stays and
+    /// the preflight answers with every method.
+    pub methods: Option<Vec<String>>,
     pub max_age: Option<u64>,
     pub credentials: bool,
     pub private_network: bool,
     pub preflight_continue: bool,
+    /// A response to a request without `Origin` (or an empty one) still gets the
+    /// headers.
+    pub allow_origin_absent: bool,
 }
+
+/// Kong's `Access-Control-Allow-Methods` default, and the methods `methods` may list.
+pub const CORS_METHODS: [&str; 9] = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
 
 impl Default for CorsConfig {
     fn default() -> Self {
@@ -1076,30 +1085,31 @@ impl Default for CorsConfig {
             origins: None,
             headers: None,
             exposed_headers: None,
-            methods: ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
-                .map(String::from)
-                .to_vec(),
+            methods: Some(CORS_METHODS.map(String::from).to_vec()),
             max_age: None,
             credentials: false,
             private_network: false,
             preflight_continue: false,
+            allow_origin_absent: true,
         }
     }
 }
 
 impl Check for CorsConfig {
     fn check(&self) -> Result<(), (String, String)> {
-        for (field, list) in
-            [("origins", &self.origins), ("headers", &self.headers), ("exposed_headers", &self.exposed_headers)]
-        {
+        for (field, list) in [
+            ("origins", &self.origins),
+            ("headers", &self.headers),
+            ("exposed_headers", &self.exposed_headers),
+            ("methods", &self.methods),
+        ] {
             if let Some(list) = list {
                 check_list(field, list)?;
             }
         }
-        check_list("methods", &self.methods)?;
-        const METHODS: [&str; 9] = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
-        if let Some(position) = self.methods.iter().position(|m| !METHODS.contains(&m.as_str())) {
-            return fail(&format!("methods[{position}]"), format!("expected one of: {}", METHODS.join(", ")));
+        let methods = self.methods.as_deref().unwrap_or_default();
+        if let Some(position) = methods.iter().position(|m| !CORS_METHODS.contains(&m.as_str())) {
+            return fail(&format!("methods[{position}]"), format!("expected one of: {}", CORS_METHODS.join(", ")));
         }
         if let Some(origins) = &self.origins {
             for (position, origin) in origins.iter().enumerate() {
@@ -1117,17 +1127,20 @@ impl Check for CorsConfig {
     }
 }
 
-/// Whether a cors origin entry is a regular expression rather than an exact origin.
+/// Whether a cors origin entry is a regular expression rather than an origin: Kong's
+/// test, any character outside `[A-Za-z0-9.:/-]` (`*` alone is the wildcard). Only
+/// such entries can fail to compile; the others are matched as normalised origins.
 pub fn is_origin_pattern(origin: &str) -> bool {
-    origin != "*"
-        && origin
-            .chars()
-            .any(|c| matches!(c, '^' | '$' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '\\' | '+' | '?' | '*'))
+    origin != "*" && origin.bytes().any(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'/' | b'-')))
 }
 
-/// Compiles a cors origin pattern, anchored, as the data path uses it.
+/// Compiles a cors origin pattern as Kong runs it: a leading `^` dropped, `$` added
+/// unless it ends with one, and matched from the start of the subject (Kong 0.x did
+/// not anchor; patterns written for it keep working).
 pub fn origin_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(ORIGIN_REGEX_BYTES_MAX).build()
+    let pattern = pattern.strip_prefix('^').unwrap_or(pattern);
+    let end = if pattern.ends_with('$') { "" } else { "$" };
+    regex::RegexBuilder::new(&format!("^(?:{pattern}{end})")).size_limit(ORIGIN_REGEX_BYTES_MAX).build()
 }
 
 /// Compiled size limit of one cors origin pattern.
@@ -1264,6 +1277,26 @@ mod tests {
         assert_eq!(split_entry("h2:value:2"), Some(("h2", "value:2")));
         assert_eq!(split_entry("a::b"), Some(("a", "b")));
         assert_eq!(split_entry("no-colon"), None);
+    }
+
+    /// Kong's cors schema: `methods` defaults but may be `null`, `allow_origin_absent`
+    /// defaults to true, and only entries with regex characters are compiled.
+    #[test]
+    fn cors_keeps_kongs_defaults_nulls_and_origin_kinds() {
+        let config = normalize("cors", &json!({})).unwrap();
+        assert_eq!(config["methods"].as_array().map(Vec::len), Some(9));
+        assert_eq!(config["allow_origin_absent"], json!(true));
+        let config = normalize("cors", &json!({"methods": null, "allow_origin_absent": false})).unwrap();
+        assert_eq!(config["methods"], Value::Null);
+        assert_eq!(config["allow_origin_absent"], json!(false));
+        let error = normalize("cors", &json!({"origins": ["ok.test", "https://(unclosed"]})).unwrap_err();
+        assert!(error.contains_key("config.origins[1]"), "{error:?}");
+        assert!(!is_origin_pattern("https://bar.test:1234") && !is_origin_pattern("*"));
+        assert!(is_origin_pattern("foo\\.test") && is_origin_pattern("foo_bar.test"));
+        let regex = origin_regex("^http://(.*[.])?foo\\.test(:(80|90))?$").unwrap();
+        assert!(regex.is_match("http://a.foo.test:90") && !regex.is_match("http://foo.test:8000"));
+        // Anchored at the start, as Kong's `a` flag: no match inside the subject.
+        assert!(!origin_regex("foo\\.test").unwrap().is_match("evilfoo.test"));
     }
 
     /// The plugins `{}` is not a whole config of.

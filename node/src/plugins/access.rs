@@ -1,5 +1,6 @@
 //! Access control and traffic plugins: acl, ip-restriction, request-termination,
-//! rate-limiting (`policy: local`), correlation-id, cors and request-size-limiting.
+//! rate-limiting (`policy: local`), correlation-id and request-size-limiting (cors
+//! has its own file).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,8 +10,8 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tollgate_raft_store::plugins::{
-    is_origin_pattern, origin_regex, parse_cidr, AclConfig, CorrelationIdConfig, CorsConfig, IpRestrictionConfig,
-    RateLimitingConfig, RequestSizeLimitingConfig, RequestTerminationConfig,
+    parse_cidr, AclConfig, CorrelationIdConfig, IpRestrictionConfig, RateLimitingConfig, RequestSizeLimitingConfig,
+    RequestTerminationConfig,
 };
 use tollgate_raft_store::quota::QuotaKey;
 use uuid::Uuid;
@@ -545,108 +546,6 @@ impl Plugin for CorrelationId {
         if self.config.echo_downstream {
             ctx.response_headers.push((self.header.clone(), value));
         }
-        Flow::Continue
-    }
-}
-
-/// cors: answers preflight requests and adds the CORS headers to responses.
-pub struct Cors {
-    config: CorsConfig,
-    any_origin: bool,
-    exact: Vec<String>,
-    patterns: Vec<regex::Regex>,
-    methods: HeaderValue,
-    headers: Option<HeaderValue>,
-    exposed: Option<HeaderValue>,
-}
-
-const ACAO: HeaderName = HeaderName::from_static("access-control-allow-origin");
-const ACAC: HeaderName = HeaderName::from_static("access-control-allow-credentials");
-
-impl Cors {
-    pub fn new(config: CorsConfig) -> Result<Cors, String> {
-        let origins = config.origins.clone().unwrap_or_default();
-        let any_origin = origins.is_empty() || origins.iter().any(|o| o == "*");
-        let mut exact = Vec::new();
-        let mut patterns = Vec::new();
-        for origin in origins.iter().filter(|o| *o != "*") {
-            if is_origin_pattern(origin) {
-                patterns.push(origin_regex(origin).map_err(|error| error.to_string())?);
-            } else {
-                exact.push(origin.clone());
-            }
-        }
-        let join = |list: &[String]| HeaderValue::from_str(&list.join(",")).map_err(|error| error.to_string());
-        Ok(Cors {
-            methods: join(&config.methods)?,
-            headers: config.headers.as_deref().map(join).transpose()?,
-            exposed: config.exposed_headers.as_deref().map(join).transpose()?,
-            any_origin,
-            exact,
-            patterns,
-            config,
-        })
-    }
-
-    /// The `Access-Control-Allow-Origin` value for a request's `Origin`, if allowed.
-    fn allow_origin(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
-        if self.any_origin {
-            // `*` cannot be used with credentials: the origin is echoed then.
-            return match (self.config.credentials, origin) {
-                (true, Some(origin)) => Some(origin.clone()),
-                _ => Some(HeaderValue::from_static("*")),
-            };
-        }
-        let origin = origin?;
-        let text = origin.to_str().ok()?;
-        (self.exact.iter().any(|allowed| allowed == text) || self.patterns.iter().any(|p| p.is_match(text)))
-            .then(|| origin.clone())
-    }
-}
-
-impl Plugin for Cors {
-    fn phases(&self) -> Phases {
-        Phases::NONE
-    }
-
-    fn access(&self, ctx: &mut Ctx, request: &mut RequestView<'_>, _env: &Env<'_>) -> Flow {
-        let origin = request.headers.get(http::header::ORIGIN).cloned();
-        let allowed = self.allow_origin(origin.as_ref());
-        let mut headers = Vec::new();
-        if let Some(allowed) = allowed {
-            headers.push((ACAO, allowed));
-            if self.config.credentials {
-                headers.push((ACAC, HeaderValue::from_static("true")));
-            }
-        }
-        if !self.any_origin || self.config.credentials {
-            headers.push((http::header::VARY, HeaderValue::from_static("Origin")));
-        }
-        let preflight = request.method == http::Method::OPTIONS
-            && origin.is_some()
-            && request.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
-        if preflight && !self.config.preflight_continue {
-            headers.push((http::header::ACCESS_CONTROL_ALLOW_METHODS, self.methods.clone()));
-            let asked = request.headers.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
-            if let Some(allow) = self.headers.clone().or(asked) {
-                headers.push((http::header::ACCESS_CONTROL_ALLOW_HEADERS, allow));
-            }
-            if let Some(max_age) = self.config.max_age {
-                headers.push((http::header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(max_age)));
-            }
-            let private = request.headers.get("access-control-request-private-network").is_some_and(|v| v == "true");
-            if self.config.private_network && private {
-                headers.push((
-                    HeaderName::from_static("access-control-allow-private-network"),
-                    HeaderValue::from_static("true"),
-                ));
-            }
-            return Flow::Exit(Exit { status: StatusCode::OK, body: Bytes::new(), headers });
-        }
-        if let Some(exposed) = &self.exposed {
-            headers.push((http::header::ACCESS_CONTROL_EXPOSE_HEADERS, exposed.clone()));
-        }
-        ctx.response_headers.extend(headers);
         Flow::Continue
     }
 }

@@ -11,8 +11,9 @@
 //!    request body ([`Flow::ReadBody`]), hand slow work off the worker
 //!    ([`Flow::Verify`]) or answer the request itself ([`Flow::Exit`]):
 //!    authentication, access control, rate limits, termination, request transforms.
-//! 3. `header_filter`: on the response headers, from the upstream or from an exit,
-//!    for every plugin whose `access` ran: rate-limit headers, echoed ids.
+//! 3. `header_filter`: on the response headers, from the upstream, from an exit or
+//!    of a proxy error (a 502), once per request, for every plugin whose `access`
+//!    ran: rate-limit headers, echoed ids, cors's headers.
 //! 4. `body_filter`: on the whole response body, for the plugins whose `wants_body`
 //!    said so after `header_filter` (the body is then read whole, at most
 //!    [`BODY_FILTER_BYTES_MAX`], and sent with its new length): response-transformer.
@@ -39,6 +40,7 @@ pub mod access;
 pub mod auth;
 pub mod basic;
 pub mod cache;
+pub mod cors;
 pub mod hmac;
 pub mod jwt;
 pub mod logging;
@@ -157,6 +159,8 @@ pub struct Ctx {
     /// The request body, once a plugin asked for it ([`Flow::ReadBody`]); what is
     /// here is sent upstream, so plugins edit it in place.
     pub request_body: Option<Bytes>,
+    /// cors: what its `header_filter` needs of the request (none after a preflight).
+    pub cors: Option<cors::Pending>,
 }
 
 impl Ctx {
@@ -190,6 +194,7 @@ impl Ctx {
             cache_pending: None,
             cache_store: None,
             request_body: None,
+            cors: None,
         }
     }
 }
@@ -840,7 +845,7 @@ fn parse<T: serde::de::DeserializeOwned>(config: Value) -> Result<T, String> {
 /// ([`tollgate_raft_store::plugins::PLUGINS`] is the other): a builder per name.
 static BUILDERS: [(&str, Builder); 18] = [
     ("correlation-id", |_, config| Ok(Box::new(access::CorrelationId::new(parse(config)?)?))),
-    ("cors", |_, config| Ok(Box::new(access::Cors::new(parse(config)?)?))),
+    ("cors", |_, config| Ok(Box::new(cors::Cors::new(parse(config)?)?))),
     ("jwt", |_, config| Ok(Box::new(jwt::Jwt::new(parse(config)?)?))),
     ("key-auth", |_, config| Ok(Box::new(auth::KeyAuth::new(parse(config)?)?))),
     ("basic-auth", |_, config| Ok(Box::new(basic::BasicAuth::new(parse(config)?)?))),

@@ -414,19 +414,19 @@ impl Reply<'_> {
         answered(stream, out, close, self.end, self.conn, watchdog).await
     }
 
-    /// Sends the error's answer.
+    /// Sends the error's answer (through the response phases of the plugins that ran).
     async fn error<S: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
         out: &mut Vec<u8>,
         watchdog: &mut Watchdog,
         error: ProxyError,
-        run: Option<&PluginRun>,
+        mut run: Option<&mut PluginRun>,
         upstream: (Option<&str>, Option<f64>),
     ) -> Step {
         tracing::debug!(%error, request_id = self.request_id.as_str(), "request failed");
-        let answer = lifecycle::error_answer(&error, self.request_id.as_str());
-        self.made(stream, out, watchdog, answer, run, upstream).await
+        let answer = lifecycle::error_answer(&error, run.as_deref_mut(), self.request_id.as_str());
+        self.made(stream, out, watchdog, answer, run.as_deref(), upstream).await
     }
 }
 
@@ -567,18 +567,18 @@ where
         body = run.as_mut().and_then(|run| run.ctx.request_body.take()).unwrap_or(sent);
         if body.len() as u64 > lifecycle::body_limit(run.as_ref()) {
             let error = ErrorKind::BodyLimitExceeded.into();
-            return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await;
+            return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await;
         }
     }
 
     // upstream head
     let service = match routed.service() {
         Ok(service) => service,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await,
     };
     let target = match lifecycle::upstream_target(service, &routed, &path, query, run.as_ref()) {
         Ok(target) => target,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (None, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await,
     };
     let replaced_method = run.as_ref().and_then(|run| run.ctx.upstream_method.clone());
     let upstream_method = replaced_method.as_ref().map_or(method, http::Method::as_str);
@@ -695,7 +695,7 @@ where
     let label = attempted.label.as_deref();
     let exchange = match sent {
         Ok(exchange) => exchange,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_ref(), (label, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (label, None)).await,
     };
     let Exchange { mut connection, head_len: response_head_len, status, authority } = exchange;
     let answered_at = Instant::now();
@@ -728,7 +728,7 @@ where
     };
     let Some(framing) = framing else {
         let error = ErrorKind::UpstreamInvalid.into();
-        return reply.error(stream, out, watchdog, error, run.as_ref(), (label, upstream_ms_f)).await;
+        return reply.error(stream, out, watchdog, error, run.as_mut(), (label, upstream_ms_f)).await;
     };
     reply.in_flight.take();
     let ending = lifecycle::Ending { status, from_upstream: true, response_bytes: framing.content_length };

@@ -72,7 +72,7 @@ pub async fn handle(connection: &ClientConn, request: Request<Incoming>) -> Resp
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(%error, request_id = request_id.as_str(), "request failed");
-            answer_response(lifecycle::error_answer(&error, request_id.as_str()))
+            answer_response(lifecycle::error_answer(&error, learnt.run.as_mut(), request_id.as_str()))
         }
     };
     if close_after {

@@ -15,7 +15,7 @@
 //! - rewrite: global plugins before routing ([`rewrite`]).
 //! - [`route`]: the router's match, the route's metrics and plugin plan.
 //! - [`access`]: the plugins' access phase; an exit becomes an [`Answer`] through the
-//!   response phases ([`exit_answer`]).
+//!   response phases ([`exit_answer`]), and so does an error once it ran.
 //! - upstream head: [`upstream_target`] (path and query per `path_handling` v0 and the
 //!   plugins), [`request_rule`] (what happens to each header the client sent) and
 //!   [`Forwarding`] (what the proxy sets: `X-Forwarded-*`, `X-Real-IP`, the request id,
@@ -29,7 +29,8 @@
 //!   route that has them is never planned onto the direct codec).
 //! - [`finish`]: metrics, the access log line, the plugins' log phase.
 //!
-//! Errors are [`ProxyError`]s, rendered in one place ([`error_answer`]).
+//! Errors are [`ProxyError`]s, rendered in one place ([`error_answer`]), through the
+//! plugins' response phases when their access phase ran.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -189,6 +190,9 @@ pub fn client_ip<'h>(
 pub struct PluginRun {
     pub ran: Vec<Arc<Instance>>,
     pub ctx: Ctx,
+    /// The response phases ran, on an upstream's head or on an answer: they run once
+    /// per request (a plugin's `header_filter` may take what its access phase left).
+    pub filtered: bool,
 }
 
 /// What the access phase came to.
@@ -226,7 +230,7 @@ where
     let uri = plugins::UriMatch::new(routed.regex, path);
     let mut view = plugins::RequestView { method, path: head.path, query: head.query, headers, uri };
     let (ran, exit) = snapshot.plugins.access(&mut ctx, &mut view, body, state).await;
-    let run = PluginRun { ran, ctx };
+    let run = PluginRun { ran, ctx, filtered: false };
     match exit {
         Some(exit) => Access::Exit(run, exit),
         None => Access::Continue(Some(run)),
@@ -563,6 +567,7 @@ impl Stamp<'_> {
 /// Runs the plugins' `header_filter` on a response head.
 pub fn header_filter(run: Option<&mut PluginRun>, status: StatusCode, headers: &mut HeaderMap) {
     if let Some(run) = run {
+        run.filtered = true;
         plugins::header_filter(&run.ran, &mut run.ctx, status, headers);
     }
 }
@@ -576,12 +581,22 @@ pub struct Answer {
 }
 
 /// The one rendering of an error: Kong's JSON body with the request id, `Via`, and
-/// the request id header.
-pub fn error_answer(error: &ProxyError, request_id: &str) -> Answer {
+/// the request id header. `run`: the plugins whose access phase ran, if any; the
+/// answer then goes through their response phases as a plugin's own answer does
+/// ([`exit_answer`]), since Kong runs `header_filter` on its error pages too (cors's
+/// headers are on a 502 from an unreachable upstream:
+/// spec/03-plugins/13-cors/01-access_spec.lua:859). Only once per request: an error
+/// after the upstream's head went through them (the hyper adapter reading a body whole
+/// for `body_filter`) is answered plainly.
+pub fn error_answer(error: &ProxyError, run: Option<&mut PluginRun>, request_id: &str) -> Answer {
     let mut headers = HeaderMap::with_capacity(4);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
     stamp_own(&mut headers, request_id);
-    Answer { status: error.status(), headers, body: Bytes::from(error.body(request_id)) }
+    let answer = Answer { status: error.status(), headers, body: Bytes::from(error.body(request_id)) };
+    match run {
+        Some(run) if !run.filtered => through_plugins(answer, run),
+        _ => answer,
+    }
 }
 
 /// The request id and `Via` on an answer the proxy or a plugin made.
@@ -611,13 +626,20 @@ pub fn exit_answer(exit: Exit, run: &mut PluginRun, request_id: &str) -> Answer 
         headers.insert(name, value);
     }
     stamp_own(&mut headers, request_id);
-    let status = exit.status;
+    through_plugins(Answer { status: exit.status, headers, body: exit.body }, run)
+}
+
+/// An answer a plugin or the proxy made, through the response phases of the plugins
+/// whose access phase ran: `header_filter`, then `body_filter` when a plugin wants
+/// the body.
+fn through_plugins(answer: Answer, run: &mut PluginRun) -> Answer {
+    let Answer { status, mut headers, mut body } = answer;
+    run.filtered = true;
     plugins::header_filter(&run.ran, &mut run.ctx, status, &mut headers);
-    let mut body = exit.body;
     if plugins::wants_body(&run.ran, &run.ctx, status, &headers) {
         plugins::body_filter(&run.ran, &mut run.ctx, status, &headers, &mut body);
     }
-    // A plugin's own answer is never stored by proxy-cache.
+    // An answer of the proxy's or a plugin's own is never stored by proxy-cache.
     run.ctx.cache_store = None;
     headers.remove(CONTENT_LENGTH);
     Answer { status, headers, body }
