@@ -37,6 +37,9 @@ pub const PROXY_HEADER_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// How long a keep-alive connection may sit idle between requests before it is
 /// closed quietly (Kong's `nginx_http_keepalive_timeout`, 60 s).
 pub const PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// Connections the kernel queues on a proxy listener before they are accepted: nginx's
+/// default (`listen … backlog=511`). The kernel caps it at `net.core.somaxconn`.
+pub const PROXY_BACKLOG_DEFAULT: u32 = 511;
 
 /// How long a proxy write to a client may make no progress (a client that stopped
 /// reading) before the connection is closed (nginx's `send_timeout`, 60 s).
@@ -59,6 +62,7 @@ const ADMIN_BODY_BYTES_RANGE: (usize, usize) = (1024, 32 * 1024 * 1024);
 const WRITE_LEADER_WAIT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
 const PROXY_KEEPALIVE_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
+const PROXY_BACKLOG_RANGE: (u32, u32) = (1, 65_535);
 const PROXY_SEND_TIMEOUT_MS_RANGE: (u64, u64) = (100, 3_600_000);
 const DRAIN_TIMEOUT_MS_RANGE: (u64, u64) = (0, 600_000);
 const ADMIN_HEADER_TIMEOUT_MS_RANGE: (u64, u64) = (100, 600_000);
@@ -96,6 +100,8 @@ pub struct NodeConfig {
     pub trusted_ips: std::sync::Arc<crate::proxy::trusted::TrustedIps>,
     pub proxy_header_timeout_ms: u64,
     pub proxy_keepalive_timeout_ms: u64,
+    /// The proxy listeners' listen backlog.
+    pub proxy_backlog: u32,
     /// HTTP/1.1 requests take the direct path where they can (`--proxy-direct`).
     pub proxy_direct: bool,
     pub proxy_send_timeout_ms: u64,
@@ -139,6 +145,7 @@ impl NodeConfig {
             trusted_ips: Default::default(),
             proxy_header_timeout_ms: PROXY_HEADER_TIMEOUT_MS_DEFAULT,
             proxy_keepalive_timeout_ms: PROXY_KEEPALIVE_TIMEOUT_MS_DEFAULT,
+            proxy_backlog: PROXY_BACKLOG_DEFAULT,
             proxy_direct: true,
             proxy_send_timeout_ms: PROXY_SEND_TIMEOUT_MS_DEFAULT,
             drain_timeout_ms: DRAIN_TIMEOUT_MS_DEFAULT,
@@ -173,6 +180,7 @@ impl NodeConfig {
         check_range("workers", self.workers, (1, 1024))?;
         check_range("proxy_header_timeout_ms", self.proxy_header_timeout_ms, PROXY_HEADER_TIMEOUT_MS_RANGE)?;
         check_range("proxy_keepalive_timeout_ms", self.proxy_keepalive_timeout_ms, PROXY_KEEPALIVE_TIMEOUT_MS_RANGE)?;
+        check_range("proxy_backlog", self.proxy_backlog, PROXY_BACKLOG_RANGE)?;
         check_range("proxy_send_timeout_ms", self.proxy_send_timeout_ms, PROXY_SEND_TIMEOUT_MS_RANGE)?;
         check_range("drain_timeout_ms", self.drain_timeout_ms, DRAIN_TIMEOUT_MS_RANGE)?;
         check_range("admin_header_timeout_ms", self.admin_header_timeout_ms, ADMIN_HEADER_TIMEOUT_MS_RANGE)?;
@@ -273,6 +281,7 @@ pub struct FileConfig {
     pub real_ip_recursive: Option<bool>,
     pub proxy_header_timeout_ms: Option<u64>,
     pub proxy_keepalive_timeout_ms: Option<u64>,
+    pub proxy_backlog: Option<u32>,
     pub proxy_direct: Option<bool>,
     pub proxy_send_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,

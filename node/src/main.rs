@@ -202,6 +202,9 @@ struct RunArgs {
     /// Idle time between requests on a keep-alive connection before it is closed.
     #[arg(long, env = "TOLLGATE_PROXY_KEEPALIVE_TIMEOUT_MS")]
     proxy_keepalive_timeout_ms: Option<u64>,
+    /// Connections queued on a proxy listener before they are accepted (nginx's 511).
+    #[arg(long, env = "TOLLGATE_PROXY_BACKLOG")]
+    proxy_backlog: Option<u32>,
     /// The direct HTTP/1.1 path (`on`, the default) or every request through hyper
     /// (`off`): for comparing the two, and a way around a direct-path fault.
     #[arg(long, env = "TOLLGATE_PROXY_DIRECT", value_parser = clap::builder::BoolishValueParser::new())]
@@ -276,6 +279,7 @@ impl RunArgs {
         pick!(access_log);
         pick!(proxy_header_timeout_ms);
         pick!(proxy_keepalive_timeout_ms);
+        pick!(proxy_backlog);
         pick!(proxy_direct);
         pick!(proxy_send_timeout_ms);
         pick!(drain_timeout_ms);

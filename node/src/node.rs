@@ -170,13 +170,13 @@ pub async fn start(
     let admin_listener = crate::env::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen {}", config.admin_listen))?;
-    let proxy_listener = crate::proxy::Workers::bind(config.proxy_listen)
+    let proxy_listener = crate::proxy::Workers::bind(config.proxy_listen, config.proxy_backlog)
         .await
         .with_context(|| format!("binding proxy_listen {}", config.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let proxy_tls_listener = match config.proxy_tls_listen {
         Some(address) => Some(
-            crate::proxy::Workers::bind(address)
+            crate::proxy::Workers::bind(address, config.proxy_backlog)
                 .await
                 .with_context(|| format!("binding proxy_tls_listen {address}"))?,
         ),

@@ -300,11 +300,18 @@ pub enum Workers {
 }
 
 impl Workers {
-    pub async fn bind(address: SocketAddr) -> std::io::Result<Workers> {
+    /// Binds with a listen `backlog` (std's bind would give 128).
+    pub async fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<Workers> {
         if crate::env::simulated() {
             return Ok(Workers::Task(crate::env::bind(address).await?));
         }
-        Ok(Workers::Threads(std::net::TcpListener::bind(address)?))
+        let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+        // As std's bind does on Unix: a restarted node rebinds while old connections
+        // linger in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+        Ok(Workers::Threads(socket.into()))
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -478,29 +485,38 @@ async fn serve_stream<S>(
         // The common request takes the direct path; the first one it leaves hands
         // the connection (and the bytes read of that request) to hyper below.
         let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);
-        let serving = direct::serve(&mut stream, &connection);
-        tokio::pin!(serving);
-        let mut hard_stop = shutdown.clone();
-        let outcome = tokio::select! {
-            biased;
-            outcome = &mut serving => outcome,
-            _ = turned_true(&mut shutdown) => return,
-            _ = turned_true(&mut draining) => {
-                // Idle between requests: closed now. Busy: the answer goes out with
-                // `Connection: close` (direct::serve reads `closing`), then it ends.
-                if connection.idle.load(Ordering::Relaxed) {
-                    return;
-                }
-                tokio::select! {
-                    biased;
-                    outcome = &mut serving => outcome,
-                    _ = turned_true(&mut hard_stop) => return,
+        // `None`: the node stops now. The future borrows the stream, so it ends with
+        // this block, before the stream is closed or handed on.
+        let outcome = {
+            let serving = direct::serve(&mut stream, &connection);
+            tokio::pin!(serving);
+            let mut hard_stop = shutdown.clone();
+            tokio::select! {
+                biased;
+                outcome = &mut serving => Some(outcome),
+                _ = turned_true(&mut shutdown) => None,
+                _ = turned_true(&mut draining) => {
+                    // Idle between requests: closed now. Busy: the answer goes out with
+                    // `Connection: close` (direct::serve reads `closing`), then it ends.
+                    if connection.idle.load(Ordering::Relaxed) {
+                        Some(direct::Outcome::Closed)
+                    } else {
+                        tokio::select! {
+                            biased;
+                            outcome = &mut serving => Some(outcome),
+                            _ = turned_true(&mut hard_stop) => None,
+                        }
+                    }
                 }
             }
         };
         match outcome {
-            direct::Outcome::Closed => return,
-            direct::Outcome::HandOff(read) => prefix = read,
+            None => return,
+            Some(direct::Outcome::Closed) => {
+                close_gracefully(&mut stream, tls).await;
+                return;
+            }
+            Some(direct::Outcome::HandOff(read)) => prefix = read,
         }
     }
     let stream = direct::Prefixed::new(prefix, stream);
@@ -544,6 +560,20 @@ async fn serve_stream<S>(
     };
     if let Err(error) = result {
         tracing::debug!(%error, %peer, "proxy connection ended");
+    }
+}
+
+/// The longest a closing TLS connection waits to send its `close_notify`.
+pub const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Ends a connection the direct path is done with: over TLS with `close_notify` (then
+/// the TCP FIN), as nginx does; OpenSSL 3 clients treat an end without it as an error
+/// and never resume the session. A client that stops reading cannot hold it past
+/// [`CLOSE_NOTIFY_TIMEOUT`]. Plain TCP needs nothing: dropping it sends the FIN.
+async fn close_gracefully<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, tls: bool) {
+    if tls {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(CLOSE_NOTIFY_TIMEOUT, stream.shutdown()).await;
     }
 }
 

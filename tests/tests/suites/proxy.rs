@@ -718,3 +718,41 @@ async fn upstreams_that_stall_mid_body_or_stop_reading_are_cut_off_by_their_time
     eprintln!("stalled upstream write answered 504 after {elapsed:?}");
     Ok(())
 }
+
+/// A TLS connection the proxy closes (`Connection: close`) ends with `close_notify`:
+/// without it OpenSSL 3 clients see an unexpected EOF and discard the session, so they
+/// can never resume it (issue 19; nginx closes cleanly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_the_proxy_closes_end_with_close_notify() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = self_signed(dir.path(), "a.test")?;
+    let echo = EchoServer::start().await?;
+    let tls_port = tollgate_tests::free_port();
+    let cluster = PROXY_MODE.cluster(1, &["--proxy-tls-listen", &format!("127.0.0.1:{tls_port}")]).await?;
+    let client = cluster.client();
+    let created = client.post("/certificates", &json!({"cert": cert, "key": key})).await?;
+    let id = created.body["id"].as_str().expect("id").to_string();
+    client.post(&format!("/certificates/{id}/snis"), &json!({"name": "a.test"})).await?;
+    client.post("/services", &json!({"name": "echo", "url": format!("http://{}", echo.address)})).await?;
+    let last = client.post("/services/echo/routes", &json!({"paths": ["/tls"]})).await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+
+    for request in ["GET /tls/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", "GET /tls/x HTTP/1.0\r\n\r\n"] {
+        let mut s_client = tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{tls_port}"), "-servername", "a.test", "-ign_eof"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = s_client.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(request.as_bytes()).await?;
+        }
+        let output = tokio::time::timeout(tollgate_tests::CONVERGE_TIMEOUT, s_client.wait_with_output()).await??;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stdout.contains(" 200 OK"), "{request:?}: {stdout}");
+        assert!(!stderr.to_ascii_lowercase().contains("unexpected eof"), "{request:?}: no close_notify: {stderr}");
+    }
+    Ok(())
+}
