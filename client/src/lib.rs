@@ -6,6 +6,10 @@
 //! failure, is returned as it is: retrying a write elsewhere could apply it twice.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "ctl")]
+pub mod ctl;
+pub mod tls;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -22,6 +26,19 @@ pub use tollgate_raft_store::{ApiError, EntityKind, ErrorCode};
 pub const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Default time one request may take.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
+
+fn http_connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    // `https://` reaches [`tls::Connector`], which says what it needs.
+    connector.enforce_http(false);
+    connector
+}
+
+fn pool(connector: tls::Connector) -> Client<tls::Connector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -72,7 +89,7 @@ pub struct AdminClient {
     token: Option<String>,
     timeout: Duration,
     current: AtomicUsize,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<tls::Connector, Full<Bytes>>,
 }
 
 impl AdminClient {
@@ -84,11 +101,15 @@ impl AdminClient {
     {
         let urls: Vec<String> = urls.into_iter().map(|u| u.into().trim_end_matches('/').to_string()).collect();
         assert!(!urls.is_empty(), "an AdminClient needs at least one node URL");
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        let http = pool(tls::Connector::new(http_connector()));
         AdminClient { urls, token: None, timeout: REQUEST_TIMEOUT_DEFAULT, current: AtomicUsize::new(0), http }
+    }
+
+    /// Reaches `https://` Admin URLs (`--admin-tls-cert`), trusting the CA
+    /// certificates in the PEM file at `path`.
+    pub fn with_ca_file(mut self, path: &std::path::Path) -> Result<AdminClient, String> {
+        self.http = pool(tls::Connector::new(http_connector()).with_ca_file(path)?);
+        Ok(self)
     }
 
     pub fn with_token(mut self, token: impl Into<String>) -> AdminClient {
@@ -228,9 +249,9 @@ impl AdminClient {
         let exchange = async {
             let response = self.http.request(request).await.map_err(|error| {
                 if error.is_connect() {
-                    Err(Unsent(error.to_string()))
+                    Err(Unsent(with_causes(&error)))
                 } else {
-                    Ok(ClientError::Protocol { node: node.clone(), reason: error.to_string() })
+                    Ok(ClientError::Protocol { node: node.clone(), reason: with_causes(&error) })
                 }
             })?;
             let status = response.status().as_u16();
@@ -291,3 +312,16 @@ impl From<Option<&Value>> for Payload {
 
 /// A request that certainly was not sent (connection refused or failed).
 struct Unsent(String);
+
+/// An error with its causes (`client error (Connect): … certificate …`): the pool's
+/// own message alone does not say what failed.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
