@@ -203,7 +203,8 @@ fn balanced(text: &str) -> Option<usize> {
         match byte {
             b'(' => depth += 1,
             b')' => {
-                depth -= 1;
+                // A `)` before any `(`: not a balanced group (callers start at `(`).
+                depth = depth.checked_sub(1)?;
                 if depth == 0 {
                     return Some(position + 1);
                 }
