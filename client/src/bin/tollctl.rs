@@ -143,11 +143,7 @@ async fn run(cli: Cli, style: Style) -> Result<ExitCode, CtlError> {
         }
         Command::Diff { file, select_tag } => {
             let loaded = load(&file)?;
-            let (cluster, file_index) = ctl::both_sides(&client, &loaded).await?;
-            ctl::check_file_in_scope(&file_index, &select_tag)?;
-            let scope = scope_of(&select_tag);
-            ctl::check_no_takeover(&cluster, &file_index, scope)?;
-            let changes = tollgate_client::ctl::diff::changes(&cluster, &file_index, scope, true);
+            let changes = ctl::plan(&client, &loaded, &select_tag, true).await?.changes;
             ctl::emit(out, &ctl::changes_json(&changes), |_| ctl::render_changes(&changes, style))?;
             return Ok(if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) });
         }
@@ -234,14 +230,6 @@ fn load(file: &std::path::Path) -> Result<ctl::Loaded, CtlError> {
     Ok(loaded)
 }
 
-fn scope_of(tags: &[String]) -> tollgate_client::ctl::diff::Scope<'_> {
-    if tags.is_empty() {
-        tollgate_client::ctl::diff::Scope::All
-    } else {
-        tollgate_client::ctl::diff::Scope::Tagged(tags)
-    }
-}
-
 fn report_written(out: Output, style: Style, written: ctl::Written) -> Result<(), CtlError> {
     let elapsed_ms = written.elapsed.as_millis() as u64;
     let answer = json!({"changes": ctl::changes_json(&written.changes), "elapsed_ms": elapsed_ms});
@@ -263,9 +251,9 @@ fn list_table(entities: &Value) -> String {
             let name = ["name", "username", "key", "target", "group"]
                 .iter()
                 .find_map(|field| entity.get(*field).filter(|v| !v.is_null()))
-                .map_or_else(|| "-".to_string(), output::cell);
-            let tags = entity.get("tags").map_or_else(|| "-".to_string(), output::cell);
-            vec![output::cell(&entity["id"]), name, tags]
+                .map_or_else(|| "-".to_string(), output::short);
+            let tags = entity.get("tags").map_or_else(|| "-".to_string(), output::short);
+            vec![output::short(&entity["id"]), name, tags]
         })
         .collect();
     output::table(&["id", "name", "tags"], &rows)
@@ -279,11 +267,11 @@ fn status_table(status: &Value) -> String {
         .map(|node| {
             ["node_id", "address", "role", "term", "applied_index", "config_version", "gossip", "lag"]
                 .iter()
-                .map(|field| output::cell(&node[*field]))
+                .map(|field| output::short(&node[*field]))
                 .collect()
         })
         .collect();
-    let head = format!("leader {} · term {}", output::cell(&status["leader_id"]), output::cell(&status["term"]));
+    let head = format!("leader {} · term {}", output::short(&status["leader_id"]), output::short(&status["term"]));
     let table = output::table(&["node", "address", "role", "term", "applied", "config", "gossip", "lag"], &rows);
     format!("{head}\n{table}")
 }
@@ -294,7 +282,7 @@ fn health_table(health: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|target| {
-            ["target", "weight", "health", "observed_by"].iter().map(|field| output::cell(&target[*field])).collect()
+            ["target", "weight", "health", "observed_by"].iter().map(|field| output::short(&target[*field])).collect()
         })
         .collect();
     output::table(&["target", "weight", "health", "observed by"], &rows)

@@ -185,7 +185,16 @@ pub enum Scope<'a> {
     Tagged(&'a [String]),
 }
 
-impl Scope<'_> {
+impl<'a> Scope<'a> {
+    /// Every entity without tags, else those carrying all of them.
+    pub fn of(tags: &'a [String]) -> Scope<'a> {
+        if tags.is_empty() {
+            Scope::All
+        } else {
+            Scope::Tagged(tags)
+        }
+    }
+
     pub fn holds(&self, entity: &Map<String, Value>) -> bool {
         match self {
             Scope::All => true,

@@ -80,10 +80,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, CtlError> {
 
 /// The entities of `document` that carry every tag of `tags` (all when none).
 pub fn select_tagged(document: &Value, tags: &[String]) -> Value {
-    if tags.is_empty() {
-        return document.clone();
-    }
-    let scope = Scope::Tagged(tags);
+    let scope = Scope::of(tags);
     let mut selected = Map::new();
     for (table, value) in document.as_object().into_iter().flatten() {
         let kept = match value.as_array() {
@@ -113,7 +110,7 @@ pub fn check_file_in_scope(file: &Index, tags: &[String]) -> Result<(), CtlError
     if tags.is_empty() {
         return Ok(());
     }
-    let scope = Scope::Tagged(tags);
+    let scope = Scope::of(tags);
     match file.values().find(|entity| !scope.holds(&entity.entity)) {
         Some(outside) => Err(CtlError::Usage(format!(
             "{} '{}' lacks the selected tags {tags:?}: with --select-tag every entity of the file must carry them",
@@ -156,16 +153,30 @@ pub async fn write_file(
     deletes: bool,
 ) -> Result<Written, CtlError> {
     let started = tokio::time::Instant::now();
-    let (cluster, file) = both_sides(client, loaded).await?;
-    check_file_in_scope(&file, tags)?;
-    let scope = if tags.is_empty() { Scope::All } else { Scope::Tagged(tags) };
-    check_no_takeover(&cluster, &file, scope)?;
-    let changes = diff::changes(&cluster, &file, scope, deletes);
-    if !changes.is_empty() {
-        let document = diff::merged_document(&cluster, &file, scope, deletes);
+    let plan = plan(client, loaded, tags, deletes).await?;
+    if !plan.changes.is_empty() {
+        let scope = Scope::of(tags);
+        let document = diff::merged_document(&plan.cluster, &plan.file, scope, deletes);
         client.post("/config", &document).await?;
     }
-    Ok(Written { changes, elapsed: started.elapsed() })
+    Ok(Written { changes: plan.changes, elapsed: started.elapsed() })
+}
+
+/// Both sides, checked against the selected tags, and what would change.
+pub struct Plan {
+    pub cluster: Index,
+    pub file: Index,
+    pub changes: Vec<Change>,
+}
+
+/// What `diff` shows and `sync` (`deletes`) or `apply` would send.
+pub async fn plan(client: &AdminClient, loaded: &Loaded, tags: &[String], deletes: bool) -> Result<Plan, CtlError> {
+    let (cluster, file) = both_sides(client, loaded).await?;
+    check_file_in_scope(&file, tags)?;
+    let scope = Scope::of(tags);
+    check_no_takeover(&cluster, &file, scope)?;
+    let changes = diff::changes(&cluster, &file, scope, deletes);
+    Ok(Plan { cluster, file, changes })
 }
 
 /// Resolves an entity name as typed (`services`, `routes`, `key-auth`,

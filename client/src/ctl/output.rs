@@ -93,8 +93,3 @@ pub fn short_key(key: &str) -> String {
     let key = key.strip_prefix("name=").filter(|rest| !rest.contains(',')).unwrap_or(key);
     short(&Value::String(key.to_string()))
 }
-
-/// A cell of a table.
-pub fn cell(value: &Value) -> String {
-    short(value)
-}
