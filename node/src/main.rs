@@ -348,6 +348,18 @@ fn node_id_from_hostname(hostname: &str) -> anyhow::Result<u64> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Lets mimalloc return the pages freed on the calling thread (after its purge delay)
+/// to the system: proxy workers call it periodically, so that memory held by a burst
+/// of connections goes back once they close (`tollgate_node::proxy::set_memory_release`).
+fn release_memory() {
+    // `unsafe` only because it is a C function: `mi_collect` takes no pointers and
+    // may be called from any thread at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(false)
+    }
+}
+
 /// `tollgate dev`'s log while the cluster starts, and once it runs (`RUST_LOG` wins).
 const DEV_STARTING_LOG: &str = "warn,openraft=off";
 const DEV_RUNNING_LOG: &str = "warn,openraft=error";
@@ -356,6 +368,7 @@ const DEV_RUNNING_LOG: &str = "warn,openraft=error";
 const CONTROL_THREADS: usize = 2;
 
 fn main() -> anyhow::Result<()> {
+    tollgate_node::proxy::set_memory_release(release_memory);
     let cli = Cli::parse();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

@@ -122,9 +122,18 @@ impl Connections {
     }
 }
 
+/// A connection's places within its listener's [`Limits`]: its connection's task
+/// holds it to the end.
+pub struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Option<PeerSlot>,
+}
+
 /// Accepts connections until `shutdown` turns true and hands each to `on_connection`
-/// with the `shutdown` receiver, within `limits` (a connection holds its places until
-/// its task ends). The listener is closed on return; the connections go on, and
+/// with the `shutdown` receiver, within `limits`: the future it makes holds the
+/// connection's [`Place`] until it ends, and is the connection's task (the future is
+/// spawned as it is, not wrapped: a wrapping `async` block would hold it twice, and
+/// the task's size is what an idle connection costs). The listener is closed on return; the connections go on, and
 /// [`Connections::closed`] waits for them.
 pub async fn accept_loop<C, Fut>(
     name: &'static str,
@@ -134,7 +143,7 @@ pub async fn accept_loop<C, Fut>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Connections
 where
-    C: Fn(Stream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    C: Fn(Stream, SocketAddr, watch::Receiver<bool>, Place) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     debug_assert!(limits.connections_max > 0 && limits.per_peer_max > 0);
@@ -173,11 +182,7 @@ where
             None
         };
         let _ = stream.set_nodelay(true);
-        let connection = on_connection(stream, peer, shutdown.clone());
-        tokio::spawn(async move {
-            let _places = (permit, slot);
-            connection.await;
-        });
+        tokio::spawn(on_connection(stream, peer, shutdown.clone(), Place { _permit: permit, _slot: slot }));
     }
 }
 
@@ -249,92 +254,94 @@ where
 {
     let Http1Server { name, limits, timeouts, tls } = server;
     let pending = Arc::new(Pending::new(limits.pending_max.max(1)));
-    let on_connection = move |stream: Stream, address: SocketAddr, mut shutdown: watch::Receiver<bool>| {
-        let handler = handler.clone();
-        let tls = tls.clone();
-        let pending = pending.clone();
-        async move {
-            let (pending_id, evicted) = pending.enter(name);
-            // Fires only when this connection is closed to make room (not when it
-            // stops being pending).
-            let evicted = async move {
-                if evicted.await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::pin!(evicted);
-            let accepted = async {
-                match tls {
-                    None => Some((Box::new(stream) as Box<dyn Io>, None)),
-                    Some(source) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(source());
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => {
-                                let certificate =
-                                    stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
-                                Some((Box::new(stream) as Box<dyn Io>, certificate))
-                            }
-                            Ok(Err(error)) => {
-                                tracing::debug!(%error, %address, server = name, "tls handshake failed");
-                                metrics::counter!("tollgate_tls_handshake_failures_total", "server" => name)
-                                    .increment(1);
-                                None
-                            }
-                            Err(_) => {
-                                tracing::debug!(%address, server = name, "tls handshake timed out");
-                                metrics::counter!("tollgate_tls_handshake_failures_total", "server" => name)
-                                    .increment(1);
-                                None
+    let on_connection =
+        move |stream: Stream, address: SocketAddr, mut shutdown: watch::Receiver<bool>, place: Place| {
+            let handler = handler.clone();
+            let tls = tls.clone();
+            let pending = pending.clone();
+            async move {
+                let _place = place;
+                let (pending_id, evicted) = pending.enter(name);
+                // Fires only when this connection is closed to make room (not when it
+                // stops being pending).
+                let evicted = async move {
+                    if evicted.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::pin!(evicted);
+                let accepted = async {
+                    match tls {
+                        None => Some((Box::new(stream) as Box<dyn Io>, None)),
+                        Some(source) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(source());
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let certificate =
+                                        stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
+                                    Some((Box::new(stream) as Box<dyn Io>, certificate))
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%error, %address, server = name, "tls handshake failed");
+                                    metrics::counter!("tollgate_tls_handshake_failures_total", "server" => name)
+                                        .increment(1);
+                                    None
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%address, server = name, "tls handshake timed out");
+                                    metrics::counter!("tollgate_tls_handshake_failures_total", "server" => name)
+                                        .increment(1);
+                                    None
+                                }
                             }
                         }
                     }
-                }
-            };
-            let accepted = tokio::select! {
-                biased;
-                accepted = accepted => accepted,
-                _ = &mut evicted => None,
-            };
-            let Some((stream, certificate)) = accepted else {
-                pending.leave(pending_id);
-                return;
-            };
-            let (stream, state) = TimedIo::new(stream, timeouts, false);
-            let caller = Caller { address, certificate };
-            let first = pending.clone();
-            let left = std::sync::atomic::AtomicBool::new(false);
-            let service = hyper::service::service_fn(move |request| {
-                if !left.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    first.leave(pending_id);
-                }
-                state.request_started(false);
-                let guard = RequestGuard::new(Some(state.clone()));
-                let answer = handler(caller.clone(), request);
-                async move {
-                    let response = answer.await;
-                    drop(guard);
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                // `TimedIo` times headers and idle connections.
-                .header_read_timeout(None)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                biased;
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, %address, server = name, "connection ended");
+                };
+                let accepted = tokio::select! {
+                    biased;
+                    accepted = accepted => accepted,
+                    _ = &mut evicted => None,
+                };
+                let Some((stream, certificate)) = accepted else {
+                    pending.leave(pending_id);
+                    return;
+                };
+                let (stream, state) = TimedIo::new(stream, timeouts, false);
+                let caller = Caller { address, certificate };
+                let first = pending.clone();
+                let left = std::sync::atomic::AtomicBool::new(false);
+                let service = hyper::service::service_fn(move |request| {
+                    if !left.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        first.leave(pending_id);
                     }
+                    state.request_started(false);
+                    let guard = RequestGuard::new(Some(state.clone()));
+                    let answer = handler(caller.clone(), request);
+                    async move {
+                        let response = answer.await;
+                        drop(guard);
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    // `TimedIo` times headers and idle connections.
+                    .header_read_timeout(None)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::select! {
+                    biased;
+                    result = connection => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, %address, server = name, "connection ended");
+                        }
+                    }
+                    _ = &mut evicted => {
+                        tracing::debug!(%address, server = name, "silent connection closed to make room");
+                    }
+                    _ = shutdown.wait_for(|stop| *stop) => {}
                 }
-                _ = &mut evicted => {
-                    tracing::debug!(%address, server = name, "silent connection closed to make room");
-                }
-                _ = shutdown.wait_for(|stop| *stop) => {}
+                pending.leave(pending_id);
             }
-            pending.leave(pending_id);
-        }
-    };
+        };
     accept_loop(name, listener, limits, on_connection, shutdown).await;
 }

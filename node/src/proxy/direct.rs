@@ -86,23 +86,56 @@ pub enum Outcome {
     HandOff(BytesMut),
 }
 
+/// Bytes the response-head buffer starts with when a request arrives.
+pub const OUT_BUFFER_BYTES: usize = 1024;
+
+/// A client stream that can tell when a read would find bytes without being handed a
+/// buffer to read them into, so that an idle connection holds none.
+pub trait ReadReady {
+    /// Ready when a read would not wait (bytes, the end, or an error); it may be
+    /// ready when a read still waits, never the other way round.
+    fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl ReadReady for crate::env::Stream {
+    fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            crate::env::Stream::Tcp(stream) => stream.poll_read_ready(context),
+            // The environment's streams cannot tell: read at once.
+            crate::env::Stream::Other(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
+    fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let (io, session) = self.get_mut();
+        // Plaintext already decrypted (or the peer's close_notify): a read answers now.
+        if !session.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        io.poll_readable(context)
+    }
+}
+
 /// Serves `stream`'s requests until it closes or a request is handed off.
 pub async fn serve<S>(stream: &mut S, conn: &ClientConn) -> Outcome
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     let keepalive = conn.proxy.timeouts.keepalive;
-    let mut buf = BytesMut::with_capacity(CLIENT_BUFFER_BYTES);
-    let mut out = Vec::with_capacity(1024);
+    // Taken when a request's bytes arrive, given back while the connection idles
+    // (nginx's lazy buffers): an idle keep-alive connection holds neither.
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
     let mut watchdog = Watchdog::new();
     // A new connection's first request has the header timeout to start; later ones
     // the keep-alive time.
     let mut idle = conn.proxy.timeouts.header;
     loop {
         if buf.is_empty() {
-            buf.reserve(CLIENT_BUFFER_BYTES);
             conn.idle.store(true, std::sync::atomic::Ordering::Relaxed);
-            let read = watchdog.within(Instant::now() + idle, stream.read_buf(&mut buf)).await;
+            let read = watchdog.within(Instant::now() + idle, next_bytes(stream, &mut buf, &mut out)).await;
             conn.idle.store(false, std::sync::atomic::Ordering::Relaxed);
             idle = keepalive;
             match read {
@@ -114,7 +147,9 @@ where
                 }
             }
         }
-        match exchange(stream, conn, &buf, &mut out, &mut watchdog).await {
+        // Boxed: the exchange's state (parsed heads, the upstream attempt) lives only
+        // while a request does, not in every idle connection's task.
+        match Box::pin(exchange(stream, conn, &buf, &mut out, &mut watchdog)).await {
             Step::Next(used) => buf.advance(used),
             Step::Close => return Outcome::Closed,
             Step::HandOff => {
@@ -122,6 +157,31 @@ where
                 return Outcome::HandOff(buf);
             }
         }
+    }
+}
+
+/// Reads a connection's next bytes into `buf` (empty): at once into the buffers the
+/// last request left when the bytes are already there; otherwise both buffers are
+/// given back, and taken again once the stream is readable.
+async fn next_bytes<S>(stream: &mut S, buf: &mut BytesMut, out: &mut Vec<u8>) -> std::io::Result<usize>
+where
+    S: AsyncRead + ReadReady + Unpin,
+{
+    loop {
+        if buf.capacity() > 0 {
+            // Reclaims the whole buffer (it is empty), so a request head fits again.
+            buf.reserve(CLIENT_BUFFER_BYTES);
+            let mut read = std::pin::pin!(stream.read_buf(buf));
+            let now = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            if let Poll::Ready(read) = now {
+                return read;
+            }
+        }
+        *buf = BytesMut::new();
+        *out = Vec::new();
+        std::future::poll_fn(|cx| stream.poll_readable(cx)).await?;
+        buf.reserve(CLIENT_BUFFER_BYTES);
+        out.reserve(OUT_BUFFER_BYTES);
     }
 }
 

@@ -372,6 +372,8 @@ fn spawn_workers(
             runtime.block_on(async move {
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => {
+                        // Ends with the runtime, when serving does.
+                        tokio::spawn(release_memory_periodically());
                         serve(crate::env::Listener::Tcp(listener), tls, Arc::new(Proxy::new(setup)), shutdown).await
                     }
                     Err(error) => tracing::error!(%error, worker, "cannot use the proxy listener"),
@@ -381,6 +383,31 @@ fn spawn_workers(
         threads.push(thread);
     }
     Ok(threads)
+}
+
+/// How often each proxy worker lets the allocator return the memory of closed
+/// connections to the system. mimalloc returns freed pages 1 s after they were freed,
+/// but only from inside a later call into it: a worker whose connections all closed
+/// makes no such call, and would keep a burst's memory for good.
+pub const MEMORY_RELEASE_PERIOD: Duration = Duration::from_secs(1);
+
+/// What a worker calls every [`MEMORY_RELEASE_PERIOD`]: set by the binary, which
+/// chooses the allocator (nothing when unset, as in tests).
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what proxy workers call to return freed memory to the system (once).
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+async fn release_memory_periodically() {
+    let Some(release) = RELEASE_MEMORY.get() else { return };
+    let mut ticks = tokio::time::interval(MEMORY_RELEASE_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        release();
+    }
 }
 
 /// Resolves each handshake against the snapshot published at that moment.
@@ -426,26 +453,37 @@ pub async fn serve(
     let hard_stop = shutdown.clone();
     // The accept loop ends when draining begins; each connection stops early only at
     // the hard stop.
-    let on_connection = move |stream: crate::env::Stream, peer: SocketAddr, _: watch::Receiver<bool>| {
-        let proxy = proxy.clone();
-        let acceptor = acceptor.clone();
-        let shutdown = hard_stop.clone();
-        let open = OpenConnection::new(&proxy.load);
-        async move {
-            let _open = open;
-            match acceptor {
-                None => serve_stream(stream, peer, local, false, false, proxy, shutdown).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        serve_stream(stream, peer, local, true, h2, proxy, shutdown).await
+    let on_connection =
+        move |stream: crate::env::Stream, peer: SocketAddr, _: watch::Receiver<bool>, place: crate::serve::Place| {
+            let proxy = proxy.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = hard_stop.clone();
+            let open = OpenConnection::new(&proxy.load);
+            async move {
+                let _held = (open, place);
+                match acceptor {
+                    None => {
+                        let accepted = Accepted { peer, local, tls: false, h2: false, proxy, shutdown };
+                        serve_stream(stream, accepted).await
                     }
-                    Ok(Err(error)) => tracing::debug!(%error, %peer, "tls handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                },
+                    // Boxed: a TLS session's state is large, and plain connections'
+                    // tasks should not carry room for it.
+                    Some(acceptor) => {
+                        Box::pin(async move {
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => {
+                                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    serve_stream(stream, Accepted { peer, local, tls: true, h2, proxy, shutdown }).await
+                                }
+                                Ok(Err(error)) => tracing::debug!(%error, %peer, "tls handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                            }
+                        })
+                        .await
+                    }
+                }
             }
-        }
-    };
+        };
     // No limit per client address: clients behind one NAT share it (nginx has none by
     // default either).
     let limits = crate::serve::Limits {
@@ -467,34 +505,39 @@ pub async fn serve(
     }
 }
 
-async fn serve_stream<S>(
-    stream: S,
+/// A client connection as accepted (after its TLS handshake), what serving it needs
+/// besides its stream.
+struct Accepted {
     peer: SocketAddr,
     local: Option<SocketAddr>,
     tls: bool,
     h2: bool,
     proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    /// The node's hard stop.
+    shutdown: watch::Receiver<bool>,
+}
+
+async fn serve_stream<S>(stream: S, mut accepted: Accepted)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + direct::ReadReady + Unpin + Send + 'static,
 {
     let mut stream = stream;
     let mut prefix = bytes::BytesMut::new();
-    let mut draining = proxy.drain.subscribe();
-    if !h2 && proxy.direct {
+    let mut draining = accepted.proxy.drain.subscribe();
+    if !accepted.h2 && accepted.proxy.direct {
         // The common request takes the direct path; the first one it leaves hands
         // the connection (and the bytes read of that request) to hyper below.
-        let connection = ClientConn::new(proxy.clone(), peer, local, tls, None);
+        let connection = ClientConn::new(accepted.proxy.clone(), accepted.peer, accepted.local, accepted.tls, None);
         // `None`: the node stops now. The future borrows the stream, so it ends with
         // this block, before the stream is closed or handed on.
         let outcome = {
             let serving = direct::serve(&mut stream, &connection);
             tokio::pin!(serving);
-            let mut hard_stop = shutdown.clone();
+            let mut hard_stop = accepted.shutdown.clone();
             tokio::select! {
                 biased;
                 outcome = &mut serving => Some(outcome),
-                _ = turned_true(&mut shutdown) => None,
+                _ = turned_true(&mut accepted.shutdown) => None,
                 _ = turned_true(&mut draining) => {
                     // Idle between requests: closed now. Busy: the answer goes out with
                     // `Connection: close` (direct::serve reads `closing`), then it ends.
@@ -513,18 +556,30 @@ async fn serve_stream<S>(
         match outcome {
             None => return,
             Some(direct::Outcome::Closed) => {
-                close_gracefully(&mut stream, tls).await;
+                close_gracefully(&mut stream, accepted.tls).await;
                 return;
             }
             Some(direct::Outcome::HandOff(read)) => prefix = read,
         }
     }
-    let stream = direct::Prefixed::new(prefix, stream);
+    // Boxed: hyper's connection state is large, and only handed-off and h2
+    // connections need it, not every connection's task.
+    Box::pin(serve_hyper(direct::Prefixed::new(prefix, stream), accepted, draining)).await
+}
+
+/// Serves a connection with hyper (HTTP/1.1 or h2) to its end.
+async fn serve_hyper<S>(stream: direct::Prefixed<S>, accepted: Accepted, mut draining: watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Accepted { peer, local, tls, h2, proxy, mut shutdown } = accepted;
     let (stream, state) = conn::TimedIo::new(stream, proxy.timeouts, h2);
     let connection = Arc::new(ClientConn::new(proxy, peer, local, tls, Some(state)));
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let connection = connection.clone();
-        async move { Ok::<_, std::convert::Infallible>(connection.serve(request).await) }
+        // Boxed: on h2, hyper spawns a task per stream and moves this future (the whole
+        // request's state, kilobytes) several times on the way; boxed, it moves once.
+        Box::pin(async move { Ok::<_, std::convert::Infallible>(connection.serve(request).await) })
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
