@@ -1483,6 +1483,43 @@ mod tests {
         }
     }
 
+    /// An idle connection holds no buffers (`next_bytes` gives both back while the
+    /// read waits); one whose bytes are already there reads them into the buffers it
+    /// holds, without taking new ones.
+    #[tokio::test]
+    async fn an_idle_connection_gives_its_buffers_back_and_a_busy_one_keeps_them() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut server = crate::env::Stream::Tcp(listener.accept().await.unwrap().0);
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+
+        // As the last request left them; nothing more sent yet.
+        let mut buf = BytesMut::with_capacity(CLIENT_BUFFER_BYTES);
+        let mut out = Vec::with_capacity(OUT_BUFFER_BYTES);
+        {
+            let mut reading = std::pin::pin!(next_bytes(&mut server, &mut buf, &mut out));
+            let waits = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx).is_pending())).await;
+            assert!(waits);
+        }
+        assert_eq!((buf.capacity(), out.capacity()), (0, 0));
+
+        // Bytes arrive: both are taken again, and the bytes read.
+        client.write_all(request).await.unwrap();
+        assert_eq!(next_bytes(&mut server, &mut buf, &mut out).await.unwrap(), request.len());
+        assert_eq!(&buf[..], request);
+        assert!(buf.capacity() >= CLIENT_BUFFER_BYTES && out.capacity() >= OUT_BUFFER_BYTES);
+
+        // The next request is there by the time the last answer went out: read into
+        // the same buffer.
+        buf.advance(request.len());
+        let held = buf.as_ptr() as usize - request.len();
+        client.write_all(request).await.unwrap();
+        std::future::poll_fn(|cx| server.poll_readable(cx)).await.unwrap();
+        assert_eq!(next_bytes(&mut server, &mut buf, &mut out).await.unwrap(), request.len());
+        assert_eq!((&buf[..], buf.as_ptr() as usize), (&request[..], held));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_holds_every_deadline_whatever_it_was_armed_for() {
         let second = Duration::from_secs(1);
