@@ -27,7 +27,7 @@ use super::connect::{DnsCache, Timeouts, WriteTimed};
 use super::{BoxError, UpstreamBody};
 
 /// Idle keep-alive connections kept per upstream target and pool (each worker has
-/// its pools). 1024, not nginx's and Kong's usual 256 and 512: with 1 000 client
+/// its pools). 1024, twice Kong 3's `upstream_keepalive_pool_size`: with 1 000 client
 /// connections on one worker, 256 opened 15 000–26 000 new upstream connections per
 /// 10 s (one request in eight) and 1024 opened 1 or 2, for 7–50% more requests/s
 /// (node/PROXY.md, "Upstream keep-alive"). An idle direct-path connection holds no
