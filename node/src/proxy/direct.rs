@@ -92,22 +92,33 @@ pub const OUT_BUFFER_BYTES: usize = 1024;
 /// A client stream that can tell when a read would find bytes without being handed a
 /// buffer to read them into, so that an idle connection holds none.
 pub trait ReadReady {
+    /// Whether [`ReadReady::poll_readable`] can tell at all (the simulator's streams
+    /// cannot: a connection on one waits in its read, buffers held).
+    fn tells_readable(&self) -> bool;
+
     /// Ready when a read would not wait (bytes, the end, or an error); it may be
     /// ready when a read still waits, never the other way round.
     fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>>;
 }
 
 impl ReadReady for crate::env::Stream {
+    fn tells_readable(&self) -> bool {
+        matches!(self, crate::env::Stream::Tcp(_))
+    }
+
     fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {
             crate::env::Stream::Tcp(stream) => stream.poll_read_ready(context),
-            // The environment's streams cannot tell: read at once.
             crate::env::Stream::Other(_) => Poll::Ready(Ok(())),
         }
     }
 }
 
 impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
+    fn tells_readable(&self) -> bool {
+        self.get_ref().0.tells_readable()
+    }
+
     fn poll_readable(&mut self, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let (io, session) = self.get_mut();
         // Plaintext already decrypted (or the peer's close_notify): a read answers now.
@@ -176,6 +187,13 @@ where
             if let Poll::Ready(read) = now {
                 return read;
             }
+        }
+        if !stream.tells_readable() {
+            // Waiting for readiness would be ready at once, every time: wait in the
+            // read instead.
+            buf.reserve(CLIENT_BUFFER_BYTES);
+            out.reserve(OUT_BUFFER_BYTES);
+            return stream.read_buf(buf).await;
         }
         *buf = BytesMut::new();
         *out = Vec::new();
@@ -1518,6 +1536,33 @@ mod tests {
         std::future::poll_fn(|cx| server.poll_readable(cx)).await.unwrap();
         assert_eq!(next_bytes(&mut server, &mut buf, &mut out).await.unwrap(), request.len());
         assert_eq!((&buf[..], buf.as_ptr() as usize), (&request[..], held));
+    }
+
+    /// A stream that cannot tell when it is readable (the simulator's) waits in its
+    /// read. It used to spin: readiness "ready" at once, the read pending, again,
+    /// without ever yielding, and the simulated node hung.
+    #[test]
+    fn a_stream_that_cannot_tell_readiness_waits_in_its_read() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                use tokio::io::AsyncWriteExt;
+                let (mut client, server) = tokio::io::duplex(64 * 1024);
+                let mut server = crate::env::Stream::Other(Box::new(server));
+                let (mut buf, mut out) = (BytesMut::new(), Vec::new());
+                let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+                let (waits, read) = {
+                    let mut reading = std::pin::pin!(next_bytes(&mut server, &mut buf, &mut out));
+                    let waits = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx).is_pending())).await;
+                    client.write_all(request).await.unwrap();
+                    (waits, reading.await.unwrap())
+                };
+                let _ = done.send((waits, read == request.len() && buf.capacity() >= CLIENT_BUFFER_BYTES));
+            });
+        });
+        let outcome = finished.recv_timeout(Duration::from_secs(30)).expect("next_bytes never yielded: it spins");
+        assert_eq!(outcome, (true, true));
     }
 
     #[tokio::test(start_paused = true)]
