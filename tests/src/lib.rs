@@ -436,10 +436,15 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec
     Some(head)
 }
 
+/// The nodes' log filter: `TOLLGATE_TEST_LOG` when set (`info,openraft=info` shows
+/// elections, to chase a fault), else this.
+pub const NODE_LOG_DEFAULT: &str = "info,openraft=warn";
+
 /// Starts a `tollgate run` command with the tests' log level, its output in `log`.
 pub fn spawn_logged(command: &mut Command, log: std::fs::File) -> anyhow::Result<Child> {
+    let filter = std::env::var("TOLLGATE_TEST_LOG").unwrap_or_else(|_| NODE_LOG_DEFAULT.to_string());
     command
-        .env("RUST_LOG", "info,openraft=warn")
+        .env("RUST_LOG", filter)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

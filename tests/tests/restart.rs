@@ -238,10 +238,19 @@ async fn status_never_goes_backwards_across_restarts() -> anyhow::Result<()> {
 /// suite's load the term still rose (4 to 6) when the restarted member's first election
 /// timeout beat the leader's next heartbeat: a restarting member now holds its
 /// elections for three timeouts (`RESTART_ELECTION_HOLD_TIMEOUTS`).
+///
+/// The three members share this host's two cores with the restarted one's compile of
+/// 20 000 routes (a debug build's, seconds of CPU). Under that load CI once saw the
+/// leader silent for 0.7 s and the *other* follower, which had not restarted, win an
+/// election at the default 200–400 ms (reproduced here with two busy loops beside the
+/// test: 1 run in 5). That is Raft doing its job on a starved host, not what this
+/// test is about; the cluster runs with three times the default election timeouts,
+/// and the hold, counted in them, scales with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarting_follower_keeps_the_leader_and_the_term() -> anyhow::Result<()> {
     const RESTARTS: usize = 6;
-    let mut cluster = TestCluster::start(3).await?;
+    let mut cluster =
+        TestCluster::start_with(3, &["--raft-election-min-ms", "600", "--raft-election-max-ms", "1200"]).await?;
     let loaded = cluster.client().post("/config", &many_routes(20_000, "http://127.0.0.1:9")).await?;
     let version = loaded.config_version.unwrap_or(0);
     cluster.published(version).await?;
@@ -253,11 +262,18 @@ async fn a_restarting_follower_keeps_the_leader_and_the_term() -> anyhow::Result
         cluster.node(follower).kill9();
         cluster.node(follower).start()?;
         cluster.published(version).await?;
-        let status = cluster.status(leader).await;
-        let now = status.as_ref().and_then(|s| s["leader_id"].as_u64());
-        assert_eq!(now, Some(leader), "restart {restart} of node {follower} unseated leader {leader}");
-        let after = term_of(status);
-        assert_eq!(after, term, "restart {restart} of node {follower} raised the term from {term} to {after}");
+        // An answer, not a failed request, decides (a request that failed read as "no
+        // leader" before).
+        let status = eventually("the leader's /status", CONVERGE_TIMEOUT, || cluster.status(leader)).await?;
+        let (now, after) = (status["leader_id"].as_u64(), term_of(Some(status.clone())));
+        if now != Some(leader) || after != term {
+            let logs: Vec<String> =
+                (1..=3).map(|id| format!("--- node {id}'s log:\n{}", cluster.node(id).log())).collect();
+            panic!(
+                "restart {restart} of node {follower}: leader {leader} at term {term} became leader {now:?} at term {after}\n{}",
+                logs.join("\n")
+            );
+        }
     }
     Ok(())
 }
