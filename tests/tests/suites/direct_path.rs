@@ -94,6 +94,11 @@ async fn serve_scripted(mut stream: tokio::net::TcpStream, secrets: Arc<AtomicU6
                 answer
             }
             "drop-second" | "secret" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            // How many `x-many-*` headers arrived, as the body.
+            "many-headers" => {
+                let count = lower.lines().filter(|line| line.starts_with("x-many-")).count().to_string();
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{count}", count.len()).into_bytes()
+            }
             "hidden-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello".to_vec(),
             "bad" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_vec(),
             "until-close" => {
@@ -254,6 +259,31 @@ async fn a_request_the_direct_path_leaves_is_served_by_the_general_path_on_the_s
     assert!(text.contains("hello world") || text.contains("hello\r\n6\r\n world"), "{text}");
     if PROXY_MODE == tollgate_tests::ProxyMode::Direct {
         assert_eq!(counters(&cluster).await?, (1, 1));
+    }
+    Ok(())
+}
+
+/// The direct path parses 32 request headers (`DIRECT_HEADERS_MAX`); a request with
+/// more, up to the proxy's 100, is served whole by the general path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_more_headers_than_the_direct_path_parses_reaches_the_upstream_whole() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    for count in [5usize, 90] {
+        let mut request = String::from("GET /s/many-headers HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+        for index in 0..count {
+            request.push_str(&format!("X-Many-{index}: {index}\r\n"));
+        }
+        request.push_str("\r\n");
+        let (status, text) = raw_exchange(&proxy, request.as_bytes()).await?;
+        assert_eq!(status, 200, "{text}");
+        let body = text.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
+        let body = if body.contains("\r\n") { tollgate_tests::dechunk(body) } else { body.to_string() };
+        assert_eq!(body, count.to_string(), "{count} headers sent: {text}");
+    }
+    if PROXY_MODE == tollgate_tests::ProxyMode::Direct {
+        assert_eq!(counters(&cluster).await?, (1, 1), "5 headers: direct; 90: handed off");
     }
     Ok(())
 }
