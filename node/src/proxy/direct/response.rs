@@ -1,0 +1,250 @@
+//! Response heads as the direct path writes them: the upstream's, copied and
+//! rewritten in one pass, and the ones the proxy or a plugin makes.
+
+use std::mem::MaybeUninit;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use super::request::{text, tokens};
+use crate::proxy::lifecycle::{self, Answer, PluginRun, ResponseRule, Stamp, Stamped};
+
+/// Parses a response head into `response`, with uninitialised room for its headers.
+pub(super) fn parse_response<'h, 'b>(
+    response: &mut httparse::Response<'h, 'b>,
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(response, buf, headers)
+}
+
+pub(super) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `value` in decimal (`write!` goes through the formatting machinery).
+pub(super) fn put_number(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// How the response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Body {
+    /// None (`HEAD`, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes.
+    UntilClose,
+}
+
+pub(super) struct Framing {
+    pub(super) body: Body,
+    /// The upstream keeps the connection open after this response.
+    pub(super) upstream_keepalive: bool,
+    /// The client connection closes after this response.
+    pub(super) close_client: bool,
+    pub(super) dated: bool,
+    /// The `Content-Length` the client gets (the upstream's is never copied: a
+    /// `Connection` naming it would leave the body unframed).
+    pub(super) content_length: Option<u64>,
+}
+
+/// How an upstream's response is framed (RFC 9112 §6.3); `None` when it is not one
+/// to pass on (502): unparseable lengths, or lengths that disagree
+/// ([`lifecycle::check_response_lengths`], as the hyper adapter checks them).
+pub(super) fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bool) -> Option<Framing> {
+    // Below 100 is no HTTP status (hyper's client refuses it too).
+    let code = response.code.filter(|code| *code >= 100)?;
+    let mut keepalive = response.version == Some(1);
+    let (mut chunked, mut encoded, mut dated) = (false, false, false);
+    let lengths = response.headers.iter().filter(|header| header.name.eq_ignore_ascii_case("content-length"));
+    let length = lifecycle::check_response_lengths(lengths.map(|header| header.value)).ok()?;
+    for header in response.headers.iter() {
+        let is = |wanted: &str| header.name.eq_ignore_ascii_case(wanted);
+        if is("transfer-encoding") {
+            encoded = true;
+            chunked =
+                text(header.value)?.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if is("connection") {
+            keepalive &= !tokens(text(header.value)?).any(|token| token.eq_ignore_ascii_case("close"));
+        } else if is("date") {
+            dated = true;
+        }
+    }
+    // A HEAD answer that announces a body: a broken upstream may still send it, or
+    // answer again; the connection is not reused (it could desync another client's
+    // exchange).
+    if method == "HEAD" && (encoded || length.is_some_and(|length| length > 0)) {
+        keepalive = false;
+    }
+    let body = if method == "HEAD" || code == 204 || code == 304 || (100..200).contains(&code) {
+        Body::Empty
+    } else if encoded {
+        if chunked {
+            Body::Chunked
+        } else {
+            Body::UntilClose
+        }
+    } else {
+        length.map_or(Body::UntilClose, Body::Length)
+    };
+    let close_client = client_close || body == Body::UntilClose;
+    let content_length = match body {
+        Body::Length(length) => Some(length),
+        // `HEAD` and 304 keep the length the body would have had.
+        Body::Empty if code != 204 && code >= 200 && !encoded => length,
+        _ => None,
+    };
+    Some(Framing { body, upstream_keepalive: keepalive, close_client, dated, content_length })
+}
+
+/// The status line of the client's answer.
+pub(super) fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_number(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the client's response head into `out` from the upstream's parsed head,
+/// without a header map: what the lifecycle's response head ([`Stamp::apply`], then
+/// the headers plugins left, each replacing any of its name) makes of it.
+pub(super) fn raw_response_head(
+    out: &mut Vec<u8>,
+    response: &httparse::Response<'_, '_>,
+    framing: &Framing,
+    stamp: &Stamp<'_>,
+    added: &[(http::HeaderName, HeaderValue)],
+) {
+    let mut named: Vec<&str> = Vec::new();
+    for header in response.headers.iter().filter(|header| header.name.eq_ignore_ascii_case("connection")) {
+        named.extend(text(header.value).into_iter().flat_map(tokens));
+    }
+    let replaced_by_plugin = |name: &str| added.iter().any(|(added, _)| added.as_str().eq_ignore_ascii_case(name));
+    status_line(out, response.code.unwrap_or_default(), response.reason.unwrap_or_default());
+    for header in response.headers.iter() {
+        let name = header.name;
+        if lifecycle::response_rule(name) != ResponseRule::Keep
+            || (!added.is_empty() && replaced_by_plugin(name))
+            || named.iter().any(|token| token.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    stamp.each(|name, value| {
+        if replaced_by_plugin(name) {
+            return;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        match value {
+            Stamped::Text(text) => out.extend_from_slice(text),
+            Stamped::Number(number) => put_number(out, number),
+        }
+        out.extend_from_slice(b"\r\n");
+    });
+    // `insert` semantics: of several added headers of one name, the last stands.
+    for (index, (name, value)) in added.iter().enumerate() {
+        if !added[index + 1..].iter().any(|(later, _)| later == name) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    let dated =
+        framing.dated && !replaced_by_plugin("date") || added.iter().any(|(name, _)| name == http::header::DATE);
+    framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
+}
+
+/// The same through a header map, for a route whose plugins have `header_filter`.
+pub(super) fn mapped_response_head(
+    out: &mut Vec<u8>,
+    response: &httparse::Response<'_, '_>,
+    framing: &Framing,
+    stamp: &Stamp<'_>,
+    run: &mut PluginRun,
+) {
+    let mut headers = HeaderMap::with_capacity(response.headers.len() + 8);
+    for header in response.headers.iter() {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
+        {
+            headers.append(name, value);
+        }
+    }
+    stamp.apply(&mut headers);
+    let status = StatusCode::from_u16(response.code.unwrap_or_default()).unwrap_or(StatusCode::BAD_GATEWAY);
+    lifecycle::header_filter(Some(run), status, &mut headers);
+    status_line(out, status.as_u16(), response.reason.unwrap_or_default());
+    for (name, value) in &headers {
+        if lifecycle::response_rule(name.as_str()) == ResponseRule::Keep {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    let dated = headers.contains_key(http::header::DATE);
+    framing_headers(out, framing.body, framing.content_length, framing.close_client, dated);
+}
+
+/// Writes an answer the proxy or a plugin made; returns the bytes of body written
+/// (none in answer to `HEAD`, which keeps the length, as hyper does).
+pub(super) fn write_answer(out: &mut Vec<u8>, answer: &Answer, close: bool, head: bool) -> u64 {
+    status_line(out, answer.status.as_u16(), answer.status.canonical_reason().unwrap_or_default());
+    for (name, value) in &answer.headers {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let dated = answer.headers.contains_key(http::header::DATE);
+    framing_headers(out, Body::Length(answer.body.len() as u64), Some(answer.body.len() as u64), close, dated);
+    if head {
+        return 0;
+    }
+    out.extend_from_slice(&answer.body);
+    answer.body.len() as u64
+}
+
+/// The end of a response head: `Content-Length` or `Transfer-Encoding`, `Connection:
+/// close` when the client connection closes after it, a `Date` when none came.
+pub(super) fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bool, dated: bool) {
+    if let Some(length) = length {
+        out.extend_from_slice(b"content-length: ");
+        put_number(out, length);
+        out.extend_from_slice(b"\r\n");
+    }
+    if body == Body::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !dated {
+        put_header(out, b"date", httpdate::fmt_http_date(crate::clock::wall_time()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for value in [0, 7, 10, 12345, u64::MAX] {
+            let mut out = Vec::new();
+            put_number(&mut out, value);
+            assert_eq!(out, value.to_string().into_bytes());
+        }
+    }
+}
