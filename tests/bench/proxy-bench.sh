@@ -158,6 +158,10 @@ nginx_worker_pid() { # master pid file -> its (single) worker
     pgrep -P "$(cat "$1")" | head -1
 }
 
+user_ticks() { # pid -> utime of the whole process (the rest of cpu_ticks is the kernel's)
+    awk '{print $14}' "/proc/$1/stat"
+}
+
 cpu_ticks() { # pid -> utime + stime of the whole process
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
@@ -167,9 +171,9 @@ run() {
     local name=$1 url=$2 pid=$3 before after out requests rps p50 p99 cpu_us
     shift 3
     client taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s "$@" "$url" > /dev/null   # warm-up: pools, caches
-    [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+    [ "$pid" != "-" ] && before=$(cpu_ticks "$pid") && user_before=$(user_ticks "$pid")
     out=$(client taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION_S}s" --latency "$@" "$url")
-    [ "$pid" != "-" ] && after=$(cpu_ticks "$pid")
+    [ "$pid" != "-" ] && after=$(cpu_ticks "$pid") && user_after=$(user_ticks "$pid")
     requests=$(echo "$out" | awk '/requests in/ {print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
@@ -177,12 +181,15 @@ run() {
     if echo "$out" | grep -q "Non-2xx\|Socket errors"; then echo "$name: errors!" >&2; echo "$out" >&2; exit 1; fi
     if [ "$pid" != "-" ]; then
         cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+        user_us=$(awk -v t=$((user_after - user_before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
     else
         cpu_us="-"
+        user_us="-"
     fi
-    printf "%-28s %12s %10s %10s %14s\n" "$name" "$rps" "$p50" "$p99" "$cpu_us"
+    printf "%-28s %12s %10s %10s %14s %10s\n" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$user_us"
     LAST_RPS=$rps
     LAST_CPU=$cpu_us
+    LAST_USER=$user_us
 }
 
 # run_h2 NAME URL PID [h2load args...]: as run, with h2load (HTTP/2, 10 streams per
@@ -192,8 +199,10 @@ run_h2() {
     shift 3
     client taskset -c 1 h2load -t1 -c"$CONNECTIONS" -m10 -D 2 "$@" "$url" > /dev/null
     before=$(cpu_ticks "$pid")
+    user_before=$(user_ticks "$pid")
     out=$(client taskset -c 1 h2load -t1 -c"$CONNECTIONS" -m10 -D "$DURATION_S" "$@" "$url")
     after=$(cpu_ticks "$pid")
+    user_after=$(user_ticks "$pid")
     # requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout
     requests=$(echo "$out" | awk '$1 == "requests:" {print $8}')
     if ! echo "$out" | grep -q " 0 failed, 0 errored" || [ "${requests:-0}" -eq 0 ] ||
@@ -203,9 +212,11 @@ run_h2() {
     rps=$(echo "$out" | awk '$1 == "finished" {print $4}')
     mean=$(echo "$out" | awk '$1 == "time" && $3 == "request:" {print $6}')
     cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-    printf "%-28s %12s %10s %10s %14s\n" "$name" "$rps" "$mean" "-" "$cpu_us"
+    user_us=$(awk -v t=$((user_after - user_before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+    printf "%-28s %12s %10s %10s %14s %10s\n" "$name" "$rps" "$mean" "-" "$cpu_us" "$user_us"
     LAST_RPS=$rps
     LAST_CPU=$cpu_us
+    LAST_USER=$user_us
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
@@ -215,21 +226,29 @@ median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2) 
 # request by round lands in NGINX_ROUNDS.
 compare() {
     local label=$1 goal=$2 runner=$3 nginx_url=$4 tg_url=$5 round nginx_round ratios=()
+    local nginx_user=() nginx_kernel=() tg_user=() tg_kernel=()
     shift 5
     NGINX_ROUNDS=()
     for round in $(seq 1 "$ROUNDS"); do
         $runner "nginx, $label ($round)" "$nginx_url" "$NGINX_PID" "$@"
         nginx_round=$LAST_CPU
         NGINX_ROUNDS+=("$nginx_round")
+        nginx_user+=("$LAST_USER")
+        nginx_kernel+=("$(awk -v t="$LAST_CPU" -v u="$LAST_USER" 'BEGIN {printf "%.1f", t - u}')")
         $runner "tollgate, $label ($round)" "$tg_url" "$TG_PID" "$@"
+        tg_user+=("$LAST_USER")
+        tg_kernel+=("$(awk -v t="$LAST_CPU" -v u="$LAST_USER" 'BEGIN {printf "%.1f", t - u}')")
         # Each round's two runs are back to back, so their ratio is what the
         # neighbours disturb least.
         ratios+=("$(awk -v t="$LAST_CPU" -v n="$nginx_round" 'BEGIN {printf "%.3f", t / n}')")
     done
     echo "tollgate / nginx CPU per request, $label, by round: ${ratios[*]}; median $(median "${ratios[@]}") (goal $goal)"
+    echo "  medians, CPU-µs per request in user space / in the kernel: nginx $(median "${nginx_user[@]}") / $(median "${nginx_kernel[@]}"), tollgate $(median "${tg_user[@]}") / $(median "${tg_kernel[@]}")"
 }
 
-printf "%-28s %12s %10s %10s %14s\n" "target" "requests/s" "p50" "p99" "proxy CPU-µs/req"
+# CPU-µs per request of the proxy process, and the part of it spent in user space
+# (the rest is the kernel's: TCP on loopback, charged to the sender for both ends).
+printf "%-28s %12s %10s %10s %14s %10s\n" "target" "requests/s" "p50" "p99" "proxy CPU-µs/req" "of it user"
 run "direct (no proxy)" "http://127.0.0.1:$UPSTREAM_PORT/bench" -
 compare "HTTP/1.1" "<= 0.8" run "http://127.0.0.1:$NGINX_PROXY_PORT/bench" "http://127.0.0.1:$TG_PROXY_PORT/bench"
 NGINX_CPU=$(median "${NGINX_ROUNDS[@]}")
