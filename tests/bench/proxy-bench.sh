@@ -166,6 +166,14 @@ cpu_ticks() { # pid -> utime + stime of the whole process
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
+per_request() { # ticks requests -> CPU-µs per request
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
+}
+
+kernel_part() { # cpu_us user_us -> the kernel's part
+    awk -v t="$1" -v u="$2" 'BEGIN {printf "%.1f", t - u}'
+}
+
 # run NAME URL PID(or -) [wrk args...]; the requests/s also land in $LAST_RPS.
 run() {
     local name=$1 url=$2 pid=$3 before after out requests rps p50 p99 cpu_us
@@ -180,8 +188,8 @@ run() {
     p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
     if echo "$out" | grep -q "Non-2xx\|Socket errors"; then echo "$name: errors!" >&2; echo "$out" >&2; exit 1; fi
     if [ "$pid" != "-" ]; then
-        cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-        user_us=$(awk -v t=$((user_after - user_before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+        cpu_us=$(per_request $((after - before)) "$requests")
+        user_us=$(per_request $((user_after - user_before)) "$requests")
     else
         cpu_us="-"
         user_us="-"
@@ -211,8 +219,8 @@ run_h2() {
     fi
     rps=$(echo "$out" | awk '$1 == "finished" {print $4}')
     mean=$(echo "$out" | awk '$1 == "time" && $3 == "request:" {print $6}')
-    cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-    user_us=$(awk -v t=$((user_after - user_before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+    cpu_us=$(per_request $((after - before)) "$requests")
+    user_us=$(per_request $((user_after - user_before)) "$requests")
     printf "%-28s %12s %10s %10s %14s %10s\n" "$name" "$rps" "$mean" "-" "$cpu_us" "$user_us"
     LAST_RPS=$rps
     LAST_CPU=$cpu_us
@@ -234,10 +242,10 @@ compare() {
         nginx_round=$LAST_CPU
         NGINX_ROUNDS+=("$nginx_round")
         nginx_user+=("$LAST_USER")
-        nginx_kernel+=("$(awk -v t="$LAST_CPU" -v u="$LAST_USER" 'BEGIN {printf "%.1f", t - u}')")
+        nginx_kernel+=("$(kernel_part "$LAST_CPU" "$LAST_USER")")
         $runner "tollgate, $label ($round)" "$tg_url" "$TG_PID" "$@"
         tg_user+=("$LAST_USER")
-        tg_kernel+=("$(awk -v t="$LAST_CPU" -v u="$LAST_USER" 'BEGIN {printf "%.1f", t - u}')")
+        tg_kernel+=("$(kernel_part "$LAST_CPU" "$LAST_USER")")
         # Each round's two runs are back to back, so their ratio is what the
         # neighbours disturb least.
         ratios+=("$(awk -v t="$LAST_CPU" -v n="$nginx_round" 'BEGIN {printf "%.3f", t / n}')")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use tokio::sync::Mutex;
+use tollgate_node::config::{RAFT_ELECTION_MAX_MS_DEFAULT, RAFT_ELECTION_MIN_MS_DEFAULT};
 use tollgate_tests::{eventually, CountingUpstream, TestCluster, CONVERGE_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,17 +241,21 @@ async fn status_never_goes_backwards_across_restarts() -> anyhow::Result<()> {
 /// elections for three timeouts (`RESTART_ELECTION_HOLD_TIMEOUTS`).
 ///
 /// The three members share this host's two cores with the restarted one's compile of
-/// 20 000 routes (a debug build's, seconds of CPU). Under that load CI once saw the
-/// leader silent for 0.7 s and the *other* follower, which had not restarted, win an
-/// election at the default 200–400 ms (reproduced here with two busy loops beside the
-/// test: 1 run in 5). That is Raft doing its job on a starved host, not what this
-/// test is about; the cluster runs with three times the default election timeouts,
-/// and the hold, counted in them, scales with them.
+/// 20 000 routes (a debug build's, seconds of CPU). CI failed here once; with two busy
+/// loops beside the test it failed 1 run in 13, and the nodes' logs showed the leader
+/// silent for 0.7 s and the *other* follower, which had not restarted, winning an
+/// election at the default 200–400 ms. That is Raft doing its job on a starved host,
+/// not what this test is about: the cluster runs with election timeouts
+/// `ELECTION_TIMEOUT_SCALE` times the defaults, and the hold, counted in them, scales
+/// with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarting_follower_keeps_the_leader_and_the_term() -> anyhow::Result<()> {
     const RESTARTS: usize = 6;
+    const ELECTION_TIMEOUT_SCALE: u64 = 3;
+    let min_ms = (ELECTION_TIMEOUT_SCALE * RAFT_ELECTION_MIN_MS_DEFAULT).to_string();
+    let max_ms = (ELECTION_TIMEOUT_SCALE * RAFT_ELECTION_MAX_MS_DEFAULT).to_string();
     let mut cluster =
-        TestCluster::start_with(3, &["--raft-election-min-ms", "600", "--raft-election-max-ms", "1200"]).await?;
+        TestCluster::start_with(3, &["--raft-election-min-ms", &min_ms, "--raft-election-max-ms", &max_ms]).await?;
     let loaded = cluster.client().post("/config", &many_routes(20_000, "http://127.0.0.1:9")).await?;
     let version = loaded.config_version.unwrap_or(0);
     cluster.published(version).await?;

@@ -88,7 +88,7 @@ pub const UPSTREAM_READ_BYTES: usize = 16 * 1024;
 /// about as much).
 pub const UPSTREAM_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// Request headers, in number, the direct path takes: a request with more (up to
-/// [`super::HEADERS_COUNT_MAX`]) takes the general path. Kong's clients send about ten;
+/// [`super::HEADERS_COUNT_MAX`]) takes the general path. Clients commonly send about ten;
 /// each slot is held, 32 bytes, in every request's exchange, which is moved once
 /// onto the heap (a hundred slots were a third of that move).
 pub const DIRECT_HEADERS_MAX: usize = 32;

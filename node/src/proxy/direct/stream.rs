@@ -71,16 +71,20 @@ where
         if !stream.tells_readable() {
             // Waiting for readiness would be ready at once, every time: wait in the
             // read instead.
-            buf.reserve(CLIENT_BUFFER_BYTES);
-            out.reserve(OUT_BUFFER_BYTES);
+            take_buffers(buf, out);
             return stream.read_buf(buf).await;
         }
         *buf = BytesMut::new();
         *out = Vec::new();
         std::future::poll_fn(|cx| stream.poll_readable(cx)).await?;
-        buf.reserve(CLIENT_BUFFER_BYTES);
-        out.reserve(OUT_BUFFER_BYTES);
+        take_buffers(buf, out);
     }
+}
+
+/// Makes room for a request and its answer's head in the (empty) buffers.
+fn take_buffers(buf: &mut BytesMut, out: &mut Vec<u8>) {
+    buf.reserve(CLIENT_BUFFER_BYTES);
+    out.reserve(OUT_BUFFER_BYTES);
 }
 
 /// A connection handed off by the direct path: the bytes it read come first.

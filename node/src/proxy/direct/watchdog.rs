@@ -106,7 +106,8 @@ mod tests {
         // at the deadline.
         assert_eq!(watchdog.within(60 * second, std::future::pending::<()>()).await, None);
         assert_eq!(Instant::now(), start + 60 * second);
-        // A deadline shorter than the one it is armed for moves it.
+        // Work done at once is not cut; then a deadline shorter than the one the
+        // timer is armed for moves it.
         let now = Instant::now();
         assert_eq!(watchdog.within(120 * second, async {}).await, Some(()));
         assert_eq!(watchdog.within(2 * second, std::future::pending::<()>()).await, None);
