@@ -60,11 +60,11 @@ use super::telemetry::RouteMetrics;
 use super::upstream::Transport;
 use super::{ClientConn, InFlight, RequestId};
 
-mod chunked;
+pub(super) mod chunked;
 mod request;
-mod response;
+pub(super) mod response;
 mod stream;
-mod watchdog;
+pub(super) mod watchdog;
 
 use chunked::Chunked;
 pub use chunked::{CHUNK_EXTENSION_BYTES_MAX, TRAILER_BYTES_MAX};
@@ -583,20 +583,21 @@ async fn answered<S: AsyncWrite + Unpin>(
 }
 
 /// An upstream response head, whole at the start of the connection's buffer.
-struct Exchange {
-    connection: DirectConn,
-    head_len: usize,
-    status: u16,
-    authority: Authority,
+pub(super) struct Exchange {
+    pub(super) connection: DirectConn,
+    pub(super) head_len: usize,
+    pub(super) status: u16,
+    pub(super) authority: Authority,
 }
 
-/// The direct codec's side of [`lifecycle::Upstream`]: the request already written
-/// in `request`, sent on the worker's own pool.
-struct DirectUpstream<'a> {
-    pool: &'a DirectPool,
-    request: &'a [u8],
-    watchdog: &'a mut Watchdog,
-    timeouts: Timeouts,
+/// The direct codec's side of [`lifecycle::Upstream`] (and the general path's, for a
+/// plain `http` upstream): the request already written in `request`, sent on the
+/// worker's own pool.
+pub(super) struct DirectUpstream<'a> {
+    pub(super) pool: &'a DirectPool,
+    pub(super) request: &'a [u8],
+    pub(super) watchdog: &'a mut Watchdog,
+    pub(super) timeouts: Timeouts,
 }
 
 impl lifecycle::Upstream for DirectUpstream<'_> {

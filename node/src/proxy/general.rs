@@ -1,8 +1,13 @@
 //! The hyper adapter (the "general path"): the codec for what the direct HTTP/1.1
-//! codec leaves, hyper on both sides. HTTP/2 and h2c clients, TLS and gRPC upstreams,
-//! `Upgrade` (WebSocket and others), streamed and chunked bodies, plugins that read
-//! the response body (response-transformer's JSON edits, proxy-cache), and every
-//! request with `--proxy-direct off`.
+//! codec leaves, hyper's server on the client's side. HTTP/2 and h2c clients, TLS and
+//! gRPC upstreams, `Upgrade` (WebSocket and others), streamed and chunked bodies,
+//! plugins that read the response body (response-transformer's JSON edits,
+//! proxy-cache), and every request with `--proxy-direct off`.
+//!
+//! Upstream, a request whose body is at hand (none, or one read whole) to a plain
+//! `http` service takes the direct codec's exchange (`general/plain.rs`); hyper's
+//! client carries the rest (streamed bodies, `Upgrade`, TLS, h2c and gRPC upstreams)
+//! and everything with `--proxy-direct off`.
 //!
 //! Policy is the lifecycle's (`lifecycle.rs`); this file turns hyper's request into
 //! the lifecycle's request head, runs the phases in order, and carries bodies: the
@@ -33,9 +38,11 @@ use super::pool::{PoolReturn, SendError};
 use super::router::{strip_port, RequestView};
 use super::telemetry::{self, RouteMetrics};
 use super::upstream::{self, Sender};
-use super::{BoxError, ClientConn, InFlight, ProxyBody, ProxySnapshot, RequestId, UpstreamBody};
+use super::{direct, BoxError, ClientConn, InFlight, ProxyBody, ProxySnapshot, RequestId, UpstreamBody};
 use super::{CLIENT_BODY_TIMEOUT, REQUEST_HEADERS_ADDED, RESPONSE_HEADERS_ADDED, RETRY_BODY_BYTES_MAX};
 use crate::conn;
+
+mod plain;
 
 /// What the log phase learns of a request on its way.
 #[derive(Default)]
@@ -263,6 +270,9 @@ async fn forward<'s>(
     let body_limit = lifecycle::body_limit(learnt.run.as_ref());
     let balancer = service.balancer.as_deref();
     let may_retry = service.retries > 0 && balancer.is_some_and(|balancer| balancer.len() > 1);
+    // A plain `http` upstream is reached by the direct codec's exchange, not hyper's
+    // client, when the body is at hand (`plain.rs`); a small body is read whole for it.
+    let plain = proxy.direct && matches!(service.transport, upstream::Transport::Http1) && upgrade.is_none();
     let read_body = learnt.run.as_mut().and_then(|run| run.ctx.request_body.take());
     let (replay, streamed): (Option<Bytes>, Option<UpstreamBody>) = match (read_body, body) {
         (Some(bytes), _) => {
@@ -281,7 +291,7 @@ async fn forward<'s>(
             let body = http_body_util::Limited::new(body, body_limit as usize).map_err(flag);
             match Body::size_hint(&body).exact().or(declared_length) {
                 Some(0) => (Some(Bytes::new()), None),
-                Some(length) if length <= RETRY_BODY_BYTES_MAX && may_retry => {
+                Some(length) if length <= RETRY_BODY_BYTES_MAX && (may_retry || plain) => {
                     match tokio::time::timeout(CLIENT_BODY_TIMEOUT, body.collect()).await {
                         Ok(Ok(collected)) => (Some(collected.to_bytes()), None),
                         Ok(Err(failure)) => return Err(client_body_error(failure)),
@@ -311,20 +321,41 @@ async fn forward<'s>(
         idempotent: lifecycle::idempotent(method.as_str()),
         label: proxy.access_log.is_some(),
     };
-    let scheme = if matches!(service.transport, upstream::Transport::Tls(_)) { Scheme::HTTPS } else { Scheme::HTTP };
-    let mut upstream = HyperUpstream {
-        sender,
-        method: method.clone(),
-        scheme,
-        target,
-        headers: &parts.headers,
-        replay,
-        streamed,
-        read_timeout: service.timeouts.read,
-        client_body_failed,
-    };
     let mut attempted = Attempted { upstream_started: Instant::now(), label: None };
-    let sent = lifecycle::attempts(&plan, &mut upstream, &mut attempted).await;
+    let read_timeout = service.timeouts.read;
+    let sent = match replay {
+        // `Host` is always set by now (the service's, or the client's kept); hyper's
+        // client would otherwise name the attempt's address.
+        Some(body) if plain && parts.headers.contains_key(HOST) => {
+            let mut request = Vec::with_capacity(direct::OUT_BUFFER_BYTES + body.len());
+            plain::write_request(&mut request, &method, &target, &parts.headers, &body);
+            let pool = &proxy.clients.direct;
+            let mut watchdog = direct::watchdog::Watchdog::new();
+            let mut upstream =
+                direct::DirectUpstream { pool, request: &request, watchdog: &mut watchdog, timeouts: service.timeouts };
+            let exchange = lifecycle::attempts(&plan, &mut upstream, &mut attempted).await;
+            exchange
+                .and_then(|exchange| plain::response(exchange, method.as_str(), pool, Instant::now()))
+                .map(|response| (response.map(|body| ReadTimed::new(body, read_timeout).boxed()), None))
+        }
+        replay => {
+            let scheme =
+                if matches!(service.transport, upstream::Transport::Tls(_)) { Scheme::HTTPS } else { Scheme::HTTP };
+            let mut upstream = HyperUpstream {
+                sender,
+                method: method.clone(),
+                scheme,
+                target,
+                headers: &parts.headers,
+                replay,
+                streamed,
+                read_timeout,
+                client_body_failed,
+            };
+            let sent = lifecycle::attempts(&plan, &mut upstream, &mut attempted).await;
+            sent.map(|(response, back)| (response.map(|body| ReadTimed::new(body, read_timeout).boxed()), back))
+        }
+    };
     learnt.upstream = attempted.label.take();
     let (response, back) = sent?;
     let upstream_elapsed = attempted.upstream_started.elapsed();
@@ -379,8 +410,7 @@ async fn forward<'s>(
     learnt.from_upstream = true;
 
     // body filters
-    let read_timeout = service.timeouts.read;
-    let mut body: ProxyBody = ReadTimed::new(body, read_timeout).boxed();
+    let mut body = body;
     let mut cache_store = None;
     if let Some(run) = &mut learnt.run {
         cache_store = run.ctx.cache_store.take();

@@ -219,6 +219,109 @@ async fn every_response_framing_passes_through_on_one_reused_upstream_connection
     Ok(())
 }
 
+/// What an HTTP/2 client got: status, head, body and trailers.
+struct H2Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+    trailers: Option<http::HeaderMap>,
+}
+
+type H2Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// An h2c client (prior knowledge): one connection to the proxy, a stream per request.
+fn h2c() -> H2Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+async fn h2_request(
+    client: &H2Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<H2Reply> {
+    use http_body_util::BodyExt;
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(body)))?;
+    let response = tokio::time::timeout(tollgate_tests::CONVERGE_TIMEOUT, client.request(request)).await??;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let (parts, body) = response.into_parts();
+    let collected = tokio::time::timeout(tollgate_tests::CONVERGE_TIMEOUT, body.collect()).await??;
+    let trailers = collected.trailers().cloned();
+    Ok(H2Reply { status: parts.status.as_u16(), headers: parts.headers, body: collected.to_bytes().to_vec(), trailers })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_every_response_framing_and_share_upstream_connections_with_http1() -> anyhow::Result<()> {
+    let upstream = ScriptedUpstream::start().await?;
+    let cluster = cluster_routing_to(&upstream).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let h2 = h2c();
+    let url = |path: &str| format!("{proxy}{path}");
+
+    // An HTTP/1.1 request, then HTTP/2 ones: the worker's one upstream connection
+    // carries them all (the HTTP/2 streams reach a plain upstream on the same pool as
+    // the HTTP/1.1 requests, in both modes).
+    let reply = ProxyClient::new().request(&proxy, "GET", None, "/s/length", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("hello")));
+    for _ in 0..3 {
+        let reply = h2_request(&h2, "GET", &url("/s/length"), &[], b"").await?;
+        assert_eq!((reply.status, &reply.body[..]), (200, &b"hello"[..]));
+        assert_eq!(reply.headers["content-length"], "5");
+        assert!(reply.headers.get("x-private").is_none(), "a header the upstream's Connection names is hop-by-hop");
+        assert_ne!(reply.headers["x-tollgate-request-id"], "forged");
+        assert_eq!(reply.headers["via"], "1.1 tollgate");
+    }
+    assert_eq!(upstream.connections(), 1, "HTTP/1.1 and HTTP/2 requests share the upstream connection");
+
+    // Chunked, with trailers for a client that takes them.
+    let reply = h2_request(&h2, "GET", &url("/s/chunked"), &[("te", "trailers")], b"").await?;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"hello world"[..]));
+    let trailers = reply.trailers.unwrap_or_default();
+    assert_eq!(trailers.get("x-sum").map(|v| v.as_bytes()), Some(&b"11"[..]), "{trailers:?}");
+    let reply = h2_request(&h2, "GET", &url("/s/empty"), &[], b"").await?;
+    assert_eq!((reply.status, reply.body.len()), (204, 0));
+    let reply = h2_request(&h2, "HEAD", &url("/s/length"), &[], b"").await?;
+    assert_eq!((reply.status, reply.body.len()), (200, 0));
+    assert_eq!(reply.headers["content-length"], "5", "HEAD keeps the length the GET would have");
+    let reply = h2_request(&h2, "GET", &url("/s/interim"), &[], b"").await?;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"ok"[..]));
+    let reply = h2_request(&h2, "GET", &url("/s/big"), &[], b"").await?;
+    assert_eq!((reply.status, reply.body.len()), (200, BIG_BODY_BYTES));
+    assert!(reply.body.iter().enumerate().all(|(i, b)| *b == b'a' + (i % 26) as u8), "the body arrived intact");
+    let reply = h2_request(&h2, "GET", &url("/s/until-close"), &[], b"").await?;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"until close"[..]));
+    let reply = h2_request(&h2, "POST", &url("/s/many-headers"), &[("x-many-1", "a")], b"a small body").await?;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"1"[..]));
+    // The connection the POST used: its body was framed, so this head is read as one.
+    let reply = h2_request(&h2, "GET", &url("/s/length"), &[], b"").await?;
+    assert_eq!((reply.status, &reply.body[..]), (200, &b"hello"[..]));
+    // Two Content-Lengths that disagree: Kong's 502.
+    let reply = h2_request(&h2, "GET", &url("/s/bad"), &[], b"").await?;
+    assert_eq!(reply.status, 502, "{}", String::from_utf8_lossy(&reply.body));
+
+    // A response the client stops reading: its connection, half read, never serves
+    // another request (the next answers would be the rest of this body).
+    let request = http::Request::get(url("/s/big")).body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let response = h2.request(request).await?;
+    assert_eq!(response.status(), 200);
+    drop(response);
+    for _ in 0..3 {
+        let reply = h2_request(&h2, "GET", &url("/s/length"), &[], b"").await?;
+        assert_eq!((reply.status, &reply.body[..]), (200, &b"hello"[..]));
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_connection_the_upstream_closed_is_replaced_only_for_idempotent_requests() -> anyhow::Result<()> {
     let upstream = ScriptedUpstream::start().await?;

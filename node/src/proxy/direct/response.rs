@@ -9,7 +9,7 @@ use super::request::{text, tokens};
 use crate::proxy::lifecycle::{self, Answer, PluginRun, ResponseRule, Stamp, Stamped};
 
 /// Parses a response head into `response`, with uninitialised room for its headers.
-pub(super) fn parse_response<'h, 'b>(
+pub(in crate::proxy) fn parse_response<'h, 'b>(
     response: &mut httparse::Response<'h, 'b>,
     buf: &'b [u8],
     headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
@@ -17,7 +17,7 @@ pub(super) fn parse_response<'h, 'b>(
     httparse::ParserConfig::default().parse_response_with_uninit_headers(response, buf, headers)
 }
 
-pub(super) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(in crate::proxy) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -25,7 +25,7 @@ pub(super) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Writes `value` in decimal (`write!` goes through the formatting machinery).
-pub(super) fn put_number(out: &mut Vec<u8>, mut value: u64) {
+pub(in crate::proxy) fn put_number(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
     let mut start = digits.len();
     loop {
@@ -41,7 +41,7 @@ pub(super) fn put_number(out: &mut Vec<u8>, mut value: u64) {
 
 /// How the response body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Body {
+pub(in crate::proxy) enum Body {
     /// None (`HEAD`, 204, 304).
     Empty,
     Length(u64),
@@ -50,22 +50,26 @@ pub(super) enum Body {
     UntilClose,
 }
 
-pub(super) struct Framing {
-    pub(super) body: Body,
+pub(in crate::proxy) struct Framing {
+    pub(in crate::proxy) body: Body,
     /// The upstream keeps the connection open after this response.
-    pub(super) upstream_keepalive: bool,
+    pub(in crate::proxy) upstream_keepalive: bool,
     /// The client connection closes after this response.
-    pub(super) close_client: bool,
-    pub(super) dated: bool,
+    pub(in crate::proxy) close_client: bool,
+    pub(in crate::proxy) dated: bool,
     /// The `Content-Length` the client gets (the upstream's is never copied: a
     /// `Connection` naming it would leave the body unframed).
-    pub(super) content_length: Option<u64>,
+    pub(in crate::proxy) content_length: Option<u64>,
 }
 
 /// How an upstream's response is framed (RFC 9112 §6.3); `None` when it is not one
 /// to pass on (502): unparseable lengths, or lengths that disagree
 /// ([`lifecycle::check_response_lengths`], as the hyper adapter checks them).
-pub(super) fn framing(response: &httparse::Response<'_, '_>, method: &str, client_close: bool) -> Option<Framing> {
+pub(in crate::proxy) fn framing(
+    response: &httparse::Response<'_, '_>,
+    method: &str,
+    client_close: bool,
+) -> Option<Framing> {
     // Below 100 is no HTTP status (hyper's client refuses it too).
     let code = response.code.filter(|code| *code >= 100)?;
     let mut keepalive = response.version == Some(1);
@@ -217,7 +221,7 @@ pub(super) fn write_answer(out: &mut Vec<u8>, answer: &Answer, close: bool, head
 
 /// The end of a response head: `Content-Length` or `Transfer-Encoding`, `Connection:
 /// close` when the client connection closes after it, a `Date` when none came.
-pub(super) fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bool, dated: bool) {
+pub(in crate::proxy) fn framing_headers(out: &mut Vec<u8>, body: Body, length: Option<u64>, close: bool, dated: bool) {
     if let Some(length) = length {
         out.extend_from_slice(b"content-length: ");
         put_number(out, length);

@@ -15,12 +15,12 @@ use tokio::time::{Instant, Sleep};
 /// when it fires before the deadline in force (it then checks the time and re-arms)
 /// or when a deadline earlier than its own comes. With the usual deadlines (tens of
 /// seconds) it moves about once per keep-alive period, not per request.
-pub(super) struct Watchdog {
+pub(in crate::proxy) struct Watchdog {
     sleep: Pin<Box<Sleep>>,
 }
 
 impl Watchdog {
-    pub(super) fn new() -> Watchdog {
+    pub(in crate::proxy) fn new() -> Watchdog {
         Watchdog { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)) }
     }
 
