@@ -44,7 +44,7 @@ use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::HOST;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,7 +70,8 @@ use chunked::Chunked;
 pub use chunked::{CHUNK_EXTENSION_BYTES_MAX, TRAILER_BYTES_MAX};
 use request::{header_map, text, Head};
 use response::{
-    framing, mapped_response_head, parse_response, put_header, put_number, raw_response_head, write_answer, Body,
+    framing, mapped_response_head, parse_response, put_header, put_number, put_pieces, raw_response_head, write_answer,
+    Body,
 };
 use stream::next_bytes;
 pub use stream::{Prefixed, ReadReady};
@@ -436,14 +437,15 @@ where
                 (true, Some(host)) => Some(host.as_bytes()),
                 _ => service_host,
             };
-            forwarding.apply(map);
+            // Written as `apply` would leave the map, without making its values. (The
+            // map stays the client's as the plugins left it, which is what the
+            // balancer hashes, as on the path without plugins.)
+            forwarding.write(map, |name, pieces| put_pieces(out, name.as_bytes(), pieces));
             // The body's length is ours to say, never a header the client sent.
-            map.remove(CONTENT_LENGTH);
             if head.declared || !body.is_empty() {
-                map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-            }
-            for (name, value) in map.iter() {
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+                out.extend_from_slice(b"content-length: ");
+                put_number(out, body.len() as u64);
+                out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(b"\r\n");
             out.extend_from_slice(&body);
@@ -463,17 +465,7 @@ where
                     put_header(out, header.name.as_bytes(), header.value);
                 }
             }
-            forwarding.each(
-                |which| head.sent(which),
-                |name, pieces| {
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    for piece in pieces {
-                        out.extend_from_slice(piece);
-                    }
-                    out.extend_from_slice(b"\r\n");
-                },
-            );
+            forwarding.each(|which| head.sent(which), |name, pieces| put_pieces(out, name.as_bytes(), pieces));
             if head.declared {
                 out.extend_from_slice(b"content-length: ");
                 put_number(out, head.content_length as u64);

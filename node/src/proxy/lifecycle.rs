@@ -390,6 +390,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 tollgate");
 
 /// The headers the proxy sets on the upstream request, after the client's that stay.
+/// Fields [`Forwarding::each`] sets, at most.
+const FORWARDED_FIELDS_MAX: usize = 12;
+
 pub struct Forwarding<'a> {
     /// The peer is in `--trusted-ips`: the `X-Forwarded-*` it sent stay.
     pub peer_trusted: bool,
@@ -474,6 +477,37 @@ impl Forwarding<'_> {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
+    }
+
+    /// What [`Forwarding::apply`] leaves on `headers`, written instead of set: `put`
+    /// gets each field of the map that stays (`Content-Length` aside, which the codec
+    /// writes), then each the proxy sets, its value in pieces. No header value is made:
+    /// on the direct codec, a route whose plugins need a map would otherwise build one
+    /// per forwarded field only to write it out (about a sixth of that request's
+    /// instructions).
+    pub fn write(&self, headers: &HeaderMap, mut put: impl FnMut(&str, &[&[u8]])) {
+        let sent = |header: Forwarded| headers.contains_key(header.name());
+        let keep_prefix = self.peer_trusted && sent(Forwarded::Prefix);
+        // What the proxy sets replaces the map's, but `Via`, which it adds to.
+        let mut replaced: [&str; FORWARDED_FIELDS_MAX] = [""; FORWARDED_FIELDS_MAX];
+        let mut count = 0;
+        self.each(sent, |name, _| {
+            if name != "via" && count < replaced.len() {
+                replaced[count] = name;
+                count += 1;
+            }
+        });
+        for (name, value) in headers {
+            let name = name.as_str();
+            let dropped = name == "content-length"
+                || name == "proxy"
+                || (name == Forwarded::Prefix.name() && !keep_prefix)
+                || replaced[..count].contains(&name);
+            if !dropped {
+                put(name, &[value.as_bytes()]);
+            }
+        }
+        self.each(sent, |name, pieces| put(name, pieces));
     }
 }
 
@@ -882,5 +916,81 @@ mod tests {
         forwarding(true).apply(&mut headers);
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-prefix"], "/p");
+    }
+
+    #[test]
+    fn forwarding_written_is_forwarding_applied() {
+        let forwarding = |trusted, prefix, upstream_host| Forwarding {
+            peer_trusted: trusted,
+            forwarded_for: trusted.then_some("1.1.1.1"),
+            peer_ip: b"10.0.0.1",
+            real_ip: Cow::Borrowed(b"1.1.1.1"),
+            tls: true,
+            host: Some("example.com"),
+            port: b"8443",
+            path: "/a/b",
+            prefix,
+            request_id: "1-2",
+            upstream_host,
+        };
+        let maps = [
+            vec![("host", "client"), ("accept", "*/*")],
+            vec![
+                ("host", "client"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "h"),
+                ("x-forwarded-port", "1"),
+                ("x-forwarded-path", "/p"),
+                ("x-forwarded-prefix", "/pre"),
+                ("x-forwarded-for", "9.9.9.9"),
+                ("x-real-ip", "9.9.9.9"),
+                ("via", "1.0 other"),
+                ("proxy", "http://evil"),
+                ("content-length", "3"),
+                ("x-tollgate-request-id", "forged"),
+                ("x-custom", "one"),
+                ("x-custom", "two"),
+            ],
+        ];
+        for fields in &maps {
+            let mut headers = HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+            }
+            for trusted in [false, true] {
+                for prefix in [None, Some("/route")] {
+                    for upstream_host in [None, Some(&b"upstream"[..])] {
+                        let forwarding = forwarding(trusted, prefix, upstream_host);
+                        let mut applied = headers.clone();
+                        forwarding.apply(&mut applied);
+                        applied.remove("content-length");
+                        let mut expected: Vec<String> = applied
+                            .iter()
+                            .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or_default()))
+                            .collect();
+                        let mut written = Vec::new();
+                        forwarding.write(&headers, |name, pieces| {
+                            written.push(format!("{name}: {}", String::from_utf8_lossy(&pieces.concat())));
+                        });
+                        // Fields of one name keep their order; names may come in any.
+                        let order = |lines: &[String]| {
+                            let mut by_name: Vec<(String, Vec<String>)> = Vec::new();
+                            for line in lines {
+                                let name = line.split(':').next().unwrap_or_default().to_string();
+                                match by_name.iter_mut().find(|(seen, _)| *seen == name) {
+                                    Some((_, values)) => values.push(line.clone()),
+                                    None => by_name.push((name, vec![line.clone()])),
+                                }
+                            }
+                            by_name.sort();
+                            by_name
+                        };
+                        let context = format!("trusted {trusted}, prefix {prefix:?}, host {upstream_host:?}");
+                        assert_eq!(order(&written), order(&expected), "{context}");
+                        expected.clear();
+                    }
+                }
+            }
+        }
     }
 }

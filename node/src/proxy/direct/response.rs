@@ -24,6 +24,16 @@ pub(in crate::proxy) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8])
     out.extend_from_slice(b"\r\n");
 }
 
+/// A field whose value comes in pieces, joined.
+pub(in crate::proxy) fn put_pieces(out: &mut Vec<u8>, name: &[u8], pieces: &[&[u8]]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    for piece in pieces {
+        out.extend_from_slice(piece);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes `value` in decimal (`write!` goes through the formatting machinery).
 pub(in crate::proxy) fn put_number(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
