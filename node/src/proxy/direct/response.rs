@@ -24,7 +24,10 @@ pub(in crate::proxy) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8])
     out.extend_from_slice(b"\r\n");
 }
 
-/// A field whose value comes in pieces, joined.
+/// A field whose value comes in pieces, joined. Inlined: called through a closure for
+/// each forwarded field, out of line it cost about 2% of a plain request's
+/// instructions (callgrind).
+#[inline]
 pub(in crate::proxy) fn put_pieces(out: &mut Vec<u8>, name: &[u8], pieces: &[&[u8]]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
