@@ -91,10 +91,7 @@ pub(super) fn response(
     let head = connection.buf.split_to(head_len).freeze();
     let mut slots = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
     let mut parsed = httparse::Response::new(&mut []);
-    let invalid = |what: &str| {
-        let cause = std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        ProxyError::caused_by(ErrorKind::UpstreamInvalid, cause.into())
-    };
+    let invalid = |what: &str| ProxyError::caused_by(ErrorKind::UpstreamInvalid, broken(what));
     if !matches!(parse_response(&mut parsed, &head, &mut slots), Ok(httparse::Status::Complete(_))) {
         return Err(invalid("upstream response head unparseable"));
     }
@@ -179,6 +176,7 @@ impl PlainBody {
     }
 }
 
+/// What an upstream broke, as an error cause.
 fn broken(what: &str) -> BoxError {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()).into()
 }
