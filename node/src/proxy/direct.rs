@@ -70,8 +70,8 @@ use chunked::Chunked;
 pub use chunked::{CHUNK_EXTENSION_BYTES_MAX, TRAILER_BYTES_MAX};
 use request::{header_map, text, Head};
 use response::{
-    framing, mapped_response_head, parse_response, put_header, put_number, put_pieces, raw_response_head, write_answer,
-    Body,
+    final_head, framing, mapped_response_head, parse_response, put_header, put_number, put_pieces, raw_response_head,
+    write_answer, Body,
 };
 use stream::next_bytes;
 pub use stream::{Prefixed, ReadReady};
@@ -245,7 +245,9 @@ impl Reply<'_> {
     ) -> Step {
         tracing::debug!(%error, request_id = self.request_id.as_str(), "request failed");
         let answer = lifecycle::error_answer(&error, run.as_deref_mut(), self.request_id.as_str());
-        self.made(stream, out, watchdog, answer, run.as_deref(), upstream).await
+        // Boxed, as every path off the common one: each await's state is room in the
+        // exchange's future, which is moved onto the heap for every request.
+        Box::pin(self.made(stream, out, watchdog, answer, run.as_deref(), upstream)).await
     }
 }
 
@@ -270,7 +272,7 @@ where
     }
     // Only targets hyper's URI parser takes: it refuses some that httparse lets
     // through (`<`, `>`, a backtick), and answers them itself.
-    if http::uri::PathAndQuery::try_from(target).is_err() {
+    if !request::uri_surely_valid(target) && http::uri::PathAndQuery::try_from(target).is_err() {
         return Step::HandOff;
     }
     let headers = request.headers;
@@ -367,39 +369,41 @@ where
 
     // access, with the body at hand for plugins that read it
     let mut body = Bytes::new();
-    let mut run: Option<PluginRun> = None;
+    // Boxed: held across every await of the exchange, and most routes run no plugin.
+    let mut run: Option<Box<PluginRun>> = None;
     if let (Some(map), Some(http_method)) = (map.as_mut(), &http_method) {
         let sent = Bytes::copy_from_slice(&buf[head_len..request_end]);
         let mut whole = Some(http_body_util::Full::new(sent.clone()));
         let state = &proxy.plugin_state;
-        match lifecycle::access(snapshot, &routed, &request, &path, client_ip, http_method, map, &mut whole, state)
-            .await
-        {
+        // Boxed (as `Reply::error`): the plugins' futures are kilobytes.
+        let access =
+            lifecycle::access(snapshot, &routed, &request, &path, client_ip, http_method, map, &mut whole, state);
+        match Box::pin(access).await {
             Access::Exit(mut exited, exit) => {
                 let answer = lifecycle::exit_answer(exit, &mut exited, reply.request_id.as_str());
-                return reply.made(stream, out, watchdog, answer, Some(&exited), (None, None)).await;
+                return Box::pin(reply.made(stream, out, watchdog, answer, Some(&exited), (None, None))).await;
             }
-            Access::Continue(continued) => run = continued,
+            Access::Continue(continued) => run = continued.map(Box::new),
         }
         // A plugin that read the body (and may have changed it) sends it as it is now,
         // with its length (set with the other headers below).
-        body = run.as_mut().and_then(|run| run.ctx.request_body.take()).unwrap_or(sent);
-        if body.len() as u64 > lifecycle::body_limit(run.as_ref()) {
+        body = run.as_deref_mut().and_then(|run| run.ctx.request_body.take()).unwrap_or(sent);
+        if body.len() as u64 > lifecycle::body_limit(run.as_deref()) {
             let error = ErrorKind::BodyLimitExceeded.into();
-            return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await;
+            return reply.error(stream, out, watchdog, error, run.as_deref_mut(), (None, None)).await;
         }
     }
 
     // upstream head
     let service = match routed.service() {
         Ok(service) => service,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_deref_mut(), (None, None)).await,
     };
-    let target = match lifecycle::upstream_target(service, &routed, &path, query, run.as_ref()) {
+    let target = match lifecycle::upstream_target(service, &routed, &path, query, run.as_deref()) {
         Ok(target) => target,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (None, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_deref_mut(), (None, None)).await,
     };
-    let replaced_method = run.as_ref().and_then(|run| run.ctx.upstream_method.clone());
+    let replaced_method = run.as_deref().and_then(|run| run.ctx.upstream_method.clone());
     let upstream_method = replaced_method.as_ref().map_or(method, http::Method::as_str);
     out.clear();
     out.extend_from_slice(upstream_method.as_bytes());
@@ -505,7 +509,7 @@ where
     let label = attempted.label.as_deref();
     let exchange = match sent {
         Ok(exchange) => exchange,
-        Err(error) => return reply.error(stream, out, watchdog, error, run.as_mut(), (label, None)).await,
+        Err(error) => return reply.error(stream, out, watchdog, error, run.as_deref_mut(), (label, None)).await,
     };
     let Exchange { mut connection, head_len: response_head_len, status, authority } = exchange;
     let answered_at = Instant::now();
@@ -520,9 +524,10 @@ where
         let mut response = httparse::Response::new(&mut []);
         let parsed = parse_response(&mut response, &connection.buf, &mut response_headers);
         match (parsed, framing(&response, upstream_method, head.close || conn.closing())) {
-            (Ok(httparse::Status::Complete(_)), Some(framing)) => {
+            // The head `read_head` found, to its end.
+            (Ok(httparse::Status::Complete(len)), Some(framing)) if len == response_head_len => {
                 let stamp = Stamp { request_id: reply.request_id.as_str(), upstream_ms, proxy_ms };
-                match run.as_mut() {
+                match run.as_deref_mut() {
                     Some(run) if routed.plan.phases.header_filter => {
                         mapped_response_head(out, &response, &framing, &stamp, run);
                     }
@@ -538,11 +543,11 @@ where
     };
     let Some(framing) = framing else {
         let error = ErrorKind::UpstreamInvalid.into();
-        return reply.error(stream, out, watchdog, error, run.as_mut(), (label, upstream_ms_f)).await;
+        return reply.error(stream, out, watchdog, error, run.as_deref_mut(), (label, upstream_ms_f)).await;
     };
     reply.in_flight.take();
     let ending = lifecycle::Ending { status, from_upstream: true, response_bytes: framing.content_length };
-    reply.finish(&ending, run.as_ref(), (label, upstream_ms_f), answered_at);
+    reply.finish(&ending, run.as_deref(), (label, upstream_ms_f), answered_at);
 
     // the body, relayed in its own framing
     let timeouts = (service.timeouts.read, proxy.timeouts.send);
@@ -604,7 +609,9 @@ impl lifecycle::Upstream for DirectUpstream<'_> {
         let pooled = if fresh { None } else { self.pool.checkout(authority, now) };
         let mut connection = match pooled {
             Some(connection) => connection,
-            None => match self.watchdog.within(self.timeouts.connect, self.pool.connect(authority)).await {
+            // Boxed: connecting (hyper-util's connector) takes 3 KB of state, which
+            // every request's exchange would otherwise hold room for.
+            None => match self.watchdog.within(self.timeouts.connect, Box::pin(self.pool.connect(authority))).await {
                 Some(Ok(connection)) => connection,
                 Some(Err(failure)) => {
                     return Err(ProxyError::caused_by(ErrorKind::UpstreamUnreachable, failure).retryable(true))
@@ -656,6 +663,9 @@ async fn read_head(
     let mut answered = false;
     loop {
         if !connection.buf.is_empty() {
+            if let Some(found) = final_head(&connection.buf) {
+                return Ok(found);
+            }
             let mut headers = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
             let mut response = httparse::Response::new(&mut []);
             match parse_response(&mut response, &connection.buf, &mut headers) {

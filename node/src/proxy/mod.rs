@@ -19,6 +19,7 @@ pub mod pool;
 pub mod router;
 pub mod service;
 pub mod snapshot;
+mod stop;
 pub mod telemetry;
 pub mod tls;
 pub mod trusted;
@@ -534,23 +535,14 @@ where
             let serving = direct::serve(&mut stream, &connection);
             tokio::pin!(serving);
             let mut hard_stop = accepted.shutdown.clone();
-            tokio::select! {
-                biased;
-                outcome = &mut serving => Some(outcome),
-                _ = turned_true(&mut accepted.shutdown) => None,
-                _ = turned_true(&mut draining) => {
-                    // Idle between requests: closed now. Busy: the answer goes out with
-                    // `Connection: close` (direct::serve reads `closing`), then it ends.
-                    if connection.idle.load(Ordering::Relaxed) {
-                        Some(direct::Outcome::Closed)
-                    } else {
-                        tokio::select! {
-                            biased;
-                            outcome = &mut serving => Some(outcome),
-                            _ = turned_true(&mut hard_stop) => None,
-                        }
-                    }
-                }
+            let signal = std::pin::pin!(stop_signal(&mut accepted.shutdown, &mut draining));
+            match stop::unless(serving.as_mut(), signal).await {
+                Ok(outcome) => Some(outcome),
+                Err(Stop::Now) => None,
+                // Idle between requests: closed now. Busy: the answer goes out with
+                // `Connection: close` (direct::serve reads `closing`), then it ends.
+                Err(Stop::Drain) if connection.idle.load(Ordering::Relaxed) => Some(direct::Outcome::Closed),
+                Err(Stop::Drain) => stop::unless(serving, std::pin::pin!(turned_true(&mut hard_stop))).await.ok(),
             }
         };
         match outcome {
@@ -598,18 +590,17 @@ where
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut hard_stop = shutdown.clone();
-    let result = tokio::select! {
-        biased;
-        result = connection.as_mut() => result,
-        _ = turned_true(&mut shutdown) => return,
-        _ = turned_true(&mut draining) => {
+    let signal = std::pin::pin!(stop_signal(&mut shutdown, &mut draining));
+    let result = match stop::unless(connection.as_mut(), signal).await {
+        Ok(result) => result,
+        Err(Stop::Now) => return,
+        Err(Stop::Drain) => {
             // hyper closes an idle connection now, a busy one after its answers (h2:
             // GOAWAY, streams in progress finish).
             connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                biased;
-                result = connection.as_mut() => result,
-                _ = turned_true(&mut hard_stop) => return,
+            match stop::unless(connection.as_mut(), std::pin::pin!(turned_true(&mut hard_stop))).await {
+                Ok(result) => result,
+                Err(()) => return,
             }
         }
     };
@@ -635,6 +626,23 @@ async fn close_gracefully<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, tls:
 /// Waits until `signal` turns true (or its sender is gone).
 async fn turned_true(signal: &mut watch::Receiver<bool>) {
     let _ = signal.wait_for(|on| *on).await;
+}
+
+/// How the node asks a connection to end.
+enum Stop {
+    /// The hard stop: the connection ends now.
+    Now,
+    /// Draining: it ends after the request in progress.
+    Drain,
+}
+
+/// Waits for the node's hard stop (first) or its draining.
+async fn stop_signal(shutdown: &mut watch::Receiver<bool>, draining: &mut watch::Receiver<bool>) -> Stop {
+    tokio::select! {
+        biased;
+        _ = turned_true(shutdown) => Stop::Now,
+        _ = turned_true(draining) => Stop::Drain,
+    }
 }
 
 #[cfg(test)]

@@ -87,6 +87,7 @@ async fn serve_scripted(mut stream: tokio::net::TcpStream, secrets: Arc<AtomicU6
             "length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Private: 1\r\nConnection: X-Private\r\nX-Tollgate-Request-Id: forged\r\n\r\nhello".to_vec(),
             "chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5;note=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n".to_vec(),
             "empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            "bare-lf" => b"HTTP/1.1 200 OK\nContent-Length: 8\n\nab\r\n\r\ncd".to_vec(),
             "interim" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
             "big" => {
                 let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_BODY_BYTES}\r\n\r\n").into_bytes();
@@ -167,6 +168,10 @@ async fn every_response_framing_passes_through_on_one_reused_upstream_connection
     assert_eq!((reply.status, reply.body.as_str()), (200, Some("hello world")));
     let reply = client.request(&proxy, "GET", None, "/s/empty", &[]).await?;
     assert_eq!((reply.status, reply.body.as_str()), (204, Some("")));
+    // A head whose lines end in a bare LF (httparse takes it), and whose body holds
+    // the blank line a CRLF head ends with: the head ends at its own.
+    let reply = client.request(&proxy, "GET", None, "/s/bare-lf", &[]).await?;
+    assert_eq!((reply.status, reply.body.as_str()), (200, Some("ab\r\n\r\ncd")));
     let reply = client.request(&proxy, "HEAD", None, "/s/length", &[]).await?;
     assert_eq!((reply.status, reply.body.as_str()), (200, Some("")));
     assert_eq!(reply.headers["content-length"], "5", "HEAD keeps the length the GET would have");

@@ -92,7 +92,7 @@ pub(super) fn response(
     let mut slots = [const { MaybeUninit::uninit() }; UPSTREAM_HEADERS_MAX];
     let mut parsed = httparse::Response::new(&mut []);
     let invalid = |what: &str| ProxyError::caused_by(ErrorKind::UpstreamInvalid, broken(what));
-    if !matches!(parse_response(&mut parsed, &head, &mut slots), Ok(httparse::Status::Complete(_))) {
+    if parse_response(&mut parsed, &head, &mut slots) != Ok(httparse::Status::Complete(head_len)) {
         return Err(invalid("upstream response head unparseable"));
     }
     let framing = framing(&parsed, method, false).ok_or_else(|| invalid("upstream response framing refused"))?;
