@@ -5,8 +5,8 @@
 //! wakes several times per request (the client readable, the upstream readable, a
 //! write done), and each poll of a `watch` receiver's change takes the lock of the
 //! shared `Notify` it waits on: two locks per wake, shared by every connection of
-//! every worker, about 2% of a keep-alive request's instructions on one worker and a
-//! lock the workers contend for on several.
+//! every worker, 4% of a keep-alive request's instructions on one worker (callgrind:
+//! 22 568 before, 21 617 after) and a lock the workers contend for on several.
 
 use std::future::Future;
 use std::pin::Pin;
