@@ -586,6 +586,7 @@ impl Stamp<'_> {
         remove_hop_by_hop(headers);
         self.each(|name, value| {
             let value = match value {
+                Stamped::Text(_) if name == REQUEST_ID_HEADER => request_id_value(self.request_id),
                 Stamped::Text(text) => HeaderValue::from_bytes(text).unwrap_or(VIA_VALUE),
                 Stamped::Number(number) => HeaderValue::from(number),
             };
@@ -635,10 +636,19 @@ pub fn error_answer(error: &ProxyError, run: Option<&mut PluginRun>, request_id:
 
 /// The request id and `Via` on an answer the proxy or a plugin made.
 fn stamp_own(headers: &mut HeaderMap, request_id: &str) {
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), id);
-    }
+    headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id_value(request_id));
     headers.append(VIA, VIA_VALUE);
+}
+
+/// The request id as a response header value, marked never to be indexed: on h2 the
+/// HPACK encoder would otherwise add every response's (unique) id to the connection's
+/// table, evicting what does repeat (`date`, `content-type`, the latencies) and
+/// comparing each new id with every id still there (RFC 7541 §6.2.3: a literal
+/// "never indexed" stays out of both ends' tables). HTTP/1 ignores the mark.
+pub fn request_id_value(request_id: &str) -> HeaderValue {
+    let mut value = HeaderValue::from_str(request_id).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    value.set_sensitive(true);
+    value
 }
 
 /// A global plugin's answer in `rewrite`, before any plugin's access phase ran.

@@ -163,7 +163,7 @@ impl RequestId {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        HeaderValue::from_str(self.as_str()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        lifecycle::request_id_value(self.as_str())
     }
 }
 
