@@ -16,10 +16,31 @@
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::command::{Command, Op};
+use crate::command::{Command, Op, Outcome};
 use crate::error::{ApiError, ErrorCode};
 use crate::schema::{EntityKind, FieldType};
 use crate::state::ConfigState;
+
+impl ConfigState {
+    /// `Op::ReplaceAll`: the whole config becomes the document's, or stays as it was
+    /// when the document fails.
+    pub(crate) fn replace(
+        &mut self,
+        document: &crate::json::JsonText,
+        id_seed: u128,
+        now: i64,
+        hash: Option<String>,
+    ) -> Result<Outcome, ApiError> {
+        let document = document.parse().map_err(|error| {
+            ApiError::new(ErrorCode::BadRequest, format!("the declarative document is not JSON: {error}"))
+        })?;
+        let mut replacement = load(&document, id_seed, now)?;
+        let entities = replacement.entity_count() as u64;
+        replacement.config_hash = hash;
+        *self = replacement;
+        Ok(Outcome::Replaced { entities })
+    }
+}
 
 /// Most entities one document may hold.
 pub const DOCUMENT_ENTITIES_MAX: usize = 200_000;

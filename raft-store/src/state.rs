@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::command::{Command, Op, Outcome, Parent};
-use crate::declarative;
 use crate::error::{ApiError, ErrorCode};
 use crate::schema::{self, EntityKind, FieldType, Mode, Object, OnDelete};
 
@@ -43,7 +42,7 @@ pub struct ConfigState {
     entity_count: usize,
     /// The hash of the declarative text the config was last replaced with, while no
     /// other write changed it since (Kong's `configuration_hash`).
-    config_hash: Option<String>,
+    pub(crate) config_hash: Option<String>,
 }
 
 /// The serialised form of the state, as stored in snapshots.
@@ -101,23 +100,6 @@ impl ConfigState {
         outcome
     }
 
-    fn replace(
-        &mut self,
-        document: &crate::json::JsonText,
-        id_seed: u128,
-        now: i64,
-        hash: Option<String>,
-    ) -> Result<Outcome, ApiError> {
-        let document = document.parse().map_err(|error| {
-            ApiError::new(ErrorCode::BadRequest, format!("the declarative document is not JSON: {error}"))
-        })?;
-        let mut replacement = declarative::load(&document, id_seed, now)?;
-        let entities = replacement.entity_count as u64;
-        replacement.config_hash = hash;
-        *self = replacement;
-        Ok(Outcome::Replaced { entities })
-    }
-
     // ---- reads -------------------------------------------------------------------
 
     /// Finds an entity by id or endpoint key, within `parent` when given.
@@ -167,7 +149,7 @@ impl ConfigState {
     }
 
     /// Every entity, as a flat declarative document (foreign keys by id), which
-    /// [`declarative::load`] accepts back.
+    /// `declarative::load` accepts back.
     pub fn dump(&self) -> Value {
         let mut document = serde_json::Map::new();
         document.insert("_format_version".into(), json!("3.0"));
