@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tollgate_raft_store::command::Op;
 
 use crate::config::NodeConfig;
-use crate::node::{self, NodeHandle};
+use crate::startup::{self, NodeHandle};
 
 pub const DEV_NODES: u64 = 3;
 const DEV_BASE_PORT: u16 = 8000;
@@ -80,7 +80,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
             cert: certs.join(format!("node-{id}.pem")),
             key: certs.join(format!("node-{id}-key.pem")),
         });
-        nodes.push(node::start(config, None).await?);
+        nodes.push(startup::start(config, None).await?);
     }
 
     let first = nodes[0].node.clone();

@@ -7,7 +7,7 @@
 //! blocking pool and its proxy workers on threads of their own, as before. The
 //! simulator installs one [`Environment`] for the whole process before any node
 //! starts; its answers depend on the simulated host they are called from, so every
-//! node of a simulated cluster runs the same [`crate::node::start`] on simulated
+//! node of a simulated cluster runs the same [`crate::startup::start`] on simulated
 //! sockets, on one thread, with ids drawn from the seed.
 //!
 //! Listeners and streams are enums rather than trait objects: the TCP arm is what

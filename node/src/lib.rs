@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod publish;
 pub mod quota;
 pub mod serve;
+pub mod startup;
 pub mod text;
 
 pub use tollgate_raft_store::NodeId;

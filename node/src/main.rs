@@ -470,7 +470,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
     let drain = std::time::Duration::from_millis(config.drain_timeout_ms);
-    let node = tollgate_node::node::start(config, Some(handle)).await?;
+    let node = tollgate_node::startup::start(config, Some(handle)).await?;
     stop_signal().await?;
     // A second signal stops at once.
     tokio::select! {

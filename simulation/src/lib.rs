@@ -1,6 +1,6 @@
 //! Deterministic simulation of whole Tollgate clusters under turmoil (issue 15).
 //!
-//! - [`run`]: one seed, a whole cluster of real nodes (`node::start`) on turmoil's
+//! - [`run`]: one seed, a whole cluster of real nodes (`startup::start`) on turmoil's
 //!   simulated network, a workload, faults, and the invariants checked on what the
 //!   clients saw; the run's trace hash is its fingerprint. Its parts: `world` (what
 //!   they share: constants, options, the trace and the record), `workload` (the

@@ -75,7 +75,7 @@ fn start_node(sim: &mut turmoil::Sim, config: NodeConfig, offset_ms: i64, record
         let config = config.clone();
         async move {
             crate::env::set_clock_node(id);
-            let handle = tollgate_node::node::start(config, None).await?;
+            let handle = tollgate_node::startup::start(config, None).await?;
             std::future::pending::<()>().await;
             drop(handle);
             Ok(())
