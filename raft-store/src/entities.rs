@@ -107,7 +107,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::schema::{validate, Mode};
+    use crate::validate::{validate, Mode};
 
     fn stored(kind: EntityKind, body: Value) -> Object {
         let mut object = validate(kind, &body, Mode::Create, None).unwrap();

@@ -19,6 +19,7 @@ pub mod schema;
 pub mod schema_doc;
 pub mod tags;
 pub mod template;
+pub mod validate;
 
 #[cfg(feature = "storage")]
 pub mod codec;

@@ -18,7 +18,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::plugins;
-use crate::schema::{self, DefaultValue, EntityKind, Field, FieldType, Mode, OnDelete, StrRule};
+use crate::schema::{self, DefaultValue, EntityKind, Field, FieldType, OnDelete, StrRule};
+use crate::validate::{self, Mode};
 
 /// Kong's `{"id": {"type": "string", "uuid": true, "auto": true}}` and the timestamps.
 fn meta_fields(kind: EntityKind) -> Vec<Value> {
@@ -200,7 +201,7 @@ pub fn validate_input(kind: EntityKind, body: &Value) -> Result<(), ApiError> {
             Some(_) => return Err(ApiError::field(stamp, "expected a non-negative integer (seconds since the epoch)")),
         }
     }
-    schema::validate(kind, &Value::Object(object), Mode::Create, None).map(|_| ())
+    validate::validate(kind, &Value::Object(object), Mode::Create, None).map(|_| ())
 }
 
 // ---- plugin configs --------------------------------------------------------------

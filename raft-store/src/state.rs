@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use crate::command::{Command, Op, Outcome, Parent};
 use crate::error::{ApiError, ErrorCode};
-use crate::schema::{self, EntityKind, FieldType, Mode, Object, OnDelete};
+use crate::schema::{self, EntityKind, FieldType, Object, OnDelete};
+use crate::validate::{self, Mode};
 
 /// Most entities of all kinds together. A write past it is refused.
 pub const ENTITIES_MAX: usize = 1_000_000;
@@ -210,7 +211,7 @@ impl ConfigState {
         // as Kong accepts them too.
         let created_at = given_timestamp(&body, "created_at")?.unwrap_or(now);
         let updated_at = given_timestamp(&body, "updated_at")?.unwrap_or(now);
-        let mut entity = schema::validate(kind, &Value::Object(body), Mode::Create, None)?;
+        let mut entity = validate::validate(kind, &Value::Object(body), Mode::Create, None)?;
         self.finish(kind, &mut entity, id, created_at, updated_at)?;
         let entity = Arc::new(entity);
         self.insert(kind, entity.clone());
@@ -255,7 +256,7 @@ impl ConfigState {
             Some(entity) => (entity_id(entity), entity.get("created_at").and_then(Value::as_i64).unwrap_or(now)),
             None => (key_is_id.unwrap_or(new_id), now),
         };
-        let mut entity = schema::validate(kind, &Value::Object(body), Mode::Create, None)?;
+        let mut entity = validate::validate(kind, &Value::Object(body), Mode::Create, None)?;
         self.finish(kind, &mut entity, id, created_at, now)?;
         let entity = Arc::new(entity);
         if let Some(old) = existing {
@@ -286,7 +287,7 @@ impl ConfigState {
         body.remove("created_at");
         body.remove("updated_at");
         let created_at = existing.get("created_at").and_then(Value::as_i64).unwrap_or(now);
-        let mut entity = schema::validate(kind, &Value::Object(body), Mode::Patch, Some(&existing))?;
+        let mut entity = validate::validate(kind, &Value::Object(body), Mode::Patch, Some(&existing))?;
         self.finish(kind, &mut entity, id, created_at, now)?;
         let entity = Arc::new(entity);
         self.remove(kind, &existing);
