@@ -544,7 +544,11 @@ impl Plugin for CorrelationId {
             }
         };
         if self.config.echo_downstream {
-            ctx.response_headers.push((self.header.clone(), value));
+            // Unique per request: never indexed by HPACK on h2, as the proxy's own
+            // request id (`lifecycle::request_id_value`).
+            let mut echoed = value;
+            echoed.set_sensitive(true);
+            ctx.response_headers.push((self.header.clone(), echoed));
         }
         Flow::Continue
     }
