@@ -118,6 +118,15 @@ fn element_error(name: &str, why: String) -> (String, String) {
     }
 }
 
+/// `value` as an array of at most `max_items` items.
+fn bounded_array(value: &Value, max_items: usize) -> Result<&Vec<Value>, String> {
+    let items = value.as_array().ok_or("expected an array")?;
+    if items.len() > max_items {
+        return Err(format!("length must be at most {max_items}"));
+    }
+    Ok(items)
+}
+
 /// Checks a non-null value against a field type; returns the stored form.
 fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
     match ty {
@@ -142,12 +151,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
             _ => Err("expected a boolean".into()),
         },
         FieldType::Strings { rule, max_items, unique } => {
-            let Some(items) = value.as_array() else {
-                return Err("expected an array".into());
-            };
-            if items.len() > max_items {
-                return Err(format!("length must be at most {max_items}"));
-            }
+            let items = bounded_array(value, max_items)?;
             for (position, item) in items.iter().enumerate() {
                 let Some(text) = item.as_str() else {
                     return Err(format!("[{}] expected a string", position + 1));
@@ -173,12 +177,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
             Ok(serde_json::json!({ "id": key }))
         }
         FieldType::ForeignIds(_) => {
-            let Some(items) = value.as_array() else {
-                return Err("expected an array".into());
-            };
-            if items.len() > ARRAY_ITEMS_MAX {
-                return Err(format!("length must be at most {ARRAY_ITEMS_MAX}"));
-            }
+            let items = bounded_array(value, ARRAY_ITEMS_MAX)?;
             for (position, item) in items.iter().enumerate() {
                 if item.as_str().and_then(|s| Uuid::parse_str(s).ok()).is_none() {
                     return Err(format!("[{}] expected a uuid", position + 1));
@@ -213,12 +212,7 @@ fn check_value(ty: FieldType, value: &Value) -> Result<Value, String> {
             Ok(value.clone())
         }
         FieldType::Endpoints => {
-            let Some(items) = value.as_array() else {
-                return Err("expected an array".into());
-            };
-            if items.len() > ARRAY_ITEMS_MAX {
-                return Err(format!("length must be at most {ARRAY_ITEMS_MAX}"));
-            }
+            let items = bounded_array(value, ARRAY_ITEMS_MAX)?;
             for (position, item) in items.iter().enumerate() {
                 let Some(endpoint) = item.as_object() else {
                     return Err(format!("[{}] expected a record", position + 1));

@@ -14,14 +14,17 @@ pub(super) fn text(value: &[u8]) -> Option<&str> {
     value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)).then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
+/// The `http` crate's own bound on a URI's length (`u16::MAX - 1`); a head this codec
+/// reads is far shorter.
+const HTTP_CRATE_URI_BYTES_MAX: usize = u16::MAX as usize - 1;
+
 /// Whether the `http` crate's URI parser takes `target` (which starts with `/` and
 /// holds no `#`) for certain, told without making a `PathAndQuery` (which copies the
 /// target onto the heap, about 1.5% of a plain request's instructions): every byte is
 /// one it takes anywhere in a path or a query. `false` says nothing; the parser then
 /// decides.
 pub(super) fn uri_surely_valid(target: &str) -> bool {
-    // The parser's own bound (`u16::MAX - 1`); a head this codec reads is far shorter.
-    target.len() < usize::from(u16::MAX) - 1
+    target.len() < HTTP_CRATE_URI_BYTES_MAX
         && target.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._~%!$&'()*+,;=:@?".contains(&b))
 }
 
