@@ -50,10 +50,10 @@ pub fn cli_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// socket bound to port 0 (an upstream in another test of the same binary).
 const FREE_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-/// A free loopback port (bound, then released for the node to take). Ports go out in
-/// turn from a start that depends on the process id, so test binaries and the tests
-/// within one do not pick the same port.
-pub fn free_port() -> u16 {
+/// The next candidate from [`FREE_PORTS`]. Ports go out in turn from a start that
+/// depends on the process id, so test binaries and the tests within one do not pick
+/// the same port.
+fn next_port_candidate() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let span = u32::from(FREE_PORTS.end - FREE_PORTS.start);
@@ -63,13 +63,34 @@ pub fn free_port() -> u16 {
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
-    for _ in 0..span {
-        let port = FREE_PORTS.start + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+    FREE_PORTS.start + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16
+}
+
+/// A free loopback port for another process (a node) to take: bound, then released.
+/// Between the release and the other process's bind, a third party may take it; a
+/// listener in this process uses [`listen_on_free_port`], which has no such window.
+pub fn free_port() -> u16 {
+    for _ in FREE_PORTS {
+        let port = next_port_candidate();
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local addr").port()
+}
+
+/// A loopback listener in this process on a port from [`FREE_PORTS`], bound in one
+/// step: a port someone else holds (another test run on this machine, say) is
+/// skipped instead of failing the test with "address in use" as a check-then-bind
+/// could. The range, not port 0, so the port can be bound again after the listener
+/// is dropped (a target brought back) without meeting a connection's ephemeral port.
+pub async fn listen_on_free_port() -> anyhow::Result<tokio::net::TcpListener> {
+    for _ in FREE_PORTS {
+        if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", next_port_candidate())).await {
+            return Ok(listener);
+        }
+    }
+    Ok(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
 }
 
 /// Polls `condition` until it returns `Some` or `timeout` passes.
@@ -611,22 +632,21 @@ pub struct CountingUpstream {
 
 impl CountingUpstream {
     pub async fn start() -> anyhow::Result<CountingUpstream> {
-        CountingUpstream::start_at(&format!("127.0.0.1:{}", free_port())).await
+        CountingUpstream::serve(listen_on_free_port().await?, 200)
     }
 
     /// On a given address (a target brought back where it was).
     pub async fn start_at(address: &str) -> anyhow::Result<CountingUpstream> {
-        CountingUpstream::listen(address, 200).await
+        CountingUpstream::serve(tokio::net::TcpListener::bind(address).await?, 200)
     }
 
     /// One that answers every request with `status` (a failing target).
     pub async fn start_answering(status: u16) -> anyhow::Result<CountingUpstream> {
-        CountingUpstream::listen(&format!("127.0.0.1:{}", free_port()), status).await
+        CountingUpstream::serve(listen_on_free_port().await?, status)
     }
 
-    async fn listen(address: &str, status: u16) -> anyhow::Result<CountingUpstream> {
+    fn serve(listener: tokio::net::TcpListener, status: u16) -> anyhow::Result<CountingUpstream> {
         let status = http::StatusCode::from_u16(status)?;
-        let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?.to_string();
         let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = received.clone();
