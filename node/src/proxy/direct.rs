@@ -469,7 +469,7 @@ where
                     put_header(out, header.name.as_bytes(), header.value);
                 }
             }
-            forwarding.each(|which| head.sent(which), |name, pieces| put_pieces(out, name.as_bytes(), pieces));
+            forwarding.each(|which| head.sent(which), |field, pieces| put_pieces(out, field.name().as_bytes(), pieces));
             if head.declared {
                 out.extend_from_slice(b"content-length: ");
                 put_number(out, head.content_length as u64);

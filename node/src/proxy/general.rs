@@ -261,7 +261,6 @@ async fn forward<'s>(
         request_id: id,
         upstream_host,
     };
-    forwarding.apply(&mut parts.headers);
 
     // The body: one a plugin read (and maybe edited) goes as it is now, with its
     // length. Otherwise a request can be sent again when all its bytes are at hand: no
@@ -311,7 +310,9 @@ async fn forward<'s>(
         }
     };
 
-    // attempts
+    // attempts. The balancer hashes the request as the client sent it and the
+    // plugins left it (the direct codec's map is the same); the proxy's own fields
+    // are set only on what goes upstream.
     let key = super::balancer::BalanceKey { client_ip, headers: &parts.headers, path: &path, query: uri.query() };
     let plan = AttemptPlan {
         service,
@@ -324,11 +325,11 @@ async fn forward<'s>(
     let mut attempted = Attempted { upstream_started: Instant::now(), label: None };
     let read_timeout = service.timeouts.read;
     let sent = match replay {
-        // `Host` is always set by now (the service's, or the client's kept); hyper's
-        // client would otherwise name the attempt's address.
-        Some(body) if plain && parts.headers.contains_key(HOST) => {
+        // `Host` is always there (the service's, or the client's kept); hyper's client
+        // would otherwise name the attempt's address.
+        Some(body) if plain && (forwarding.upstream_host.is_some() || parts.headers.contains_key(HOST)) => {
             let mut request = Vec::with_capacity(direct::OUT_BUFFER_BYTES + body.len());
-            plain::write_request(&mut request, &method, &target, &parts.headers, &body);
+            plain::write_request(&mut request, &method, &target, &parts.headers, &forwarding, &body);
             let pool = &proxy.clients.direct;
             let mut watchdog = direct::watchdog::Watchdog::new();
             let mut upstream =
@@ -347,6 +348,7 @@ async fn forward<'s>(
                 scheme,
                 target,
                 headers: &parts.headers,
+                forwarding: &forwarding,
                 replay,
                 streamed,
                 read_timeout,
@@ -388,7 +390,7 @@ async fn forward<'s>(
         lifecycle::remove_hop_by_hop(&mut parts.headers);
         parts.headers.insert(http::header::UPGRADE, protocol);
         parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(super::REQUEST_ID_NAME, request_id.header_value());
+        parts.headers.insert(lifecycle::REQUEST_ID_NAME, request_id.header_value());
         return Ok(Response::from_parts(parts, empty_body()));
     }
     let (mut parts, body) = response.into_parts();
@@ -461,7 +463,9 @@ struct HyperUpstream<'a> {
     method: http::Method,
     scheme: Scheme,
     target: PathAndQuery,
+    /// The client's fields as the plugins left them, and what the proxy sets on them.
     headers: &'a HeaderMap,
+    forwarding: &'a lifecycle::Forwarding<'a>,
     /// The body, when it can be sent again.
     replay: Option<Bytes>,
     /// Or the client's body, streamed once.
@@ -508,6 +512,7 @@ impl lifecycle::Upstream for HyperUpstream<'_> {
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers.clone();
+        self.forwarding.apply(request.headers_mut());
         let read_timeout = self.read_timeout;
         let head_timer = async move {
             // A dropped sender (the body failed) starts the timer too.

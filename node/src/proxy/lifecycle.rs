@@ -38,7 +38,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, VIA};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, VIA};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
@@ -297,7 +297,69 @@ impl Forwarded {
             Forwarded::Prefix => "x-forwarded-prefix",
         }
     }
+
+    /// The name as a header name made at compile time (`HeaderName::from_static` on
+    /// a name known only at run time parses it on every call).
+    pub fn header(self) -> HeaderName {
+        ProxyField::Forwarded(self).header()
+    }
 }
+
+/// A field the proxy sets, upstream or on a response. The codecs that write heads
+/// take its name (a literal where the call is inlined); a header map takes its
+/// header name, made at compile time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyField {
+    Forwarded(Forwarded),
+    RealIp,
+    RequestId,
+    Via,
+    Host,
+    UpstreamLatency,
+    ProxyLatency,
+}
+
+impl ProxyField {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyField::Forwarded(forwarded) => forwarded.name(),
+            ProxyField::RealIp => "x-real-ip",
+            ProxyField::RequestId => REQUEST_ID_HEADER,
+            ProxyField::Via => "via",
+            ProxyField::Host => "host",
+            ProxyField::UpstreamLatency => UPSTREAM_LATENCY_HEADER,
+            ProxyField::ProxyLatency => PROXY_LATENCY_HEADER,
+        }
+    }
+
+    pub fn header(self) -> HeaderName {
+        const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+        const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+        const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+        const PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+        const PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
+        const PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+        const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+        const UPSTREAM_LATENCY: HeaderName = HeaderName::from_static(UPSTREAM_LATENCY_HEADER);
+        const PROXY_LATENCY: HeaderName = HeaderName::from_static(PROXY_LATENCY_HEADER);
+        match self {
+            ProxyField::Forwarded(Forwarded::For) => FOR,
+            ProxyField::Forwarded(Forwarded::Proto) => PROTO,
+            ProxyField::Forwarded(Forwarded::Host) => FORWARDED_HOST,
+            ProxyField::Forwarded(Forwarded::Port) => PORT,
+            ProxyField::Forwarded(Forwarded::Path) => PATH,
+            ProxyField::Forwarded(Forwarded::Prefix) => PREFIX,
+            ProxyField::RealIp => REAL_IP,
+            ProxyField::RequestId => REQUEST_ID_NAME,
+            ProxyField::Via => VIA,
+            ProxyField::Host => HOST,
+            ProxyField::UpstreamLatency => UPSTREAM_LATENCY,
+            ProxyField::ProxyLatency => PROXY_LATENCY,
+        }
+    }
+}
+
+pub const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 
 /// What happens to a request header the client sent, on the way upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -369,22 +431,25 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
+    // Then only the fields present go, each looked up once: an upstream's
+    // `Connection: keep-alive` costs one removal, not one per name that could be there.
+    let listed = headers.get_all(CONNECTION);
+    let named = |name: &HeaderName| {
+        listed
             .iter()
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in HOP_BY_HOP {
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let doomed: Vec<HeaderName> =
+        headers.keys().filter(|name| HOP_BY_HOP.contains(name) || named(name)).cloned().collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
+
+/// httpoxy's `Proxy`, never sent upstream.
+const PROXY_NAME: HeaderName = HeaderName::from_static("proxy");
 
 /// `Via` as the proxy adds it, both ways.
 pub const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 tollgate");
@@ -418,44 +483,46 @@ impl Forwarding<'_> {
     /// Calls `put` with each header the proxy sets, its value in pieces to be joined;
     /// `sent(header)` tells whether the client's request (hop-by-hop fields gone) has
     /// that `X-Forwarded-*` header.
-    pub fn each(&self, sent: impl Fn(Forwarded) -> bool, mut put: impl FnMut(&'static str, &[&[u8]])) {
+    pub fn each(&self, sent: impl Fn(Forwarded) -> bool, mut put: impl FnMut(ProxyField, &[&[u8]])) {
+        use ProxyField::Forwarded as F;
         match self.forwarded_for {
-            Some(existing) => put(Forwarded::For.name(), &[existing.as_bytes(), b", ", self.peer_ip]),
-            None => put(Forwarded::For.name(), &[self.peer_ip]),
+            Some(existing) => put(F(Forwarded::For), &[existing.as_bytes(), b", ", self.peer_ip]),
+            None => put(F(Forwarded::For), &[self.peer_ip]),
         }
         let ours = |header: Forwarded| !(self.peer_trusted && sent(header));
         if ours(Forwarded::Proto) {
-            put(Forwarded::Proto.name(), &[if self.tls { b"https" } else { b"http" }]);
+            put(F(Forwarded::Proto), &[if self.tls { b"https" } else { b"http" }]);
         }
         if let (true, Some(host)) = (ours(Forwarded::Host), self.host) {
-            put(Forwarded::Host.name(), &[host.as_bytes()]);
+            put(F(Forwarded::Host), &[host.as_bytes()]);
         }
         if ours(Forwarded::Port) {
-            put(Forwarded::Port.name(), &[self.port]);
+            put(F(Forwarded::Port), &[self.port]);
         }
         if ours(Forwarded::Path) {
-            put(Forwarded::Path.name(), &[self.path.as_bytes()]);
+            put(F(Forwarded::Path), &[self.path.as_bytes()]);
         }
         if let (true, Some(prefix)) = (ours(Forwarded::Prefix), self.prefix) {
-            put(Forwarded::Prefix.name(), &[prefix.as_bytes()]);
+            put(F(Forwarded::Prefix), &[prefix.as_bytes()]);
         }
-        put("x-real-ip", &[&self.real_ip]);
-        put(REQUEST_ID_HEADER, &[self.request_id.as_bytes()]);
-        put("via", &[VIA_VALUE.as_bytes()]);
+        put(ProxyField::RealIp, &[&self.real_ip]);
+        put(ProxyField::RequestId, &[self.request_id.as_bytes()]);
+        put(ProxyField::Via, &[VIA_VALUE.as_bytes()]);
         if let Some(host) = self.upstream_host {
-            put("host", &[host]);
+            put(ProxyField::Host, &[host]);
         }
     }
 
     /// The same on a header map whose hop-by-hop fields are gone: a trusted peer's
     /// `X-Forwarded-*` stay, the proxy's replace everything else it sets.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let keep_prefix = self.peer_trusted && headers.contains_key(Forwarded::Prefix.name());
-        let mut set = Vec::with_capacity(10);
+        let keep_prefix = self.peer_trusted && headers.contains_key(Forwarded::Prefix.header());
+        let mut set = Vec::with_capacity(FORWARDED_FIELDS_MAX);
         self.each(
-            |header| headers.contains_key(header.name()),
+            |header| headers.contains_key(header.header()),
             |name, pieces| {
                 let value = match pieces {
+                    _ if name == ProxyField::Via => Ok(VIA_VALUE),
                     [one] => HeaderValue::from_bytes(one),
                     _ => HeaderValue::from_bytes(&pieces.concat()),
                 };
@@ -467,14 +534,14 @@ impl Forwarding<'_> {
         // Kong's `X-Forwarded-Prefix` is absent when nothing was stripped: a client's
         // goes unless a trusted peer sent it.
         if !keep_prefix {
-            headers.remove(Forwarded::Prefix.name());
+            headers.remove(Forwarded::Prefix.header());
         }
-        headers.remove("proxy");
-        for (name, value) in set {
-            if name == "via" {
+        headers.remove(PROXY_NAME);
+        for (field, value) in set {
+            if field == ProxyField::Via {
                 headers.append(VIA, value);
             } else {
-                headers.insert(HeaderName::from_static(name), value);
+                headers.insert(field.header(), value);
             }
         }
     }
@@ -486,14 +553,14 @@ impl Forwarding<'_> {
     /// per forwarded field only to write it out (about a sixth of that request's
     /// instructions).
     pub fn write(&self, headers: &HeaderMap, mut put: impl FnMut(&str, &[&[u8]])) {
-        let sent = |header: Forwarded| headers.contains_key(header.name());
+        let sent = |header: Forwarded| headers.contains_key(header.header());
         let keep_prefix = self.peer_trusted && sent(Forwarded::Prefix);
         // What the proxy sets replaces the map's, but `Via`, which it adds to.
         let mut replaced: [&str; FORWARDED_FIELDS_MAX] = [""; FORWARDED_FIELDS_MAX];
         let mut count = 0;
-        self.each(sent, |name, _| {
-            if name != "via" && count < replaced.len() {
-                replaced[count] = name;
+        self.each(sent, |field, _| {
+            if field != ProxyField::Via && count < replaced.len() {
+                replaced[count] = field.name();
                 count += 1;
             }
         });
@@ -507,7 +574,7 @@ impl Forwarding<'_> {
                 put(name, &[value.as_bytes()]);
             }
         }
-        self.each(sent, |name, pieces| put(name, pieces));
+        self.each(sent, |field, pieces| put(field.name(), pieces));
     }
 }
 
@@ -573,27 +640,28 @@ pub struct Stamp<'a> {
 }
 
 impl Stamp<'_> {
-    pub fn each(&self, mut put: impl FnMut(&'static str, Stamped<'_>)) {
-        put("via", Stamped::Text(VIA_VALUE.as_bytes()));
-        put(REQUEST_ID_HEADER, Stamped::Text(self.request_id.as_bytes()));
-        put(UPSTREAM_LATENCY_HEADER, Stamped::Number(self.upstream_ms));
-        put(PROXY_LATENCY_HEADER, Stamped::Number(self.proxy_ms));
+    pub fn each(&self, mut put: impl FnMut(ProxyField, Stamped<'_>)) {
+        put(ProxyField::Via, Stamped::Text(VIA_VALUE.as_bytes()));
+        put(ProxyField::RequestId, Stamped::Text(self.request_id.as_bytes()));
+        put(ProxyField::UpstreamLatency, Stamped::Number(self.upstream_ms));
+        put(ProxyField::ProxyLatency, Stamped::Number(self.proxy_ms));
     }
 
     /// Response head: an upstream's headers as the client gets them, before plugins'
     /// `header_filter`.
     pub fn apply(&self, headers: &mut HeaderMap) {
         remove_hop_by_hop(headers);
-        self.each(|name, value| {
+        self.each(|field, value| {
             let value = match value {
-                Stamped::Text(_) if name == REQUEST_ID_HEADER => request_id_value(self.request_id),
+                Stamped::Text(_) if field == ProxyField::RequestId => request_id_value(self.request_id),
+                Stamped::Text(_) if field == ProxyField::Via => VIA_VALUE,
                 Stamped::Text(text) => HeaderValue::from_bytes(text).unwrap_or(VIA_VALUE),
                 Stamped::Number(number) => HeaderValue::from(number),
             };
-            if name == "via" {
+            if field == ProxyField::Via {
                 headers.append(VIA, value);
             } else {
-                headers.insert(HeaderName::from_static(name), value);
+                headers.insert(field.header(), value);
             }
         });
     }
@@ -636,7 +704,7 @@ pub fn error_answer(error: &ProxyError, run: Option<&mut PluginRun>, request_id:
 
 /// The request id and `Via` on an answer the proxy or a plugin made.
 fn stamp_own(headers: &mut HeaderMap, request_id: &str) {
-    headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), request_id_value(request_id));
+    headers.insert(REQUEST_ID_NAME, request_id_value(request_id));
     headers.append(VIA, VIA_VALUE);
 }
 

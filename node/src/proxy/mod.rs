@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::Request;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
@@ -82,8 +82,6 @@ pub const RETRY_BODY_BYTES_MAX: u64 = 64 * 1024;
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
-const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
-
 /// What every proxy worker of a node starts from.
 #[derive(Clone)]
 pub struct ProxySetup {

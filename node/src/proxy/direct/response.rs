@@ -194,11 +194,11 @@ pub(super) fn raw_response_head(
         }
         put_header(out, name.as_bytes(), header.value);
     }
-    stamp.each(|name, value| {
-        if replaced_by_plugin(name) {
+    stamp.each(|field, value| {
+        if replaced_by_plugin(field.name()) {
             return;
         }
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(field.name().as_bytes());
         out.extend_from_slice(b": ");
         match value {
             Stamped::Text(text) => out.extend_from_slice(text),

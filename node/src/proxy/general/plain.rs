@@ -36,9 +36,10 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::proxy::direct::chunked::{Chunked, Decoded};
-use crate::proxy::direct::response::{self, framing, parse_response, put_header, put_number};
+use crate::proxy::direct::response::{self, framing, parse_response, put_number, put_pieces};
 use crate::proxy::direct::{Exchange, TRAILER_BYTES_MAX, UPSTREAM_HEADERS_MAX, UPSTREAM_READ_BYTES};
 use crate::proxy::error::{ErrorKind, ProxyError};
+use crate::proxy::lifecycle::Forwarding;
 use crate::proxy::pool::{DirectConn, DirectPool};
 use crate::proxy::{BoxError, RESPONSE_HEADERS_ADDED};
 
@@ -49,25 +50,25 @@ use crate::proxy::direct::DirectUpstream;
 /// [`TRAILER_BYTES_MAX`]): the body fails above.
 pub const TRAILERS_MAX: usize = 32;
 
-/// Writes the upstream request into `out`: the request line, every field of
-/// `headers` (which hold `Host`) but `Content-Length`, which is written from `body`
-/// (and kept, as 0, when the client sent one with an empty body), then the body.
+/// Writes the upstream request into `out`: the request line, the fields of `headers`
+/// with what `forwarding` sets on them (`Host` among them, or kept from the client's),
+/// `Content-Length` aside, which is written from `body` (and kept, as 0, when the
+/// client sent one with an empty body), then the body.
 pub(super) fn write_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &PathAndQuery,
     headers: &HeaderMap,
+    forwarding: &Forwarding<'_>,
     body: &[u8],
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name != CONTENT_LENGTH {
-            put_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
+    // As `Forwarding::apply` would leave the map, without making a value per field
+    // the proxy sets (a tenth of an h2 request's instructions).
+    forwarding.write(headers, |name, pieces| put_pieces(out, name.as_bytes(), pieces));
     if !body.is_empty() || headers.contains_key(CONTENT_LENGTH) {
         out.extend_from_slice(b"content-length: ");
         put_number(out, body.len() as u64);

@@ -17,6 +17,33 @@ fn every_hop_by_hop_field_is_dropped_both_ways() {
 }
 
 #[test]
+fn a_map_loses_its_hop_by_hop_fields_and_those_connection_names() {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("connection", "X-Secret , keep-alive"),
+        ("connection", "x-other"),
+        ("x-secret", "1"),
+        ("x-other", "2"),
+        ("keep-alive", "timeout=5"),
+        ("te", "trailers"),
+        ("upgrade", "websocket"),
+        ("transfer-encoding", "chunked"),
+        ("x-kept", "3"),
+        ("content-type", "text/plain"),
+    ] {
+        headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+    }
+    remove_hop_by_hop(&mut headers);
+    let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+    left.sort_unstable();
+    assert_eq!(left, ["content-type", "x-kept"]);
+    // Nothing hop-by-hop: the map is left as it was.
+    let before = headers.clone();
+    remove_hop_by_hop(&mut headers);
+    assert_eq!(headers, before);
+}
+
+#[test]
 fn forwarding_on_a_map_keeps_a_trusted_peers_headers_only() {
     let forwarding = |trusted| Forwarding {
         peer_trusted: trusted,
