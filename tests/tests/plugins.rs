@@ -6,3 +6,4 @@
 const PROXY_MODE: tollgate_tests::ProxyMode = tollgate_tests::ProxyMode::Direct;
 
 include!("suites/plugins.rs");
+include!("suites/plugins_signed.rs");
