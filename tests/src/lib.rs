@@ -549,6 +549,15 @@ impl ProxyClient {
         ProxyClient { http }
     }
 
+    /// One that speaks h2c (HTTP/2 with prior knowledge) to the proxy: every request
+    /// takes the hyper adapter's path.
+    pub fn h2c() -> ProxyClient {
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        ProxyClient { http }
+    }
+
     /// Sends one request through a proxy listener.
     pub async fn request(
         &self,

@@ -82,6 +82,7 @@ pub const RETRY_BODY_BYTES_MAX: u64 = 64 * 1024;
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const REQUEST_ID_HEADER: &str = "x-tollgate-request-id";
+
 /// What every proxy worker of a node starts from.
 #[derive(Clone)]
 pub struct ProxySetup {

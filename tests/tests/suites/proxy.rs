@@ -546,6 +546,41 @@ async fn consistent_hashing_sends_a_key_to_the_same_target_from_every_node() -> 
     Ok(())
 }
 
+/// Hashing on a header reads the request as the client sent it, never the fields the
+/// proxy sets upstream: a key in `X-Forwarded-For` goes to the same target over
+/// HTTP/1.1 and h2c. (Until 324d0ca the hyper adapter hashed its map after the proxy
+/// had extended the chain with the peer's address; the direct codec never did.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashing_on_a_header_reads_what_the_client_sent_over_both_protocols() -> anyhow::Result<()> {
+    let (echo_a, echo_b) = (EchoServer::start().await?, EchoServer::start().await?);
+    let cluster = PROXY_MODE.cluster(1, &[]).await?;
+    let client = cluster.client();
+    let upstream = json!({"name": "chained", "algorithm": "consistent-hashing", "hash_on": "header", "hash_on_header": "x-forwarded-for"});
+    client.post("/upstreams", &upstream).await?;
+    client.post("/upstreams/chained/targets", &json!({"target": echo_a.address})).await?;
+    client.post("/upstreams/chained/targets", &json!({"target": echo_b.address})).await?;
+    client.post("/services", &json!({"name": "chained", "host": "chained"})).await?;
+    let last = client.post("/services/chained/routes", &json!({"paths": ["/chained"]})).await?;
+    cluster.published(last.config_version.unwrap_or(0)).await?;
+    let proxy = cluster.nodes[0].proxy_url();
+    let h2c = tollgate_tests::ProxyClient::h2c();
+    let mut targets_used = std::collections::BTreeSet::new();
+    for client_ip in 0..24 {
+        let chain = format!("198.51.100.{client_ip}");
+        let headers = [("x-forwarded-for", chain.as_str())];
+        let over_h1 = proxy_request(&proxy, "GET", None, "/chained", &headers).await?;
+        let over_h2 = h2c.request(&proxy, "GET", None, "/chained", &headers).await?;
+        assert_eq!((over_h1.status, over_h2.status), (200, 200), "{chain}");
+        let target = over_h1.body["listen"].as_str().unwrap_or_default().to_string();
+        assert_eq!(over_h2.body["listen"].as_str(), Some(target.as_str()), "{chain}: HTTP/1.1 and h2c went apart");
+        // The upstream still gets the chain the proxy extended.
+        assert_eq!(over_h2.body["headers"]["x-forwarded-for"], json!([format!("{chain}, 127.0.0.1")]));
+        targets_used.insert(target);
+    }
+    assert_eq!(targets_used.len(), 2, "keys spread over both targets");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_are_believed_only_from_trusted_peers() -> anyhow::Result<()> {
     let echo = EchoServer::start().await?;
