@@ -414,38 +414,41 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     }
 }
 
-/// RFC 9110 §7.6.1's hop-by-hop fields, as names.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
 /// Removes hop-by-hop fields, and every field `Connection` names, from a header map.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Usually there are none: one pass over the names (no hashing) says so.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(|name| is_hop_by_hop(name.as_str())) {
         return;
     }
-    // Then only the fields present go, each looked up once: an upstream's
-    // `Connection: keep-alive` costs one removal, not one per name that could be there.
-    let listed = headers.get_all(CONNECTION);
-    let named = |name: &HeaderName| {
-        listed
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let doomed: Vec<HeaderName> =
-        headers.keys().filter(|name| HOP_BY_HOP.contains(name) || named(name)).cloned().collect();
-    for name in doomed {
-        headers.remove(name);
+    // Whether `Connection` names anything but hop-by-hop fields and `close` (an
+    // upstream's `keep-alive` does not).
+    let names_others = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(connection_tokens)
+        .any(|token| !token.eq_ignore_ascii_case("close") && !is_hop_by_hop(token));
+    // One field at a time, each found by a pass over the names (no list to allocate;
+    // usually `Connection` is the only one), `Connection` last: it says what else goes.
+    loop {
+        let doomed = {
+            let listed = headers.get_all(CONNECTION);
+            let named = |name: &HeaderName| {
+                names_others
+                    && listed.iter().flat_map(connection_tokens).any(|token| token.eq_ignore_ascii_case(name.as_str()))
+            };
+            headers.keys().find(|name| **name != CONNECTION && (is_hop_by_hop(name.as_str()) || named(name))).cloned()
+        };
+        match doomed {
+            Some(name) => headers.remove(name),
+            None => break,
+        };
     }
+    headers.remove(CONNECTION);
+}
+
+/// The field names a `Connection` value lists.
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value.to_str().ok().into_iter().flat_map(|value| value.split(',')).map(str::trim).filter(|token| !token.is_empty())
 }
 
 /// httpoxy's `Proxy`, never sent upstream.

@@ -1,5 +1,16 @@
 use super::*;
 
+/// RFC 9110 §7.6.1's hop-by-hop fields, as names.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
 #[test]
 fn every_hop_by_hop_field_is_dropped_both_ways() {
     for name in HOP_BY_HOP {
@@ -39,6 +50,14 @@ fn a_map_loses_its_hop_by_hop_fields_and_those_connection_names() {
     assert_eq!(left, ["content-type", "x-kept"]);
     // Nothing hop-by-hop: the map is left as it was.
     let before = headers.clone();
+    remove_hop_by_hop(&mut headers);
+    assert_eq!(headers, before);
+    // `close` names no field; an upstream's `Connection: keep-alive` goes with it.
+    headers.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+    headers.insert(HeaderName::from_static("keep-alive"), HeaderValue::from_static("timeout=5"));
+    remove_hop_by_hop(&mut headers);
+    assert_eq!(headers, before);
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
     remove_hop_by_hop(&mut headers);
     assert_eq!(headers, before);
 }
