@@ -287,7 +287,7 @@ pub enum Forwarded {
 }
 
 impl Forwarded {
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Forwarded::For => "x-forwarded-for",
             Forwarded::Proto => "x-forwarded-proto",
@@ -320,7 +320,7 @@ pub enum ProxyField {
 }
 
 impl ProxyField {
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             ProxyField::Forwarded(forwarded) => forwarded.name(),
             ProxyField::RealIp => "x-real-ip",
@@ -333,15 +333,19 @@ impl ProxyField {
     }
 
     pub fn header(self) -> HeaderName {
-        const FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-        const PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-        const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-        const PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-        const PATH: HeaderName = HeaderName::from_static("x-forwarded-path");
-        const PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
-        const REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-        const UPSTREAM_LATENCY: HeaderName = HeaderName::from_static(UPSTREAM_LATENCY_HEADER);
-        const PROXY_LATENCY: HeaderName = HeaderName::from_static(PROXY_LATENCY_HEADER);
+        // Each made from `name()` at compile time.
+        const fn made(field: ProxyField) -> HeaderName {
+            HeaderName::from_static(field.name())
+        }
+        const FOR: HeaderName = made(ProxyField::Forwarded(Forwarded::For));
+        const PROTO: HeaderName = made(ProxyField::Forwarded(Forwarded::Proto));
+        const FORWARDED_HOST: HeaderName = made(ProxyField::Forwarded(Forwarded::Host));
+        const PORT: HeaderName = made(ProxyField::Forwarded(Forwarded::Port));
+        const PATH: HeaderName = made(ProxyField::Forwarded(Forwarded::Path));
+        const PREFIX: HeaderName = made(ProxyField::Forwarded(Forwarded::Prefix));
+        const REAL_IP: HeaderName = made(ProxyField::RealIp);
+        const UPSTREAM_LATENCY: HeaderName = made(ProxyField::UpstreamLatency);
+        const PROXY_LATENCY: HeaderName = made(ProxyField::ProxyLatency);
         match self {
             ProxyField::Forwarded(Forwarded::For) => FOR,
             ProxyField::Forwarded(Forwarded::Proto) => PROTO,
